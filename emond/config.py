@@ -1,0 +1,289 @@
+"""Configuration: one TOML file per process, loaded into immutable, validated objects.
+
+Every section is a frozen dataclass; its fields are the allowed keys, their
+annotations the types, their defaults the defaults (a field without one is
+required). Unknown keys, wrong types and missing files are refused at start
+with one line naming the key. Relative paths are relative to the folder of
+the config file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+from twisted.internet import endpoints
+
+from emond.engine import FIVE_YEARS, TWO_DAYS
+from emond.phpfina import MAX_PADDING
+
+
+class ConfigError(Exception):
+    """A config file refused; the message is one line naming the key."""
+
+
+def _path(**kw: Any) -> Any:
+    """A field holding a path, resolved against the config file's folder."""
+    return field(metadata={"path": True}, **kw)
+
+
+def _endpoint(**kw: Any) -> Any:
+    """A field holding a Twisted server endpoint string."""
+    return field(metadata={"endpoint": True}, **kw)
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    name: str = "node0"
+    http: str = _endpoint(default="tcp:8080:interface=127.0.0.1")
+    datadir: str = _path(default="var")
+    storage: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class RedisSection:
+    # Empty: start a private redis-server under <datadir>/redis (single node).
+    url: str = ""
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    url: str = "sqlite:///var/emond.db"
+
+
+@dataclass(frozen=True)
+class InputSection:
+    queues: int = 64
+    mapping: str = "hash"  # or "ranges"
+    ranges: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FeedsSection:
+    default_server: int = 0
+
+
+@dataclass(frozen=True)
+class UsersSection:
+    registration: bool = True
+
+
+@dataclass(frozen=True)
+class EnginesSection:
+    window_past: int = FIVE_YEARS
+    window_future: int = TWO_DAYS
+    max_padding: int = MAX_PADDING
+    open_files: int = 4096
+    sync: bool = True
+
+
+@dataclass(frozen=True)
+class RemoteServer:
+    endpoint: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    ca: str = _path()
+    cert: str = _path()
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    id: int
+    listen: str = _endpoint(default="tcp:7443:interface=127.0.0.1")
+    http: str = _endpoint(default="tcp:7480:interface=127.0.0.1")
+    datadir: str = _path(default="var/storage")
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    path: str
+    node: NodeSection
+    redis: RedisSection
+    database: DatabaseSection
+    input: InputSection
+    feeds: FeedsSection
+    users: UsersSection
+    engines: EnginesSection
+    storage_servers: Mapping[int, RemoteServer]
+    tls: TLSSection | None
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The SQLite file of a ``sqlite:///`` database url, resolved; else None."""
+        url = self.database.url
+        if not url.startswith("sqlite:///"):
+            return None
+        return _resolve(os.path.dirname(self.path), url[len("sqlite:///") :])
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str
+    storage: StorageSection
+    engines: EnginesSection
+    tls: TLSSection
+
+
+Section = TypeVar("Section")
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _resolve(base: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _check(value: Any, kind: Any, where: str) -> Any:
+    """``value`` converted to ``kind``, or ConfigError naming ``where``."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    # TOML booleans are ints in Python; keep them apart.
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_TYPE_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def _section(cls: type[Section], table: Any, where: str, base: str) -> Section:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where} {key}: unknown key")
+    values = {}
+    for name, f in known.items():
+        key = f"{where} {name}"
+        if name not in table:
+            if f.default is MISSING:
+                raise ConfigError(f"{key}: required key missing")
+            value = f.default
+        else:
+            value = _check(table[name], hints[name], key)
+        if f.metadata.get("path"):
+            value = _resolve(base, value)
+        if f.metadata.get("endpoint"):
+            _check_endpoint(value, key)
+        values[name] = value
+    return cls(**values)
+
+
+def _check_endpoint(description: str, where: str) -> None:
+    try:
+        # Parsing needs no reactor; nothing listens yet.
+        endpoints.serverFromString(None, description)  # type: ignore[arg-type]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: not a server endpoint ({e}): {description!r}")
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}")
+
+
+def _unknown_sections(data: Mapping[str, Any], allowed: set[str]) -> None:
+    for name in data:
+        if name not in allowed:
+            raise ConfigError(f"[{name}]: unknown section")
+
+
+def _tls(data: Mapping[str, Any], base: str) -> TLSSection:
+    tls = _section(TLSSection, data.get("tls", {}), "[tls]", base)
+    for name in ("ca", "cert"):
+        if not os.path.isfile(getattr(tls, name)):
+            raise ConfigError(f"[tls] {name}: file not found: {getattr(tls, name)}")
+    return tls
+
+
+def load_node_config(path: str) -> NodeConfig:
+    """Load and validate the config of a ``twistd emond`` node."""
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    data = _load_toml(path)
+    allowed = {"node", "redis", "database", "input", "feeds", "users", "engines", "storage", "tls"}
+    _unknown_sections(data, allowed)
+    servers: dict[int, RemoteServer] = {}
+    storage = data.get("storage", {})
+    if not isinstance(storage, dict):
+        raise ConfigError(f"[storage]: expected a table, got {storage!r}")
+    for key in storage:
+        if key != "servers":
+            raise ConfigError(f"[storage] {key}: unknown key")
+    remote = storage.get("servers", {})
+    if not isinstance(remote, dict):
+        raise ConfigError(f"[storage.servers]: expected a table, got {remote!r}")
+    for sid, table in remote.items():
+        if not sid.isdigit():
+            raise ConfigError(f"[storage.servers] {sid}: a storage server id must be a whole number")
+        servers[int(sid)] = _section(RemoteServer, table, f"[storage.servers.{sid}]", base)
+    config = NodeConfig(
+        path=path,
+        node=_section(NodeSection, data.get("node", {}), "[node]", base),
+        redis=_section(RedisSection, data.get("redis", {}), "[redis]", base),
+        database=_section(DatabaseSection, data.get("database", {}), "[database]", base),
+        input=_section(InputSection, data.get("input", {}), "[input]", base),
+        feeds=_section(FeedsSection, data.get("feeds", {}), "[feeds]", base),
+        users=_section(UsersSection, data.get("users", {}), "[users]", base),
+        engines=_section(EnginesSection, data.get("engines", {}), "[engines]", base),
+        storage_servers=servers,
+        # TLS is needed only to reach remote storage servers.
+        tls=_tls(data, base) if servers else None,
+    )
+    _validate_node(config)
+    return config
+
+
+def _validate_node(config: NodeConfig) -> None:
+    scheme = urlsplit(config.database.url).scheme
+    if scheme not in ("sqlite", "mysql"):
+        raise ConfigError(f"[database] url: expected sqlite:///PATH or mysql://..., got {config.database.url!r}")
+    if config.redis.url and urlsplit(config.redis.url).scheme not in ("redis", "unix"):
+        raise ConfigError(f"[redis] url: expected redis://HOST:PORT/DB, got {config.redis.url!r}")
+    if config.input.queues < 1:
+        raise ConfigError(f"[input] queues: must be at least 1, got {config.input.queues}")
+    if config.input.mapping not in ("hash", "ranges"):
+        raise ConfigError(f"[input] mapping: expected \"hash\" or \"ranges\", got {config.input.mapping!r}")
+    for sid in config.node.storage:
+        if sid in config.storage_servers:
+            raise ConfigError(f"[node] storage: server {sid} is also configured as remote in [storage.servers]")
+    hosted = set(config.node.storage) | set(config.storage_servers)
+    if config.feeds.default_server not in hosted:
+        raise ConfigError(f"[feeds] default_server: server {config.feeds.default_server} is neither hosted nor remote")
+
+
+def load_storage_config(path: str) -> StorageConfig:
+    """Load and validate the config of a ``twistd emond-storage`` server."""
+    path = os.path.abspath(path)
+    base = os.path.dirname(path)
+    data = _load_toml(path)
+    _unknown_sections(data, {"storage", "engines", "tls"})
+    if "storage" not in data:
+        raise ConfigError("[storage]: required section missing")
+    return StorageConfig(
+        path=path,
+        storage=_section(StorageSection, data["storage"], "[storage]", base),
+        engines=_section(EnginesSection, data.get("engines", {}), "[engines]", base),
+        # The stream listener always needs TLS.
+        tls=_tls(data, base),
+    )

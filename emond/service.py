@@ -1,0 +1,72 @@
+"""The service trees of the two processes, built from their config.
+
+``twistd emond`` runs a node, ``twistd emond-storage`` a storage server; the
+twistd plugins only parse ``--config`` and call these.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet import endpoints
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from emond.config import NodeConfig, StorageConfig
+from emond.health import HealthCheck, HealthResource
+from emond.redisproc import EmbeddedRedis
+from emond.storage import StorageLocationService, location_dir
+
+
+def _http_service(reactor: Any, description: str, root: Resource) -> StreamServerEndpointService:
+    site = Site(root)
+    site.displayTracebacks = False  # no stack trace reaches a client
+    service = StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
+    service.setName("http")
+    return service
+
+
+def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
+    """The tree of a node: private Redis (if none configured), hosted storage, HTTP."""
+    root = MultiService()
+    checks: dict[str, HealthCheck] = {}
+    if not config.redis.url:
+        redis = EmbeddedRedis(os.path.join(config.node.datadir, "redis"), reactor)
+        redis.setName("redis")
+        redis.setServiceParent(root)
+        checks["redis"] = redis.status
+    storage = MultiService()
+    storage.setName("storage")
+    storage.setServiceParent(root)
+    locations = {}
+    for i, server_id in enumerate(config.node.storage):
+        location = StorageLocationService(
+            server_id, location_dir(config.node.datadir, server_id, i == 0), config.engines
+        )
+        location.setName(str(server_id))
+        location.setServiceParent(storage)
+        locations[str(server_id)] = location
+    checks["storage"] = lambda: _all_ok({sid: loc.status() for sid, loc in locations.items()})
+    web = Resource()
+    web.putChild(b"health", HealthResource("emond", checks))
+    _http_service(reactor, config.node.http, web).setServiceParent(root)
+    return root
+
+
+def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
+    """The tree of a storage server: its storage location and HTTP health."""
+    root = MultiService()
+    location = StorageLocationService(config.storage.id, config.storage.datadir, config.engines)
+    location.setName("storage")
+    location.setServiceParent(root)
+    web = Resource()
+    web.putChild(b"health", HealthResource("emond-storage", {"storage": location.status}))
+    _http_service(reactor, config.storage.http, web).setServiceParent(root)
+    return root
+
+
+def _all_ok(parts: dict[str, dict[str, object]]) -> dict[str, object]:
+    return {"ok": all(p.get("ok") for p in parts.values()), "locations": parts}

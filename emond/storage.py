@@ -1,0 +1,111 @@
+"""A storage location: the engines on one data directory, driven from a thread.
+
+Every storage location keeps PHPFina files in ``<datadir>/phpfina/`` and
+PHPTimeSeries files in ``<datadir>/phptimeseries/`` (an emoncms server's
+directories can be used as they are). Disk work runs in a thread pool so
+the reactor never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from emond.config import EnginesSection
+from emond.phpfina import PHPFina
+from emond.phptimeseries import PHPTimeSeries
+from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, REASON_WRONG_ENGINE, Refusal, refusals_from
+
+
+class StorageEngines:
+    """Both engines of one data directory; ``apply_batch`` splits a batch by engine."""
+
+    def __init__(self, datadir: str, settings: EnginesSection) -> None:
+        self.datadir = datadir
+        common = dict(window_past=settings.window_past, window_future=settings.window_future)
+        self.phpfina = PHPFina(
+            os.path.join(datadir, "phpfina"),
+            max_padding=settings.max_padding,
+            open_files=settings.open_files,
+            sync=settings.sync,
+            **common,
+        )
+        self.phptimeseries = PHPTimeSeries(os.path.join(datadir, "phptimeseries"), **common)
+
+    def engine(self, engine_id: int) -> PHPFina | PHPTimeSeries:
+        if engine_id == ENGINE_PHPFINA:
+            return self.phpfina
+        if engine_id == ENGINE_PHPTIMESERIES:
+            return self.phptimeseries
+        raise KeyError(engine_id)
+
+    def apply_batch(self, batch: np.ndarray) -> list[Refusal]:
+        fina = batch["engine"] == ENGINE_PHPFINA
+        series = batch["engine"] == ENGINE_PHPTIMESERIES
+        refusals = refusals_from(batch, ~(fina | series), REASON_WRONG_ENGINE)
+        if fina.any():
+            refusals += self.phpfina.apply_batch(batch[fina])
+        if series.any():
+            refusals += self.phptimeseries.apply_batch(batch[series])
+        return refusals
+
+    def close(self) -> None:
+        self.phpfina.close()
+        self.phptimeseries.close()
+
+
+class StorageLocationService(Service):
+    """Opens a storage location at start (completing interrupted writes) and closes it at stop."""
+
+    log = Logger()
+
+    def __init__(self, server_id: int, datadir: str, settings: EnginesSection) -> None:
+        self.server_id = server_id
+        self.datadir = datadir
+        self._settings = settings
+        self.engines: StorageEngines | None = None
+        self.opened: defer.Deferred[StorageEngines] = defer.Deferred()
+        self._error: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = threads.deferToThread(StorageEngines, self.datadir, self._settings)
+        d.addCallbacks(self._opened, self._failed)
+
+    def _opened(self, engines: StorageEngines) -> None:
+        self.engines = engines
+        self.log.info("storage {id} open on {datadir}", id=self.server_id, datadir=self.datadir)
+        self.opened.callback(engines)
+
+    def _failed(self, failure: Any) -> None:
+        self._error = str(failure.value)
+        self.log.failure("storage {id}: cannot open {datadir}", failure, id=self.server_id, datadir=self.datadir)
+        self.opened.errback(failure)
+        self.opened.addErrback(lambda _: None)  # reported; callers see the health check
+
+    def apply_batch(self, batch: np.ndarray) -> defer.Deferred[list[Refusal]]:
+        """Apply a batch in a thread (the engine serialises batches)."""
+        if self.engines is None:
+            return defer.fail(RuntimeError(f"storage {self.server_id} is not open"))
+        return threads.deferToThread(self.engines.apply_batch, batch)
+
+    def status(self) -> dict[str, object]:
+        return {"ok": self.engines is not None, "datadir": self.datadir, "error": self._error}
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self.engines is None:
+            return defer.succeed(None)
+        engines, self.engines = self.engines, None
+        return threads.deferToThread(engines.close)
+
+
+def location_dir(datadir: str, server_id: int, first: bool) -> str:
+    """Where a node keeps a hosted storage server: the first in ``datadir`` itself
+    (the emoncms layout), others in ``<datadir>/storage<id>``."""
+    return datadir if first else os.path.join(datadir, f"storage{server_id}")

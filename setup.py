@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="emond",
+    version="0.1.0",
+    description="An ingest-and-storage backend compatible with emoncms.org, on Twisted",
+    python_requires=">=3.11",
+    packages=find_packages(include=["emond", "emond.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/emond_plugins.py"]},
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "txredisapi>=1.4.10",
+        "pymysql>=1.1",
+        "service-identity>=21.1",
+        "pyopenssl>=23.2",
+        "numpy>=1.26",
+        "prometheus-client>=0.17",
+    ],
+    extras_require={"test": ["treq>=23.1"]},
+)

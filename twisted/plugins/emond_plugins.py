@@ -1,0 +1,16 @@
+"""twistd plugins: ``twistd emond`` and ``twistd emond-storage`` (thin: see emond.tap)."""
+
+from twisted.application.service import ServiceMaker
+
+emond = ServiceMaker(
+    "emond",
+    "emond.tap",
+    "emond node: input and feed API, input queues, storage senders",
+    "emond",
+)
+emondStorage = ServiceMaker(
+    "emond-storage",
+    "emond.storage_tap",
+    "emond storage server: feed files, the TLS stream, reads",
+    "emond-storage",
+)
