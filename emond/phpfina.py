@@ -33,6 +33,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -67,6 +68,8 @@ MAX_PADDING = 15_768_000  # 5 years of 10 s slots (current emoncms)
 MIN_INTERVAL = 5  # emoncms.org
 # Above this many touched files one syncfs beats a fsync per file.
 SYNCFS_THRESHOLD = 64
+# Threads for open+write+close when a batch touches more feeds than handles.
+WRITER_THREADS = 3
 # Reads spanning more slots than this map the file instead of reading the span.
 PREAD_SPAN = 1 << 18
 
@@ -114,6 +117,7 @@ class PHPFina:
         self._feeds: dict[int, _Feed] = {}
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._evicted_dirty = False
+        self._writers: ThreadPoolExecutor | None = None
         self._libc = ctypes.CDLL(None, use_errno=True) if sync else None
         os.makedirs(directory, exist_ok=True)
         self._recover()
@@ -148,6 +152,9 @@ class PHPFina:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            if self._writers is not None:
+                self._writers.shutdown()
+                self._writers = None
 
     def _load(self, feedid: int) -> _Feed | None:
         feed = self._feeds.get(feedid)
@@ -357,12 +364,32 @@ class PHPFina:
 
     def _write_singles(self, feeds: list[_Feed], positions: list[int], data: bytes, touched: set[int]) -> None:
         view = memoryview(data)
-        pwrite, fd_of = os.pwrite, self._fd
+        pwrite, pooled = os.pwrite, self._fds
+        transient: list[tuple[str, memoryview, int]] = []
         for i, (feed, pos) in enumerate(zip(feeds, positions)):
-            pwrite(fd_of(feed.id), view[4 * i : 4 * i + 4], 4 * pos)
+            fd = pooled.get(feed.id)
+            if fd is None and len(pooled) < self._open_files:
+                fd = self._fd(feed.id)
+            if fd is None:
+                # More feeds than handles: churning the pool would only add closes.
+                transient.append((self._path(feed.id, ".dat"), view[4 * i : 4 * i + 4], 4 * pos))
+            else:
+                pwrite(fd, view[4 * i : 4 * i + 4], 4 * pos)
+                touched.add(feed.id)
             if pos == feed.npoints:
                 feed.npoints += 1
-            touched.add(feed.id)
+        if transient:
+            self._evicted_dirty = True  # written through handles now closed: syncfs
+            self._write_transient(transient)
+
+    def _write_transient(self, writes: list[tuple[str, memoryview, int]]) -> None:
+        """open+pwrite+close per file, spread over a few threads: these syscalls
+        release the GIL and dominate when feeds outnumber open handles."""
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="phpfina-write")
+        chunks = [writes[i::WRITER_THREADS] for i in range(WRITER_THREADS)]
+        for _ in self._writers.map(_open_write_close, chunks):
+            pass
 
     def _apply_feed(
         self,
@@ -558,19 +585,20 @@ class PHPFina:
         means = np.full(times.shape[0], np.nan, dtype=np.float64)
         if fd is not None:
             try:
-                edges = np.concatenate((times, [times[-1] + step]))
-                pos = np.clip((edges - feed.start) // feed.interval, 0, feed.npoints)
-                lo, hi = int(pos[0]), int(pos[-1])
+                # step is a whole number of slots, so bucket i is the k slots from first + i*k.
+                k = step // feed.interval
+                first = (int(times[0]) - feed.start) // feed.interval
+                lo, hi = max(first, 0), min(first + k * times.shape[0], feed.npoints)
                 if hi > lo:
-                    data = _read_slots(fd, lo, hi).astype(np.float64)
-                    missing = np.isnan(data)
-                    data[missing] = 0.0
-                    sums = np.concatenate(([0.0], np.cumsum(data)))
-                    counts = np.concatenate(([0], np.cumsum(~missing)))
-                    rel = pos - lo
-                    n = counts[rel[1:]] - counts[rel[:-1]]
+                    grid = np.full(k * times.shape[0], np.nan, dtype="<f4")
+                    grid[lo - first : hi - first] = _read_slots(fd, lo, hi)
+                    grid = grid.reshape(-1, k)
+                    missing = np.isnan(grid)
+                    counts = k - missing.sum(axis=1)
+                    np.copyto(grid, 0.0, where=missing)
+                    sums = grid.sum(axis=1, dtype=np.float64)
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        means = np.where(n > 0, (sums[rel[1:]] - sums[rel[:-1]]) / n, np.nan)
+                        means = np.where(counts > 0, sums / counts, np.nan)
             finally:
                 os.close(fd)
         return format_points(times, means, skipmissing)
@@ -588,6 +616,15 @@ class PHPFina:
         count = size - offset if length is None else min(length, size - offset)
         try:
             return os.pread(fd, max(count, 0), offset) if count > 0 else b""
+        finally:
+            os.close(fd)
+
+
+def _open_write_close(writes: list[tuple[str, memoryview, int]]) -> None:
+    for path, data, offset in writes:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
         finally:
             os.close(fd)
 

@@ -9,6 +9,7 @@ the reactor never waits on the disk.
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,15 @@ from emond.config import EnginesSection
 from emond.phpfina import PHPFina
 from emond.phptimeseries import PHPTimeSeries
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, REASON_WRONG_ENGINE, Refusal, refusals_from
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one (engines pool handles); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
 
 
 class StorageEngines:
@@ -74,6 +84,7 @@ class StorageLocationService(Service):
 
     def startService(self) -> None:
         super().startService()
+        raise_open_files_limit()
         d = threads.deferToThread(StorageEngines, self.datadir, self._settings)
         d.addCallbacks(self._opened, self._failed)
 

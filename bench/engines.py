@@ -1,0 +1,131 @@
+"""Engine benchmark: batched and scattered PHPFina writes, data.json and average reads.
+
+Run: ``python bench/engines.py [--dir DIR] [--no-sync]``. Prints figures; it is not a test.
+Writes go through ``apply_batch`` exactly as the storage service calls it,
+with the sync pass on (fsync/syncfs per batch) unless ``--no-sync``. Reads
+run with the page cache warm (the file was just written and read once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from emond.phpfina import PHPFina  # noqa: E402
+from emond.records import make_records  # noqa: E402
+from emond.storage import raise_open_files_limit  # noqa: E402
+
+NOW = 1_750_000_000
+YEAR = 365 * 86400
+
+
+def batched(directory: str, sync: bool, feeds: int = 1000, per_feed: int = 1000, batches: int = 5) -> float:
+    """1,000 feeds x 1,000 points per batch, interleaved as devices post them."""
+    engine = PHPFina(directory, clock=lambda: NOW, sync=sync)
+    ids = np.arange(1, feeds + 1)
+    for feedid in ids.tolist():
+        engine.create(feedid, 10)
+    start = NOW - (batches + 1) * per_feed * 10
+    # The first batch starts every feed (meta writes); measure the steady state after it.
+    engine.apply_batch(make_records(ids, np.full(feeds, start), np.zeros(feeds)))
+    elapsed = 0.0
+    for b in range(batches):
+        times = start + (1 + b * per_feed + np.arange(per_feed)) * 10
+        batch = make_records(np.tile(ids, per_feed), np.repeat(times, feeds), np.random.rand(feeds * per_feed))
+        t0 = time.perf_counter()
+        refused = engine.apply_batch(batch)
+        elapsed += time.perf_counter() - t0
+        assert not refused, refused[:3]
+    engine.close()
+    return feeds * per_feed * batches / elapsed
+
+
+def scattered(directory: str, sync: bool, open_files: int, feeds: int = 100_000, batches: int = 5) -> float:
+    """One point for each of 100,000 feeds per batch."""
+    setup = PHPFina(directory, clock=lambda: NOW, sync=False)
+    ids = np.arange(1, feeds + 1)
+    for feedid in ids.tolist():
+        setup.create(feedid, 10)
+    setup.close()
+    engine = PHPFina(directory, clock=lambda: NOW, sync=sync, open_files=open_files)
+    # The first batch starts every feed (meta writes); measure the steady state after it.
+    engine.apply_batch(make_records(ids, np.full(feeds, NOW - batches * 10 - 10), np.zeros(feeds)))
+    elapsed = 0.0
+    for b in range(batches):
+        batch = make_records(ids, np.full(feeds, NOW - (batches - b) * 10), np.random.rand(feeds))
+        t0 = time.perf_counter()
+        refused = engine.apply_batch(batch)
+        elapsed += time.perf_counter() - t0
+        assert not refused, refused[:3]
+    engine.close()
+    return feeds * batches / elapsed
+
+
+def percentiles(samples: list[float]) -> str:
+    ms = np.array(samples) * 1000
+    return f"p50 {np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms"
+
+
+def reads(directory: str, rounds: int = 300) -> dict[str, str]:
+    engine = PHPFina(directory, clock=lambda: NOW, sync=False)
+    engine.create(1, 10)
+    n = YEAR // 10
+    first = NOW - YEAR
+    values = np.random.rand(n) * 3000
+    values[np.random.rand(n) < 0.01] = np.nan
+    engine.write(1, first + np.arange(n) * 10, values)
+    rng = np.random.default_rng(1)
+    results = {}
+    cases = {
+        "data.json 800 points (one week)": (7 * 86400, 7 * 86400 // 800, engine.read),
+        "data.json 3000 points (one month)": (30 * 86400, 30 * 86400 // 3000, engine.read),
+        "average.json 3000 points (whole year)": (YEAR - 86400, (YEAR - 86400) // 2999, engine.read_average),
+    }
+    for name, (span, interval, call) in cases.items():
+        call(1, first * 1000, (first + span) * 1000, interval)  # warm
+        samples = []
+        for _ in range(rounds):
+            start = first + int(rng.integers(0, YEAR - span))
+            t0 = time.perf_counter()
+            points = call(1, start * 1000, (start + span) * 1000, interval)
+            samples.append(time.perf_counter() - t0)
+        assert len(points) > 700, (name, len(points))
+        results[name] = percentiles(samples)
+    engine.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", help="where to write (default: a temp dir under /tmp)")
+    parser.add_argument("--no-sync", action="store_true", help="skip the per-batch fsync/syncfs")
+    args = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="emond-bench-", dir=args.dir)
+    sync = not args.no_sync
+    try:
+        print(f"PHPFina engine benchmark (sync={'on' if sync else 'off'}, dir {base})")
+        rate = batched(os.path.join(base, "batched"), sync)
+        print(f"batched writes, 1,000 feeds x 1,000 points per batch: {rate:,.0f} points/s (target >= 2,000,000)")
+        open_files = raise_open_files_limit() - 1000
+        rate = scattered(os.path.join(base, "scattered"), sync, open_files)
+        print(
+            f"scattered writes, 1 point x 100,000 feeds per batch, {open_files} open handles: "
+            f"{rate:,.0f} points/s (target >= 300,000)"
+        )
+        print("reads over one year of 10 s data (page cache warm):")
+        for name, figure in reads(os.path.join(base, "reads")).items():
+            print(f"  {name}: {figure}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

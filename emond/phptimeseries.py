@@ -1,0 +1,437 @@
+"""PHPTimeSeries: emoncms's variable-interval feed engine, byte-compatible, batched with numpy.
+
+Files (compat spec §3.2): ``feed_<id>.MYD`` holds 9-byte records ``<BIf`` =
+marker 249, uint32 time, float32 value, sorted by time. Files written here
+are read by emoncms's own engine, and emoncms's files are served as they are.
+
+Writes come as RECORD batches (``apply_batch``). Per feed the last accepted
+record of a time wins, then:
+
+- times after the file's last record are appended in one write;
+- a time already in the file overwrites that record in place (nearby
+  overwrites share one write);
+- an older time that is not in the file is inserted in order (emoncms drops
+  it). The file is then rewritten: a copy ``feed_<id>.MYD.tmp`` is written
+  and synced, renamed over the file and the directory synced, so a crash
+  leaves either the old or the new file, never a mix.
+
+A batch ends with one sync pass over the files it touched. A file whose
+size is not a multiple of 9 (a torn append) loses only its partial tail
+record when the engine next writes to it, never the whole file (emoncms's
+repair path empties it); reads ignore a partial tail.
+
+Concurrency: one engine instance owns its directory (one writer; large
+files are memory-mapped, so no other process may truncate them). Calls may
+come from any thread: ``apply_batch``, ``create`` and ``delete`` are
+serialised by a ``threading.Lock``; reads (``read``, ``meta``,
+``lastvalue``, ``export``) take the lock only to open the file and snapshot
+its size, then read without it. A read sees the whole records present at
+that moment, sorted: appends made later are not seen, a rewrite replaces
+the file by rename so the read keeps the old one, and a value overwritten
+in place meanwhile may be seen old or new.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+import numpy as np
+from twisted.logger import Logger
+
+from emond.engine import (
+    FIVE_YEARS,
+    TWO_DAYS,
+    DataRequest,
+    FeedError,
+    NoSuchFeed,
+    TimeWindow,
+    format_points,
+    last_per_slot,
+)
+from emond.records import (
+    ENGINE_PHPTIMESERIES,
+    REASON_NO_FEED,
+    REASON_WRONG_ENGINE,
+    Refusal,
+    make_records,
+    refusals_from,
+)
+
+# One record of a .MYD file: packed, 9 bytes.
+MYD = np.dtype([("marker", "u1"), ("time", "<u4"), ("value", "<f4")])
+RECORD_SIZE = MYD.itemsize
+MARKER = 249
+# Files of at most this many records are read whole and searched with
+# np.searchsorted; larger ones are mapped and binary-searched in place, so a
+# read or a back-fill never copies a large file.
+MAP_RECORDS = 1 << 16
+# Overwritten records closer than this many records apart share one write.
+RUN_GAP = 512
+# Records copied per write when a file is rewritten.
+COPY_RECORDS = 1 << 16
+
+
+class SeriesMeta(NamedTuple):
+    npoints: int
+    start_time: int
+    end_time: int
+
+
+class PHPTimeSeries:
+    log = Logger()
+
+    def __init__(
+        self,
+        directory: str,
+        clock: Callable[[], float] = time.time,
+        window_past: int = FIVE_YEARS,
+        window_future: int = TWO_DAYS,
+        open_files: int = 1024,
+        sync: bool = True,
+    ) -> None:
+        self.directory = directory
+        self.window = TimeWindow(window_past, window_future, clock)
+        self.sync = sync
+        self._open_files = max(open_files, 1)
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        # Feeds written since the last sync pass.
+        self._dirty: set[int] = set()
+        os.makedirs(directory, exist_ok=True)
+
+    # -- paths and files -------------------------------------------------
+
+    def _path(self, feedid: int) -> str:
+        return os.path.join(self.directory, f"feed_{feedid}.MYD")
+
+    def _fd(self, feedid: int) -> int:
+        """The pooled read-write handle of a feed's file (which must exist)."""
+        fd = self._fds.get(feedid)
+        if fd is not None:
+            self._fds.move_to_end(feedid)
+            return fd
+        if len(self._fds) >= self._open_files:
+            old_id, old = self._fds.popitem(last=False)
+            # Closing does not sync: a handle written in this batch is synced now.
+            if self.sync and old_id in self._dirty:
+                os.fsync(old)
+            self._dirty.discard(old_id)
+            os.close(old)
+        # No O_APPEND: on Linux it makes pwrite ignore its offset.
+        fd = os.open(self._path(feedid), os.O_RDWR)
+        self._fds[feedid] = fd
+        return fd
+
+    def _forget_fd(self, feedid: int) -> None:
+        fd = self._fds.pop(feedid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _sync_dir(self) -> None:
+        if not self.sync:
+            return
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _sync(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        if not self.sync:
+            return
+        for feedid in dirty:
+            fd = self._fds.get(feedid)
+            if fd is not None:  # else rewritten (synced) or evicted (synced)
+                os.fsync(fd)
+
+    def close(self) -> None:
+        """Close the pooled handles (the engine reopens them when needed)."""
+        with self._lock:
+            self._sync()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    # -- feeds -------------------------------------------------------------
+
+    def create(self, feedid: int, interval: int | None = None) -> None:
+        """Create an empty feed; an existing file is left as it is (as emoncms).
+
+        ``interval`` is accepted for symmetry with PHPFina and ignored.
+        """
+        with self._lock:
+            try:
+                fd = os.open(self._path(feedid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return
+            os.close(fd)
+            self._sync_dir()
+
+    def exists(self, feedid: int) -> bool:
+        return os.path.exists(self._path(feedid))
+
+    def delete(self, feedid: int) -> None:
+        """Remove a feed's file (and a leftover rewrite copy); a missing feed is a no-op."""
+        with self._lock:
+            self._forget_fd(feedid)
+            self._dirty.discard(feedid)
+            for path in (self._path(feedid), self._path(feedid) + ".tmp"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self._sync_dir()
+
+    # -- writes ------------------------------------------------------------
+
+    def write(self, feedid: int, times: "np.typing.ArrayLike", values: "np.typing.ArrayLike") -> list[Refusal]:
+        """Write points to one feed (a convenience over ``apply_batch``)."""
+        return self.apply_batch(make_records(feedid, times, values, ENGINE_PHPTIMESERIES))
+
+    def apply_batch(self, records: np.ndarray) -> list[Refusal]:
+        """Apply a RECORD batch for any number of feeds; return what was refused."""
+        with self._lock:
+            refusals: list[Refusal] = []
+            wrong = records["engine"] != ENGINE_PHPTIMESERIES
+            if wrong.any():
+                refusals += refusals_from(records, wrong, REASON_WRONG_ENGINE)
+                records = records[~wrong]
+            records, refused = self.window.split(records)
+            refusals += refused
+            if records.shape[0]:
+                refusals += self._apply(records)
+            return refusals
+
+    def _apply(self, batch: np.ndarray) -> list[Refusal]:
+        feed_ids, inverse = np.unique(batch["feed"], return_inverse=True)
+        known = np.array(
+            [f in self._fds or os.path.exists(self._path(f)) for f in feed_ids.tolist()], dtype=bool
+        )[inverse]
+        refusals: list[Refusal] = []
+        if not known.all():
+            refusals += refusals_from(batch, ~known, REASON_NO_FEED)
+            batch = batch[known]
+            if not batch.shape[0]:
+                return refusals
+        # Sorted by (feed, time), the last accepted record of each time kept.
+        batch = batch[last_per_slot(batch["feed"], batch["time"])]
+        feeds = batch["feed"]
+        bounds = np.flatnonzero(feeds[1:] != feeds[:-1]) + 1
+        firsts = np.concatenate(([0], bounds)).tolist()
+        ends = np.concatenate((bounds, [feeds.shape[0]])).tolist()
+        for a, b in zip(firsts, ends):
+            new = np.empty(b - a, dtype=MYD)
+            new["marker"] = MARKER
+            new["time"] = batch["time"][a:b]
+            new["value"] = batch["value"][a:b]
+            self._apply_feed(int(feeds[a]), new)
+        self._sync()
+        return refusals
+
+    def _apply_feed(self, feedid: int, new: np.ndarray) -> None:
+        """Store one feed's records (sorted by time, unique times)."""
+        fd = self._fd(feedid)
+        self._dirty.add(feedid)
+        size = os.fstat(fd).st_size
+        n = size // RECORD_SIZE
+        if size != n * RECORD_SIZE:
+            # A torn append: drop only the partial record (emoncms empties the file).
+            self.log.warn(
+                "phptimeseries feed {feedid}: size {size} is not a multiple of 9, "
+                "truncating the partial last record",
+                feedid=feedid,
+                size=size,
+            )
+            os.ftruncate(fd, n * RECORD_SIZE)
+
+        times = new["time"]
+        if n == 0 or int(times[0]) > _last_time(fd, n):
+            os.pwrite(fd, new.tobytes(), n * RECORD_SIZE)
+            return
+
+        recs = _records(fd, n)
+        n = recs.shape[0]
+        idx = _lower_bound(recs, times)
+        inside = idx < n
+        match = np.zeros(times.shape[0], dtype=bool)
+        match[inside] = recs["time"][idx[inside]] == times[inside]
+        if (inside & ~match).any():
+            self._insert(feedid, recs, idx, match, new)
+            return
+
+        # Overwrites in place, nearby ones grouped into one write each.
+        pos, values = idx[match], new[match]
+        breaks = np.flatnonzero(np.diff(pos) > RUN_GAP) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        stops = np.concatenate((breaks, [pos.shape[0]])).tolist()
+        for a, b in zip(starts, stops):
+            lo, hi = int(pos[a]), int(pos[b - 1]) + 1
+            chunk = np.array(recs[lo:hi])
+            chunk[pos[a:b] - lo] = values[a:b]
+            os.pwrite(fd, chunk.tobytes(), lo * RECORD_SIZE)
+        appended = new[~inside]
+        if appended.shape[0]:
+            os.pwrite(fd, appended.tobytes(), n * RECORD_SIZE)
+
+    def _insert(self, feedid: int, recs: np.ndarray, idx: np.ndarray, match: np.ndarray, new: np.ndarray) -> None:
+        """Merge records older than the file's end into it: a crash-safe rewrite."""
+        first = int(idx[0])  # everything before the first new record is copied as is
+        tail = np.array(recs[first:])
+        tail[idx[match] - first] = new[match]
+        merged = np.insert(tail, idx[~match] - first, new[~match])
+        path = self._path(feedid)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            for i in range(0, first, COPY_RECORDS):
+                f.write(recs[i : min(i + COPY_RECORDS, first)].tobytes())
+            f.write(merged.tobytes())
+            f.flush()
+            if self.sync:
+                os.fsync(f.fileno())
+        # The pooled handle belongs to the old file; the new one is synced already.
+        self._forget_fd(feedid)
+        self._dirty.discard(feedid)
+        os.replace(tmp, path)
+        self._sync_dir()
+
+    # -- reads -------------------------------------------------------------
+
+    def _snapshot(self, feedid: int) -> tuple[int, int]:
+        """A read handle and the number of whole records, taken under the lock."""
+        with self._lock:
+            try:
+                fd = os.open(self._path(feedid), os.O_RDONLY)
+            except FileNotFoundError:
+                raise NoSuchFeed(feedid) from None
+            try:
+                return fd, os.fstat(fd).st_size // RECORD_SIZE
+            except BaseException:
+                os.close(fd)
+                raise
+
+    def _ends(self, feedid: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+        """The number of records and the first and last record (None if empty)."""
+        fd, n = self._snapshot(feedid)
+        try:
+            if n == 0:
+                return 0, None, None
+            first = np.frombuffer(os.pread(fd, RECORD_SIZE, 0), dtype=MYD)[0]
+            last = np.frombuffer(os.pread(fd, RECORD_SIZE, (n - 1) * RECORD_SIZE), dtype=MYD)[0]
+            return n, first, last
+        finally:
+            os.close(fd)
+
+    def meta(self, feedid: int) -> SeriesMeta:
+        """Number of records, first and last time (0 for an empty feed)."""
+        n, first, last = self._ends(feedid)
+        if n == 0:
+            return SeriesMeta(0, 0, 0)
+        return SeriesMeta(n, int(first["time"]), int(last["time"]))
+
+    def lastvalue(self, feedid: int) -> tuple[int, float | None] | None:
+        """(time, value or None for NaN) of the last record; None for an empty feed."""
+        n, _, last = self._ends(feedid)
+        if n == 0:
+            return None
+        value = float(last["value"])
+        return int(last["time"]), (None if value != value else value)
+
+    def read(
+        self,
+        feedid: int,
+        start_ms: float,
+        end_ms: float,
+        interval: float,
+        skipmissing: bool = True,
+        limitinterval: bool = True,
+    ) -> list[list]:
+        """``feed/data.json`` (emoncms.org ``get_data_new``): the nearest record at each sample time."""
+        request = DataRequest.from_ms(start_ms, end_ms, interval)
+        fd, n = self._snapshot(feedid)
+        try:
+            recs = _records(fd, n) if n else None
+        finally:
+            os.close(fd)  # a map keeps its own reference to the file
+        if recs is None or recs.shape[0] == 0:
+            return []
+        n = recs.shape[0]
+        times = request.times()
+        right = _lower_bound(recs, times)
+        left = np.maximum(right - 1, 0)
+        right_c = np.minimum(right, n - 1)
+        t_left = recs["time"][left].astype(np.int64)
+        t_right = recs["time"][right_c].astype(np.int64)
+        # Nearest record; on a tie the earlier one.
+        use_left = (right >= n) | ((right > 0) & (times - t_left <= t_right - times))
+        dp_time = np.where(use_left, t_left, t_right)
+        dp_value = recs["value"][np.where(use_left, left, right_c)].astype(np.float64)
+        if limitinterval:
+            values = np.where(np.abs(dp_time - times) < request.interval, dp_value, np.nan)
+            out_times = times
+        else:
+            values = dp_value
+            out_times = dp_time
+        # emoncms emits a time only if it differs from the previous one
+        # (starting from 0): a record nearest to several samples shows once.
+        keep = out_times != np.concatenate(([0], out_times[:-1]))
+        return format_points(out_times[keep], values[keep], skipmissing)
+
+    def export(self, feedid: int, start: int = 0, length: int | None = None) -> bytes:
+        """``feed/export.json``: the file from byte ``start`` (aligned down to a record)."""
+        fd, n = self._snapshot(feedid)
+        try:
+            size = n * RECORD_SIZE
+            offset = min(max(int(start), 0), size) // RECORD_SIZE * RECORD_SIZE
+            count = size - offset if length is None else max(min(int(length), size - offset), 0)
+            return os.pread(fd, count, offset) if count else b""
+        finally:
+            os.close(fd)
+
+
+def _last_time(fd: int, npoints: int) -> int:
+    raw = os.pread(fd, RECORD_SIZE, (npoints - 1) * RECORD_SIZE)
+    return int(np.frombuffer(raw, dtype=MYD)[0]["time"])
+
+
+def _records(fd: int, npoints: int) -> np.ndarray:
+    """The first ``npoints`` records, read whole if small, else mapped (read-only)."""
+    if npoints <= MAP_RECORDS:
+        data = os.pread(fd, npoints * RECORD_SIZE, 0)
+        return np.frombuffer(data, dtype=MYD, count=len(data) // RECORD_SIZE)
+    # The array holds the map; it is unmapped when the array is released.
+    mapped = mmap.mmap(fd, npoints * RECORD_SIZE, prot=mmap.PROT_READ)
+    return np.frombuffer(mapped, dtype=MYD, count=npoints)
+
+
+def _lower_bound(recs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target, the index of the first record whose time is >= target.
+
+    A small file's times are copied for np.searchsorted; a large one is
+    binary-searched for all targets at once (about log2(n) vectorised
+    steps), touching only the pages it probes.
+    """
+    times = recs["time"]
+    n = times.shape[0]
+    targets = np.asarray(targets, dtype=np.int64)
+    if n <= MAP_RECORDS:
+        return np.searchsorted(times.astype(np.int64), targets)
+    lo = np.zeros(targets.shape[0], dtype=np.int64)
+    hi = np.full(targets.shape[0], n, dtype=np.int64)
+    active = lo < hi
+    while active.any():
+        mid = (lo + hi) >> 1
+        probe = times[np.minimum(mid, n - 1)].astype(np.int64)
+        after = active & (probe < targets)
+        lo = np.where(after, mid + 1, lo)
+        hi = np.where(active & ~after, mid, hi)
+        active = lo < hi
+    return lo
+
+
+__all__ = ["PHPTimeSeries", "SeriesMeta", "FeedError", "NoSuchFeed", "MYD", "MARKER"]

@@ -1,0 +1,300 @@
+"""Private redis-server and mariadbd processes for the tests.
+
+Each server is started lazily on first request, once per process, and shared by
+every test in the run; it lives in its own temp dir on a free 127.0.0.1 port and
+never touches a system service. Everything is stopped and removed at exit.
+
+Readiness is detected by reading the server's own output for its ready line
+(select() with a deadline), never by sleeping and hoping.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import itertools
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from twisted.python import log
+from twisted.trial.unittest import SkipTest
+
+HOST = "127.0.0.1"
+READY_TIMEOUT = 30.0  # seconds for a server to print its ready line
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL at exit
+PORT_ATTEMPTS = 3  # the free port can be taken between probe and bind
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    host: str
+    port: int
+    dir: str
+    log: str  # the server's output, for debugging
+    startup_seconds: float
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def flushall(self) -> None:
+        """Empty every database, synchronously (raw RESP; no reactor needed)."""
+        with socket.create_connection((self.host, self.port), timeout=10) as s:
+            s.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = s.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
+        if reply != b"+OK\r\n":
+            raise RuntimeError(f"redis FLUSHALL failed: {reply!r}")
+
+
+@dataclass(frozen=True)
+class MariaDBServer:
+    host: str
+    port: int
+    socket: str
+    dir: str
+    log: str
+    startup_seconds: float  # includes mariadb-install-db
+    user: str = "root"
+
+    @property
+    def url(self) -> str:
+        return f"mysql://{self.user}@{self.host}:{self.port}/"
+
+    def create_database(self) -> str:
+        """Create a fresh, uniquely named database and return its name."""
+        import pymysql  # only tests that use MariaDB need it
+
+        name = f"test_{next(_db_numbers)}"
+        conn = pymysql.connect(host=self.host, port=self.port, user=self.user)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        finally:
+            conn.close()
+        return name
+
+
+_db_numbers = itertools.count(1)  # the server is private, so a counter is unique
+_lock = threading.Lock()
+_started: dict[str, object] = {}  # name -> server, or the exception to re-raise
+_processes: list[_Process] = []
+_dirs: list[str] = []
+
+
+def redis_server() -> RedisServer:
+    """The run's redis-server, started on first call."""
+    return _once("redis", _start_redis)
+
+
+def mariadb_server() -> MariaDBServer:
+    """The run's mariadbd, started on first call."""
+    return _once("mariadb", _start_mariadb)
+
+
+def _once(name: str, start: Callable[[], T]) -> T:
+    with _lock:
+        if name not in _started:
+            try:
+                _started[name] = start()
+            except Exception as e:  # SkipTest included; not KeyboardInterrupt
+                # Remember a failure (or SkipTest) so later tests do not each
+                # wait out another deadline.
+                _started[name] = e
+        value = _started[name]
+    if isinstance(value, Exception):
+        raise value
+    return value  # type: ignore[return-value]
+
+
+def _start_redis() -> RedisServer:
+    exe = _find("redis-server")
+    began = time.monotonic()
+    d = _tempdir("redis")
+    for attempt in range(PORT_ATTEMPTS):
+        port = _free_port()
+        argv = [exe, "--port", str(port), "--bind", HOST, "--save", "",
+                "--appendonly", "no", "--dir", d]
+        try:
+            proc = _Process("redis-server", argv, d, b"Ready to accept connections")
+            break
+        except _StartError as e:
+            if not e.port_in_use or attempt == PORT_ATTEMPTS - 1:
+                raise
+    took = time.monotonic() - began
+    log.msg(f"test redis-server ready on {HOST}:{port} in {took:.2f}s")
+    return RedisServer(HOST, port, d, proc.log_path, took)
+
+
+def _start_mariadb() -> MariaDBServer:
+    exe = _find("mariadbd", "mysqld")
+    install = _find("mariadb-install-db", "mysql_install_db")
+    as_root = ["--user=root"] if os.geteuid() == 0 else []  # mariadbd refuses root otherwise
+    began = time.monotonic()
+    d = _tempdir("mariadb")
+    data, sock = os.path.join(d, "data"), os.path.join(d, "sock")
+    argv = [install, "--no-defaults", "--auth-root-authentication-method=normal",
+            "--skip-test-db", f"--datadir={data}", *as_root]
+    done = subprocess.run(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=READY_TIMEOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"mariadb-install-db failed ({done.returncode}):\n"
+                           + _tail(done.stdout))
+    for attempt in range(PORT_ATTEMPTS):
+        port = _free_port()
+        argv = [exe, "--no-defaults", f"--datadir={data}", f"--socket={sock}",
+                f"--port={port}", f"--bind-address={HOST}", "--skip-grant-tables",
+                "--skip-log-bin", *as_root]
+        try:
+            # With --no-defaults and no --log-error, mariadbd logs to stderr.
+            proc = _Process("mariadbd", argv, d, b"ready for connections")
+            break
+        except _StartError as e:
+            if not e.port_in_use or attempt == PORT_ATTEMPTS - 1:
+                raise
+    took = time.monotonic() - began
+    log.msg(f"test mariadbd ready on {HOST}:{port} in {took:.2f}s")
+    return MariaDBServer(HOST, port, sock, d, proc.log_path, took)
+
+
+class _StartError(RuntimeError):
+    def __init__(self, message: str, output: bytes) -> None:
+        super().__init__(f"{message}; last output:\n{_tail(output)}")
+        self.port_in_use = b"in use" in output
+
+
+class _Process:
+    """A server process whose stdout+stderr is watched until its ready line."""
+
+    def __init__(self, name: str, argv: list[str], cwd: str, ready: bytes) -> None:
+        self.name = name
+        self.log_path = os.path.join(cwd, f"{name}.log")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C goes to the tests; atexit stops us
+            preexec_fn=_die_with_parent(),
+        )
+        _processes.append(self)
+        try:
+            output = self._wait_for(ready)
+        except BaseException:
+            self.stop()
+            raise
+        # Keep draining the pipe into the log file so the server never blocks
+        # on a full pipe; the thread ends when the server exits.
+        threading.Thread(target=self._drain, args=(output,), daemon=True).start()
+
+    def _wait_for(self, ready: bytes) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + READY_TIMEOUT
+        output = b""
+        while ready not in output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _StartError(f"{self.name} not ready after {READY_TIMEOUT:.0f}s", output)
+            if not select.select([fd], [], [], remaining)[0]:
+                continue  # timed out; the loop head raises
+            chunk = os.read(fd, 65536)
+            if not chunk:  # EOF: the server closed its output, i.e. exited
+                code = self.proc.wait(timeout=STOP_TIMEOUT)
+                raise _StartError(f"{self.name} exited with code {code} before ready", output)
+            output += chunk
+        return output
+
+    def _drain(self, output: bytes) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        with open(self.log_path, "ab") as f:
+            f.write(output)
+            while chunk := os.read(fd, 65536):
+                f.write(chunk)
+                f.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _find(*names: str) -> str:
+    # mariadbd lives in sbin, which is not on every user's PATH.
+    for name in names:
+        path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+        if path:
+            return path
+    raise SkipTest(f"{names[0]} is not installed; this test needs a private {names[0]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _tempdir(name: str) -> str:
+    # Short names: the MariaDB unix socket path must fit in ~107 bytes.
+    d = tempfile.mkdtemp(prefix=f"emond-{name}-")
+    _dirs.append(d)
+    return d
+
+
+def _tail(output: bytes, lines: int = 30) -> str:
+    return "\n".join(output.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except (OSError, TypeError):  # no dlopen(NULL), e.g. Windows
+    _libc = None
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the server get SIGTERM if we die unexpectedly.
+
+    Covers SIGKILL/SIGTERM of the test process, where atexit does not run.
+    Linux only. PR_SET_PDEATHSIG fires when the *forking thread* exits, so it
+    is only used from the main thread. libc is loaded beforehand because the
+    child of a threaded process must not dlopen.
+    """
+    if _libc is None or not hasattr(_libc, "prctl"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = _libc.prctl
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # 1 == PR_SET_PDEATHSIG
+
+    return preexec
+
+
+@atexit.register
+def _stop_all() -> None:
+    for p in reversed(_processes):
+        p.stop()
+    for d in _dirs:
+        shutil.rmtree(d, ignore_errors=True)
