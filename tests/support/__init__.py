@@ -1,5 +1,5 @@
-"""Test helpers: private redis-server and mariadbd processes for one test run."""
+"""Test helpers: private redis-server and mariadbd processes, real twistd daemons."""
 
-from tests.support.servers import MariaDBServer, RedisServer, mariadb_server, redis_server
+from tests.support.servers import MariaDBServer, RedisServer, free_port, mariadb_server, redis_server
 
-__all__ = ["MariaDBServer", "RedisServer", "mariadb_server", "redis_server"]
+__all__ = ["MariaDBServer", "RedisServer", "free_port", "mariadb_server", "redis_server"]

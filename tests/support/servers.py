@@ -127,7 +127,7 @@ def _start_redis() -> RedisServer:
     began = time.monotonic()
     d = _tempdir("redis")
     for attempt in range(PORT_ATTEMPTS):
-        port = _free_port()
+        port = free_port()
         argv = [exe, "--port", str(port), "--bind", HOST, "--save", "",
                 "--appendonly", "no", "--dir", d]
         try:
@@ -156,7 +156,7 @@ def _start_mariadb() -> MariaDBServer:
         raise RuntimeError(f"mariadb-install-db failed ({done.returncode}):\n"
                            + _tail(done.stdout))
     for attempt in range(PORT_ATTEMPTS):
-        port = _free_port()
+        port = free_port()
         argv = [exe, "--no-defaults", f"--datadir={data}", f"--socket={sock}",
                 f"--port={port}", f"--bind-address={HOST}", "--skip-grant-tables",
                 "--skip-log-bin", *as_root]
@@ -249,7 +249,7 @@ def _find(*names: str) -> str:
     raise SkipTest(f"{names[0]} is not installed; this test needs a private {names[0]}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])

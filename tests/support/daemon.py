@@ -1,0 +1,74 @@
+"""Run ``twistd emond`` / ``twistd emond-storage`` as real processes from a trial test.
+
+Progress is followed through the daemon's own log lines (``twistd -n`` logs
+to stdout), never by sleeping: ``logged(text)`` fires when a line containing
+``text`` has appeared.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+class Daemon(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self._waiting: list[tuple[bytes, defer.Deferred[None]]] = []
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        still = []
+        for text, d in self._waiting:
+            if text in self.output:
+                d.callback(None)
+            else:
+                still.append((text, d))
+        self._waiting = still
+
+    errReceived = outReceived
+
+    def logged(self, text: str, timeout: float = 30) -> defer.Deferred[None]:
+        """Fires once ``text`` is in the output; fails if the process ends first."""
+        needle = text.encode()
+        if needle in self.output:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append((needle, d))
+        return d.addTimeout(timeout, reactor)
+
+    def processEnded(self, reason: Failure) -> None:
+        for text, d in self._waiting:
+            d.errback(RuntimeError(f"daemon ended before logging {text!r}:\n{self.output.decode(errors='replace')[-3000:]}"))
+        self._waiting = []
+        if reason.check(ProcessDone):
+            self.ended.callback(0)
+        elif reason.check(ProcessTerminated):
+            self.ended.callback(reason.value.exitCode if reason.value.exitCode is not None else -reason.value.signal)
+        else:
+            self.ended.errback(reason)
+
+    def signal(self, sig: int = signal.SIGTERM) -> defer.Deferred[int | None]:
+        """Send ``sig``; fires with the exit code (negative: killed by a signal)."""
+        if not self.ended.called:
+            self.transport.signalProcess(sig)
+        return self.ended
+
+
+def start_daemon(plugin: str, config: str, cwd: str) -> Daemon:
+    """Start ``twistd -n <plugin> --config <config>`` with this checkout's code."""
+    daemon = Daemon()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", plugin, "--config", config]
+    reactor.spawnProcess(daemon, sys.executable, argv, env=env, path=cwd)
+    return daemon

@@ -1,0 +1,130 @@
+"""Config: the examples load; bad files are refused with one line naming the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from twisted.trial import unittest
+
+from emond.config import ConfigError, load_node_config, load_storage_config
+
+ETC = os.path.join(os.path.dirname(__file__), "..", "etc")
+
+
+class ConfigCase(unittest.TestCase):
+    def write(self, text: str, name: str = "emond.toml") -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def refused(self, loader, text: str) -> str:
+        error = self.assertRaises(ConfigError, loader, self.write(text))
+        message = str(error)
+        self.assertNotIn("\n", message)
+        return message
+
+    def certs(self, directory: str, *names: str) -> None:
+        subprocess.run([os.path.join(ETC, "make-certs"), directory, *names], check=True, capture_output=True)
+
+
+class NodeConfigTests(ConfigCase):
+    def test_example_loads(self) -> None:
+        config = load_node_config(os.path.join(ETC, "emond.toml"))
+        self.assertEqual(config.node.name, "node0")
+        self.assertEqual(config.node.storage, (0,))
+        self.assertEqual(config.input.queues, 64)
+        self.assertIsNone(config.tls)
+        # relative paths are relative to the config file's folder
+        self.assertEqual(config.node.datadir, os.path.normpath(os.path.join(os.path.abspath(ETC), "..", "var")))
+        self.assertEqual(config.sqlite_path, os.path.join(config.node.datadir, "emond.db"))
+
+    def test_defaults_for_an_empty_file(self) -> None:
+        config = load_node_config(self.write(""))
+        self.assertEqual(config.node.http, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(config.redis.url, "")
+        self.assertEqual(config.engines.window_future, 48 * 3600)
+
+    def test_config_is_immutable(self) -> None:
+        config = load_node_config(self.write(""))
+        self.assertRaises(AttributeError, setattr, config.node, "name", "x")
+
+    def test_unknown_key(self) -> None:
+        self.assertEqual(self.refused(load_node_config, "[node]\nnmae = 'x'\n"), "[node] nmae: unknown key")
+
+    def test_unknown_section(self) -> None:
+        self.assertEqual(self.refused(load_node_config, "[nodes]\nname = 'x'\n"), "[nodes]: unknown section")
+
+    def test_wrong_types(self) -> None:
+        self.assertEqual(
+            self.refused(load_node_config, "[input]\nqueues = '64'\n"), "[input] queues: expected an integer, got '64'"
+        )
+        self.assertEqual(
+            self.refused(load_node_config, "[users]\nregistration = 1\n"), "[users] registration: expected true or false, got 1"
+        )
+        self.assertEqual(
+            self.refused(load_node_config, "[input]\nqueues = true\n"), "[input] queues: expected an integer, got True"
+        )
+        self.assertEqual(
+            self.refused(load_node_config, "[node]\nstorage = [0, 'a']\n"), "[node] storage[1]: expected an integer, got 'a'"
+        )
+        self.assertEqual(self.refused(load_node_config, "[node]\nstorage = 0\n"), "[node] storage: expected a list, got 0")
+
+    def test_bad_values(self) -> None:
+        self.assertIn("[node] http: not a server endpoint", self.refused(load_node_config, "[node]\nhttp = 'bogus:1'\n"))
+        self.assertIn("[database] url:", self.refused(load_node_config, "[database]\nurl = 'postgres://x'\n"))
+        self.assertIn("[input] queues:", self.refused(load_node_config, "[input]\nqueues = 0\n"))
+        self.assertIn("[feeds] default_server:", self.refused(load_node_config, "[feeds]\ndefault_server = 3\n"))
+
+    def test_not_toml(self) -> None:
+        self.assertIn("not valid TOML", self.refused(load_node_config, "[node\n"))
+
+    def test_missing_file(self) -> None:
+        self.assertIn("config file not found", str(self.assertRaises(ConfigError, load_node_config, "/nonexistent.toml")))
+
+    def test_tls_required_with_a_remote_server(self) -> None:
+        remote = "[storage.servers]\n1 = { endpoint = 'tcp:127.0.0.1:7443', name = 'storage1' }\n"
+        self.assertEqual(self.refused(load_node_config, remote), "[tls] ca: required key missing")
+        message = self.refused(load_node_config, remote + "[tls]\nca = 'tls/ca.pem'\ncert = 'tls/node0.pem'\n")
+        self.assertTrue(message.startswith("[tls] ca: file not found: "), message)
+
+    def test_remote_server_with_tls(self) -> None:
+        path = self.write(
+            "[storage.servers]\n1 = { endpoint = 'tcp:127.0.0.1:7443', name = 'storage1' }\n"
+            "[tls]\nca = 'tls/ca.pem'\ncert = 'tls/node0.pem'\n"
+        )
+        self.certs(os.path.join(os.path.dirname(path), "tls"), "node0")
+        config = load_node_config(path)
+        self.assertEqual(config.storage_servers[1].name, "storage1")
+        self.assertEqual(config.tls.ca, os.path.join(os.path.dirname(os.path.abspath(path)), "tls", "ca.pem"))
+
+    def test_remote_server_unknown_key(self) -> None:
+        message = self.refused(load_node_config, "[storage.servers]\n1 = { endpoint = 'tcp:h:1', nam = 'x' }\n")
+        self.assertEqual(message, "[storage.servers.1] nam: unknown key")
+
+
+class StorageConfigTests(ConfigCase):
+    def test_example_loads_with_certificates(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        with open(os.path.join(ETC, "emond-storage.toml")) as f:
+            text = f.read()
+        path = os.path.join(directory, "emond-storage.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        self.certs(os.path.join(directory, "tls"), "storage1")
+        config = load_storage_config(path)
+        self.assertEqual(config.storage.id, 1)
+        self.assertEqual(config.storage.allow, ("node0",))
+
+    def test_storage_section_required(self) -> None:
+        self.assertEqual(self.refused(load_storage_config, ""), "[storage]: required section missing")
+
+    def test_storage_id_required(self) -> None:
+        self.assertEqual(self.refused(load_storage_config, "[storage]\nlisten = 'tcp:7443'\n"), "[storage] id: required key missing")
+
+    def test_tls_always_required(self) -> None:
+        self.assertEqual(self.refused(load_storage_config, "[storage]\nid = 1\n"), "[tls] ca: required key missing")

@@ -1,0 +1,94 @@
+"""The two twistd plugins start as real processes, answer /health and stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import treq
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.support import free_port
+from tests.support.daemon import ROOT, start_daemon
+
+ETC = os.path.join(ROOT, "etc")
+# After a clean shutdown twistd exits by the signal it was stopped with, as service managers expect.
+STOPPED_CLEANLY = (0, -signal.SIGTERM)
+
+
+class DaemonTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def config(self, name: str, text: str) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    @defer.inlineCallbacks
+    def health(self, port: int):
+        response = yield treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
+        body = yield response.json()
+        return response.code, response.headers.getRawHeaders("content-type"), body
+
+    @defer.inlineCallbacks
+    def test_emond_node(self):
+        if shutil.which("redis-server") is None:
+            raise unittest.SkipTest("redis-server is not installed")
+        port = free_port()
+        with open(os.path.join(ETC, "emond.toml")) as f:
+            example = f.read()
+        # The example as it is, but on a free port and in a temp data dir.
+        text = example.replace('http = "tcp:8080:', f'http = "tcp:{port}:').replace('datadir = "../var"', 'datadir = "var"')
+        text = text.replace('"sqlite:///../var/emond.db"', '"sqlite:///var/emond.db"')
+        daemon = start_daemon("emond", self.config("emond.toml", text), self.dir)
+        self.addCleanup(daemon.signal, signal.SIGKILL)
+        yield daemon.logged("private redis-server ready")
+        yield daemon.logged("storage 0 open on")
+        yield daemon.logged("Site starting on")
+        code, ctype, body = yield self.health(port)
+        self.assertEqual((code, ctype), (200, [b"application/json"]))
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(body["process"], "emond")
+        self.assertTrue(body["redis"]["ok"])
+        self.assertTrue(os.path.isdir(os.path.join(self.dir, "var", "phpfina")))
+        status = yield daemon.signal(signal.SIGTERM)
+        self.assertIn(status, STOPPED_CLEANLY)
+        self.assertIn(b"Server Shut Down.", daemon.output)
+        self.assertIn(b"Redis is now ready to exit", daemon.output)  # the private redis stopped too
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "var", "redis", "redis.sock")))
+
+    @defer.inlineCallbacks
+    def test_emond_storage(self):
+        stream, http = free_port(), free_port()
+        subprocess.run([os.path.join(ETC, "make-certs"), os.path.join(self.dir, "tls"), "storage1"], check=True, capture_output=True)
+        with open(os.path.join(ETC, "emond-storage.toml")) as f:
+            text = f.read()
+        text = text.replace('"tcp:7443:', f'"tcp:{stream}:').replace('"tcp:7480:', f'"tcp:{http}:')
+        text = text.replace('"../var/storage1"', '"var/storage1"')
+        daemon = start_daemon("emond-storage", self.config("emond-storage.toml", text), self.dir)
+        self.addCleanup(daemon.signal, signal.SIGKILL)
+        yield daemon.logged("storage 1 open on")
+        yield daemon.logged("Site starting on")
+        code, _, body = yield self.health(http)
+        self.assertEqual(code, 200)
+        self.assertEqual((body["status"], body["process"]), ("ok", "emond-storage"))
+        self.assertTrue(os.path.isdir(os.path.join(self.dir, "var", "storage1", "phptimeseries")))
+        status = yield daemon.signal(signal.SIGTERM)
+        self.assertIn(status, STOPPED_CLEANLY)
+        self.assertIn(b"Server Shut Down.", daemon.output)
+
+    @defer.inlineCallbacks
+    def test_bad_config_is_refused_with_the_key(self):
+        daemon = start_daemon("emond", self.config("emond.toml", "[input]\nqueues = 'many'\n"), self.dir)
+        status = yield daemon.ended
+        self.assertNotEqual(status, 0)
+        self.assertIn(b"[input] queues: expected an integer, got 'many'", daemon.output)
