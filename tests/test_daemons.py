@@ -37,7 +37,7 @@ class DaemonTests(unittest.TestCase):
     def health(self, port: int):
         response = yield treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
         body = yield response.json()
-        return response.code, response.headers.getRawHeaders("content-type"), body
+        return response.code, response.headers.getRawHeaders(b"content-type"), body
 
     @defer.inlineCallbacks
     def test_emond_node(self):
