@@ -71,6 +71,9 @@ class FeedsSection:
 @dataclass(frozen=True)
 class UsersSection:
     registration: bool = True
+    session_days: int = 30
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

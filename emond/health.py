@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Union
 
+from twisted.internet import defer
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
-HealthCheck = Callable[[], dict[str, Any]]
+HealthCheck = Callable[[], Union[dict[str, Any], Awaitable[dict[str, Any]]]]
 
 
 def json_body(request: Request, payload: Any, code: int = 200) -> bytes:
@@ -36,8 +38,15 @@ class HealthResource(Resource):
         self._clock = clock
         self._started = clock()
 
-    def render_GET(self, request: Request) -> bytes:
-        parts = {name: check() for name, check in self._checks.items()}
+    def render_GET(self, request: Request) -> Any:
+        defer.ensureDeferred(self._render(request))
+        return NOT_DONE_YET
+
+    async def _render(self, request: Request) -> None:
+        parts = {}
+        for name, check in self._checks.items():
+            part = check()
+            parts[name] = await part if inspect.isawaitable(part) else part
         healthy = all(part.get("ok", False) for part in parts.values())
         payload = {
             "status": "ok" if healthy else "unhealthy",
@@ -45,4 +54,7 @@ class HealthResource(Resource):
             "uptime": round(self._clock() - self._started, 3),
             **parts,
         }
-        return json_body(request, payload, 200 if healthy else 503)
+        body = json_body(request, payload, 200 if healthy else 503)
+        if not request._disconnected:
+            request.write(body)
+            request.finish()

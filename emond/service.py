@@ -17,6 +17,7 @@ from twisted.web.server import Site
 
 from emond.config import NodeConfig, StorageConfig
 from emond.health import HealthCheck, HealthResource
+from emond.node import NodeAppService, make_api, make_context
 from emond.redisproc import EmbeddedRedis
 from emond.storage import StorageLocationService, location_dir
 
@@ -30,14 +31,20 @@ def _http_service(reactor: Any, description: str, root: Resource) -> StreamServe
 
 
 def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
-    """The tree of a node: private Redis (if none configured), hosted storage, HTTP."""
+    """The tree of a node: private Redis (if none configured), hosted storage, the API, HTTP.
+
+    Children start in this order and stop in the reverse one: HTTP stops
+    taking requests before the API, storage and Redis go away.
+    """
     root = MultiService()
     checks: dict[str, HealthCheck] = {}
-    if not config.redis.url:
+    redis_url = config.redis.url
+    if not redis_url:
         redis = EmbeddedRedis(os.path.join(config.node.datadir, "redis"), reactor)
         redis.setName("redis")
         redis.setServiceParent(root)
         checks["redis"] = redis.status
+        redis_url = redis.url
     storage = MultiService()
     storage.setName("storage")
     storage.setServiceParent(root)
@@ -48,11 +55,13 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         )
         location.setName(str(server_id))
         location.setServiceParent(storage)
-        locations[str(server_id)] = location
-    checks["storage"] = lambda: _all_ok({sid: loc.status() for sid, loc in locations.items()})
-    web = Resource()
-    web.putChild(b"health", HealthResource("emond", checks))
-    _http_service(reactor, config.node.http, web).setServiceParent(root)
+        locations[server_id] = location
+    checks["storage"] = lambda: _all_ok({str(sid): loc.status() for sid, loc in locations.items()})
+    ctx = make_context(config, redis_url, locations, reactor)
+    app = NodeAppService(ctx)
+    app.setName("api")
+    app.setServiceParent(root)
+    _http_service(reactor, config.node.http, make_api(ctx, app, checks)).setServiceParent(root)
     return root
 
 

@@ -1,0 +1,283 @@
+"""The emoncms HTTP API surface: routing, parameters, authentication, answers.
+
+Paths are routed as emoncms does: ``controller/action/sub...`` with the
+format suffix on the last segment (``feed/list.json`` and ``feed/list`` are
+the same route); parameters are GET merged with POST, POST winning; unknown
+parameters are ignored. Handlers are ``async def handler(call) -> answer``;
+an ``ApiError`` becomes ``{"success": false, "message": ...}`` with its
+status, and nothing else a handler raises reaches the client (500 with a
+generic message, the details in the log).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable
+from urllib.parse import parse_qs
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from emond.redis import RedisUnavailable
+
+PUBLIC, READ, WRITE = "public", "read", "write"
+MAX_PARAM = 64 * 1024  # longest parameter value accepted (a processlist or bulk body is far smaller)
+
+
+class ApiError(Exception):
+    """An answer other than success: ``{"success": false, "message": ...}``."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class InvalidApiKey(ApiError):
+    """401 with emoncms's plain ``Invalid API key`` body and its WWW-Authenticate header."""
+
+    def __init__(self) -> None:
+        super().__init__("Invalid API key", 401)
+
+
+@dataclass
+class Raw:
+    """An answer that is not JSON-encoded (``ok``, a string, a file)."""
+
+    body: bytes
+    content_type: bytes = b"application/json"
+    code: int = 200
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Auth:
+    userid: int
+    write: bool
+    via: str  # "apikey" or "session"
+
+
+@dataclass
+class Call:
+    """One API request, as handlers see it."""
+
+    request: Request
+    controller: str
+    action: str
+    subactions: list[str]
+    fmt: str
+    params: dict[str, str]
+    auth: Auth | None
+
+    @property
+    def userid(self) -> int:
+        assert self.auth is not None  # routes that reach here with auth required
+        return self.auth.userid
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.params.get(name, default)
+
+    def require(self, name: str, message: str | None = None) -> str:
+        value = self.params.get(name)
+        if value is None or value == "":
+            raise ApiError(message or f"missing parameter: {name}")
+        return value
+
+    def integer(self, name: str, default: int | None = None, message: str | None = None) -> int:
+        value = self.params.get(name)
+        if value is None or value == "":
+            if default is not None:
+                return default
+            raise ApiError(message or f"missing parameter: {name}")
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                raise ApiError(message or f"{name} must be a number")
+            if not math.isfinite(number):
+                raise ApiError(message or f"{name} must be a number")
+            return int(number)
+
+    def number(self, name: str, message: str | None = None) -> float:
+        value = self.params.get(name)
+        try:
+            number = float(value) if value is not None else math.nan
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ApiError(message or f"{name} must be a number")
+        return number
+
+    def flag(self, name: str, default: bool) -> bool:
+        """emoncms's ``(int)`` switches: only an explicit 0 (or 1) changes the default."""
+        value = self.params.get(name)
+        if value is None or value == "":
+            return default
+        try:
+            return int(float(value)) != 0
+        except ValueError:
+            return default
+
+    def json_param(self, name: str, message: str) -> Any:
+        try:
+            return json.loads(self.require(name, message))
+        except ValueError:
+            raise ApiError(message)
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+Authenticator = Callable[[Request, dict[str, str]], Awaitable[Auth | None]]
+
+
+class Router:
+    """``(controller, action)`` → (access, handler)."""
+
+    def __init__(self) -> None:
+        self._routes: dict[tuple[str, str], tuple[str, Handler]] = {}
+
+    def add(self, controller: str, action: str, access: str, handler: Handler) -> None:
+        self._routes[(controller, action)] = (access, handler)
+
+    def find(self, controller: str, action: str) -> tuple[str, Handler] | None:
+        return self._routes.get((controller, action))
+
+    def routes(self) -> Iterable[tuple[str, str]]:
+        return self._routes.keys()
+
+
+def split_path(path: bytes) -> tuple[list[str], str]:
+    """Path segments and the format suffix of the last segment."""
+    text = path.decode("utf-8", "replace")
+    segments = [s for s in text.split("?", 1)[0].split("/") if s]
+    fmt = ""
+    if segments and "." in segments[-1]:
+        segments[-1], fmt = segments[-1].split(".", 1)
+    # Legacy aliases: api/post(.json) and emoncms/input/... → input/...
+    if segments[:1] == ["emoncms"]:
+        segments = segments[1:]
+    if segments[:2] == ["api", "post"]:
+        segments = ["input", "post"] + segments[2:]
+    return segments, fmt
+
+
+def request_params(request: Request) -> dict[str, str]:
+    """GET merged with POST, POST winning; one value per name."""
+    query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+    in_query = parse_qs(query, keep_blank_values=True)
+    params: dict[str, str] = {}
+    # twisted.web puts a form body's fields after the query's in request.args.
+    for key, values in (request.args or {}).items():
+        if not values:
+            continue
+        from_query = len(in_query.get(key, []))
+        value = values[from_query] if len(values) > from_query else values[0]
+        name = key.decode("utf-8", "replace")
+        if len(value) > MAX_PARAM:
+            raise ApiError(f"parameter {name[:32]} is too long", 413)
+        params[name] = value.decode("utf-8", "replace")
+    return params
+
+
+def json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+class ApiResource(Resource):
+    """The root resource: every emoncms route, with or without its format suffix."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        router: Router,
+        authenticate: Authenticator,
+        extra: dict[bytes, Resource] | None = None,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        super().__init__()
+        self._router = router
+        self._authenticate = authenticate
+        self._extra = extra or {}
+        self._ready = ready
+
+    def render(self, request: Request) -> Any:
+        first = request.postpath[0] if request.postpath else b""
+        if first in self._extra and len(request.postpath) == 1:
+            return self._extra[first].render(request)
+        d = defer.ensureDeferred(self._handle(request))
+        d.addErrback(self._crashed, request)
+        return NOT_DONE_YET
+
+    async def _handle(self, request: Request) -> None:
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+        try:
+            answer = await self._answer(request)
+        except InvalidApiKey:
+            answer = Raw(
+                b"Invalid API key",
+                content_type=b"text/plain; charset=utf-8",
+                code=401,
+                headers={
+                    b"WWW-Authenticate": b'Bearer realm="API KEY", error="invalid_apikey", '
+                    b'error_description="Invalid API key"'
+                },
+            )
+        except ApiError as e:
+            answer = Raw(json_bytes({"success": False, "message": e.message}), code=e.code)
+        except RedisUnavailable as e:
+            self.log.warn("redis unavailable: {error}", error=str(e))
+            answer = Raw(json_bytes({"success": False, "message": "Service temporarily unavailable"}), code=503)
+        if gone:
+            return  # the client went away while we worked
+        if not isinstance(answer, Raw):
+            answer = Raw(json_bytes(answer))
+        request.setResponseCode(answer.code)
+        request.setHeader(b"Content-Type", answer.content_type)
+        for name, value in answer.headers.items():
+            request.setHeader(name, value)
+        request.write(answer.body)
+        request.finish()
+
+    async def _answer(self, request: Request) -> Any:
+        if not self._ready():
+            raise ApiError("Starting, try again shortly", 503)
+        segments, fmt = split_path(request.path)
+        if len(segments) < 2:
+            raise ApiError("Unknown route", 404)
+        controller, action = segments[0], segments[1]
+        subactions = segments[2:]
+        route = self._router.find(controller, action)
+        if route is None and len(segments) >= 3:
+            # input/process/set.json: a two-word action
+            route = self._router.find(controller, f"{action}/{segments[2]}")
+            if route is not None:
+                action, subactions = f"{action}/{segments[2]}", segments[3:]
+        if route is None:
+            raise ApiError("Unknown route", 404)
+        access, handler = route
+        params = request_params(request)
+        auth = await self._authenticate(request, params)
+        if access != PUBLIC:
+            if auth is None:
+                raise ApiError("Authentication required", 401)
+            if access == WRITE and not auth.write:
+                raise ApiError("Write access required, this is a read only API key", 403)
+        call = Call(request, controller, action, subactions, fmt, params, auth)
+        return await handler(call)
+
+    def _crashed(self, failure: Failure, request: Request) -> None:
+        self.log.failure("API handler failed for {path}", failure, path=request.path)
+        if not request.finished and not request._disconnected:
+            request.setResponseCode(500)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.write(json_bytes({"success": False, "message": "Internal server error"}))
+            request.finish()

@@ -1,0 +1,131 @@
+"""The metadata database: MariaDB/MySQL (pymysql) or SQLite, through ``adbapi``.
+
+SQL is written once with ``?`` placeholders and always parameterised; the
+MySQL driver's ``%s`` style is produced here. SQLite runs with WAL, a busy
+timeout and a single connection (one writer). Schema changes are versioned
+migrations (``emond.schema``) applied at start.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable, Sequence
+from urllib.parse import unquote, urlsplit
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.logger import Logger
+
+Row = tuple[Any, ...]
+
+
+class Database:
+    """One connection pool and the dialect it speaks."""
+
+    log = Logger()
+
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: str) -> None:
+        self.pool = pool
+        self.dialect = dialect  # "sqlite" or "mysql"
+
+    @classmethod
+    def from_url(cls, url: str, sqlite_path: str | None = None) -> "Database":
+        """``sqlite:///relative/or//absolute.db`` or ``mysql://user:pw@host:port/db``."""
+        parts = urlsplit(url)
+        if parts.scheme == "sqlite":
+            path = sqlite_path or parts.path[1:]
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            pool = adbapi.ConnectionPool(
+                "sqlite3",
+                path,
+                timeout=10.0,  # busy timeout, seconds
+                check_same_thread=False,
+                cp_min=1,
+                cp_max=1,
+                cp_openfun=_sqlite_open,
+            )
+            return cls(pool, "sqlite")
+        if parts.scheme == "mysql":
+            pool = adbapi.ConnectionPool(
+                "pymysql",
+                host=parts.hostname or "127.0.0.1",
+                port=parts.port or 3306,
+                user=unquote(parts.username or "root"),
+                password=unquote(parts.password or ""),
+                database=parts.path.lstrip("/"),
+                charset="utf8mb4",
+                cp_min=1,
+                cp_max=8,
+                cp_reconnect=True,
+            )
+            return cls(pool, "mysql")
+        raise ValueError(f"unsupported database url: {url!r}")
+
+    def sql(self, statement: str) -> str:
+        """The statement in this driver's placeholder style."""
+        if self.dialect == "mysql":
+            return statement.replace("%", "%%").replace("?", "%s")
+        return statement
+
+    def query(self, statement: str, *args: Any) -> defer.Deferred[list[Row]]:
+        return self.pool.runQuery(self.sql(statement), args)
+
+    async def one(self, statement: str, *args: Any) -> Row | None:
+        rows = await self.query(statement, *args)
+        return rows[0] if rows else None
+
+    def execute(self, statement: str, *args: Any) -> defer.Deferred[int]:
+        """Run a write; fires with the number of rows it changed."""
+        return self.pool.runInteraction(_execute, self.sql(statement), args)
+
+    def insert(self, statement: str, *args: Any) -> defer.Deferred[int]:
+        """Run an INSERT; fires with the new row's id."""
+        return self.pool.runInteraction(_insert, self.sql(statement), args)
+
+    def transaction(self, work: Callable[["Transaction"], Any]) -> defer.Deferred[Any]:
+        """Run ``work(Transaction)`` in one database transaction, in a thread."""
+        return self.pool.runInteraction(lambda cursor: work(Transaction(self, cursor)))
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class Transaction:
+    """A cursor inside ``Database.transaction`` (runs in the pool's thread)."""
+
+    def __init__(self, db: Database, cursor: Any) -> None:
+        self._db = db
+        self._cursor = cursor
+
+    def query(self, statement: str, *args: Any) -> list[Row]:
+        self._cursor.execute(self._db.sql(statement), args)
+        return list(self._cursor.fetchall())
+
+    def execute(self, statement: str, *args: Any) -> int:
+        self._cursor.execute(self._db.sql(statement), args)
+        return self._cursor.rowcount
+
+    def insert(self, statement: str, *args: Any) -> int:
+        self._cursor.execute(self._db.sql(statement), args)
+        return int(self._cursor.lastrowid)
+
+    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._cursor.executemany(self._db.sql(statement), rows)
+
+
+def _sqlite_open(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+    connection.execute("PRAGMA foreign_keys=ON")
+    connection.execute("PRAGMA busy_timeout=10000")
+
+
+def _execute(cursor: Any, statement: str, args: Sequence[Any]) -> int:
+    cursor.execute(statement, args)
+    return cursor.rowcount
+
+
+def _insert(cursor: Any, statement: str, args: Sequence[Any]) -> int:
+    cursor.execute(statement, args)
+    return int(cursor.lastrowid)

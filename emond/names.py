@@ -1,0 +1,25 @@
+"""emoncms's name rules, with Unicode classes done by ``unicodedata`` (Python's ``re``
+has no ``\\p{L}``)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+def _letter_or_number(c: str) -> bool:
+    return unicodedata.category(c)[0] in "LN"
+
+
+def valid_chars(text: str, extra: str) -> bool:
+    """Every character is a letter, a number, white space or one of ``extra``."""
+    return all(_letter_or_number(c) or c.isspace() or c in extra for c in text)
+
+
+def valid_feed_name(name: str) -> bool:
+    """``[\\p{N}\\p{L}_\\s\\-:]``"""
+    return valid_chars(name, "_-:")
+
+
+def valid_input_name(name: str) -> bool:
+    """``[\\p{N}\\p{L}_\\s\\-.]`` (node names and input names)"""
+    return valid_chars(name, "_-.")

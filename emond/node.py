@@ -1,0 +1,108 @@
+"""A node's API: its context (database, Redis, models) built from config, and the
+service that prepares it at start (schema migrations) and releases it at stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.twisted import MetricsResource
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from emond.api import ApiResource, Router
+from emond.api_feed import add_feed_routes
+from emond.api_input import add_input_routes
+from emond.api_user import add_user_routes
+from emond.auth import Authenticator
+from emond.config import NodeConfig
+from emond.context import NodeContext
+from emond.db import Database
+from emond.feeds import Feeds
+from emond.feedstore import FeedStore, LocalWriter
+from emond.health import HealthCheck, HealthResource
+from emond.inputs import Inputs
+from emond.redis import Redis
+from emond.refusals import Refusals
+from emond.schema import migrate
+from emond.storage import StorageLocationService
+from emond.users import Users
+
+
+def make_context(
+    config: NodeConfig, redis_url: str, locations: dict[int, StorageLocationService], reactor: Any
+) -> NodeContext:
+    db = Database.from_url(config.database.url, config.sqlite_path)
+    redis = Redis.connect(redis_url, config.redis.timeout, reactor)
+    users = Users(db)
+    registry = CollectorRegistry()
+    return NodeContext(
+        config=config,
+        db=db,
+        redis=redis,
+        users=users,
+        auth=Authenticator(users, redis, config.users.session_days * 86400, config.users.trusted_proxies),
+        feeds=Feeds(db, redis),
+        inputs=Inputs(db, redis),
+        store=FeedStore(locations),
+        writer=LocalWriter(locations),
+        refusals=Refusals(redis, registry),
+        registry=registry,
+    )
+
+
+class NodeAppService(Service):
+    """Migrates the schema at start; the API answers 503 until that is done."""
+
+    log = Logger()
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.ready = False
+        self.prepared: defer.Deferred[None] = defer.Deferred()  # fires when the API can answer
+        self._error: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        defer.ensureDeferred(self._prepare())
+
+    async def _prepare(self) -> None:
+        try:
+            version = await migrate(self.ctx.db)
+        except Exception as e:
+            self._error = f"database: {e}"
+            self.log.failure("cannot prepare the database")
+            self.prepared.errback(e)
+            self.prepared.addErrback(lambda _: None)  # reported in the log and /health
+            return
+        self.ready = True
+        self.log.info("node API ready (schema version {version})", version=version)
+        self.prepared.callback(None)
+
+    async def database_status(self) -> dict[str, object]:
+        if not self.ready:
+            return {"ok": False, "error": self._error or "starting"}
+        try:
+            await self.ctx.db.query("SELECT 1")
+        except Exception as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "dialect": self.ctx.db.dialect}
+
+    async def redis_status(self) -> dict[str, object]:
+        return {"ok": await self.ctx.redis.ping()}
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self.ctx.db.close()
+        return self.ctx.redis.disconnect()
+
+
+def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthCheck]) -> ApiResource:
+    router = Router()
+    add_user_routes(router, ctx)
+    add_feed_routes(router, ctx)
+    add_input_routes(router, ctx)
+    checks = {**checks, "database": app.database_status, "redis_client": app.redis_status}
+    extra = {b"health": HealthResource("emond", checks), b"metrics": MetricsResource(registry=ctx.registry)}
+    return ApiResource(router, ctx.auth, extra, ready=lambda: app.ready)

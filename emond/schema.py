@@ -1,0 +1,114 @@
+"""The metadata schema as versioned migrations, the same meaning on MariaDB and SQLite.
+
+Ids are never reused (AUTOINCREMENT / InnoDB's persistent AUTO_INCREMENT), so
+a late write for a deleted feed can never land in a new one.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from emond.db import Database, Transaction
+
+log = Logger()
+
+_TYPES = {
+    "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "engine": ""},
+    "mysql": {
+        "pk": "INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY",
+        "engine": " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    },
+}
+
+# Each migration is a list of statements; {pk} and {engine} are filled per dialect.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE users (
+            id {pk},
+            username VARCHAR(30) NOT NULL,
+            email VARCHAR(128) NOT NULL DEFAULT '',
+            password VARCHAR(255) NOT NULL,
+            salt VARCHAR(32) NOT NULL DEFAULT '',
+            apikey_write CHAR(32) NOT NULL,
+            apikey_read CHAR(32) NOT NULL,
+            apikey_write_hash CHAR(64) NOT NULL,
+            apikey_read_hash CHAR(64) NOT NULL,
+            uuid CHAR(36) NOT NULL,
+            admin INT NOT NULL DEFAULT 0,
+            name VARCHAR(64) NOT NULL DEFAULT '',
+            location VARCHAR(64) NOT NULL DEFAULT '',
+            timezone VARCHAR(64) NOT NULL DEFAULT 'UTC',
+            language VARCHAR(5) NOT NULL DEFAULT 'en_EN',
+            bio TEXT,
+            gravatar VARCHAR(64) NOT NULL DEFAULT '',
+            startingpage VARCHAR(64) NOT NULL DEFAULT 'feed/list',
+            lastlogin BIGINT,
+            created BIGINT NOT NULL
+        ){engine}""",
+        "CREATE UNIQUE INDEX users_username ON users (username)",
+        "CREATE UNIQUE INDEX users_apikey_write ON users (apikey_write_hash)",
+        "CREATE UNIQUE INDEX users_apikey_read ON users (apikey_read_hash)",
+        """CREATE TABLE inputs (
+            id {pk},
+            userid INT NOT NULL,
+            nodeid VARCHAR(16) NOT NULL,
+            name VARCHAR(64) NOT NULL,
+            description VARCHAR(255) NOT NULL DEFAULT '',
+            processList TEXT
+        ){engine}""",
+        "CREATE UNIQUE INDEX inputs_name ON inputs (userid, nodeid, name)",
+        """CREATE TABLE feeds (
+            id {pk},
+            userid INT NOT NULL,
+            name VARCHAR(64) NOT NULL,
+            tag VARCHAR(64) NOT NULL DEFAULT '',
+            datatype INT NOT NULL DEFAULT 1,
+            public INT NOT NULL DEFAULT 0,
+            engine INT NOT NULL,
+            server INT NOT NULL DEFAULT 0,
+            feed_interval INT NOT NULL DEFAULT 0,
+            unit VARCHAR(16) NOT NULL DEFAULT '',
+            created BIGINT NOT NULL
+        ){engine}""",
+        "CREATE INDEX feeds_user ON feeds (userid)",
+    ],
+]
+
+
+def _version(txn: Transaction) -> int:
+    txn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL)")
+    rows = txn.query("SELECT version FROM schema_version")
+    if not rows:
+        txn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        return 0
+    return int(rows[0][0])
+
+
+def _apply(txn: Transaction, dialect: str) -> int:
+    current = _version(txn)
+    for number, statements in enumerate(MIGRATIONS, start=1):
+        if number <= current:
+            continue
+        for statement in statements:
+            txn.execute(statement.format(**_TYPES[dialect]))
+        txn.execute("UPDATE schema_version SET version = ?", number)
+        log.info("database schema migrated to version {version}", version=number)
+    return len(MIGRATIONS)
+
+
+def _apply_locked(txn: Transaction, dialect: str) -> int:
+    if dialect != "mysql":
+        return _apply(txn, dialect)
+    # Nodes starting together take turns; the lock belongs to this connection.
+    got = txn.query("SELECT GET_LOCK(CONCAT('emond_migrate_', DATABASE()), 60)")
+    if not got or got[0][0] != 1:
+        raise RuntimeError("could not take the schema migration lock")
+    try:
+        return _apply(txn, dialect)
+    finally:
+        txn.query("SELECT RELEASE_LOCK(CONCAT('emond_migrate_', DATABASE()))")
+
+
+async def migrate(db: Database) -> int:
+    """Bring the schema up to date; fires with its version. Safe with several nodes."""
+    return await db.transaction(lambda txn: _apply_locked(txn, db.dialect))

@@ -1,0 +1,202 @@
+"""Users: accounts, passwords and API keys (the metadata layer, no HTTP here).
+
+Passwords are hashed with scrypt (in a thread: it is deliberately slow). A
+legacy emoncms hash, ``sha256_hex(salt + sha256_hex(password))``, is accepted
+once and replaced by scrypt at that login. API keys are 32 lowercase hex
+characters from ``secrets``, found by the sha256 digest of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+import unicodedata
+import uuid
+import zoneinfo
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import threads
+
+from emond.api import ApiError
+from emond.db import Database
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+APIKEY = re.compile(r"^[0-9a-f]{32}$")
+# user/get.json and user/set.json fields, as emoncms names them
+PROFILE_FIELDS = ("name", "location", "timezone", "language", "bio", "gravatar", "startingpage", "email")
+USER_COLUMNS = (
+    "id, username, email, apikey_write, apikey_read, uuid, admin, name, location, timezone, "
+    "language, bio, gravatar, startingpage, lastlogin"
+)
+
+
+def new_apikey() -> str:
+    return secrets.token_hex(16)
+
+
+def apikey_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=64 * 1024 * 1024)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str, salt: str) -> bool:
+    """Constant-time check against a scrypt hash or a legacy emoncms one."""
+    if stored.startswith("scrypt$"):
+        _, n, r, p, salt_hex, digest_hex = stored.split("$")
+        digest = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p), maxmem=64 * 1024 * 1024
+        )
+        return hmac.compare_digest(digest.hex(), digest_hex)
+    inner = hashlib.sha256(password.encode()).hexdigest()
+    legacy = hashlib.sha256((salt + inner).encode()).hexdigest()
+    return hmac.compare_digest(legacy, stored)
+
+
+def valid_timezone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+        return True
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    userid: int
+    write: bool
+
+
+class Users:
+    """Account rules and storage; messages are emoncms's."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def register(self, username: str, password: str, email: str, timezone: str = "UTC") -> dict[str, Any]:
+        if not username or not password or not email:
+            raise ApiError("Missing username, password or email parameter")
+        if not username.isascii() or not username.isalnum():
+            raise ApiError("Username must only contain a-z and 0-9 characters")
+        if not 3 <= len(username) <= 30:
+            raise ApiError("Username length error")
+        if len(email) > 128 or not EMAIL.match(email):
+            raise ApiError("Email address format error")
+        if not 4 <= len(password) <= 250:
+            raise ApiError("Password length error")
+        if not valid_timezone(timezone):
+            raise ApiError("Invalid timezone")
+        hashed = await threads.deferToThread(hash_password, password)
+        write, read = new_apikey(), new_apikey()
+
+        def insert(txn: Any) -> int:
+            if txn.query("SELECT id FROM users WHERE username = ?", username):
+                raise ApiError("Username already exists")
+            first = not txn.query("SELECT id FROM users LIMIT 1")
+            return txn.insert(
+                "INSERT INTO users (username, email, password, salt, apikey_write, apikey_read, apikey_write_hash, "
+                "apikey_read_hash, uuid, admin, timezone, bio, created) VALUES (?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                username, email, hashed, write, read, apikey_digest(write), apikey_digest(read),
+                str(uuid.uuid4()), 1 if first else 0, timezone, int(time.time()),
+            )
+
+        try:
+            userid = await self.db.transaction(insert)
+        except ApiError:
+            raise
+        except Exception as e:  # the unique index, when two registrations race
+            if "UNIQUE" in str(e).upper() or "DUPLICATE" in str(e).upper():
+                raise ApiError("Username already exists")
+            raise
+        return {"success": True, "verifyemail": False, "userid": userid, "apikey_read": read, "apikey_write": write}
+
+    async def authenticate(self, username: str, password: str) -> int:
+        """The user id for a correct username and password (a legacy hash is upgraded)."""
+        if not username or not password:
+            raise ApiError("Username or password empty")
+        row = await self.db.one("SELECT id, password, salt FROM users WHERE username = ?", username)
+        if row is None:
+            raise ApiError("Username does not exist")
+        userid, stored, salt = row
+        if not await threads.deferToThread(check_password, password, stored, salt):
+            raise ApiError("Incorrect password, if your sure its correct try clearing your browser cache")
+        if not stored.startswith("scrypt$"):
+            upgraded = await threads.deferToThread(hash_password, password)
+            await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", upgraded, userid)
+        await self.db.execute("UPDATE users SET lastlogin = ? WHERE id = ?", int(time.time()), userid)
+        return int(userid)
+
+    async def by_apikey(self, key: str) -> KeyOwner | None:
+        """Who owns a key, and whether it is the write key."""
+        if not APIKEY.match(key):
+            return None
+        digest = apikey_digest(key)
+        row = await self.db.one(
+            "SELECT id, apikey_write_hash FROM users WHERE apikey_write_hash = ? OR apikey_read_hash = ?", digest, digest
+        )
+        if row is None:
+            return None
+        return KeyOwner(int(row[0]), hmac.compare_digest(row[1], digest))
+
+    async def get(self, userid: int) -> dict[str, Any]:
+        row = await self.db.one(f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", userid)
+        if row is None:
+            raise ApiError("User does not exist", 404)
+        names = [c.strip() for c in USER_COLUMNS.split(",")]
+        user = dict(zip(names, row))
+        user["bio"] = user["bio"] or ""
+        return user
+
+    async def timezone(self, userid: int) -> str:
+        row = await self.db.one("SELECT timezone FROM users WHERE id = ?", userid)
+        return row[0] if row else "UTC"
+
+    async def set_profile(self, userid: int, fields: dict[str, Any]) -> None:
+        updates: dict[str, str] = {}
+        for name, value in fields.items():
+            if name not in PROFILE_FIELDS:
+                continue  # unknown fields are ignored, as emoncms
+            value = "" if value is None else str(value)
+            if name == "email" and not EMAIL.match(value):
+                raise ApiError("Email address format error")
+            if name == "timezone" and not valid_timezone(value):
+                raise ApiError("Invalid timezone")
+            limit = 5 if name == "language" else 64 if name != "bio" else 4096
+            if len(value) > limit:
+                raise ApiError(f"{name} is too long")
+            if name != "bio" and any(unicodedata.category(c).startswith("C") for c in value):
+                raise ApiError(f"invalid characters in {name}")
+            updates[name] = value
+        if updates:
+            assignments = ", ".join(f"{name} = ?" for name in updates)  # names from PROFILE_FIELDS only
+            await self.db.execute(f"UPDATE users SET {assignments} WHERE id = ?", *updates.values(), userid)
+
+    async def change_password(self, userid: int, old: str, new: str) -> None:
+        row = await self.db.one("SELECT password, salt FROM users WHERE id = ?", userid)
+        if row is None or not await threads.deferToThread(check_password, old, row[0], row[1]):
+            raise ApiError("Old password incorrect")
+        if not 4 <= len(new) <= 250:
+            raise ApiError("Password length error")
+        hashed = await threads.deferToThread(hash_password, new)
+        await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", hashed, userid)
+
+    async def new_apikey(self, userid: int, kind: str) -> tuple[str, str]:
+        """Replace the ``write`` or ``read`` key; returns (new key, old key's digest)."""
+        assert kind in ("write", "read")
+        row = await self.db.one(f"SELECT apikey_{kind}_hash FROM users WHERE id = ?", userid)
+        if row is None:
+            raise ApiError("User does not exist", 404)
+        key = new_apikey()
+        await self.db.execute(
+            f"UPDATE users SET apikey_{kind} = ?, apikey_{kind}_hash = ? WHERE id = ?", key, apikey_digest(key), userid
+        )
+        return key, row[0]

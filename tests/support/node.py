@@ -1,0 +1,99 @@
+"""A real node service tree in the test's reactor, over a private Redis and
+SQLite or a private MariaDB, and an HTTP client that talks to it over a socket."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+from urllib.parse import urlencode
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from emond.config import load_node_config
+from emond.service import make_node_service
+from tests.support.servers import free_port, mariadb_server, redis_server
+
+
+class Answer:
+    def __init__(self, code: int, headers: Any, body: bytes) -> None:
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+    @property
+    def content_type(self) -> str | None:
+        values = self.headers.getRawHeaders(b"content-type")
+        return values[0].decode() if values else None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Answer {self.code} {self.body[:200]!r}>"
+
+
+class NodeHarness:
+    """``yield NodeHarness.start(self, "sqlite")`` in an inlineCallbacks setUp."""
+
+    def __init__(self, test: unittest.TestCase, database: str, extra_config: str = "") -> None:
+        self.dir = os.path.abspath(test.mktemp())
+        os.makedirs(self.dir)
+        redis = redis_server()
+        redis.flushall()
+        if database == "mysql":
+            server = mariadb_server()
+            db_url = f"mysql://root@127.0.0.1:{server.port}/{server.create_database()}"
+        else:
+            db_url = "sqlite:///emond.db"
+        self.port = free_port()
+        text = (
+            f'[node]\nhttp = "tcp:{self.port}:interface=127.0.0.1"\ndatadir = "var"\n'
+            f'[redis]\nurl = "{redis.url}"\n[database]\nurl = "{db_url}"\n{extra_config}'
+        )
+        self.config_path = os.path.join(self.dir, "emond.toml")
+        with open(self.config_path, "w") as f:
+            f.write(text)
+        self.config = load_node_config(self.config_path)
+        self.service = make_node_service(self.config, reactor)
+        self.app = self.service.getServiceNamed("api")
+        self.base = f"http://127.0.0.1:{self.port}/"
+
+    @classmethod
+    @defer.inlineCallbacks
+    def start(cls, test: unittest.TestCase, database: str = "sqlite", extra_config: str = ""):
+        harness = cls(test, database, extra_config)
+        harness.service.startService()
+        test.addCleanup(harness.service.stopService)
+        yield harness.app.prepared
+        storage = harness.service.getServiceNamed("storage")
+        for location in storage:
+            yield location.opened
+        return harness
+
+    @property
+    def ctx(self):
+        return self.app.ctx
+
+    @defer.inlineCallbacks
+    def request(self, method: str, path: str, params: dict | None = None, data: Any = None, headers: dict | None = None, cookies: Any = None):
+        url = self.base + path.lstrip("/")
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params)
+        kwargs: dict[str, Any] = {"persistent": False, "headers": headers or {}}
+        if cookies is not None:
+            kwargs["cookies"] = cookies
+        if data is not None:
+            kwargs["data"] = data
+        response = yield treq.request(method, url, **kwargs)
+        body = yield response.content()
+        self.last_cookies = response.cookies()
+        return Answer(response.code, response.headers, body)
+
+    def get(self, path: str, **params: Any):
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, data: Any = None, **params: Any):
+        return self.request("POST", path, params=params, data=data)
