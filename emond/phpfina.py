@@ -108,6 +108,7 @@ class PHPFina:
         sync: bool = True,
     ) -> None:
         self.directory = directory
+        self._prefix = os.path.join(directory, "")
         self.window = TimeWindow(window_past, window_future, clock)
         self.max_padding = max_padding
         self.min_interval = min_interval
@@ -125,7 +126,7 @@ class PHPFina:
     # -- paths and files -------------------------------------------------
 
     def _path(self, feedid: int, suffix: str) -> str:
-        return os.path.join(self.directory, f"{feedid}{suffix}")
+        return f"{self._prefix}{feedid}{suffix}"  # cheaper than os.path.join on the hot path
 
     def _fd(self, feedid: int) -> int:
         """The pooled read-write handle of a feed's data file."""
