@@ -15,7 +15,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
-from urllib.parse import parse_qs
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -32,10 +31,11 @@ MAX_PARAM = 64 * 1024  # longest parameter value accepted (a processlist or bulk
 class ApiError(Exception):
     """An answer other than success: ``{"success": false, "message": ...}``."""
 
-    def __init__(self, message: str, code: int = 400) -> None:
+    def __init__(self, message: str, code: int = 400, headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.headers = headers or {}
 
 
 class InvalidApiKey(ApiError):
@@ -168,20 +168,16 @@ def split_path(path: bytes) -> tuple[list[str], str]:
 
 
 def request_params(request: Request) -> dict[str, str]:
-    """GET merged with POST, POST winning; one value per name."""
-    query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
-    in_query = parse_qs(query, keep_blank_values=True)
+    """GET merged with POST, POST winning (twisted.web's form parsing replaces a
+    query value by the body's); one value per name."""
     params: dict[str, str] = {}
-    # twisted.web puts a form body's fields after the query's in request.args.
     for key, values in (request.args or {}).items():
         if not values:
             continue
-        from_query = len(in_query.get(key, []))
-        value = values[from_query] if len(values) > from_query else values[0]
         name = key.decode("utf-8", "replace")
-        if len(value) > MAX_PARAM:
+        if len(values[0]) > MAX_PARAM:
             raise ApiError(f"parameter {name[:32]} is too long", 413)
-        params[name] = value.decode("utf-8", "replace")
+        params[name] = values[0].decode("utf-8", "replace")
     return params
 
 
@@ -232,7 +228,7 @@ class ApiResource(Resource):
                 },
             )
         except ApiError as e:
-            answer = Raw(json_bytes({"success": False, "message": e.message}), code=e.code)
+            answer = Raw(json_bytes({"success": False, "message": e.message}), code=e.code, headers=e.headers)
         except RedisUnavailable as e:
             self.log.warn("redis unavailable: {error}", error=str(e))
             answer = Raw(json_bytes({"success": False, "message": "Service temporarily unavailable"}), code=503)

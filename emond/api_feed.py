@@ -1,10 +1,559 @@
-"""``feed/...`` routes (being written)."""
+"""``feed/...`` routes: create, list, read (data, average, DMY, values, meta,
+export, csv), write (insert, update), set and delete.
+
+Access: every route that names a feed is registered PUBLIC or WRITE and
+checks ownership itself. A read is allowed if the feed is public or belongs
+to the caller; a write needs write access (the router) and ownership. A
+private feed of someone else is answered 403 (401 without credentials),
+never with its data.
+
+Answers follow emoncms.org (compat spec §3.3) with the improvements of
+spec B: errors are HTTP 400 with ``{"success": false, "message": ...}``;
+``feed/list.json``, ``feed/aget.json`` and ``feed/timevalue.json`` add
+``disk_time``/``disk_value``, the last point actually on disk, next to
+``time``/``value``, the last value accepted.
+
+Number forms: the fields of a feed are strings as emoncms.org's Redis hash
+gave them (``"id":"1"``); ``time`` is an int. ``value`` is a string as
+emoncms.org returned it (PHP's float-to-string, 14 significant digits:
+``"231.5"``, ``"100"``); ``disk_value`` the shortest text that reads back as
+the stored float32. ``feed/fetch.json`` and ``feed/insert.json`` answer
+JSON numbers.
+"""
 
 from __future__ import annotations
 
-from emond.api import Router
+import json
+import math
+import re
+import time
+import zoneinfo
+from datetime import date, datetime, timedelta, tzinfo
+from typing import Any, Awaitable, TypeVar
+
+import numpy as np
+
+from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router
 from emond.context import NodeContext
+from emond.engine import FeedError
+from emond.feeds import Feed
+from emond.feedstore import DiskSummary, float32_text
+from emond.phpfina import MIN_INTERVAL
+from emond.records import (
+    ENGINE_PHPFINA,
+    PADDING_JOIN,
+    PADDING_NAN,
+    REASON_NO_FEED,
+    REASON_PADDING,
+    REASON_TOO_NEW,
+    REASON_TOO_OLD,
+    Refusal,
+    make_records,
+)
+from emond.refusals import Refused
+
+T = TypeVar("T")
+
+MAX_ID = 2**31 - 1  # feed and user ids (INT columns)
+MAX_TIME = 2**32 - 1  # record times are uint32 seconds
+MAX_MS = MAX_TIME * 1000
+MAX_INTERVAL = 366 * 86400  # longest PHPFina interval accepted at create
+MAX_FETCH = 1000  # ids per feed/fetch.json
+MAX_DMY = 10000  # samples per daily/weekly/monthly request (as emoncms.org)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+ID = re.compile(r"[0-9]{1,12}")
+FIELDS = ("id", "userid", "name", "datatype", "tag", "public", "size", "engine", "server", "unit", "interval")
+DMY_MODES = ("daily", "weekly", "monthly")
 
 
 def add_feed_routes(router: Router, ctx: NodeContext) -> None:
-    pass
+    feeds, store = ctx.feeds, ctx.store
+
+    # -- access ------------------------------------------------------------
+
+    async def load(call: Call) -> Feed:
+        feed = await feeds.get(parse_id(call.get("id"), "id"))
+        if feed is None:
+            raise ApiError("Feed does not exist")
+        return feed
+
+    async def readable(call: Call) -> Feed:
+        feed = await load(call)
+        if not can_read(call, feed):
+            if call.auth is None:
+                raise ApiError("Authentication required", 401)
+            raise ApiError("Permission denied", 403)
+        return feed
+
+    async def owned(call: Call) -> Feed:
+        """A feed the caller may write (the route itself requires write access)."""
+        feed = await load(call)
+        if feed.userid != call.userid:
+            raise ApiError("Permission denied", 403)
+        return feed
+
+    # -- feed objects --------------------------------------------------------
+
+    async def entries(found: list[Feed]) -> list[dict[str, Any]]:
+        """List entries: one Redis pipeline and one disk pass for all feeds."""
+        last = await feeds.lastvalues([f.id for f in found])
+        disk = await store.summaries(found)
+        return [entry(f, last[f.id], disk[f.id]) for f in found]
+
+    async def disk_last(feed: Feed) -> tuple[int, float | None] | None:
+        try:
+            return await store.lastvalue(feed)
+        except (FeedError, ApiError):
+            return None  # files missing, or the server not reachable from here
+
+    # -- create, list, get, set, delete -----------------------------------
+
+    async def create(call: Call) -> Any:
+        name = call.get("name", "") or ""
+        tag = call.get("tag", "") or ""
+        unit = call.get("unit", "") or ""
+        datatype = small_int(call.get("datatype"), 1, "missing datatype: 1: realtime, 2: daily")
+        engine = small_int(call.get("engine"), None, "Engine id not valid", "missing parameter: engine")
+        server = small_int(call.get("server"), ctx.config.feeds.default_server, "server must be a number")
+        servers = sorted(set(ctx.config.node.storage) | set(ctx.config.storage_servers))
+        if server not in servers:
+            raise ApiError(f"server must be {or_list(servers)}")
+        interval = 0
+        if engine == ENGINE_PHPFINA:
+            interval = max(phpfina_interval(call.get("options")), MIN_INTERVAL)
+        feed = await feeds.create(call.userid, name, tag, datatype, engine, interval, server, unit)
+        try:
+            await store.create(feed)
+        except Exception as e:
+            await feeds.delete(feed)
+            if isinstance(e, ApiError):
+                raise
+            if isinstance(e, (FeedError, OSError)):
+                raise ApiError("the feed engine could not create the feed", 500)
+            raise
+        return {"success": True, "feedid": feed.id, "result": True}
+
+    async def list_feeds(call: Call) -> Any:
+        wanted = call.get("userid")
+        if wanted is None or wanted == "":
+            if call.auth is None:
+                raise ApiError("Authentication required", 401)
+            found = await feeds.list(call.userid)
+        else:
+            userid = parse_id(wanted, "userid")
+            own = call.auth is not None and call.auth.userid == userid
+            found = await feeds.list(userid, public_only=not own)
+        return await entries(found)
+
+    async def get_field(call: Call) -> Any:
+        feed = await readable(call)
+        name = call.get("field")
+        if not name:
+            raise ApiError("Missing field parameter")
+        if name not in FIELDS + ("time", "value", "disk_time", "disk_value"):
+            raise ApiError("Invalid field")
+        (item,) = await entries([feed])
+        return item[name]
+
+    async def aget(call: Call) -> Any:
+        feed = await readable(call)
+        (item,) = await entries([feed])
+        return item
+
+    async def getmeta(call: Call) -> Any:
+        feed = await readable(call)
+        meta = await engine_call(store.meta(feed))
+        if feed.engine == ENGINE_PHPFINA:
+            return {"interval": meta.interval, "start_time": meta.start_time, "npoints": meta.npoints, "end_time": meta.end_time}
+        return {"start_time": meta.start_time, "end_time": meta.end_time, "npoints": meta.npoints}
+
+    async def set_fields(call: Call) -> Any:
+        feed = await owned(call)
+        fields = json_object(call.get("fields"), "Field could not be updated")
+        await feeds.update(feed, fields)
+        return {"success": True, "message": "Field updated"}
+
+    async def delete(call: Call) -> Any:
+        feed = await owned(call)
+        await engine_call(store.delete(feed))  # the files first: a row left behind can be deleted again
+        await feeds.delete(feed)  # the row and its Redis last value
+        # emoncms.org answered null; current emoncms answers this.
+        return {"success": True, "message": "Feed removed successfully."}
+
+    # -- last values -------------------------------------------------------
+
+    async def value(call: Call) -> Any:
+        feed = await readable(call)
+        last = (await feeds.lastvalues([feed.id]))[feed.id]
+        if last is not None:
+            return php_text(last[1])
+        disk = await disk_last(feed)  # as emoncms, rebuilt from the data when Redis has none
+        return float32_text(disk[1]) if disk and disk[1] is not None else None
+
+    async def timevalue(call: Call) -> Any:
+        feed = await readable(call)
+        item = (await entries([feed]))[0]
+        return {k: item[k] for k in ("time", "value", "disk_time", "disk_value")}
+
+    async def fetch(call: Call) -> Any:
+        texts = (call.get("ids") or "").split(",")
+        if len(texts) > MAX_FETCH:
+            raise ApiError(f"at most {MAX_FETCH} ids per request")
+        ids: list[int | None] = []
+        for text in texts:
+            try:
+                ids.append(parse_id(text, "ids"))
+            except ApiError:
+                ids.append(None)
+        found = await feeds.get_many(i for i in ids if i is not None)
+        allowed = [f for f in found.values() if can_read(call, f)]
+        last = await feeds.lastvalues([f.id for f in allowed])
+        missing = [f for f in allowed if last[f.id] is None]
+        disk = await store.summaries(missing) if missing else {}
+        out: list[Any] = []
+        for i in ids:
+            feed = found.get(i) if i is not None else None
+            if feed is None or not can_read(call, feed):
+                out.append(False)  # no such feed, or not yours: as emoncms
+            elif last[feed.id] is not None:
+                out.append(last[feed.id][1])
+            else:
+                point = disk[feed.id].last
+                out.append(point[1] if point else None)
+        return out
+
+    # -- data --------------------------------------------------------------
+
+    async def data(call: Call) -> Any:
+        feed = await readable(call)
+        start, end = ms_param(call, "start"), ms_param(call, "end")
+        if call.get("interval"):
+            interval = interval_param(call)
+            return await engine_call(
+                store.data(feed, start, end, interval, call.flag("skipmissing", True), call.flag("limitinterval", True))
+            )
+        if call.get("mode"):
+            times, steps = await dmy(call, feed, start, end)
+            values = await engine_call(store.values_at(feed, times, steps)) if times else []
+            return [[t * 1000, v] for t, v in zip(times, values)]
+        raise ApiError("missing parameter: interval")
+
+    async def average(call: Call) -> Any:
+        feed = await readable(call)
+        start, end = ms_param(call, "start"), ms_param(call, "end")
+        if feed.engine != ENGINE_PHPFINA:
+            raise ApiError("This request is only supported by PHPFina")
+        if call.get("interval"):
+            interval = interval_param(call)
+            return await engine_call(store.average(feed, start, end, interval, call.flag("skipmissing", True)))
+        if call.get("mode"):
+            times, steps = await dmy(call, feed, start, end)
+            values = await engine_call(store.averages_over(feed, times, steps)) if times else []
+            return [[t * 1000, v] for t, v in zip(times, values)]
+        raise ApiError("missing parameter: interval")
+
+    async def dmy(call: Call, feed: Feed, start_ms: float, end_ms: float) -> tuple[list[int], list[int]]:
+        mode = call.get("mode")
+        if mode not in DMY_MODES:
+            raise ApiError("mode must be daily, weekly or monthly")
+        start, end = int(start_ms / 1000), int(end_ms / 1000)
+        if end <= start:
+            raise ApiError("Request end time before start time")
+        zone = user_zone(await ctx.users.timezone(feed.userid))
+        return dmy_times(start, end, mode, zone)
+
+    async def csvexport(call: Call) -> Any:
+        feed = await readable(call)
+        start, end = seconds_param(call, "start"), seconds_param(call, "end")
+        if end <= start:
+            raise ApiError("Request end time before start time")
+        interval = int(interval_param(call))
+        zone = None
+        if call.flag("timeformat", False):
+            zone = user_zone(await ctx.users.timezone(feed.userid))
+        body = await engine_call(store.csv(feed, start, end, interval, zone))
+        return Raw(
+            body,
+            content_type=b"text/csv; charset=utf-8",
+            headers={b"Content-Disposition": f"attachment; filename={feed.id}.csv".encode(), b"Cache-Control": b"no-cache"},
+        )
+
+    async def export(call: Call) -> Any:
+        # Public or yours, as current emoncms (emoncms.org wanted the owner's write key).
+        feed = await readable(call)
+        start = call.integer("start", 0, "start must be a byte offset")
+        body = await engine_call(store.export(feed, max(start, 0)))
+        filename = f"{feed.id}.dat" if feed.engine == ENGINE_PHPFINA else f"feed_{feed.id}.MYD"
+        return Raw(
+            body,
+            content_type=b"application/octet-stream",
+            headers={b"Content-Disposition": f"attachment; filename={filename}".encode(), b"Cache-Control": b"no-cache"},
+        )
+
+    # -- writes ------------------------------------------------------------
+
+    async def insert(call: Call) -> Any:
+        feed = await owned(call)
+        when = time_param(call)
+        number = value_param(call)
+        padding = PADDING_JOIN if call.flag("join", False) else PADDING_NAN
+        if when < 0:
+            refusals = [Refusal(feed.id, when, REASON_TOO_OLD)]
+        elif when > MAX_TIME:
+            refusals = [Refusal(feed.id, when, REASON_TOO_NEW)]
+        else:
+            batch = make_records(feed.id, [when], [number], feed.engine, padding)
+            refusals = await ctx.writer.write(feed.server, batch)
+        if refusals:
+            reason = refusals[0].reason
+            await ctx.refusals.record(call.userid, [Refused(when, "", f"feed:{feed.id}", reason)])
+            raise ApiError(refusal_message(reason, ctx))
+        await feeds.advance_lastvalue(feed.id, when, number)
+        return number
+
+    # -- routes ------------------------------------------------------------
+
+    for action, access, handler in (
+        ("create", WRITE, create),
+        ("list", PUBLIC, list_feeds),
+        ("get", PUBLIC, get_field),
+        ("aget", PUBLIC, aget),
+        ("getmeta", PUBLIC, getmeta),
+        ("set", WRITE, set_fields),
+        ("delete", WRITE, delete),
+        ("value", PUBLIC, value),
+        ("timevalue", PUBLIC, timevalue),
+        ("fetch", PUBLIC, fetch),
+        ("data", PUBLIC, data),
+        ("datanew", PUBLIC, data),
+        ("average", PUBLIC, average),
+        ("csvexport", PUBLIC, csvexport),
+        ("export", PUBLIC, export),
+        ("insert", WRITE, insert),
+        ("update", WRITE, insert),
+    ):
+        router.add("feed", action, access, handler)
+
+
+# -- helpers (no I/O) ----------------------------------------------------------
+
+
+def can_read(call: Call, feed: Feed) -> bool:
+    return bool(feed.public) or (call.auth is not None and call.auth.userid == feed.userid)
+
+
+async def engine_call(work: Awaitable[T]) -> T:
+    """An engine's refusal of a request (FeedError) is the client's 400."""
+    try:
+        return await work
+    except FeedError as e:
+        raise ApiError(str(e))
+
+
+def entry(feed: Feed, last: tuple[int, float] | None, disk: DiskSummary) -> dict[str, Any]:
+    """A feed as ``feed/list.json`` shows it."""
+    on_disk = disk.last
+    if last is not None:
+        when, value = last[0], php_text(last[1])
+    elif on_disk is not None:  # no accepted value known (Redis emptied, copied data): the disk's
+        when, value = on_disk[0], float32_text(on_disk[1]) if on_disk[1] is not None else None
+    else:
+        when, value = None, None
+    return {
+        "id": str(feed.id),
+        "userid": str(feed.userid),
+        "name": feed.name,
+        "datatype": str(feed.datatype),
+        "tag": feed.tag,
+        "public": str(feed.public),
+        "size": str(disk.size) if disk.size is not None else None,
+        "engine": str(feed.engine),
+        "server": str(feed.server),
+        "unit": feed.unit,
+        "interval": str(feed.interval),
+        "time": when,
+        "value": value,
+        "disk_time": on_disk[0] if on_disk else None,
+        "disk_value": float32_text(on_disk[1]) if on_disk and on_disk[1] is not None else None,
+    }
+
+
+def php_text(value: float) -> str | None:
+    """PHP's float to string (precision 14): ``231.5``, ``100``, ``1.0E+20``."""
+    if not math.isfinite(value):
+        return None
+    text = "%.14G" % value
+    if "E" not in text:
+        return text
+    mantissa, exponent = text.split("E")
+    if "." not in mantissa:
+        mantissa += ".0"
+    power = int(exponent)
+    return f"{mantissa}E{'+' if power >= 0 else '-'}{abs(power)}"
+
+
+def parse_id(text: str | None, name: str) -> int:
+    if text is None or text.strip() == "":
+        raise ApiError(f"missing parameter: {name}")
+    text = text.strip()
+    if not ID.fullmatch(text):
+        raise ApiError(f"{name} must be a whole number")
+    number = int(text)
+    if number > MAX_ID:
+        raise ApiError("Feed does not exist" if name == "id" else f"{name} out of range")
+    return number
+
+
+def small_int(text: str | None, default: int | None, invalid: str, missing: str | None = None) -> int:
+    if text is None or text.strip() == "":
+        if default is None:
+            raise ApiError(missing or invalid)
+        return default
+    text = text.strip()
+    if not re.fullmatch(r"-?[0-9]{1,9}", text):
+        raise ApiError(invalid)
+    return int(text)
+
+
+def or_list(items: list[int]) -> str:
+    words = [str(i) for i in items]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def json_object(text: str | None, message: str) -> dict[str, Any]:
+    if not text:
+        raise ApiError(message)
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(message)
+    if not isinstance(value, dict):
+        raise ApiError(message)
+    return value
+
+
+def phpfina_interval(options: str | None) -> int:
+    """The interval of ``options={"interval":N}`` (a number or a numeric string)."""
+    fields = json_object(options, 'options must be a JSON object such as {"interval":10}')
+    raw = fields.get("interval")
+    if isinstance(raw, bool) or raw is None:
+        raise ApiError("interval must be an integer")
+    try:
+        number = float(raw) if isinstance(raw, (int, float, str)) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise ApiError("interval must be an integer")
+    interval = int(number)
+    if interval > MAX_INTERVAL:
+        raise ApiError(f"interval must be at most {MAX_INTERVAL} seconds")
+    return interval
+
+
+def ms_param(call: Call, name: str) -> float:
+    """A time in milliseconds (feed/data.json)."""
+    value = call.number(name, f"{name} must be a time in milliseconds")
+    if not 0 <= value <= MAX_MS:
+        raise ApiError(f"{name} must be a time in milliseconds")
+    return value
+
+
+def seconds_param(call: Call, name: str) -> int:
+    """A unix time in seconds; a value in milliseconds is converted (as current emoncms)."""
+    value = call.number(name, f"{name} must be a unix time")
+    if value / 1e9 > 100:
+        value /= 1000
+    if not 0 <= value <= MAX_TIME:
+        raise ApiError(f"{name} must be a unix time")
+    return int(value)
+
+
+def interval_param(call: Call) -> float:
+    value = call.number("interval", "interval must be a number of seconds")
+    if not 0 <= value <= MAX_TIME:
+        raise ApiError("interval must be a number of seconds")
+    return value
+
+
+def time_param(call: Call) -> int:
+    text = call.get("time")
+    if text is None or text.strip() == "":
+        return int(time.time())
+    try:
+        number = float(text)
+    except ValueError:
+        raise ApiError("time must be a unix time in seconds")
+    if not math.isfinite(number):
+        raise ApiError("time must be a unix time in seconds")
+    return int(number)
+
+
+def value_param(call: Call) -> float:
+    text = call.get("value")
+    try:
+        number = float(text) if text is not None else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ApiError("Value must be numeric")
+    if abs(number) > FLOAT32_MAX:
+        raise ApiError("Value out of range (a feed stores 32-bit floats)")
+    return number
+
+
+def refusal_message(reason: str, ctx: NodeContext) -> str:
+    engines = ctx.config.engines
+    if reason == REASON_TOO_OLD:
+        return f"time is older than the storage window ({engines.window_past // 86400} days)"
+    if reason == REASON_TOO_NEW:
+        return f"time is too far in the future (more than {engines.window_future // 3600} hours ahead)"
+    if reason == REASON_PADDING:
+        return f"time is too far from the feed's data (more than {engines.max_padding} missing slots)"
+    if reason == REASON_NO_FEED:
+        return "Feed does not exist"
+    return f"datapoint refused: {reason}"
+
+
+def user_zone(name: str) -> tzinfo:
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return zoneinfo.ZoneInfo("UTC")
+
+
+def dmy_times(start: int, end: int, mode: str, zone: tzinfo) -> tuple[list[int], list[int]]:
+    """Local midnights in [start, end): every day, every Monday or every 1st of
+    the month (at most MAX_DMY), each with its step to the next one (the
+    engines' nearest-point rule needs it)."""
+    day = datetime.fromtimestamp(start, zone).date()
+    if mode == "weekly":
+        day += timedelta(days=-day.weekday() % 7)  # PHP "this monday": on or after
+    elif mode == "monthly":
+        day = day.replace(day=1)
+    times: list[int] = []
+    steps: list[int] = []
+    t = midnight(day, zone)
+    while t < end and len(times) < MAX_DMY:
+        day = next_day(day, mode)
+        following = midnight(day, zone)
+        if t >= start:
+            times.append(t)
+            steps.append(following - t)
+        t = following
+    return times, steps
+
+
+def midnight(day: date, zone: tzinfo) -> int:
+    # A midnight inside a DST gap resolves to the first instant after it (as PHP).
+    return int(datetime(day.year, day.month, day.day, tzinfo=zone).timestamp())
+
+
+def next_day(day: date, mode: str) -> date:
+    if mode == "daily":
+        return day + timedelta(days=1)
+    if mode == "weekly":
+        return day + timedelta(days=7)
+    return date(day.year + day.month // 12, day.month % 12 + 1, 1)
+
+
+__all__ = ["add_feed_routes"]

@@ -1,10 +1,337 @@
-"""``input/...`` routes (being written)."""
+"""``input/...`` management routes (compat spec §1.5): lists, last values, descriptions,
+deletion, refusals, the process table, and process lists in both the current
+emoncms form (``process/get|set|reset``) and the emoncms.org form
+(``process/add|list|delete|move|reset``).
+
+Every process list change goes through ``Inputs.change_processlist``: one
+transaction that judges the steps the change brings in (``process.check_steps``)
+and writes the list, so concurrent changes cannot lose each other or let two
+lists write one feed. ``input/post`` and ``input/bulk`` live with the input path.
+"""
 
 from __future__ import annotations
 
-from emond.api import Router
+import json
+import re
+from typing import Any
+from urllib.parse import unquote
+
+from emond.api import READ, WRITE, ApiError, Call, Raw, Router, json_bytes
 from emond.context import NodeContext
+from emond.feeds import check_engine, valid_feed_name
+from emond.inputs import Input
+from emond.names import valid_input_name
+from emond.phpfina import MIN_INTERVAL
+from emond.process import (
+    MAX_STEPS,
+    MSG_DELETED,
+    MSG_TOO_MANY,
+    MSG_UNKNOWN,
+    PROCESSES,
+    ProcessListError,
+    Step,
+    format_processlist,
+    format_step,
+    make_step,
+    parse_lenient,
+    parse_processlist,
+    process_id,
+    processes_json,
+)
+from emond.records import ENGINE_PHPFINA
+
+MAX_ID = 2**31 - 1
+MAX_DELETE = 1000  # ids in one input/delete.json?inputids=[...] (a user has at most 1000 inputs)
+MAX_FEED_INTERVAL = 365 * 86400
+DEFAULT_FEED_INTERVAL = 10
+NO_INPUT = "Input does not exist"
+_INT = re.compile(r"[+-]?[0-9]{1,12}")
+
+
+def _strict_int(text: str | None) -> int | None:
+    if text is None:
+        return None
+    text = text.strip()
+    return int(text) if _INT.fullmatch(text) else None
+
+
+def _ident(value: Any) -> int | None:
+    """A database id from a parameter or a JSON item: a positive INT, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number: int | None = value
+    elif isinstance(value, str):
+        number = _strict_int(value)
+    else:
+        return None
+    return number if number is not None and 0 < number <= MAX_ID else None
+
+
+def _json(call: Call, name: str, message: str) -> Any:
+    """A JSON parameter; anything that does not decode (nesting too deep included) is a 400."""
+    text = call.get(name)
+    if text is None or text == "":
+        raise ApiError(message)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(message)
+
+
+def _clean(text: str) -> str:
+    """emoncms drops the characters an input or node name cannot hold before a lookup."""
+    return "".join(c for c in text if valid_input_name(c))
+
+
+def _lastvalue(last: tuple[int | None, float | None] | None) -> tuple[int | None, float | None]:
+    return last if last is not None else (None, None)
 
 
 def add_input_routes(router: Router, ctx: NodeContext) -> None:
-    pass
+    inputs = ctx.inputs
+
+    async def owned_input(call: Call) -> Input:
+        raw = call.get("inputid")
+        if raw is None or raw == "":
+            raise ApiError("missing parameter: inputid")
+        inputid = _ident(raw)
+        if inputid is None:
+            raise ApiError(NO_INPUT)
+        return await inputs.owned(call.userid, inputid)
+
+    async def with_lastvalues(userid: int) -> list[tuple[Input, int | None, float | None]]:
+        rows = await inputs.list(userid)
+        last = await inputs.lastvalues([row.id for row in rows])
+        return [(row, *_lastvalue(last.get(row.id))) for row in rows]
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def list_route(call: Call) -> Any:
+        return [
+            {
+                "id": str(row.id),
+                "nodeid": row.nodeid,
+                "name": row.name,
+                "description": row.description,
+                "processList": row.processlist,
+                "time": when,
+                "value": value,
+            }
+            for row, when, value in await with_lastvalues(call.userid)
+        ]
+
+    async def get_route(call: Call) -> Any:
+        nodes: dict[str, dict[str, Any]] = {}
+        for row, when, value in await with_lastvalues(call.userid):
+            nodes.setdefault(row.nodeid, {})[row.name] = {"time": when, "value": value, "processList": row.processlist}
+        subactions = [unquote(s) for s in call.subactions]
+        if subactions:
+            node: str | None = subactions[0]
+        else:
+            node = call.get("node")
+        if node is None:
+            return nodes
+        found = nodes.get(_clean(node))
+        if len(subactions) > 1:
+            name: str | None = subactions[1]
+        else:
+            name = call.get("name")
+        if found is None:
+            return Raw(json_bytes("Node does not exist"), code=400)
+        if name is None:
+            return found
+        variable = found.get(_clean(name))
+        if variable is None:
+            return Raw(json_bytes("Node variable does not exist"), code=400)
+        return variable
+
+    async def getinputs(call: Call) -> Any:
+        nodes: dict[str, dict[str, Any]] = {}
+        for row in await inputs.list(call.userid):
+            nodes.setdefault(row.nodeid, {})[row.name] = {"id": str(row.id), "processList": row.processlist}
+        return nodes
+
+    async def getallprocesses(call: Call) -> Any:
+        return processes_json()
+
+    async def rejected(call: Call) -> Any:
+        return await ctx.refusals.for_user(call.userid)
+
+    async def process_get(call: Call) -> Any:
+        return (await owned_input(call)).processlist
+
+    # -- changes -------------------------------------------------------------------------
+
+    async def set_route(call: Call) -> Any:
+        inp = await owned_input(call)
+        fields = _json(call, "fields", "Invalid fields, expected a JSON object")
+        if not isinstance(fields, dict):
+            raise ApiError("Invalid fields, expected a JSON object")
+        if "name" in fields:
+            raise ApiError("Input names cannot be changed: the device names its inputs")
+        if "description" not in fields:
+            raise ApiError("Field could not be updated")
+        description = fields["description"]
+        if isinstance(description, (int, float)) and not isinstance(description, bool):
+            description = str(description)
+        if not isinstance(description, str):
+            raise ApiError("invalid characters in input description")
+        await inputs.set_description(inp, description)
+        return {"success": True, "message": "Field updated"}
+
+    async def delete_route(call: Call) -> Any:
+        if call.get("inputid") not in (None, ""):
+            inp = await owned_input(call)
+            await inputs.delete(call.userid, [inp.id])
+            return {"success": True, "message": "Input deleted"}
+        if call.get("inputids") in (None, ""):
+            raise ApiError("missing parameter: inputid or inputids")
+        wanted = _json(call, "inputids", "inputids must be a JSON array of input ids")
+        if not isinstance(wanted, list):
+            raise ApiError("inputids must be a JSON array of input ids")
+        if len(wanted) > MAX_DELETE:
+            raise ApiError(f"at most {MAX_DELETE} inputs can be deleted at once")
+        ids = [_ident(item) for item in wanted]
+        if any(i is None for i in ids):
+            raise ApiError("inputids must be a JSON array of input ids")
+        deleted = await inputs.delete(call.userid, [i for i in ids if i is not None])
+        return {"success": True, "message": "Inputs deleted", "deleted": len(deleted)}
+
+    async def process_set(call: Call) -> Any:
+        inp = await owned_input(call)
+        if "processlist" not in call.params:
+            raise ApiError("missing parameter: processlist")
+        steps = parse_processlist(call.params["processlist"])
+        await inputs.change_processlist(call.userid, inp.id, lambda current: (steps, format_processlist(steps)))
+        return {"success": True, "message": "Input processlist updated"}
+
+    async def process_reset(call: Call) -> Any:
+        inp = await owned_input(call)
+        await inputs.change_processlist(call.userid, inp.id, lambda current: (None, ""))
+        return {"success": True, "message": "Input processlist updated"}
+
+    def appended(step: Step):
+        def change(current: str) -> tuple[list[Step], str]:
+            previous = parse_lenient(current)
+            text = f"{current},{format_step(step)}" if current else format_step(step)
+            return previous + [step], text
+
+        return change
+
+    async def new_feed_for(call: Call, inp: Input, processid: int) -> Any:
+        """The feed ``process/add.json?newfeedname=`` asks for, created on its storage server."""
+        proc = PROCESSES[processid]
+        if proc.deleted:
+            raise ProcessListError(MSG_DELETED)
+        if not proc.writes:
+            raise ApiError("This process does not write to a feed")
+        if len(parse_lenient(inp.processlist)) >= MAX_STEPS:
+            raise ProcessListError(MSG_TOO_MANY)
+        name = call.get("newfeedname") or ""
+        tag = call.get("newfeedtag")
+        if tag is None:
+            tag = inp.nodeid if valid_feed_name(inp.nodeid) else ""
+        raw_engine = call.get("engine")
+        if raw_engine in (None, ""):
+            engine = ENGINE_PHPFINA if ENGINE_PHPFINA in proc.engines else proc.engines[0]
+        else:
+            parsed = _strict_int(raw_engine)
+            if parsed is None:
+                raise ApiError("Engine id not valid")
+            engine = parsed
+            check_engine(engine)
+            if engine not in proc.engines:
+                raise ApiError("This process cannot write to a feed of this engine")
+        raw_interval = call.get("newfeedinterval")
+        interval = DEFAULT_FEED_INTERVAL if raw_interval in (None, "") else _strict_int(raw_interval)
+        if interval is None or not 0 < interval <= MAX_FEED_INTERVAL:
+            raise ApiError(f"newfeedinterval must be a whole number of seconds, at most {MAX_FEED_INTERVAL}")
+        interval = max(interval, MIN_INTERVAL) if engine == ENGINE_PHPFINA else 0
+        feed = await ctx.feeds.create(
+            call.userid, name, tag, proc.datatype, engine, interval, ctx.config.feeds.default_server
+        )
+        try:
+            await ctx.store.create(feed)
+        except BaseException:
+            await ctx.feeds.delete(feed)
+            raise
+        return feed
+
+    async def process_add(call: Call) -> Any:
+        inp = await owned_input(call)
+        try:
+            processid = process_id(call.get("processid") or "")
+        except ProcessListError:
+            raise ProcessListError(MSG_UNKNOWN)
+        feed = None
+        if call.get("newfeedname") not in (None, ""):
+            feed = await new_feed_for(call, inp, processid)
+            step = Step(processid, feed.id)
+        else:
+            step = make_step(processid, call.get("arg"))
+        try:
+            await inputs.change_processlist(call.userid, inp.id, appended(step))
+        except BaseException:
+            if feed is not None:  # the list refused it after all (a concurrent change): no orphan feed
+                try:
+                    await ctx.store.delete(feed)
+                finally:
+                    await ctx.feeds.delete(feed)
+            raise
+        answer: dict[str, Any] = {"success": True, "message": "Process added"}
+        if feed is not None:
+            answer["feedid"] = feed.id
+        return answer
+
+    def position(call: Call, items: list[str]) -> int:
+        index = _strict_int(call.get("processid"))
+        if index is None or not 0 < index <= len(items):
+            raise ApiError("There is no process at this position")
+        return index - 1
+
+    async def process_delete(call: Call) -> Any:
+        inp = await owned_input(call)
+
+        def change(current: str) -> tuple[None, str]:
+            items = current.split(",") if current else []
+            del items[position(call, items)]
+            return None, ",".join(items)
+
+        await inputs.change_processlist(call.userid, inp.id, change)
+        return {"success": True, "message": "Process deleted"}
+
+    async def process_move(call: Call) -> Any:
+        inp = await owned_input(call)
+        moveby = _strict_int(call.get("moveby"))
+        if moveby not in (-1, 0, 1):
+            raise ApiError("moveby must be -1 or 1")
+
+        def change(current: str) -> tuple[None, str]:
+            items = current.split(",") if current else []
+            index = position(call, items)
+            other = min(max(index + moveby, 0), len(items) - 1)
+            items[index], items[other] = items[other], items[index]
+            return None, ",".join(items)
+
+        await inputs.change_processlist(call.userid, inp.id, change)
+        return {"success": True, "message": "Process moved"}
+
+    router.add("input", "list", READ, list_route)
+    router.add("input", "get", READ, get_route)
+    router.add("input", "getinputs", READ, getinputs)
+    router.add("input", "get_inputs", READ, getinputs)
+    router.add("input", "getallprocesses", READ, getallprocesses)
+    router.add("input", "rejected", READ, rejected)
+    router.add("input", "set", WRITE, set_route)
+    router.add("input", "delete", WRITE, delete_route)
+    router.add("input", "process/get", READ, process_get)
+    router.add("input", "process/list", READ, process_get)
+    router.add("input", "process/set", WRITE, process_set)
+    router.add("input", "process/reset", WRITE, process_reset)
+    router.add("input", "process/add", WRITE, process_add)
+    router.add("input", "process/delete", WRITE, process_delete)
+    router.add("input", "process/move", WRITE, process_move)
+
+
+__all__ = ["add_input_routes"]

@@ -61,6 +61,12 @@ class InputSection:
     queues: int = 64
     mapping: str = "hash"  # or "ranges"
     ranges: tuple[int, ...] = ()
+    max_body: int = 1 << 20  # bytes of a request body
+    max_inflated: int = 16 << 20  # bytes a compressed bulk may inflate to
+    rate_limit: float = 20.0  # requests per second per user (0: no limit)
+    rate_burst: int = 200
+    max_nodes: int = 32  # per user
+    max_inputs: int = 1000  # per user
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterable
 
 from emond.api import ApiError
 from emond.db import Database
@@ -21,6 +22,17 @@ ENGINE_UNAVAILABLE = {
     6: "PHPFiwa feed engine is not available",
 }
 MAX_NAME = 64
+MAX_UNIT = 16
+DATATYPES = (1, 2)  # realtime, daily (emoncms.org refuses histogram, 3)
+
+# Set a feed's last value only if it is not older than the one stored, so a
+# back-filled datapoint never replaces a newer last value.
+_ADVANCE = """
+local t = redis.call('HGET', KEYS[1], 'time')
+if t and tonumber(t) and tonumber(t) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'time', ARGV[1], 'value', ARGV[2])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,13 @@ def check_name(name: str, what: str = "feed name") -> None:
         raise ApiError(f"invalid characters in {what}")
 
 
+def check_unit(unit: str) -> None:
+    if len(unit) > MAX_UNIT:
+        raise ApiError(f"unit must be {MAX_UNIT} characters or less")
+    if any(ord(c) < 32 or ord(c) == 127 for c in unit):
+        raise ApiError("invalid characters in unit")
+
+
 def check_engine(engine: int) -> None:
     if engine in ENGINE_UNAVAILABLE:
         raise ApiError(ENGINE_UNAVAILABLE[engine])
@@ -66,9 +85,10 @@ class Feeds:
     ) -> Feed:
         check_name(name)
         check_name(tag, "feed tag")
-        check_engine(engine)
-        if datatype not in (1, 2, 3):
+        check_unit(unit)
+        if datatype not in DATATYPES:
             raise ApiError("missing datatype: 1: realtime, 2: daily")
+        check_engine(engine)
 
         def insert(txn: Any) -> int:
             if txn.query("SELECT id FROM feeds WHERE userid = ? AND tag = ? AND name = ?", userid, tag, name):
@@ -85,6 +105,15 @@ class Feeds:
     async def get(self, feedid: int) -> Feed | None:
         row = await self.db.one(f"SELECT {COLUMNS} FROM feeds WHERE id = ?", feedid)
         return Feed.from_row(row) if row else None
+
+    async def get_many(self, feedids: Iterable[int]) -> dict[int, Feed]:
+        """The feeds of ``feedids`` that exist, by id (one query)."""
+        wanted = sorted(set(feedids))
+        if not wanted:
+            return {}
+        marks = ", ".join("?" for _ in wanted)
+        rows = await self.db.query(f"SELECT {COLUMNS} FROM feeds WHERE id IN ({marks})", *wanted)
+        return {feed.id: feed for feed in map(Feed.from_row, rows)}
 
     async def list(self, userid: int, public_only: bool = False) -> list[Feed]:
         where = "userid = ? AND public = 1" if public_only else "userid = ?"
@@ -107,12 +136,20 @@ class Feeds:
                 raise ApiError("public must be 0 or 1")
         if "unit" in fields:
             changes["unit"] = str(fields["unit"])
-            if len(changes["unit"]) > 16:
-                raise ApiError("unit must be 16 characters or less")
+            check_unit(changes["unit"])
         if not changes:
             raise ApiError("Field could not be updated")
         assignments = ", ".join(f"{name} = ?" for name in changes)  # fixed names above
-        await self.db.execute(f"UPDATE feeds SET {assignments} WHERE id = ?", *changes.values(), feed.id)
+        name, tag = changes.get("name", feed.name), changes.get("tag", feed.tag)
+
+        def update(txn: Any) -> None:
+            if (name, tag) != (feed.name, feed.tag) and txn.query(
+                "SELECT id FROM feeds WHERE userid = ? AND tag = ? AND name = ? AND id <> ?", feed.userid, tag, name, feed.id
+            ):
+                raise ApiError("fields tag:name must be unique")
+            txn.execute(f"UPDATE feeds SET {assignments} WHERE id = ?", *changes.values(), feed.id)
+
+        await self.db.transaction(update)
         return replace(feed, **changes)
 
     async def delete(self, feed: Feed) -> None:
@@ -123,9 +160,26 @@ class Feeds:
         """The last accepted (time, value) of each feed (what was queued, not what is on disk)."""
         replies = await self.redis.pipeline([("HMGET", f"feed:lastvalue:{i}", "time", "value") for i in feedids])
         out: dict[int, tuple[int, float] | None] = {}
-        for feedid, (t, v) in zip(feedids, replies):
-            out[feedid] = (int(t), float(v)) if t is not None and v is not None else None
+        for feedid, reply in zip(feedids, replies):
+            out[feedid] = _timevalue(reply)
         return out
 
     async def set_lastvalue(self, feedid: int, when: int, value: float) -> None:
         await self.redis.call("HSET", f"feed:lastvalue:{feedid}", "time", str(int(when)), "value", repr(float(value)))
+
+    async def advance_lastvalue(self, feedid: int, when: int, value: float) -> bool:
+        """Set the last value unless the stored one is newer (atomic); True if set."""
+        done = await self.redis.call("EVAL", _ADVANCE, 1, f"feed:lastvalue:{feedid}", str(int(when)), repr(float(value)))
+        return bool(int(done))
+
+
+def _timevalue(reply: Any) -> tuple[int, float] | None:
+    """(time, value) from an HMGET reply; None if unset or unreadable."""
+    try:
+        t, v = reply
+        if t is None or v is None:
+            return None
+        when, value = int(float(t)), float(v)
+    except (TypeError, ValueError):
+        return None
+    return (when, value) if math.isfinite(value) else None

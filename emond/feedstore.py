@@ -9,15 +9,29 @@ engines directly.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+import math
+from datetime import datetime, tzinfo
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 from twisted.internet import threads
 
 from emond.api import ApiError
+from emond.engine import MAX_DATAPOINTS, FeedError, php_round
 from emond.feeds import Feed
 from emond.records import ENGINE_PHPFINA, Refusal
-from emond.storage import StorageLocationService
+from emond.storage import StorageEngines, StorageLocationService
+
+CSV_LIMIT = 25 * 1048576  # bytes, as emoncms.org
+CSV_BYTES_PER_POINT = 17  # emoncms.org's estimate
+CSV_CHUNK = MAX_DATAPOINTS - 1  # samples per engine read
+
+
+class DiskSummary(NamedTuple):
+    """What is on disk for a feed: its files' size (None if unknown) and last point."""
+
+    size: int | None
+    last: tuple[int, float | None] | None
 
 
 class FeedWriter(Protocol):
@@ -28,13 +42,21 @@ class FeedStore:
     def __init__(self, locations: dict[int, StorageLocationService]) -> None:
         self._locations = locations
 
-    def _call(self, feed: Feed, method: str, *args: Any) -> Any:
-        location = self._locations.get(feed.server)
+    def _engines(self, server: int) -> StorageEngines:
+        location = self._locations.get(server)
         if location is None or location.engines is None:
-            raise ApiError(f"storage server {feed.server} is not available", 503)
-        engine = location.engines.engine(feed.engine)
+            raise ApiError(f"storage server {server} is not available", 503)
+        return location.engines
+
+    def _call(self, feed: Feed, method: str, *args: Any) -> Any:
+        engine = self._engines(feed.server).engine(feed.engine)
         call: Callable[..., Any] = getattr(engine, method)
         return threads.deferToThread(call, feed.id, *args)
+
+    def _run(self, feed: Feed, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(engine, feed, *args)`` in a thread, on the feed's engine."""
+        engine = self._engines(feed.server).engine(feed.engine)
+        return threads.deferToThread(work, engine, feed, *args)
 
     async def create(self, feed: Feed) -> None:
         if feed.engine == ENGINE_PHPFINA:
@@ -62,6 +84,133 @@ class FeedStore:
 
     async def export(self, feed: Feed, start: int, length: int | None = None) -> bytes:
         return await self._call(feed, "export", start, length)
+
+    async def summaries(self, feeds: list[Feed]) -> dict[int, DiskSummary]:
+        """Size and last point on disk of many feeds: one thread call per storage server.
+
+        A feed whose server is not available here, or whose files are
+        missing, gets ``DiskSummary(None, None)``.
+        """
+        out = {feed.id: DiskSummary(None, None) for feed in feeds}
+        by_server: dict[int, list[Feed]] = {}
+        for feed in feeds:
+            by_server.setdefault(feed.server, []).append(feed)
+        for server, group in by_server.items():
+            location = self._locations.get(server)
+            if location is None or location.engines is None:
+                continue
+            out.update(await threads.deferToThread(_summaries, location.engines, group))
+        return out
+
+    async def values_at(self, feed: Feed, times: list[int], steps: list[int]) -> list[float | None]:
+        """The value at each time: the nearest slot (PHPFina) or the nearest
+        record closer than its step (PHPTimeSeries), None if missing."""
+        return await self._run(feed, _values_at, times, steps)
+
+    async def averages_over(self, feed: Feed, times: list[int], steps: list[int]) -> list[float | None]:
+        """The mean of the slots in each [time, time + step) (PHPFina only)."""
+        if feed.engine != ENGINE_PHPFINA:
+            raise ApiError("This request is only supported by PHPFina")
+        return await self._run(feed, _averages_over, times, steps)
+
+    async def csv(self, feed: Feed, start: int, end: int, interval: int, zone: tzinfo | None = None) -> bytes:
+        """``time,value`` lines from ``start`` to ``end`` (seconds, inclusive),
+        one every ``interval``; times as unix seconds, or local
+        ``d/m/Y H:i:s`` in ``zone``. Refused (FeedError) above 25 MiB."""
+        return await self._run(feed, _csv, start, end, interval, zone)
+
+
+# -- work done in a thread, through the engines' public methods -------------
+
+
+def _summaries(engines: StorageEngines, feeds: list[Feed]) -> dict[int, DiskSummary]:
+    out: dict[int, DiskSummary] = {}
+    for feed in feeds:
+        try:
+            engine = engines.engine(feed.engine)
+            npoints = engine.meta(feed.id).npoints
+            size = 16 + 4 * npoints if feed.engine == ENGINE_PHPFINA else 9 * npoints
+            out[feed.id] = DiskSummary(size, engine.lastvalue(feed.id))
+        except (KeyError, FeedError, OSError):
+            out[feed.id] = DiskSummary(None, None)
+    return out
+
+
+def _values_at(engine: Any, feed: Feed, times: list[int], steps: list[int]) -> list[float | None]:
+    out: list[float | None] = []
+    for t, step in zip(times, steps):
+        step = max(int(step), 1)
+        # One sample: the engine's own nearest-slot rule (limitinterval for PHPTimeSeries).
+        rows = engine.read(feed.id, t * 1000, (t + step) * 1000, step, False, True)
+        out.append(rows[0][1] if rows and rows[0][0] == t * 1000 else None)
+    return out
+
+
+def _averages_over(engine: Any, feed: Feed, times: list[int], steps: list[int]) -> list[float | None]:
+    out: list[float | None] = []
+    for t, step in zip(times, steps):
+        step = max(int(step), 1)
+        rows = engine.read_average(feed.id, t * 1000, (t + step) * 1000, step, False)
+        out.append(rows[0][1] if rows else None)
+    return out
+
+
+def _csv(engine: Any, feed: Feed, start: int, end: int, interval: int, zone: tzinfo | None) -> bytes:
+    interval = max(int(interval), 1)
+    if feed.engine == ENGINE_PHPFINA:
+        meta = engine.meta(feed.id)
+        slot = meta.interval
+        # Whole slots apart, starting on a slot: every sample is a stored slot.
+        step = max(int(php_round(max(interval, slot) / slot)), 1) * slot
+        if start > meta.start_time:
+            start = meta.start_time + -(-(start - meta.start_time) // slot) * slot
+        else:
+            start = meta.start_time
+    else:
+        step = interval
+    if end < start:
+        return b""
+    count = (end - start) // step + 1
+    if count * CSV_BYTES_PER_POINT > CSV_LIMIT:
+        raise FeedError(f"CSV download limit exceeded downloadsize={count * CSV_BYTES_PER_POINT}")
+    if feed.engine == ENGINE_PHPFINA:
+        if meta.npoints == 0:
+            return b""
+        end = min(end, meta.end_time)  # nothing stored beyond the last slot
+        count = max((end - start) // step + 1, 0)
+    lines: list[str] = []
+    last = -1
+    for a in range(0, count, CSV_CHUNK):
+        b = min(a + CSV_CHUNK, count)
+        lo, hi = start + a * step, start + b * step
+        if feed.engine == ENGINE_PHPFINA:
+            rows = engine.read(feed.id, lo * 1000, hi * 1000, step, True, True)
+            points = [(t // 1000, v) for t, v in rows if t < hi * 1000]
+        else:
+            # The nearest record to each sample, at its own time, each once.
+            rows = engine.read(feed.id, lo * 1000, hi * 1000, step, True, False)
+            points = []
+            for t_ms, v in rows:
+                t = t_ms // 1000
+                if t > last and start <= t <= end:
+                    points.append((t, v))
+                    last = t
+        for t, v in points:
+            when = datetime.fromtimestamp(t, zone).strftime("%d/%m/%Y %H:%M:%S") if zone else str(t)
+            lines.append(f"{when},{float32_text(v)}\n")
+    return "".join(lines).encode()
+
+
+def float32_text(value: float) -> str:
+    """The shortest of 7, 8 or 9 significant digits that reads back as the same float32."""
+    f = np.float32(value)
+    if not math.isfinite(f):
+        return "nan" if f != f else ("inf" if f > 0 else "-inf")
+    for digits in (7, 8):
+        text = "%.*g" % (digits, f)
+        if np.float32(text) == f:
+            return text
+    return "%.9g" % f
 
 
 class LocalWriter:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from emond.api import ApiError
-from emond.db import Database
+from emond.db import Database, Transaction
 from emond.names import valid_input_name
+from emond.process import Step, check_steps, load_owned, parse_lenient
 from emond.redis import Redis
 
 COLUMNS = "id, userid, nodeid, name, description, processList"
 MAX_NODE = 16
 MAX_NAME = 64
+MAX_DESCRIPTION = 255
+MAX_ID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Inputs:
         return Input(inputid, userid, nodeid, name, "", "")
 
     async def get(self, inputid: int) -> Input | None:
+        if not 0 < inputid <= MAX_ID:
+            return None
         row = await self.db.one(f"SELECT {COLUMNS} FROM inputs WHERE id = ?", inputid)
         return Input.from_row(row) if row else None
 
@@ -73,29 +79,77 @@ class Inputs:
         return [Input.from_row(row) for row in rows]
 
     async def set_description(self, inp: Input, description: str) -> None:
-        if len(description) > 255:
-            raise ApiError("description must be 255 characters or less")
+        if len(description) > MAX_DESCRIPTION:
+            raise ApiError(f"description must be {MAX_DESCRIPTION} characters or less")
+        if not valid_input_name(description):
+            raise ApiError("invalid characters in input description")
         await self.db.execute("UPDATE inputs SET description = ? WHERE id = ?", description, inp.id)
 
-    async def set_processlist(self, inp: Input, processlist: str) -> None:
-        await self.db.execute("UPDATE inputs SET processList = ? WHERE id = ?", processlist, inp.id)
+    async def change_processlist(
+        self, userid: int, inputid: int, change: Callable[[str], tuple[list[Step] | None, str]]
+    ) -> str:
+        """Replace the process list of the user's input, atomically; fires with the new text.
 
-    async def delete(self, userid: int, inputids: list[int]) -> int:
-        deleted = 0
-        for inputid in inputids:
-            deleted += await self.db.execute("DELETE FROM inputs WHERE id = ? AND userid = ?", inputid, userid)
-        if inputids:
-            await self.redis.call("DEL", *[f"input:lastvalue:{i}" for i in inputids])
+        ``change(current text)`` returns ``(steps, text)``: ``text`` is stored,
+        and ``steps`` (the new list as steps) is judged first by ``check_steps``
+        against the current list, which judges only the steps the change brings
+        in; ``steps`` is None for changes that bring nothing in (reset, moving
+        or deleting stored items). The user's input rows are locked (MariaDB)
+        or the single SQLite connection is held, so concurrent changes neither
+        lose each other nor let two lists write one feed.
+        """
+        lock = self.db.dialect == "mysql"
+
+        def work(txn: Transaction) -> str:
+            owned, current = load_owned(txn, userid, inputid, lock)
+            if current is None:
+                raise ApiError("Input does not exist")
+            steps, text = change(current)
+            if steps is not None:
+                check_steps(steps, owned, parse_lenient(current))
+            if text != current:
+                txn.execute("UPDATE inputs SET processList = ? WHERE id = ? AND userid = ?", text, inputid, userid)
+            return text
+
+        return await self.db.transaction(work)
+
+    async def delete(self, userid: int, inputids: list[int]) -> list[int]:
+        """Delete those of ``inputids`` that are the user's; fires with the ids deleted."""
+        wanted = sorted({i for i in inputids if 0 < i <= MAX_ID})
+        if not wanted:
+            return []
+
+        def work(txn: Transaction) -> list[int]:
+            deleted = []
+            for inputid in wanted:
+                if txn.execute("DELETE FROM inputs WHERE id = ? AND userid = ?", inputid, userid):
+                    deleted.append(inputid)
+            return deleted
+
+        deleted = await self.db.transaction(work)
+        if deleted:
+            await self.redis.call("DEL", *[f"input:lastvalue:{i}" for i in deleted])
         return deleted
 
-    async def lastvalues(self, inputids: list[int]) -> dict[int, tuple[int, float | None] | None]:
+    async def lastvalues(self, inputids: list[int]) -> dict[int, tuple[int | None, float | None]]:
+        """Each input's last (time, value) from Redis; None for what is missing or not a finite number."""
         if not inputids:
             return {}
         replies = await self.redis.pipeline([("HMGET", f"input:lastvalue:{i}", "time", "value") for i in inputids])
-        out: dict[int, tuple[int, float | None] | None] = {}
-        for inputid, (t, v) in zip(inputids, replies):
-            if t is None:
-                out[inputid] = None
-            else:
-                out[inputid] = (int(t), None if v in (None, b"") else float(v))
+        out: dict[int, tuple[int | None, float | None]] = {}
+        for inputid, reply in zip(inputids, replies):
+            t, v = (list(reply) + [None, None])[:2] if isinstance(reply, (list, tuple)) else (None, None)
+            when = _number(t)
+            value = _number(v)
+            out[inputid] = (None if when is None else int(when), value)
         return out
+
+
+def _number(raw: Any) -> float | None:
+    if raw is None:
+        return None
+    try:
+        number = float(raw.decode() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return number if math.isfinite(number) else None

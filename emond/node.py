@@ -20,14 +20,23 @@ from emond.config import NodeConfig
 from emond.context import NodeContext
 from emond.db import Database
 from emond.feeds import Feeds
-from emond.feedstore import FeedStore, LocalWriter
+from emond.feedstore import FeedStore
 from emond.health import HealthCheck, HealthResource
 from emond.inputs import Inputs
-from emond.redis import Redis
+from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refusals
 from emond.schema import migrate
 from emond.storage import StorageLocationService
+from emond.sender import QueueWriter
 from emond.users import Users
+from emond.web import (
+    InputAppender,
+    InputMetrics,
+    QueueLayout,
+    QueueLayoutError,
+    UserRateLimit,
+    add_input_path_routes,
+)
 
 
 def make_context(
@@ -46,7 +55,7 @@ def make_context(
         feeds=Feeds(db, redis),
         inputs=Inputs(db, redis),
         store=FeedStore(locations),
-        writer=LocalWriter(locations),
+        writer=QueueWriter(redis, config.engines),
         refusals=Refusals(redis, registry),
         registry=registry,
     )
@@ -57,8 +66,10 @@ class NodeAppService(Service):
 
     log = Logger()
 
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, layout: QueueLayout, reactor: Any) -> None:
         self.ctx = ctx
+        self.layout = layout
+        self.reactor = reactor
         self.ready = False
         self.prepared: defer.Deferred[None] = defer.Deferred()  # fires when the API can answer
         self._error: str | None = None
@@ -68,6 +79,17 @@ class NodeAppService(Service):
         defer.ensureDeferred(self._prepare())
 
     async def _prepare(self) -> None:
+        try:
+            await self.layout.check(self.ctx.redis)
+        except QueueLayoutError as e:
+            self.log.critical("refusing to start: {error}", error=str(e))
+            self._error = str(e)
+            self.reactor.stop()
+            return
+        except RedisUnavailable as e:
+            self.log.warn("Redis not answering yet ({error}); trying again", error=str(e))
+            self.reactor.callLater(1.0, lambda: defer.ensureDeferred(self._prepare()))
+            return
         try:
             version = await migrate(self.ctx.db)
         except Exception as e:
@@ -98,8 +120,16 @@ class NodeAppService(Service):
         return self.ctx.redis.disconnect()
 
 
-def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthCheck]) -> ApiResource:
+def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) -> ApiResource:
     router = Router()
+    settings = ctx.config.input
+    add_input_path_routes(
+        router,
+        ctx,
+        InputAppender(ctx.redis, app.layout, reactor),
+        UserRateLimit(settings.rate_limit, settings.rate_burst),
+        InputMetrics(ctx.registry),
+    )
     add_user_routes(router, ctx)
     add_feed_routes(router, ctx)
     add_input_routes(router, ctx)

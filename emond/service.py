@@ -11,19 +11,23 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from emond.config import NodeConfig, StorageConfig
 from emond.health import HealthCheck, HealthResource
+from emond.consumer import InputConsumerService
 from emond.node import NodeAppService, make_api, make_context
+from emond.redis import Redis
+from emond.sender import LocalSenderService
+from emond.web import QueueLayout, limited_request_factory
 from emond.redisproc import EmbeddedRedis
 from emond.storage import StorageLocationService, location_dir
 
 
-def _http_service(reactor: Any, description: str, root: Resource) -> StreamServerEndpointService:
-    site = Site(root)
+def _http_service(reactor: Any, description: str, root: Resource, max_body: int = 1 << 20) -> StreamServerEndpointService:
+    site = Site(root, requestFactory=limited_request_factory(max_body))
     site.displayTracebacks = False  # no stack trace reaches a client
     service = StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
     service.setName("http")
@@ -58,11 +62,47 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         locations[server_id] = location
     checks["storage"] = lambda: _all_ok({str(sid): loc.status() for sid, loc in locations.items()})
     ctx = make_context(config, redis_url, locations, reactor)
-    app = NodeAppService(ctx)
+    layout = QueueLayout.from_config(config.input)
+    app = NodeAppService(ctx, layout, reactor)
     app.setName("api")
     app.setServiceParent(root)
-    _http_service(reactor, config.node.http, make_api(ctx, app, checks)).setServiceParent(root)
+    # Blocking reads (XREAD BLOCK) get connections of their own.
+    blocking_timeout = config.redis.timeout + 1.0
+    pipeline = MultiService()
+    pipeline.setName("pipeline")
+    pipeline.setServiceParent(root)
+    consumer = InputConsumerService(ctx, layout, Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1), reactor)
+    consumer.setName("consumer")
+    consumer.setServiceParent(pipeline)
+    senders = {}
+    for server_id, location in locations.items():
+        sender = LocalSenderService(
+            server_id,
+            location,
+            ctx.redis,
+            Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1),
+            ctx.refusals,
+            lambda feeds: defer.ensureDeferred(_owners(ctx, feeds)),
+            reactor,
+            config.node.name,
+            ctx.registry,
+        )
+        sender.setName(f"sender{server_id}")
+        sender.setServiceParent(pipeline)
+        senders[str(server_id)] = sender
+    checks["senders"] = lambda: _all_ok({sid: s.status() for sid, s in senders.items()})
+    api = make_api(ctx, app, checks, reactor)
+    _http_service(reactor, config.node.http, api, config.input.max_body).setServiceParent(root)
     return root
+
+
+async def _owners(ctx: Any, feedids: list[int]) -> dict[int, int]:
+    owners = {}
+    for feedid in feedids:
+        feed = await ctx.feeds.get(feedid)
+        if feed is not None:
+            owners[feedid] = feed.userid
+    return owners
 
 
 def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:

@@ -53,6 +53,7 @@ class DaemonTests(unittest.TestCase):
         self.addCleanup(daemon.signal, signal.SIGKILL)
         yield daemon.logged("private redis-server ready")
         yield daemon.logged("storage 0 open on")
+        yield daemon.logged("node API ready")
         yield daemon.logged("Site starting on")
         code, ctype, body = yield self.health(port)
         self.assertEqual((code, ctype), (200, [b"application/json"]))

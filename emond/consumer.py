@@ -1,0 +1,281 @@
+"""Input queue consumers: packets → inputs and process lists → storage queues.
+
+A node's consumer service takes the leases of the input queues it can get
+(any number of nodes share them; each queue has one active consumer) and
+processes each held queue's elements in the order they were accepted. For
+a batch of elements it creates the inputs seen for the first time (within
+the node and input limits; beyond them the values are refused and counted),
+runs the process lists, and commits — input last values, process state,
+storage records and the removal of the elements — in one fenced script.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zoneinfo
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from emond.context import NodeContext
+from emond.feeds import Feed
+from emond.inputs import Input
+from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
+from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_packets, input_stream
+from emond.records import RECORD
+from emond.redis import Redis, RedisUnavailable
+from emond.refusals import Refused
+from emond.runner import ProcessState, StepRun, references, run_steps
+from emond.web import QueueLayout
+
+REASON_NODE_LIMIT = "node_limit"
+REASON_INPUT_LIMIT = "input_limit"
+REASON_BAD_NAME = "invalid_name"
+
+
+def user_version_key(userid: int) -> str:
+    """Bumped whenever a user's inputs, feeds or process lists change."""
+    return f"emond:user:ver:{userid}"
+
+
+@dataclass
+class UserCache:
+    version: bytes | None
+    inputs: dict[tuple[str, str], Input]
+    steps: dict[int, list]  # input id -> parsed process list
+    feeds: dict[int, Feed]
+    tz: zoneinfo.ZoneInfo
+    nodes: set[str] = field(default_factory=set)
+
+
+def _feed_arg(process: int) -> bool:
+    p = PROCESSES.get(process)
+    return p is not None and p.argtype == FEEDID
+
+
+def _input_arg(process: int) -> bool:
+    p = PROCESSES.get(process)
+    return p is not None and p.argtype == INPUTID
+
+
+class QueueTenure:
+    """A held input queue: its lease and the state cached while it is held."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.state = ProcessState()
+
+
+class InputConsumerService(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        layout: QueueLayout,
+        blocking: Redis,
+        reactor: IReactorTime,
+        batch: int = 64,
+        lease_ms: int = 10_000,
+        block_ms: int = 500,
+        owner: str | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.layout = layout
+        self.blocking = blocking  # its own connection: XREAD BLOCK must not hold up other calls
+        self.reactor = reactor
+        self.batch = batch
+        self.lease_ms = lease_ms
+        self.block_ms = block_ms
+        self.owner = owner or f"{ctx.config.node.name}-{uuid.uuid4().hex[:8]}"
+        self.scripts = Scripts(ctx.redis)
+        self.tenures: dict[int, QueueTenure] = {}
+        self.users: dict[int, UserCache] = {}
+        self._leases = task.LoopingCall(self._renew)
+        self._leases.clock = reactor
+        self._loop: defer.Deferred[None] | None = None
+        self._stopping = False
+        self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
+        self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._leases.start(self.lease_ms / 3000.0, now=True).addErrback(
+            lambda f: self.log.failure("lease loop failed", f)
+        )
+        self._loop = defer.ensureDeferred(self._run())
+
+    async def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()
+        self._stopping = True
+        if self._leases.running:
+            self._leases.stop()
+        if self._loop is not None:
+            await self._loop  # finish the batch in hand (it commits or is read again later)
+        for tenure in self.tenures.values():
+            try:
+                await tenure.lease.release()
+            except RedisUnavailable:
+                pass  # the lease expires by itself
+        self.tenures.clear()
+        await self.blocking.disconnect()
+
+    async def _renew(self) -> None:
+        for queue in range(self.layout.queues):
+            tenure = self.tenures.get(queue)
+            lease = tenure.lease if tenure else Lease(self.scripts, f"in:{queue}", self.owner, self.lease_ms)
+            before = lease.token
+            try:
+                held = await lease.acquire_or_renew()
+            except RedisUnavailable:
+                return
+            if held and (tenure is None or lease.token != before):
+                self.tenures[queue] = QueueTenure(lease)  # a new tenure: fresh state
+                self.log.info("consuming input queue {queue} (token {token})", queue=queue, token=lease.token)
+            elif not held and tenure is not None:
+                del self.tenures[queue]
+        self.held.set(len(self.tenures))
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            queues = sorted(self.tenures)
+            if not queues:
+                await task.deferLater(self.reactor, self.block_ms / 1000.0, lambda: None)
+                continue
+            try:
+                reply = await self.blocking.call(
+                    "XREAD", "COUNT", self.batch, "BLOCK", self.block_ms, "STREAMS",
+                    *[input_stream(q) for q in queues], *["0"] * len(queues),
+                )
+            except RedisUnavailable as e:
+                self.log.warn("input queues: {error}", error=str(e))
+                await task.deferLater(self.reactor, 1.0, lambda: None)
+                continue
+            for stream, entries in reply or []:
+                queue = int(stream.decode().rsplit(":", 1)[1])
+                tenure = self.tenures.get(queue)
+                if tenure is None or not entries:
+                    continue
+                try:
+                    await self.process(queue, tenure, entries)
+                except LeaseLost:
+                    self.tenures.pop(queue, None)
+                    self.log.warn("lost input queue {queue} to another consumer", queue=queue)
+                except Exception:
+                    self.log.failure("processing input queue {queue} failed; will retry", queue=queue)
+                    tenure.state = ProcessState()  # nothing was committed: start from Redis again
+                    await task.deferLater(self.reactor, 1.0, lambda: None)
+
+    async def process(self, queue: int, tenure: QueueTenure, entries: list[Any]) -> None:
+        ids = [entry[0] for entry in entries]
+        packets: list[list[Any]] = []
+        for _, fields in entries:
+            fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
+            packets.extend(decode_packets(fields[b"p"]))
+        refused: dict[int, list[Refused]] = {}
+        users = await self._users({int(p[0]) for p in packets})
+        await self._create_inputs(packets, users, refused)
+        state = tenure.state
+        await self._load_state(state, packets, users)
+        for userid, when, node, values, _received in packets:
+            user = users[int(userid)]
+            for name, value in values.items():
+                inp = user.inputs.get((node, name))
+                if inp is None:
+                    continue  # refused above
+                state.set_input(inp.id, int(when), value)
+                steps = user.steps.get(inp.id)
+                if steps:
+                    run_steps(steps, StepRun(state, user.feeds, user.tz, inp.id, int(when)), value)
+        commit = Commit()
+        state.to_commit(commit)
+        for server, records in state.records.items():
+            batch = np.array(records, dtype=RECORD)
+            commit.append_storage(server, batch.tobytes())
+        try:
+            await tenure.lease.commit(input_stream(queue), ids, commit)
+        finally:
+            state.clear_changes()
+        self.packets.inc(len(packets))
+        for userid, items in refused.items():
+            await self.ctx.refusals.record(userid, items)
+
+    async def _users(self, userids: set[int]) -> dict[int, UserCache]:
+        ordered = sorted(userids)
+        versions = await self.ctx.redis.pipeline([("GET", user_version_key(u)) for u in ordered])
+        for userid, version in zip(ordered, versions):
+            cached = self.users.get(userid)
+            if cached is None or cached.version != version:
+                self.users[userid] = await self._load_user(userid, version)
+        return {u: self.users[u] for u in ordered}
+
+    async def _load_user(self, userid: int, version: bytes | None) -> UserCache:
+        inputs = await self.ctx.inputs.list(userid)
+        feeds = await self.ctx.feeds.list(userid)
+        try:
+            tz = zoneinfo.ZoneInfo(await self.ctx.users.timezone(userid))
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            tz = zoneinfo.ZoneInfo("UTC")
+        return UserCache(
+            version=version,
+            inputs={(i.nodeid, i.name): i for i in inputs},
+            steps={i.id: parse_lenient(i.processlist) for i in inputs if i.processlist},
+            feeds={f.id: f for f in feeds},
+            tz=tz,
+            nodes={i.nodeid for i in inputs},
+        )
+
+    async def _create_inputs(self, packets: list[list[Any]], users: dict[int, UserCache], refused: dict[int, list[Refused]]) -> None:
+        limits = self.ctx.config.input
+        for userid, when, node, values, _received in packets:
+            user = users[int(userid)]
+            for name in values:
+                if (node, name) in user.inputs:
+                    continue
+                reason = None
+                if node not in user.nodes and len(user.nodes) >= limits.max_nodes:
+                    reason = REASON_NODE_LIMIT
+                elif len(user.inputs) >= limits.max_inputs:
+                    reason = REASON_INPUT_LIMIT
+                if reason is None:
+                    try:
+                        inp = await self.ctx.inputs.create(int(userid), node, name)
+                    except Exception as e:
+                        if "UNIQUE" not in str(e).upper() and "DUPLICATE" not in str(e).upper():
+                            raise
+                        # created by an earlier run that did not commit: use it
+                        found = [i for i in await self.ctx.inputs.list(int(userid)) if (i.nodeid, i.name) == (node, name)]
+                        inp = found[0]
+                    user.inputs[(node, name)] = inp
+                    user.nodes.add(node)
+                    continue
+                refused.setdefault(int(userid), []).append(Refused(int(when), node, name, reason))
+
+    async def _load_state(self, state: ProcessState, packets: list[list[Any]], users: dict[int, UserCache]) -> None:
+        inputids: set[int] = set()
+        feedids: set[int] = set()
+        extra: set[str] = set()
+        for userid, _when, node, values, _received in packets:
+            user = users[int(userid)]
+            for name in values:
+                inp = user.inputs.get((node, name))
+                if inp is None:
+                    continue
+                inputids.add(inp.id)
+                steps = user.steps.get(inp.id)
+                if steps:
+                    f, i, e = references(steps, _feed_arg, _input_arg)
+                    feedids |= f
+                    inputids |= i
+                    extra |= e
+        wanted = state.missing(inputids, feedids, extra)
+        if wanted:
+            replies = await self.ctx.redis.pipeline(ProcessState.load_commands(wanted))
+            state.loaded(wanted, replies)

@@ -1,0 +1,268 @@
+"""Decoding ``input/post`` and ``input/bulk`` exactly as emoncms accepts them.
+
+Pure functions, no I/O: the web layer calls them and queues what they
+return. A request that cannot be parsed at all raises ``ApiError`` (400,
+emoncms's message); in a bulk that parses, a malformed frame is refused
+alone and returned as a refusal, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from emond.api import ApiError
+from emond.inputs import MAX_NAME, MAX_NODE
+from emond.names import valid_input_name
+
+NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+REASON_MALFORMED_FRAME = "malformed_frame"
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One node's values at one time: what a device sent in one post or bulk frame."""
+
+    time: int
+    node: str
+    values: dict[str, float]  # in the order sent (CSV positions are names "1", "2", ...)
+
+
+@dataclass(frozen=True)
+class FrameRefusal:
+    time: int
+    node: str
+    reason: str
+
+
+def numeric(value: Any) -> float | None:
+    """A finite number from a JSON number or a numeric string; None for null/empty; else ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("not numeric")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        if value == "" or value == "null":
+            return None
+        if not NUMERIC.match(value):
+            raise ValueError("not numeric")
+        number = float(value)
+    else:
+        raise ValueError("not numeric")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError("not finite")
+    return number
+
+
+def node_name(raw: Any) -> str:
+    node = "0" if raw is None or raw == "" else str(raw)
+    if not valid_input_name(node):
+        raise ApiError("Error: invalid node name")
+    if len(node) > MAX_NODE:
+        raise ApiError(f"Error: node name must be {MAX_NODE} characters or less")
+    return node
+
+
+def input_name(name: str) -> str:
+    if name == "" or not valid_input_name(name):
+        raise ApiError("Error: Format error, json key missing or invalid character")
+    if len(name) > MAX_NAME:
+        raise ApiError(f"Error: input name must be {MAX_NAME} characters or less")
+    return name
+
+
+def parse_time(raw: str) -> int:
+    """``time=``: unix seconds, or an ISO 8601 date-time (with offset; UTC if none)."""
+    if NUMERIC.match(raw):
+        return int(float(raw))
+    try:
+        when = datetime.datetime.fromisoformat(raw.strip())
+    except ValueError:
+        raise ApiError("Error: time is not a unix timestamp or an ISO 8601 date-time")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp())
+
+
+def parse_post(params: dict[str, str], subactions: list[str], now: int) -> tuple[Packet, bool]:
+    """An ``input/post`` request: the packet, and whether ``fulljson`` was used."""
+    node = node_name(params["node"] if "node" in params else (subactions[0] if subactions else None))
+    when = parse_time(params["time"]) if params.get("time") else None
+    for key in ("json", "fulljson", "csv", "data"):
+        if key in params:
+            source, text = key, params[key]
+            break
+    else:
+        source, text = "", ""
+    if text == "":
+        raise ApiError("Request contains no data via csv, json or data tag")
+    if source == "fulljson":
+        values, json_time = _full_json(text)
+        if when is None and json_time is not None:
+            when = json_time
+    else:
+        values = _legacy(text)
+    return Packet(now if when is None else when, node, values), source == "fulljson"
+
+
+def _full_json(text: str) -> tuple[dict[str, float], int | None]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ApiError("Error decoding JSON string (invalid or too deeply nested)")
+    if not isinstance(data, dict):
+        raise ApiError("Input must be a JSON object")
+    values: dict[str, float] = {}
+    json_time = None
+    for name, value in data.items():
+        if isinstance(value, (dict, list)):
+            raise ApiError("Error decoding JSON string (invalid or too deeply nested)")
+        if name.lower() == "time":
+            json_time = parse_time(str(value)) if value is not None else None
+            continue
+        try:
+            number = numeric(value)
+        except ValueError:
+            raise ApiError("Format error, json value is not numeric")
+        if number is not None:
+            values[input_name(name)] = number
+    return values, json_time
+
+
+def _legacy(text: str) -> dict[str, float]:
+    """``json``/``csv``/``data``: emoncms's lenient parser (braces and quotes dropped)."""
+    cleaned = "".join(c for c in text if c.isalnum() or c.isspace() or c in "_-.:,")
+    values: dict[str, float] = {}
+    position = 0
+    for item in cleaned.split(","):
+        if ":" in item:
+            name, _, raw = item.partition(":")
+            name = name.strip()
+            if name == "":
+                raise ApiError("Format error, json key missing or invalid character")
+            try:
+                number = numeric(raw.strip())
+            except ValueError:
+                raise ApiError("Format error, json value is not numeric")
+            if number is not None:
+                values[input_name(name)] = number
+        else:
+            position += 1
+            try:
+                number = numeric(item.strip())
+            except ValueError:
+                raise ApiError("Format error: csv value is not numeric")
+            if number is not None:
+                values[str(position)] = number
+    return values
+
+
+def inflate(data: bytes, limit: int) -> bytes:
+    """A zlib or gzip stream, refused when it would inflate beyond ``limit`` bytes."""
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
+    try:
+        out = inflater.decompress(data, limit)
+    except zlib.error:
+        raise ApiError("Format error, compressed data not valid")
+    if inflater.unconsumed_tail:
+        raise ApiError(f"Compressed data inflates beyond {limit} bytes", 413)
+    if not inflater.eof:
+        raise ApiError("Format error, compressed data not valid")
+    return out
+
+
+def bulk_text(params: dict[str, str], body: Callable[[], bytes], limit: int) -> str:
+    """The JSON text of a bulk request: ``data``, a compressed body (``cb``) or compressed hex (``c``)."""
+    if "cb" in params:
+        raw = inflate(body(), limit)
+    elif "c" in params:
+        try:
+            packed = bytes.fromhex(params.get("data", ""))
+        except ValueError:
+            raise ApiError("Format error, compressed hex not valid")
+        raw = inflate(packed, limit)
+    else:
+        return params.get("data", "")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError("Format error, json string supplied is not valid")
+
+
+def parse_bulk(params: dict[str, str], text: str, now: int) -> tuple[list[Packet], list[FrameRefusal]]:
+    """An ``input/bulk`` request: its packets, and the frames refused alone."""
+    try:
+        frames = json.loads(text) if text else None
+    except ValueError:
+        frames = None
+    if not isinstance(frames, list) or not frames:
+        raise ApiError("Format error, json string supplied is not valid")
+    last = frames[-1]
+    if not isinstance(last, list) or not last:
+        raise ApiError("Format error, last item in bulk data does not contain any data")
+    time_ref = _time_reference(params, last[0], now)
+    packets: list[Packet] = []
+    refused: list[FrameRefusal] = []
+    for frame in frames:
+        try:
+            packet = _frame(frame, time_ref)
+        except (ApiError, ValueError, TypeError, OverflowError):
+            when = _frame_time(frame, time_ref)
+            node = str(frame[1])[:MAX_NODE] if isinstance(frame, list) and len(frame) > 1 and not isinstance(frame[1], (dict, list)) else ""
+            refused.append(FrameRefusal(when, node, REASON_MALFORMED_FRAME))
+            continue
+        if packet is not None:
+            packets.append(packet)
+    return packets, refused
+
+
+def _time_reference(params: dict[str, str], last_offset: Any, now: int) -> int:
+    for key, relative in (("sentat", True), ("offset", True), ("time", False)):
+        if key in params:
+            raw = params[key]
+            if not NUMERIC.match(raw):
+                raise ApiError(f"Error: {key} must be a number")
+            value = int(float(raw))
+            return now - value if relative else value
+    try:
+        return now - int(numeric(last_offset) or 0)
+    except ValueError:
+        raise ApiError("Format error, last item in bulk data does not contain any data")
+
+
+def _frame_time(frame: Any, time_ref: int) -> int:
+    try:
+        return time_ref + int(numeric(frame[0]) or 0)
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError):
+        return 0
+
+
+def _frame(frame: Any, time_ref: int) -> Packet | None:
+    if not isinstance(frame, list) or len(frame) < 3:
+        raise ValueError("a frame is [time, node, value, ...]")
+    offset = numeric(frame[0])
+    if offset is None:
+        raise ValueError("frame time missing")
+    if isinstance(frame[1], (dict, list)):
+        raise ValueError("Format error, node must not be an object")
+    node = node_name(frame[1] if not isinstance(frame[1], float) else int(frame[1]))
+    values: dict[str, float] = {}
+    position = 0
+    for item in frame[2:]:
+        if isinstance(item, dict):
+            for name, value in item.items():
+                number = numeric(value)
+                if number is not None:
+                    values[input_name(str(name))] = number
+            continue
+        position += 1  # empty values still use up a positional name
+        number = numeric(item)
+        if number is not None:
+            values[str(position)] = number
+    return Packet(time_ref + int(offset), node, values)

@@ -1,0 +1,203 @@
+"""Reliable queues in Redis streams, each with at most one active consumer.
+
+An input queue ``emond:in:<n>`` holds elements appended by the web layer (one
+element per queue per flush, holding every frame of that flush for that
+queue). A storage queue ``emond:st:<server>`` holds packed RECORD batches,
+each with a per-queue sequence number.
+
+A consumer holds a queue through a lease (``emond:lease:<queue>`` =
+``owner:token``, with a TTL) whose token comes from a counter that grows
+with every new holder (the fencing token). It reads elements from the head
+of the stream and removes them only in ``commit``: one Lua script that first
+checks the lease still carries its token and then, atomically, applies the
+state changes the consumer computed, appends to other queues and deletes the
+consumed elements. A stalled former holder therefore cannot commit, and an
+element leaves its queue only once its processing is durable in Redis; the
+elements of a consumer that died are simply read again by the next holder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from emond.redis import Redis, RedisUnavailable
+
+# Commands a commit may carry (a whitelist: the script runs them verbatim).
+COMMIT_COMMANDS = frozenset({"HSET", "HDEL", "DEL", "SET", "INCRBY", "EXPIRE", "XADD"})
+
+LEASE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  if current == ARGV[1] .. ':' .. ARGV[3] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(ARGV[3])
+  end
+  return 0
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
+return token
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# ARGV: holder, n ids, ids..., then ops: name, nargs, args...
+# XADDSEQ stream seqkey payload: XADD with the next sequence number of that stream.
+# HSETMAX key time value: set {time, value} only if time is not older than the stored one.
+COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local i = 2
+local n = tonumber(ARGV[i])
+i = i + 1
+local j = 0
+while j < n do
+  local k = math.min(n - j, 1000)
+  redis.call('XDEL', KEYS[2], unpack(ARGV, i + j, i + j + k - 1))
+  j = j + k
+end
+i = i + n
+while i <= #ARGV do
+  local name = ARGV[i]
+  local nargs = tonumber(ARGV[i + 1])
+  i = i + 2
+  if name == 'XADDSEQ' then
+    local seq = redis.call('INCR', ARGV[i + 1])
+    redis.call('XADD', ARGV[i], '*', 's', seq, 'b', ARGV[i + 2])
+  elseif name == 'HSETMAX' then
+    local stored = redis.call('HGET', ARGV[i], 'time')
+    if (not stored) or tonumber(stored) <= tonumber(ARGV[i + 1]) then
+      redis.call('HSET', ARGV[i], 'time', ARGV[i + 1], 'value', ARGV[i + 2])
+    end
+  else
+    redis.call(name, unpack(ARGV, i, i + nargs - 1))
+  end
+  i = i + nargs
+end
+return 1
+"""
+
+# Append with the stream's next sequence number (storage queues, outside a consumer commit).
+APPEND_SEQ = """
+local seq = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], '*', 's', seq, 'b', ARGV[1])
+"""
+
+
+def input_stream(queue: int) -> str:
+    return f"emond:in:{queue}"
+
+
+def storage_stream(server: int) -> str:
+    return f"emond:st:{server}"
+
+
+def storage_seq(server: int) -> str:
+    return f"emond:seq:st:{server}"
+
+
+class LeaseLost(Exception):
+    """The lease was taken by another holder: stop consuming this queue."""
+
+
+@dataclass
+class Commit:
+    """What a consumer commits with an acknowledgement, built up then sent as one script call."""
+
+    ops: list[Any] = field(default_factory=list)
+
+    def command(self, name: str, *args: Any) -> None:
+        assert name in COMMIT_COMMANDS, name
+        self.ops += [name, len(args), *args]
+
+    def append_storage(self, server: int, payload: bytes) -> None:
+        self.ops += ["XADDSEQ", 3, storage_stream(server), storage_seq(server), payload]
+
+    def set_if_newer(self, key: str, when: int, value: str) -> None:
+        self.ops += ["HSETMAX", 3, key, when, value]
+
+
+class Scripts:
+    """The Lua scripts, loaded once per Redis connection set and called by digest."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._sha: dict[str, str] = {}
+
+    async def run(self, script: str, keys: list[Any], args: list[Any]) -> Any:
+        sha = self._sha.get(script) or hashlib.sha1(script.encode()).hexdigest()
+        try:
+            return await self.redis.call("EVALSHA", sha, len(keys), *keys, *args)
+        except RedisUnavailable:
+            raise
+        except Exception as e:
+            if "NOSCRIPT" not in str(e):
+                raise
+        self._sha[script] = sha
+        return await self.redis.call("EVAL", script, len(keys), *keys, *args)
+
+
+class Lease:
+    """One queue's lease for one holder; ``token`` is 0 while not held."""
+
+    def __init__(self, scripts: Scripts, queue: str, owner: str, ttl_ms: int) -> None:
+        self.scripts = scripts
+        self.queue = queue
+        self.owner = owner
+        self.ttl_ms = ttl_ms
+        self.token = 0
+
+    @property
+    def key(self) -> str:
+        return f"emond:lease:{self.queue}"
+
+    @property
+    def holder(self) -> str:
+        return f"{self.owner}:{self.token}"
+
+    async def acquire_or_renew(self) -> bool:
+        """True while we hold the lease (a new token means a new tenure)."""
+        token = await self.scripts.run(
+            LEASE, [self.key, f"emond:fence:{self.queue}"], [self.owner, self.ttl_ms, self.token]
+        )
+        self.token = int(token)
+        return self.token > 0
+
+    async def release(self) -> None:
+        if self.token:
+            await self.scripts.run(RELEASE, [self.key], [self.holder])
+            self.token = 0
+
+    async def commit(self, stream: str, ids: list[bytes], commit: Commit) -> None:
+        """Atomically apply ``commit`` and delete ``ids`` from ``stream``, if we still hold the lease."""
+        done = await self.scripts.run(COMMIT, [self.key, stream], [self.holder, len(ids), *ids, *commit.ops])
+        if int(done) != 1:
+            self.token = 0
+            raise LeaseLost(self.queue)
+
+
+async def read_head(redis: Redis, stream: str, after: bytes | None, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Up to ``count`` elements of ``stream`` after id ``after`` (from the head when None)."""
+    start = b"(" + after if after else b"-"
+    reply = await redis.call("XRANGE", stream, start, b"+", b"COUNT", count)
+    return [(entry[0], dict(zip(entry[1][::2], entry[1][1::2]))) for entry in reply or []]
+
+
+def encode_packets(packets: list[Any]) -> bytes:
+    """An input queue element: the packets of one flush, JSON, compressed when large."""
+    raw = json.dumps(packets, separators=(",", ":")).encode()
+    if len(raw) > 4096:
+        return b"z" + zlib.compress(raw, 1)
+    return b"j" + raw
+
+
+def decode_packets(payload: bytes) -> list[Any]:
+    if payload[:1] == b"z":
+        return json.loads(zlib.decompress(payload[1:]))
+    return json.loads(payload[1:])
