@@ -101,6 +101,7 @@ class InputConsumerService(Service):
         self._leases.clock = reactor
         self._loop: defer.Deferred[None] | None = None
         self._stopping = False
+        self._idle: list[defer.Deferred[None]] = []
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
         self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
 
@@ -127,6 +128,12 @@ class InputConsumerService(Service):
         self.tenures.clear()
         await self.blocking.disconnect()
 
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once every input queue has been seen empty after this call (tests, drains)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        return d
+
     async def _renew(self) -> None:
         for queue in range(self.layout.queues):
             tenure = self.tenures.get(queue)
@@ -149,15 +156,22 @@ class InputConsumerService(Service):
             if not queues:
                 await task.deferLater(self.reactor, self.block_ms / 1000.0, lambda: None)
                 continue
+            waiting, self._idle = self._idle, []
             try:
                 reply = await self.blocking.call(
                     "XREAD", "COUNT", self.batch, "BLOCK", self.block_ms, "STREAMS",
                     *[input_stream(q) for q in queues], *["0"] * len(queues),
                 )
             except RedisUnavailable as e:
+                self._idle += waiting
                 self.log.warn("input queues: {error}", error=str(e))
                 await task.deferLater(self.reactor, 1.0, lambda: None)
                 continue
+            if not reply and len(queues) == self.layout.queues:
+                for d in waiting:  # every queue was empty after they asked
+                    d.callback(None)
+            else:
+                self._idle += waiting
             for stream, entries in reply or []:
                 queue = int(stream.decode().rsplit(":", 1)[1])
                 tenure = self.tenures.get(queue)

@@ -87,6 +87,7 @@ class LocalSenderService(Service):
         self.lease_ms = lease_ms
         self._stopping = False
         self._loop: defer.Deferred[None] | None = None
+        self._idle: list[defer.Deferred[None]] = []
         self.error: str | None = None
         self.points = Counter("emond_points_written", "Datapoints applied to feed files", ["server"], registry=registry)
         self.errors = Counter("emond_storage_errors", "Failed attempts to apply a batch", ["server"], registry=registry)
@@ -107,6 +108,12 @@ class LocalSenderService(Service):
             pass
         await self.blocking.disconnect()
 
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once the queue has been seen empty after this call (tests, drains)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        return d
+
     async def _run(self) -> None:
         await self.location.opened
         renewed = 0.0
@@ -118,12 +125,22 @@ class LocalSenderService(Service):
                         await task.deferLater(self.reactor, self.lease_ms / 3000.0, lambda: None)
                         continue
                     renewed = now
-                reply = await self.blocking.call(
-                    "XREAD", "COUNT", self.batch, "BLOCK", self.block_ms, "STREAMS", storage_stream(self.server_id), "0"
-                )
-                for _stream, entries in reply or []:
-                    if entries:
-                        await self._apply(entries)
+                waiting, self._idle = self._idle, []
+                try:
+                    reply = await self.blocking.call(
+                        "XREAD", "COUNT", self.batch, "BLOCK", self.block_ms, "STREAMS", storage_stream(self.server_id), "0"
+                    )
+                except Exception:
+                    self._idle = waiting + self._idle
+                    raise
+                if not reply:
+                    for d in waiting:  # the queue was empty after they asked
+                        d.callback(None)
+                else:
+                    self._idle = waiting + self._idle
+                    for _stream, entries in reply:
+                        if entries:
+                            await self._apply(entries)
                 self.error = None
             except LeaseLost:
                 self.log.warn("storage queue {id} taken over by another sender", id=self.server_id)

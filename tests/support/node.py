@@ -97,3 +97,15 @@ class NodeHarness:
 
     def post(self, path: str, data: Any = None, **params: Any):
         return self.request("POST", path, params=params, data=data)
+
+
+def pipeline(harness: NodeHarness, name: str):
+    return harness.service.getServiceNamed("pipeline").getServiceNamed(name)
+
+
+@defer.inlineCallbacks
+def drain(harness: NodeHarness):
+    """Wait until every input queue and storage queue has been seen empty."""
+    yield pipeline(harness, "consumer").idle()
+    for server_id in harness.config.node.storage:
+        yield pipeline(harness, f"sender{server_id}").idle()

@@ -1,0 +1,175 @@
+"""The input path end to end: HTTP post/bulk → Redis input queue → process lists → storage queue → files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import zlib
+
+import numpy as np
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from emond.consumer import user_version_key
+from emond.phpfina import PHPFina
+from tests.support.node import NodeHarness, drain
+
+T0 = 1_700_000_000 // 10 * 10
+
+
+class InputPathTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.node = yield NodeHarness.start(self, "sqlite", "[engines]\nwindow_past = 2000000000\n")
+        answer = yield self.node.post("user/register.json", data={"username": "dev", "password": "secret1", "email": "d@example.org"})
+        self.keys = answer.json()
+        self.userid = self.keys["userid"]
+        self.ctx = self.node.ctx
+
+    def post(self, path, **params):
+        params.setdefault("apikey", self.keys["apikey_write"])
+        return self.node.request("POST", path, params=params)
+
+    @defer.inlineCallbacks
+    def feed(self, name="f", interval=10, engine=5):
+        feed = yield defer.ensureDeferred(self.ctx.feeds.create(self.userid, name, "", 1, engine, interval, 0))
+        yield defer.ensureDeferred(self.ctx.store.create(feed))
+        return feed
+
+    @defer.inlineCallbacks
+    def set_processlist(self, node, name, text):
+        inputs = yield defer.ensureDeferred(self.ctx.inputs.list(self.userid))
+        inp = [i for i in inputs if (i.nodeid, i.name) == (node, name)][0]
+        yield defer.ensureDeferred(self.ctx.inputs.change_processlist(self.userid, inp.id, lambda current: (None, text)))
+        yield defer.ensureDeferred(self.ctx.redis.call("INCR", user_version_key(self.userid)))
+        return inp
+
+    def slots(self, feed):
+        engine = PHPFina(os.path.join(self.node.config.node.datadir, "phpfina"), sync=False)
+        try:
+            start, interval, data = engine.raw(feed.id)
+        finally:
+            engine.close()
+        return start, [None if np.isnan(v) else round(float(v), 4) for v in data]
+
+    @defer.inlineCallbacks
+    def test_post_forms_create_inputs(self):
+        answers = []
+        answers.append((yield self.post("input/post.json", node="emontx", fulljson='{"power1":100,"power2":200.5}')))
+        answers.append((yield self.post("input/post", node="emontx", json="{power3:1,temp:-2.5}")))
+        answers.append((yield self.post("input/post/house", csv="10,20,30")))
+        answers.append((yield self.post("input/post.json", node="5", data="a:1,b:2")))
+        self.assertEqual([a.body for a in answers], [b'{"success": true}', b"ok", b"ok", b"ok"])
+        self.assertEqual(answers[0].content_type, "application/json")
+        yield drain(self.node)
+        inputs = yield defer.ensureDeferred(self.ctx.inputs.list(self.userid))
+        self.assertEqual(
+            sorted((i.nodeid, i.name) for i in inputs),
+            sorted([("emontx", "power1"), ("emontx", "power2"), ("emontx", "power3"), ("emontx", "temp"),
+                    ("house", "1"), ("house", "2"), ("house", "3"), ("5", "a"), ("5", "b")]),
+        )
+        values = yield defer.ensureDeferred(self.ctx.inputs.lastvalues([i.id for i in inputs]))
+        by_name = {(i.nodeid, i.name): values[i.id][1] for i in inputs}
+        self.assertEqual(by_name[("emontx", "power2")], 200.5)
+        self.assertEqual(by_name[("emontx", "temp")], -2.5)
+        self.assertEqual(by_name[("house", "3")], 30.0)
+
+    @defer.inlineCallbacks
+    def test_errors(self):
+        cases = [
+            ({"node": "emontx"}, "Request contains no data via csv, json or data tag"),
+            ({"node": "bad$node", "csv": "1"}, "Error: invalid node name"),
+            ({"node": "n" * 17, "csv": "1"}, "Error: node name must be 16 characters or less"),
+            ({"node": "x", "fulljson": "[1,2]"}, "Input must be a JSON object"),
+            ({"node": "x", "fulljson": "{bad"}, "Error decoding JSON string (invalid or too deeply nested)"),
+            ({"node": "x", "fulljson": '{"a":"abc"}'}, "Format error, json value is not numeric"),
+            ({"node": "x", "csv": "1,abc"}, "Format error: csv value is not numeric"),
+            ({"node": "x", "json": "a:xyz"}, "Format error, json value is not numeric"),
+        ]
+        for params, message in cases:
+            answer = yield self.post("input/post.json", **params)
+            self.assertEqual((answer.code, answer.json()), (400, {"success": False, "message": message}), params)
+        bad_key = yield self.node.post("input/post.json", apikey="f" * 32, csv="1")
+        self.assertEqual((bad_key.code, bad_key.body), (401, b"Invalid API key"))
+        read_key = yield self.node.post("input/post.json", apikey=self.keys["apikey_read"], csv="1")
+        self.assertEqual(read_key.code, 403)
+
+    @defer.inlineCallbacks
+    def test_bulk_timing_modes_and_malformed_frames(self):
+        feed = yield self.feed()
+        now = 1_800_000_000
+
+        # fix the clock the web layer stamps with: sentat/offset/legacy are relative to it
+        data = json.dumps([[0, "n", 1], [10, "n", 2], [20, "n", 3]])
+        answer = yield self.post("input/bulk.json", data=data, time=str(T0))
+        self.assertEqual(answer.body, b"ok")
+        yield drain(self.node)
+        inp = yield self.set_processlist("n", "1", f"1:{feed.id}")
+        answer = yield self.post("input/bulk.json", data=json.dumps([[30, "n", 4], [40, "n", 5], "garbage", [50, {"x": 1}, 6], [60, "n", None, 7]]), time=str(T0))
+        self.assertEqual(answer.body, b"ok")  # the malformed frames are refused alone
+        yield drain(self.node)
+        start, values = self.slots(feed)
+        self.assertEqual((start, values), (T0 + 30, [4.0, 5.0]))
+        rejected = yield defer.ensureDeferred(self.ctx.refusals.for_user(self.userid))
+        self.assertEqual(rejected["counts"], {"malformed_frame": 2})
+        self.assertIsNotNone(inp)
+        del now
+
+    @defer.inlineCallbacks
+    def test_compressed_bodies(self):
+        data = json.dumps([[T0, "z", 1.5]]).encode()
+        for body in (zlib.compress(data), gzip.compress(data)):
+            answer = yield self.node.request("POST", f"input/bulk.json?cb=1&time=0&apikey={self.keys['apikey_write']}", data=body)
+            self.assertEqual(answer.body, b"ok", answer)
+        hexed = yield self.post("input/bulk.json", c="1", data=zlib.compress(data).hex(), time="0")
+        self.assertEqual(hexed.body, b"ok")
+        bomb = zlib.compress(b"[" + b" " * (20 << 20) + b"]")
+        refused = yield self.node.request("POST", f"input/bulk.json?cb=1&apikey={self.keys['apikey_write']}", data=bomb)
+        self.assertEqual(refused.code, 413)
+        broken = yield self.node.request("POST", f"input/bulk.json?cb=1&apikey={self.keys['apikey_write']}", data=b"not zlib")
+        self.assertEqual(broken.code, 400)
+
+    @defer.inlineCallbacks
+    def test_log_to_feed_and_kwh_through_real_posts(self):
+        power = yield self.feed("power")
+        kwh = yield self.feed("kwh")
+        yield self.post("input/post.json", node="tx", fulljson='{"p":0}', time=str(T0 - 100))
+        yield drain(self.node)
+        yield self.set_processlist("tx", "p", f"1:{power.id},4:{kwh.id}")
+        for i in range(6):
+            answer = yield self.post("input/post.json", node="tx", fulljson=json.dumps({"p": 3600 * (i + 1)}), time=str(T0 + 10 * i))
+            self.assertEqual(answer.code, 200)
+        yield drain(self.node)
+        self.assertEqual(self.slots(power), (T0, [3600.0, 7200.0, 10800.0, 14400.0, 18000.0, 21600.0]))
+        # kWh: first packet starts at 0 (no last value), then + 10 s * P / 3.6e6
+        self.assertEqual(self.slots(kwh), (T0, [0.0, 0.02, 0.05, 0.09, 0.14, 0.2]))
+        # a device retry of the same packets changes nothing
+        for i in range(6):
+            yield self.post("input/post.json", node="tx", fulljson=json.dumps({"p": 3600 * (i + 1)}), time=str(T0 + 10 * i))
+        yield drain(self.node)
+        self.assertEqual(self.slots(kwh), (T0, [0.0, 0.02, 0.05, 0.09, 0.14, 0.2]))
+
+    @defer.inlineCallbacks
+    def test_oversized_body(self):
+        answer = yield self.node.request("POST", f"input/post.json?apikey={self.keys['apikey_write']}", data={"csv": "1," * 600000})
+        self.assertEqual(answer.code, 413)
+
+    @defer.inlineCallbacks
+    def test_redis_down_is_503(self):
+        """Redis not answering: never ``ok``."""
+        calls = []
+
+        async def down(commands):
+            calls.append(commands)
+            from emond.redis import RedisUnavailable
+
+            raise RedisUnavailable("down")
+
+        self.patch(self.ctx.redis, "pipeline", down)
+        answer = yield self.post("input/post.json", node="x", csv="1")
+        self.assertEqual(answer.code, 503)
+        self.assertNotEqual(answer.body, b"ok")
+        self.assertTrue(calls)
