@@ -102,6 +102,7 @@ class InputConsumerService(Service):
         self._loop: defer.Deferred[None] | None = None
         self._stopping = False
         self._idle: list[defer.Deferred[None]] = []
+        self._busy = False
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
         self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
 
@@ -168,10 +169,14 @@ class InputConsumerService(Service):
                 await task.deferLater(self.reactor, 1.0, lambda: None)
                 continue
             if not reply and len(queues) == self.layout.queues:
+                if self._busy:
+                    self._busy = False
+                    self.log.info("input queues drained")
                 for d in waiting:  # every queue was empty after they asked
                     d.callback(None)
             else:
                 self._idle += waiting
+                self._busy = self._busy or bool(reply)
             for stream, entries in reply or []:
                 queue = int(stream.decode().rsplit(":", 1)[1])
                 tenure = self.tenures.get(queue)

@@ -88,6 +88,7 @@ class LocalSenderService(Service):
         self._stopping = False
         self._loop: defer.Deferred[None] | None = None
         self._idle: list[defer.Deferred[None]] = []
+        self._busy = False
         self.error: str | None = None
         self.points = Counter("emond_points_written", "Datapoints applied to feed files", ["server"], registry=registry)
         self.errors = Counter("emond_storage_errors", "Failed attempts to apply a batch", ["server"], registry=registry)
@@ -134,10 +135,14 @@ class LocalSenderService(Service):
                     self._idle = waiting + self._idle
                     raise
                 if not reply:
+                    if self._busy:
+                        self._busy = False
+                        self.log.info("storage queue {id} drained", id=self.server_id)
                     for d in waiting:  # the queue was empty after they asked
                         d.callback(None)
                 else:
                     self._idle = waiting + self._idle
+                    self._busy = True
                     for _stream, entries in reply:
                         if entries:
                             await self._apply(entries)

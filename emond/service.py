@@ -18,6 +18,7 @@ from twisted.web.server import Site
 from emond.config import NodeConfig, StorageConfig
 from emond.health import HealthCheck, HealthResource
 from emond.consumer import InputConsumerService
+from emond.monitor import QueueMonitor
 from emond.node import NodeAppService, make_api, make_context
 from emond.redis import Redis
 from emond.sender import LocalSenderService
@@ -91,6 +92,10 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         sender.setServiceParent(pipeline)
         senders[str(server_id)] = sender
     checks["senders"] = lambda: _all_ok({sid: s.status() for sid, s in senders.items()})
+    monitor = QueueMonitor(ctx.redis, layout.queues, sorted(set(config.node.storage) | set(config.storage_servers)), ctx.registry, reactor)
+    monitor.setName("monitor")
+    monitor.setServiceParent(pipeline)
+    checks["queues"] = monitor.status
     api = make_api(ctx, app, checks, reactor)
     _http_service(reactor, config.node.http, api, config.input.max_body).setServiceParent(root)
     return root
