@@ -67,6 +67,7 @@ class InputSection:
     rate_burst: int = 200
     max_nodes: int = 32  # per user
     max_inputs: int = 1000  # per user
+    lease_ms: int = 10_000  # how long a dead consumer holds its queues before another takes over
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def _validate_node(config: NodeConfig) -> None:
         if sid in config.storage_servers:
             raise ConfigError(f"[node] storage: server {sid} is also configured as remote in [storage.servers]")
     hosted = set(config.node.storage) | set(config.storage_servers)
-    if config.feeds.default_server not in hosted:
+    if hosted and config.feeds.default_server not in hosted:
         raise ConfigError(f"[feeds] default_server: server {config.feeds.default_server} is neither hosted nor remote")
 
 

@@ -72,7 +72,9 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     pipeline = MultiService()
     pipeline.setName("pipeline")
     pipeline.setServiceParent(root)
-    consumer = InputConsumerService(ctx, layout, Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1), reactor)
+    consumer = InputConsumerService(
+        ctx, layout, Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1), reactor, lease_ms=config.input.lease_ms
+    )
     consumer.setName("consumer")
     consumer.setServiceParent(pipeline)
     senders = {}
@@ -87,6 +89,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
             reactor,
             config.node.name,
             ctx.registry,
+            lease_ms=config.input.lease_ms,
         )
         sender.setName(f"sender{server_id}")
         sender.setServiceParent(pipeline)

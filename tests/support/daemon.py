@@ -23,17 +23,17 @@ TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twi
 class Daemon(ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""
-        self._waiting: list[tuple[bytes, defer.Deferred[None]]] = []
+        self._waiting: list[tuple[bytes, defer.Deferred[None], int]] = []
         self.ended: defer.Deferred[int | None] = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
         still = []
-        for text, d in self._waiting:
-            if text in self.output:
+        for text, d, offset in self._waiting:
+            if text in self.output[offset:]:
                 d.callback(None)
             else:
-                still.append((text, d))
+                still.append((text, d, offset))
         self._waiting = still
 
     errReceived = outReceived
@@ -44,11 +44,20 @@ class Daemon(ProcessProtocol):
         if needle in self.output:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append((needle, d))
+        self._waiting.append((needle, d, 0))
+        return d.addTimeout(timeout, reactor)
+
+    def logged_after(self, text: str, offset: int, timeout: float = 60) -> defer.Deferred[None]:
+        """Fires once ``text`` appears in the output past byte ``offset``."""
+        needle = text.encode()
+        if needle in self.output[offset:]:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append((needle, d, offset))
         return d.addTimeout(timeout, reactor)
 
     def processEnded(self, reason: Failure) -> None:
-        for text, d in self._waiting:
+        for text, d, _ in self._waiting:
             d.errback(RuntimeError(f"daemon ended before logging {text!r}:\n{self.output.decode(errors='replace')[-3000:]}"))
         self._waiting = []
         if reason.check(ProcessDone):
