@@ -34,6 +34,7 @@ from emond.refusals import Refused
 from emond.runner import ProcessState, StepRun, references, run_steps
 from emond.web import QueueLayout
 
+CONSUMERS = "emond:consumers"
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
 REASON_BAD_NAME = "invalid_name"
@@ -103,6 +104,7 @@ class InputConsumerService(Service):
         self._stopping = False
         self._idle: list[defer.Deferred[None]] = []
         self._busy = False
+        self.fair = layout.queues
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
         self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
 
@@ -121,11 +123,12 @@ class InputConsumerService(Service):
             self._leases.stop()
         if self._loop is not None:
             await self._loop  # finish the batch in hand (it commits or is read again later)
-        for tenure in self.tenures.values():
-            try:
+        try:
+            await self.ctx.redis.call("ZREM", CONSUMERS, self.owner)
+            for tenure in self.tenures.values():
                 await tenure.lease.release()
-            except RedisUnavailable:
-                pass  # the lease expires by itself
+        except RedisUnavailable:
+            pass  # the leases expire by themselves
         self.tenures.clear()
         await self.blocking.disconnect()
 
@@ -136,20 +139,45 @@ class InputConsumerService(Service):
         return d
 
     async def _renew(self) -> None:
-        for queue in range(self.layout.queues):
-            tenure = self.tenures.get(queue)
-            lease = tenure.lease if tenure else Lease(self.scripts, f"in:{queue}", self.owner, self.lease_ms)
-            before = lease.token
-            try:
-                held = await lease.acquire_or_renew()
-            except RedisUnavailable:
-                return
-            if held and (tenure is None or lease.token != before):
-                self.tenures[queue] = QueueTenure(lease)  # a new tenure: fresh state
-                self.log.info("consuming input queue {queue} (token {token})", queue=queue, token=lease.token)
-            elif not held and tenure is not None:
-                del self.tenures[queue]
-        self.held.set(len(self.tenures))
+        """Renew held leases and take or give queues towards a fair share.
+
+        Live consumers announce themselves in ``emond:consumers`` (score: when
+        the announcement expires). A consumer holding more than its share
+        releases the excess; one holding less takes free queues. A released
+        queue's batch in flight fails its fenced commit and is simply read
+        again by the next holder, so order is kept.
+        """
+        now_ms = int(self.reactor.seconds() * 1000)
+        try:
+            _, _, live = await self.ctx.redis.pipeline([
+                ("ZADD", CONSUMERS, now_ms + self.lease_ms, self.owner),
+                ("ZREMRANGEBYSCORE", CONSUMERS, "-inf", now_ms),
+                ("ZCARD", CONSUMERS),
+            ])
+            self.fair = -(-self.layout.queues // max(1, int(live)))
+            for queue in sorted(self.tenures):
+                lease = self.tenures[queue].lease
+                before = lease.token
+                if not await lease.acquire_or_renew():
+                    del self.tenures[queue]
+                elif lease.token != before:  # it lapsed and is ours again: others may have held it
+                    self.tenures[queue] = QueueTenure(lease)
+            for queue in sorted(self.tenures, reverse=True)[: max(0, len(self.tenures) - self.fair)]:
+                await self.tenures.pop(queue).lease.release()
+                self.log.info("gave input queue {queue} to another consumer", queue=queue)
+            for queue in range(self.layout.queues):
+                if len(self.tenures) >= self.fair:
+                    break
+                if queue in self.tenures:
+                    continue
+                lease = Lease(self.scripts, f"in:{queue}", self.owner, self.lease_ms)
+                if await lease.acquire_or_renew():
+                    self.tenures[queue] = QueueTenure(lease)  # a new tenure: fresh state
+                    self.log.info("consuming input queue {queue} (token {token})", queue=queue, token=lease.token)
+        except RedisUnavailable:
+            return
+        finally:
+            self.held.set(len(self.tenures))
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -168,7 +196,7 @@ class InputConsumerService(Service):
                 self.log.warn("input queues: {error}", error=str(e))
                 await task.deferLater(self.reactor, 1.0, lambda: None)
                 continue
-            if not reply and len(queues) == self.layout.queues:
+            if not reply and len(queues) >= self.fair:
                 if self._busy:
                     self._busy = False
                     self.log.info("input queues drained")

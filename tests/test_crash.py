@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 
 import treq
 from twisted.internet import defer, reactor
@@ -134,3 +135,40 @@ class CrashTests(unittest.TestCase):
         # the kill landed while packets were still queued (the run really was mid-way)
         self.assertIsNotNone(waiting)
         log.msg(f"queued input elements at the kill: {waiting}")
+
+    @defer.inlineCallbacks
+    def test_two_nodes_keep_each_users_order(self):
+        """Two consumers share the queues (one is killed half-way); every user's packets stay in order."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        redis = self.redis(3)
+        a = Node(self, base, 3)
+        yield a.start()
+        users = []
+        for n in range(4):
+            keys = yield a.call("user/register.json", username=f"user{n}", password="secret1", email=f"u{n}@example.org")
+            feed = yield a.call("feed/create.json", apikey=keys["apikey_write"], name="last", engine="5", options='{"interval":10}')
+            yield a.call("input/post.json", apikey=keys["apikey_write"], node="n", csv="0", time=str(T0 - 100))
+            users.append((keys["apikey_write"], feed["feedid"]))
+        yield self.drained(a, redis)
+        for key, feedid in users:
+            inputs = yield a.call("input/list.json", apikey=key)
+            yield a.call(f"input/process/set.json?inputid={inputs[0]['id']}", apikey=key, processlist=f"1:{feedid}")
+        b = Node(self, base, 3, storage=False)
+        yield b.start()
+        yield b.daemon.logged("consuming input queue")  # the queues are shared now
+        for i in range(1, 61):
+            node = a if i % 2 else b
+            for key, _ in users:
+                # every packet of a user lands in the same slot: only the last processed one survives
+                yield node.call("input/post.json", apikey=key, node="n", csv=str(i), time=str(T0))
+            if i == 30:
+                yield b.daemon.signal(signal.SIGKILL)
+                b = a  # a carries on alone and takes b's queues when their leases lapse
+        yield self.drained(a, redis)
+        for key, feedid in users:
+            with open(os.path.join(base, "var", "phpfina", f"{feedid}.dat"), "rb") as f:
+                data = f.read()
+            self.assertEqual(len(data), 4)
+            self.assertEqual(struct.unpack("<f", data), (60.0,))
+        yield a.daemon.signal(signal.SIGTERM)
