@@ -173,3 +173,38 @@ class InputPathTests(unittest.TestCase):
         self.assertEqual(answer.code, 503)
         self.assertNotEqual(answer.body, b"ok")
         self.assertTrue(calls)
+
+
+class ConcurrencyTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_32_concurrent_clients_leave_no_empty_slot(self):
+        node = yield NodeHarness.start(self, "sqlite", "[input]\nrate_limit = 0.0\n")
+        keys = (yield node.post("user/register.json", data={"username": "many", "password": "secret1", "email": "m@example.org"})).json()
+        key = keys["apikey_write"]
+        ctx = node.ctx
+        feed = yield defer.ensureDeferred(ctx.feeds.create(keys["userid"], "f", "", 1, 5, 10, 0))
+        yield defer.ensureDeferred(ctx.store.create(feed))
+        yield node.request("POST", "input/post.json", params={"apikey": key, "node": "n", "csv": "0", "time": str(T0 - 10)})
+        yield drain(node)
+        inputs = yield defer.ensureDeferred(ctx.inputs.list(keys["userid"]))
+        yield defer.ensureDeferred(ctx.inputs.change_processlist(keys["userid"], inputs[0].id, lambda _: (None, f"1:{feed.id}")))
+        yield defer.ensureDeferred(ctx.redis.call("INCR", user_version_key(keys["userid"])))
+
+        @defer.inlineCallbacks
+        def client(k):
+            for j in range(10):
+                slot = k + 32 * j
+                answer = yield node.request(
+                    "POST", "input/post.json", params={"apikey": key, "node": "n", "csv": str(slot), "time": str(T0 + 10 * slot)}
+                )
+                self.assertEqual(answer.body, b"ok")
+
+        yield defer.gatherResults([client(k) for k in range(32)], consumeErrors=True)
+        yield drain(node)
+        engine = PHPFina(os.path.join(node.config.node.datadir, "phpfina"), sync=False)
+        self.addCleanup(engine.close)
+        start, interval, data = engine.raw(feed.id)
+        self.assertEqual((start, len(data)), (T0, 320))
+        self.assertEqual(data.tolist(), [float(i) for i in range(320)])  # every slot filled, none empty
