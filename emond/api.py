@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
 
+from prometheus_client import Counter
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -197,12 +198,18 @@ class ApiResource(Resource):
         authenticate: Authenticator,
         extra: dict[bytes, Resource] | None = None,
         ready: Callable[[], bool] = lambda: True,
+        registry: Any = None,
     ) -> None:
         super().__init__()
         self._router = router
         self._authenticate = authenticate
         self._extra = extra or {}
         self._ready = ready
+        self._requests = (
+            Counter("emond_http_requests", "API requests by route and status", ["route", "code"], registry=registry)
+            if registry is not None
+            else None
+        )
 
     def render(self, request: Request) -> Any:
         first = request.postpath[0] if request.postpath else b""
@@ -232,10 +239,12 @@ class ApiResource(Resource):
         except RedisUnavailable as e:
             self.log.warn("redis unavailable: {error}", error=str(e))
             answer = Raw(json_bytes({"success": False, "message": "Service temporarily unavailable"}), code=503)
-        if gone:
-            return  # the client went away while we worked
         if not isinstance(answer, Raw):
             answer = Raw(json_bytes(answer))
+        if self._requests is not None:
+            self._requests.labels(self._route_label(request), str(answer.code)).inc()
+        if gone:
+            return  # the client went away while we worked
         request.setResponseCode(answer.code)
         request.setHeader(b"Content-Type", answer.content_type)
         for name, value in answer.headers.items():
@@ -269,6 +278,16 @@ class ApiResource(Resource):
                 raise ApiError("Write access required, this is a read only API key", 403)
         call = Call(request, controller, action, subactions, fmt, params, auth)
         return await handler(call)
+
+    def _route_label(self, request: Request) -> str:
+        """controller/action of a known route; "other" for anything else (bounded labels)."""
+        segments, _ = split_path(request.path)
+        if len(segments) >= 2:
+            if self._router.find(segments[0], segments[1]):
+                return f"{segments[0]}/{segments[1]}"
+            if len(segments) >= 3 and self._router.find(segments[0], f"{segments[1]}/{segments[2]}"):
+                return f"{segments[0]}/{segments[1]}/{segments[2]}"
+        return "other"
 
     def _crashed(self, failure: Failure, request: Request) -> None:
         self.log.failure("API handler failed for {path}", failure, path=request.path)

@@ -135,4 +135,4 @@ def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthChec
     add_input_routes(router, ctx)
     checks = {**checks, "database": app.database_status, "redis_client": app.redis_status}
     extra = {b"health": HealthResource("emond", checks), b"metrics": MetricsResource(registry=ctx.registry)}
-    return ApiResource(router, ctx.auth, extra, ready=lambda: app.ready)
+    return ApiResource(router, ctx.auth, extra, ready=lambda: app.ready, registry=ctx.registry)

@@ -208,3 +208,60 @@ class ConcurrencyTests(unittest.TestCase):
         start, interval, data = engine.raw(feed.id)
         self.assertEqual((start, len(data)), (T0, 320))
         self.assertEqual(data.tolist(), [float(i) for i in range(320)])  # every slot filled, none empty
+
+
+class OpsTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_health_and_metrics(self):
+        node = yield NodeHarness.start(self, "sqlite")
+        keys = (yield node.post("user/register.json", data={"username": "ops", "password": "secret1", "email": "o@example.org"})).json()
+        yield node.request("POST", "input/post.json", params={"apikey": keys["apikey_write"], "node": "n", "csv": "1,2"})
+        yield node.request("POST", "input/post.json", params={"apikey": keys["apikey_write"], "node": "bad$", "csv": "1"})
+        yield drain(node)
+        yield defer.ensureDeferred(node.service.getServiceNamed("pipeline").getServiceNamed("monitor").sample())
+        health = yield node.get("health")
+        self.assertEqual(health.code, 200, health)
+        body = health.json()
+        for part in ("redis_client", "database", "storage", "senders", "queues"):
+            self.assertTrue(body[part]["ok"], (part, body))
+        self.assertEqual(body["queues"]["input"]["length"], 0)
+        self.assertIn("0", body["queues"]["storage"])
+        metrics = yield node.get("metrics")
+        text = metrics.body.decode()
+        self.assertIn('emond_http_requests_total{code="200",route="input/post"} 1.0', text)
+        self.assertIn('emond_http_requests_total{code="400",route="input/post"} 1.0', text)
+        self.assertIn("emond_input_frames_accepted_total 1.0", text)
+        self.assertIn("emond_packets_processed_total 1.0", text)
+        self.assertIn('emond_queue_length{kind="input",queue="0"}', text)
+
+    @defer.inlineCallbacks
+    def test_input_limits_are_refused_and_counted(self):
+        node = yield NodeHarness.start(self, "sqlite", "[input]\nmax_nodes = 2\nmax_inputs = 3\n")
+        keys = (yield node.post("user/register.json", data={"username": "lim", "password": "secret1", "email": "l@example.org"})).json()
+        key = keys["apikey_write"]
+        for node_name, csv in (("a", "1,2"), ("b", "1"), ("c", "1"), ("a", "1,2,3")):
+            answer = yield node.request("POST", "input/post.json", params={"apikey": key, "node": node_name, "csv": csv, "time": str(T0)})
+            self.assertEqual(answer.body, b"ok")
+        yield drain(node)
+        inputs = yield defer.ensureDeferred(node.ctx.inputs.list(keys["userid"]))
+        self.assertEqual(sorted((i.nodeid, i.name) for i in inputs), [("a", "1"), ("a", "2"), ("b", "1")])
+        rejected = yield defer.ensureDeferred(node.ctx.refusals.for_user(keys["userid"]))
+        self.assertEqual(rejected["counts"], {"node_limit": 1, "input_limit": 1})
+        self.assertEqual(
+            sorted((r["node"], r["input"], r["reason"]) for r in rejected["last"]),
+            [("a", "3", "input_limit"), ("c", "1", "node_limit")],
+        )
+
+    @defer.inlineCallbacks
+    def test_rate_limit_is_429_with_retry_after(self):
+        node = yield NodeHarness.start(self, "sqlite", "[input]\nrate_limit = 0.5\nrate_burst = 2\n")
+        keys = (yield node.post("user/register.json", data={"username": "ratelim", "password": "secret1", "email": "r@example.org"})).json()
+        codes = []
+        for _ in range(3):
+            answer = yield node.request("POST", "input/post.json", params={"apikey": keys["apikey_write"], "node": "n", "csv": "1"})
+            codes.append(answer.code)
+        self.assertEqual(codes, [200, 200, 429])
+        self.assertEqual(answer.headers.getRawHeaders(b"retry-after"), [b"2"])
+        self.assertEqual(answer.json()["success"], False)
