@@ -54,6 +54,24 @@ class QueueWriter:
         return refused
 
 
+class RefusalRecorder:
+    """Records a storage server's refusals against the users owning the feeds."""
+
+    def __init__(self, refusals: Refusals, owner_of: Callable[[list[int]], Any]) -> None:
+        self.refusals = refusals
+        self.owner_of = owner_of
+
+    async def record(self, refusals: list[Refusal]) -> None:
+        owners = await self.owner_of(sorted({r.feed for r in refusals}))
+        by_user: dict[int, list[Refused]] = {}
+        for r in refusals:
+            userid = owners.get(r.feed)
+            if userid is not None:
+                by_user.setdefault(userid, []).append(Refused(r.time, "", f"feed:{r.feed}", r.reason))
+        for userid, items in by_user.items():
+            await self.refusals.record(userid, items)
+
+
 class LocalSenderService(Service):
     """Applies a hosted storage server's queue to its engines, in order."""
 
@@ -65,8 +83,7 @@ class LocalSenderService(Service):
         location: StorageLocationService,
         redis: Redis,
         blocking: Redis,
-        refusals: Refusals,
-        owner_of: Callable[[list[int]], "defer.Deferred[dict[int, int]] | Any"],
+        recorder: RefusalRecorder,
         reactor: IReactorTime,
         node: str,
         registry: Any,
@@ -78,8 +95,7 @@ class LocalSenderService(Service):
         self.location = location
         self.redis = redis
         self.blocking = blocking
-        self.refusals = refusals
-        self.owner_of = owner_of
+        self.recorder = recorder
         self.reactor = reactor
         self.batch = batch
         self.block_ms = block_ms
@@ -168,28 +184,18 @@ class LocalSenderService(Service):
         refusals = await self.location.apply_batch(batch)
         commit = Commit()
         refused_keys = {(r.feed, r.time) for r in refusals}
-        for feed, when, value in _last_per_feed(batch, refused_keys):
+        for feed, when, value in last_per_feed(batch, refused_keys):
             commit.set_if_newer(disk_key(feed), when, repr(value))
         await self.lease.commit(storage_stream(self.server_id), ids, commit)
         self.points.labels(str(self.server_id)).inc(batch.shape[0] - len(refusals))
         if refusals:
-            await self._record(refusals)
-
-    async def _record(self, refusals: list[Refusal]) -> None:
-        owners = await self.owner_of(sorted({r.feed for r in refusals}))
-        by_user: dict[int, list[Refused]] = {}
-        for r in refusals:
-            userid = owners.get(r.feed)
-            if userid is not None:
-                by_user.setdefault(userid, []).append(Refused(r.time, "", f"feed:{r.feed}", r.reason))
-        for userid, items in by_user.items():
-            await self.refusals.record(userid, items)
+            await self.recorder.record(refusals)
 
     def status(self) -> dict[str, object]:
         return {"ok": self.error is None, "holding": bool(self.lease.token), "error": self.error}
 
 
-def _last_per_feed(batch: np.ndarray, refused: set[tuple[int, int]]) -> list[tuple[int, int, float]]:
+def last_per_feed(batch: np.ndarray, refused: set[tuple[int, int]]) -> list[tuple[int, int, float]]:
     """The latest stored (time, value) per feed in a batch (the last accepted for a time)."""
     if refused:
         keep = np.array([(f, t) not in refused for f, t in zip(batch["feed"].tolist(), batch["time"].tolist())], dtype=bool)

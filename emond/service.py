@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
 from twisted.web.resource import Resource
@@ -21,10 +24,12 @@ from emond.consumer import InputConsumerService
 from emond.monitor import QueueMonitor
 from emond.node import NodeAppService, make_api, make_context
 from emond.redis import Redis
-from emond.sender import LocalSenderService
+from emond.remote import RemoteLink
+from emond.sender import LocalSenderService, RefusalRecorder
 from emond.web import QueueLayout, limited_request_factory
 from emond.redisproc import EmbeddedRedis
-from emond.storage import StorageLocationService, location_dir
+from emond.storage import StorageLocationService, StreamServer, StreamServerFactory, location_dir
+from emond.stream import server_tls
 
 
 def _http_service(reactor: Any, description: str, root: Resource, max_body: int = 1 << 20) -> StreamServerEndpointService:
@@ -77,15 +82,15 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     )
     consumer.setName("consumer")
     consumer.setServiceParent(pipeline)
-    senders = {}
+    senders: dict[str, Any] = {}
+    recorder = RefusalRecorder(ctx.refusals, lambda feeds: defer.ensureDeferred(_owners(ctx, feeds)))
     for server_id, location in locations.items():
         sender = LocalSenderService(
             server_id,
             location,
             ctx.redis,
             Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1),
-            ctx.refusals,
-            lambda feeds: defer.ensureDeferred(_owners(ctx, feeds)),
+            recorder,
             reactor,
             config.node.name,
             ctx.registry,
@@ -94,6 +99,24 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         sender.setName(f"sender{server_id}")
         sender.setServiceParent(pipeline)
         senders[str(server_id)] = sender
+    for server_id, remote in config.storage_servers.items():
+        assert config.tls is not None  # required by the config when remotes exist
+        link = RemoteLink(
+            server_id,
+            remote,
+            config.tls,
+            config.node.name,
+            ctx.redis,
+            Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1),
+            recorder,
+            ctx.registry,
+            reactor,
+            lease_ms=config.input.lease_ms,
+        )
+        link.setName(f"sender{server_id}")
+        link.setServiceParent(pipeline)
+        senders[str(server_id)] = link
+        ctx.store.remotes[server_id] = link
     checks["senders"] = lambda: _all_ok({sid: s.status() for sid, s in senders.items()})
     monitor = QueueMonitor(ctx.redis, layout.queues, sorted(set(config.node.storage) | set(config.storage_servers)), ctx.registry, reactor)
     monitor.setName("monitor")
@@ -114,15 +137,38 @@ async def _owners(ctx: Any, feedids: list[int]) -> dict[int, int]:
 
 
 def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
-    """The tree of a storage server: its storage location and HTTP health."""
+    """The tree of a storage server: its storage location, the TLS stream listener, HTTP health."""
     root = MultiService()
     location = StorageLocationService(config.storage.id, config.storage.datadir, config.engines)
     location.setName("storage")
     location.setServiceParent(root)
+    registry = CollectorRegistry()
+    server = StreamServer(location, config.storage.allow, registry)
+    # TLS is applied here, from [tls]: the ssl: endpoint string cannot require client certificates.
+    tls = server_tls(config.tls.ca, config.tls.cert)
+    factory = TLSMemoryBIOFactory(tls, False, StreamServerFactory(server, config.storage.id))
+    listener = StreamServerDrainingService(
+        endpoints.serverFromString(reactor, config.storage.listen), factory, server
+    )
+    listener.setName("stream")
+    listener.setServiceParent(root)
     web = Resource()
-    web.putChild(b"health", HealthResource("emond-storage", {"storage": location.status}))
+    web.putChild(b"health", HealthResource("emond-storage", {"storage": location.status, "stream": server.status}))
+    web.putChild(b"metrics", MetricsResource(registry=registry))
     _http_service(reactor, config.storage.http, web).setServiceParent(root)
     return root
+
+
+class StreamServerDrainingService(StreamServerEndpointService):
+    """Stops listening, then lets the batch in hand finish before connections close."""
+
+    def __init__(self, endpoint: Any, factory: Any, server: StreamServer) -> None:
+        super().__init__(endpoint, factory)
+        self._server = server
+
+    def stopService(self) -> defer.Deferred[None]:
+        stopped = super().stopService()
+        return defer.gatherResults([stopped, defer.ensureDeferred(self._server.drain())]).addCallback(lambda _: None)
 
 
 def _all_ok(parts: dict[str, dict[str, object]]) -> dict[str, object]:

@@ -8,19 +8,44 @@ the reactor never waits on the disk.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 from typing import Any
 
 import numpy as np
+from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from emond.config import EnginesSection
 from emond.phpfina import PHPFina
 from emond.phptimeseries import PHPTimeSeries
-from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, REASON_WRONG_ENGINE, Refusal, refusals_from
+from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, RECORD, REASON_WRONG_ENGINE, Refusal, refusals_from
+from emond.stream import (
+    ACK,
+    BATCH,
+    BATCH_HEAD,
+    BINARY,
+    CHUNK,
+    ERROR,
+    FINAL,
+    HELLO,
+    HELLO_OK,
+    NACK,
+    REQ_HEAD,
+    REQUEST,
+    VERSION,
+    FrameProtocol,
+    ack_frame,
+    encode_json,
+    peer_names,
+    response_frame,
+)
 
 
 def raise_open_files_limit() -> int:
@@ -120,3 +145,200 @@ def location_dir(datadir: str, server_id: int, first: bool) -> str:
     """Where a node keeps a hosted storage server: the first in ``datadir`` itself
     (the emoncms layout), others in ``<datadir>/storage<id>``."""
     return datadir if first else os.path.join(datadir, f"storage{server_id}")
+
+
+# -- the storage server's end of the stream ----------------------------------------
+
+
+class StreamServer:
+    """Applies the batches that arrive over the stream, in order, and answers reads.
+
+    One lock orders every batch (whatever connection it came on); a batch
+    carrying an older fencing token than the newest seen is refused, so a
+    stalled former sender cannot write after its successor. The newest
+    token is kept in ``<datadir>/stream.token`` across restarts.
+    """
+
+    log = Logger()
+
+    def __init__(self, location: StorageLocationService, allow: tuple[str, ...], registry: Any) -> None:
+        self.location = location
+        self.allow = set(allow)
+        self.lock = defer.DeferredLock()
+        self.disk_error: str | None = None
+        self._token_path = os.path.join(location.datadir, "stream.token")
+        self.max_token = self._read_token()
+        self.stopping = False
+        self.connections: set[Any] = set()
+        self.batches = Counter("emond_stream_batches_applied", "Batches applied from the stream", registry=registry)
+        self.points = Counter("emond_stream_points_applied", "Datapoints applied from the stream", registry=registry)
+        self.refused_peers = Counter("emond_stream_tls_refused", "Connections refused: certificate or name", registry=registry)
+        self.connected = Gauge("emond_stream_connections", "Stream connections open", registry=registry)
+        self.disk_errors = Counter("emond_storage_disk_errors", "Batches not applied because of a disk error", registry=registry)
+
+    def _read_token(self) -> int:
+        try:
+            with open(self._token_path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _write_token(self, token: int) -> None:
+        tmp = self._token_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(token))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._token_path)
+
+    async def apply(self, seq: int, token: int, records: bytes) -> tuple[bool, Any]:
+        """(True, refusals) once applied; (False, reason) when not applied."""
+        await self.lock.acquire()
+        try:
+            if self.stopping:
+                return False, "stopping"
+            if token < self.max_token:
+                return False, f"stale fencing token {token} < {self.max_token}"
+            if token > self.max_token:
+                await threads.deferToThread(self._write_token, token)
+                self.max_token = token
+            batch = np.frombuffer(records, dtype=RECORD)
+            try:
+                refusals = await self.location.apply_batch(batch)
+            except OSError as e:
+                self.disk_error = f"{e.strerror or e} ({e.filename or self.location.datadir})"
+                self.disk_errors.inc()
+                self.log.error("batch {seq} not applied: {error}", seq=seq, error=self.disk_error)
+                return False, "disk error"
+            self.disk_error = None
+            self.batches.inc()
+            self.points.inc(batch.shape[0] - len(refusals))
+            return True, [list(r) for r in refusals]
+        finally:
+            self.lock.release()
+
+    async def read(self, op: str, feed: int, engine: int, args: list[Any]) -> Any:
+        engines = self.location.engines
+        if engines is None:
+            raise RuntimeError("storage not open")
+        target = engines.engine(engine)
+        if op == "create":
+            if engine == ENGINE_PHPFINA:
+                return await threads.deferToThread(target.create, feed, *args)
+            return await threads.deferToThread(target.create, feed)
+        method = {
+            "data": "read",
+            "average": "read_average",
+            "value": "lastvalue",
+            "meta": "meta",
+            "delete": "delete",
+            "export": "export",
+        }.get(op)
+        if method is None:
+            raise ValueError(f"unknown read {op!r}")
+        result = await threads.deferToThread(getattr(target, method), feed, *args)
+        if op == "meta" and result is not None:
+            return list(result)
+        return result
+
+    def status(self) -> dict[str, object]:
+        return {
+            "ok": self.disk_error is None and self.location.engines is not None,
+            "disk_error": self.disk_error,
+            "connections": len(self.connections),
+            "fencing_token": self.max_token,
+        }
+
+    async def drain(self) -> None:
+        """Finish the batch in hand; acknowledge nothing after it."""
+        await self.lock.acquire()
+        self.stopping = True
+        self.lock.release()
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
+
+
+@implementer(IHandshakeListener)
+class StorageStreamProtocol(FrameProtocol):
+    """The server end: verify the peer's name, then hello, then batches and reads."""
+
+    log = Logger()
+
+    def __init__(self, server: StreamServer, server_id: int) -> None:
+        self.server = server
+        self.server_id = server_id
+        self.verified = False
+        self.greeted = False
+        self.peer = "?"
+
+    def handshakeCompleted(self) -> None:
+        names = peer_names(self.transport)
+        if not self.server.allow.intersection(names):
+            self.server.refused_peers.inc()
+            self.log.warn("stream: refused a client certificate for {names}: not on allow", names=names)
+            self.transport.abortConnection()
+            return
+        self.verified = True
+        self.peer = names[0]
+        self.server.connections.add(self)
+        self.server.connected.set(len(self.server.connections))
+        self.log.info("stream: {peer} connected", peer=self.peer)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.server.connections.discard(self)
+        self.server.connected.set(len(self.server.connections))
+
+    def stringReceived(self, frame: bytes) -> None:
+        if not self.verified:
+            self.transport.abortConnection()
+            return
+        kind = frame[:1]
+        if not self.greeted:
+            if kind != HELLO:
+                self.transport.abortConnection()
+                return
+            hello = json.loads(frame[1:])
+            if hello.get("version") != VERSION:
+                self.send(encode_json(HELLO_OK, {"version": VERSION, "error": "unsupported version"}))
+                self.transport.loseConnection()
+                return
+            self.greeted = True
+            self.send(encode_json(HELLO_OK, {"version": VERSION, "server": self.server_id}))
+            return
+        if kind == BATCH:
+            seq, token = BATCH_HEAD.unpack_from(frame, 1)
+            defer.ensureDeferred(self._batch(seq, token, frame[1 + BATCH_HEAD.size :]))
+        elif kind == REQUEST:
+            (request_id,) = REQ_HEAD.unpack_from(frame, 1)
+            defer.ensureDeferred(self._request(request_id, json.loads(frame[1 + REQ_HEAD.size :])))
+        else:
+            self.transport.abortConnection()
+
+    async def _batch(self, seq: int, token: int, records: bytes) -> None:
+        applied, result = await self.server.apply(seq, token, records)
+        if self.transport.connected:
+            self.send(ack_frame(ACK if applied else NACK, seq, result))
+
+    async def _request(self, request_id: int, request: dict[str, Any]) -> None:
+        try:
+            result = await self.server.read(request["op"], int(request["feed"]), int(request["engine"]), request.get("args", []))
+        except Exception as e:
+            body = json.dumps({"error": str(e), "type": type(e).__name__}).encode()
+            if self.transport.connected:
+                self.send(response_frame(request_id, FINAL | ERROR, body))
+            return
+        if isinstance(result, bytes):
+            for i in range(0, max(len(result), 1), CHUNK):
+                last = i + CHUNK >= len(result)
+                self.send(response_frame(request_id, BINARY | (FINAL if last else 0), result[i : i + CHUNK]))
+        else:
+            self.send(response_frame(request_id, FINAL, json.dumps(result).encode()))
+
+
+class StreamServerFactory(Factory):
+    def __init__(self, server: StreamServer, server_id: int) -> None:
+        self.server = server
+        self.server_id = server_id
+
+    def buildProtocol(self, addr: Any) -> StorageStreamProtocol:
+        return StorageStreamProtocol(self.server, self.server_id)

@@ -1,0 +1,359 @@
+"""A node's link to a remote storage server: the storage queue's sender, and reads.
+
+The link keeps one mutual-TLS connection (``ClientService``, reconnecting
+with backoff). While it holds the storage queue's lease it sends the
+queue's batches in order, each with its sequence number and the lease's
+fencing token, keeping at most ``window`` unacknowledged. Batches stay in
+Redis until the server acknowledges them (then they are removed and the
+feeds' disk values recorded, in one fenced script); after a reconnect the
+unacknowledged ones are sent again, in order, from the head of the queue.
+A full window stops the sender taking batches: only this server's queue
+grows. Reads are request/response frames with ids on the same connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from emond.config import RemoteServer, TLSSection
+from emond.queue import Commit, Lease, LeaseLost, Scripts, storage_stream
+from emond.records import RECORD, Refusal
+from emond.redis import Redis, RedisUnavailable
+from emond.sender import RefusalRecorder, disk_key, last_per_feed
+from emond.stream import (
+    ACK,
+    BINARY,
+    ERROR,
+    FINAL,
+    HELLO,
+    HELLO_OK,
+    NACK,
+    RESP_HEAD,
+    RESPONSE,
+    SEQ,
+    VERSION,
+    FrameProtocol,
+    batch_frame,
+    client_tls,
+    encode_json,
+    request_frame,
+)
+
+
+class RemoteUnavailable(Exception):
+    """The storage server cannot be reached now."""
+
+
+class RemoteReadError(Exception):
+    """The storage server answered a read with an error."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class StreamClientProtocol(FrameProtocol):
+    def __init__(self, link: "RemoteLink") -> None:
+        self.link = link
+
+    def connectionMade(self) -> None:
+        self.send(encode_json(HELLO, {"version": VERSION, "name": self.link.node_name}))
+
+    def stringReceived(self, frame: bytes) -> None:
+        kind = frame[:1]
+        if kind == HELLO_OK:
+            hello = json.loads(frame[1:])
+            if hello.get("version") != VERSION or hello.get("server") != self.link.server_id:
+                self.link.log.error("storage {id}: unexpected hello {hello}", id=self.link.server_id, hello=hello)
+                self.transport.loseConnection()
+                return
+            self.link.connected(self)
+        elif kind in (ACK, NACK):
+            (seq,) = SEQ.unpack_from(frame, 1)
+            self.link.answered(seq, kind == ACK, json.loads(frame[1 + SEQ.size :]))
+        elif kind == RESPONSE:
+            request_id, flags = RESP_HEAD.unpack_from(frame, 1)
+            self.link.response(request_id, flags, frame[1 + RESP_HEAD.size :])
+        else:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.link.disconnected(self)
+
+
+class _Factory(Factory):
+    def __init__(self, link: "RemoteLink") -> None:
+        self.link = link
+
+    def buildProtocol(self, addr: Any) -> StreamClientProtocol:
+        return StreamClientProtocol(self.link)
+
+
+class RemoteLink(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        server_id: int,
+        remote: RemoteServer,
+        tls: TLSSection,
+        node_name: str,
+        redis: Redis,
+        blocking: Redis,
+        recorder: RefusalRecorder,
+        registry: Any,
+        reactor: IReactorTime,
+        window: int = 8,
+        batch: int = 16,
+        lease_ms: int = 10_000,
+        block_ms: int = 500,
+    ) -> None:
+        self.server_id = server_id
+        self.remote = remote
+        self.tls = tls
+        self.node_name = node_name
+        self.redis = redis
+        self.blocking = blocking
+        self.recorder = recorder
+        self.reactor = reactor
+        self.window = window
+        self.batch = batch
+        self.block_ms = block_ms
+        self.lease = Lease(Scripts(redis), f"st:{server_id}", f"{node_name}-{uuid.uuid4().hex[:8]}", lease_ms)
+        self.lease_ms = lease_ms
+        self.protocol: StreamClientProtocol | None = None
+        self._ready: defer.Deferred[None] = defer.Deferred()
+        self._room: defer.Deferred[None] | None = None
+        self.unacked: dict[int, tuple[bytes, np.ndarray, float]] = {}  # seq -> (stream id, batch, sent at)
+        self._sent_after: bytes | None = None
+        self._requests: dict[int, tuple[defer.Deferred[Any], list[bytes]]] = {}
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._loop: defer.Deferred[None] | None = None
+        self._client: ClientService | None = None
+        self._idle: list[defer.Deferred[None]] = []
+        label = [str(server_id)]
+        self.m_connected = Gauge("emond_stream_connected", "1 while the stream to a storage server is up", ["server"], registry=registry).labels(*label)
+        self.m_sent = Counter("emond_stream_batches_sent", "Batches sent", ["server"], registry=registry).labels(*label)
+        self.m_points = Counter("emond_stream_points_sent", "Datapoints sent", ["server"], registry=registry).labels(*label)
+        self.m_acked = Counter("emond_stream_batches_acked", "Batches acknowledged", ["server"], registry=registry).labels(*label)
+        self.m_resent = Counter("emond_stream_batches_resent", "Batches sent again after a reconnect", ["server"], registry=registry).labels(*label)
+        self.m_window = Gauge("emond_stream_window_in_use", "Unacknowledged batches", ["server"], registry=registry).labels(*label)
+        self.m_rtt = Gauge("emond_stream_rtt_seconds", "Last batch round trip", ["server"], registry=registry).labels(*label)
+        self.m_fail = Counter("emond_stream_connect_failures", "Failed connections (TLS included)", ["server"], registry=registry).labels(*label)
+        self._ever_sent: set[int] = set()
+        self.last_rtt: float | None = None
+        self.error: str | None = None
+
+    # -- connection -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        host = self.remote.endpoint.split(":")[1] if self.remote.endpoint.count(":") >= 2 else ""
+        name = self.remote.name or host
+        endpoint = endpoints.wrapClientTLS(
+            client_tls(self.tls.ca, self.tls.cert, name), endpoints.clientFromString(self.reactor, self.remote.endpoint)
+        )
+        self._client = ClientService(endpoint, _Factory(self), retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0), clock=self.reactor)
+        self._client.startService()
+        self._loop = defer.ensureDeferred(self._run())
+
+    async def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()
+        self._stopping = True
+        self._wake()
+        if not self._ready.called:
+            self._ready.callback(None)
+        if self._loop is not None:
+            await self._loop
+        if self._client is not None:
+            await self._client.stopService()
+        try:
+            await self.lease.release()
+        except RedisUnavailable:
+            pass
+        await self.blocking.disconnect()
+
+    def connected(self, protocol: StreamClientProtocol) -> None:
+        self.protocol = protocol
+        self.m_connected.set(1)
+        self.error = None
+        self.log.info("stream to storage {id} up", id=self.server_id)
+        if not self._ready.called:
+            self._ready.callback(None)
+
+    def disconnected(self, protocol: StreamClientProtocol) -> None:
+        if protocol is not self.protocol:
+            self.m_fail.inc()  # never got past TLS and hello
+            return
+        self.protocol = None
+        self.m_connected.set(0)
+        self.log.warn("stream to storage {id} down; {n} batches to send again", id=self.server_id, n=len(self.unacked))
+        self.unacked.clear()
+        self._sent_after = None  # resend from the head of the queue
+        self.m_window.set(0)
+        self._ready = defer.Deferred()
+        for d, _ in self._requests.values():
+            d.errback(RemoteUnavailable(f"storage server {self.server_id}: connection lost"))
+        self._requests.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._room is not None and not self._room.called:
+            self._room.callback(None)
+
+    # -- the sender --------------------------------------------------------------------
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once the queue has been seen empty with nothing unacknowledged."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle.append(d)
+        return d
+
+    async def _run(self) -> None:
+        renewed = 0.0
+        while not self._stopping:
+            try:
+                if self.protocol is None:
+                    await self._ready
+                    continue
+                now = self.reactor.seconds()
+                if not self.lease.token or now - renewed > self.lease_ms / 3000.0:
+                    if not await self.lease.acquire_or_renew():
+                        await task.deferLater(self.reactor, self.lease_ms / 3000.0, lambda: None)
+                        continue
+                    renewed = now
+                room = self.window - len(self.unacked)
+                if room <= 0:
+                    self._room = defer.Deferred()
+                    await self._room
+                    continue
+                waiting, self._idle = self._idle, []
+                start = self._sent_after or b"0"
+                reply = await self.blocking.call(
+                    "XREAD", "COUNT", min(room, self.batch), "BLOCK", self.block_ms, "STREAMS", storage_stream(self.server_id), start
+                )
+                if not reply:
+                    if self.unacked:
+                        self._idle = waiting + self._idle
+                    else:
+                        for d in waiting:
+                            d.callback(None)
+                    continue
+                self._idle = waiting + self._idle
+                for _stream, entries in reply:
+                    for entry_id, fields in entries:
+                        self._send(entry_id, fields)
+            except LeaseLost:
+                self.log.warn("storage queue {id} taken over by another sender", id=self.server_id)
+            except RedisUnavailable as e:
+                self.error = f"redis: {e}"
+                await task.deferLater(self.reactor, 1.0, lambda: None)
+            except Exception:
+                self.log.failure("storage {id}: sender failed; will retry", id=self.server_id)
+                await task.deferLater(self.reactor, 1.0, lambda: None)
+
+    def _send(self, entry_id: bytes, fields: Any) -> None:
+        fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
+        seq = int(fields[b"s"])
+        records = fields[b"b"]
+        protocol = self.protocol
+        if protocol is None:
+            return
+        self.unacked[seq] = (entry_id, np.frombuffer(records, dtype=RECORD), time.monotonic())
+        self._sent_after = entry_id
+        protocol.send(batch_frame(seq, self.lease.token, records))
+        self.m_sent.inc()
+        self.m_points.inc(len(records) // RECORD.itemsize)
+        if seq in self._ever_sent:
+            self.m_resent.inc()
+        self._ever_sent.add(seq)
+        if len(self._ever_sent) > 100_000:
+            self._ever_sent = {s for s in self._ever_sent if s in self.unacked}
+        self.m_window.set(len(self.unacked))
+
+    def answered(self, seq: int, applied: bool, result: Any) -> None:
+        sent = self.unacked.get(seq)
+        if sent is None:
+            return
+        if not applied:
+            # Not applied (disk error, stale token): nothing is acknowledged; start again later.
+            self.error = f"storage {self.server_id} did not apply batch {seq}: {result}"
+            self.log.warn("{error}", error=self.error)
+            if self.protocol is not None:
+                self.protocol.transport.loseConnection()
+            return
+        entry_id, batch, sent_at = self.unacked.pop(seq)
+        self.last_rtt = time.monotonic() - sent_at
+        self.m_rtt.set(self.last_rtt)
+        self.m_acked.inc()
+        self.m_window.set(len(self.unacked))
+        refusals = [Refusal(int(f), int(t), str(r)) for f, t, r in result]
+        defer.ensureDeferred(self._commit(entry_id, batch, refusals))
+        self._wake()
+
+    async def _commit(self, entry_id: bytes, batch: np.ndarray, refusals: list[Refusal]) -> None:
+        commit = Commit()
+        for feed, when, value in last_per_feed(batch, {(r.feed, r.time) for r in refusals}):
+            commit.set_if_newer(disk_key(feed), when, repr(value))
+        try:
+            await self.lease.commit(storage_stream(self.server_id), [entry_id], commit)
+            if refusals:
+                await self.recorder.record(refusals)
+        except (LeaseLost, RedisUnavailable) as e:
+            # Applied but still queued: it is sent again, which gives the same files.
+            self.log.warn("storage {id}: commit after ack failed: {error}", id=self.server_id, error=str(e))
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def request(self, op: str, feed: int, engine: int, *args: Any) -> Any:
+        protocol = self.protocol
+        if protocol is None:
+            raise RemoteUnavailable(f"storage server {self.server_id} is not connected")
+        request_id = next(self._ids)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._requests[request_id] = (d, [])
+        protocol.send(request_frame(request_id, {"op": op, "feed": feed, "engine": engine, "args": list(args)}))
+        return await d
+
+    def response(self, request_id: int, flags: int, body: bytes) -> None:
+        pending = self._requests.get(request_id)
+        if pending is None:
+            return
+        d, chunks = pending
+        chunks.append(body)
+        if not flags & FINAL:
+            return
+        del self._requests[request_id]
+        data = b"".join(chunks)
+        if flags & ERROR:
+            error = json.loads(data)
+            d.errback(RemoteReadError(error["error"], error.get("type", "")))
+        elif flags & BINARY:
+            d.callback(data)
+        else:
+            d.callback(json.loads(data))
+
+    def status(self) -> dict[str, object]:
+        return {
+            "ok": self.protocol is not None and self.error is None,
+            "connected": self.protocol is not None,
+            "holding_queue": bool(self.lease.token),
+            "window_in_use": len(self.unacked),
+            "rtt": self.last_rtt,
+            "error": self.error,
+        }
