@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 from emond.api import READ, WRITE, ApiError, Call, Raw, Router, json_bytes
 from emond.context import NodeContext
+from emond.engine import FeedError
 from emond.feeds import check_engine, valid_feed_name
 from emond.inputs import Input
 from emond.names import valid_input_name
@@ -253,8 +254,10 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
         )
         try:
             await ctx.store.create(feed)
-        except BaseException:
+        except BaseException as e:
             await ctx.feeds.delete(feed)
+            if isinstance(e, (FeedError, OSError)):
+                raise ApiError("the feed engine could not create the feed", 500)
             raise
         return feed
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from emond.api import ApiError
 from emond.db import Database, Transaction
 from emond.names import valid_input_name
-from emond.process import Step, check_steps, load_owned, parse_lenient
+from emond.process import FEEDID, PROCESSES, Step, check_steps, load_owned, parse_lenient
 from emond.redis import Redis
 
 COLUMNS = "id, userid, nodeid, name, description, processList"
@@ -17,6 +17,11 @@ MAX_NODE = 16
 MAX_NAME = 64
 MAX_DESCRIPTION = 255
 MAX_ID = 2**31 - 1
+
+
+def user_version_key(userid: int) -> str:
+    """Bumped after a user's inputs or process lists change: input consumers reload what they cached."""
+    return f"emond:user:ver:{userid}"
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Inputs:
         if not valid_input_name(description):
             raise ApiError("invalid characters in input description")
         await self.db.execute("UPDATE inputs SET description = ? WHERE id = ?", description, inp.id)
+        await self.changed(inp.userid)
 
     async def change_processlist(
         self, userid: int, inputid: int, change: Callable[[str], tuple[list[Step] | None, str]]
@@ -111,7 +117,35 @@ class Inputs:
                 txn.execute("UPDATE inputs SET processList = ? WHERE id = ? AND userid = ?", text, inputid, userid)
             return text
 
-        return await self.db.transaction(work)
+        text = await self.db.transaction(work)
+        await self.changed(userid)  # also when unchanged: a retry after a lost bump must still bump
+        return text
+
+    async def forget_feed(self, userid: int, feedid: int) -> int:
+        """Remove the steps that name feed ``feedid`` from all the user's lists (the feed is being
+        deleted, as emoncms.org does); fires with the number of lists changed."""
+        lock = self.db.dialect == "mysql"
+
+        def work(txn: Transaction) -> int:
+            suffix = " FOR UPDATE" if lock else ""
+            rows = txn.query(f"SELECT id, processList FROM inputs WHERE userid = ? ORDER BY id{suffix}", userid)
+            changed = 0
+            for inputid, text in rows:
+                items = (text or "").split(",") if text else []
+                kept = [item for item in items if not names_feed(item, feedid)]
+                if len(kept) != len(items):
+                    txn.execute("UPDATE inputs SET processList = ? WHERE id = ?", ",".join(kept), inputid)
+                    changed += 1
+            return changed
+
+        changed = await self.db.transaction(work)
+        if changed:
+            await self.changed(userid)
+        return changed
+
+    async def changed(self, userid: int) -> None:
+        """Tell input consumers that the user's inputs changed (after the change is committed)."""
+        await self.redis.call("INCR", user_version_key(userid))
 
     async def delete(self, userid: int, inputids: list[int]) -> list[int]:
         """Delete those of ``inputids`` that are the user's; fires with the ids deleted."""
@@ -129,6 +163,7 @@ class Inputs:
         deleted = await self.db.transaction(work)
         if deleted:
             await self.redis.call("DEL", *[f"input:lastvalue:{i}" for i in deleted])
+            await self.changed(userid)
         return deleted
 
     async def lastvalues(self, inputids: list[int]) -> dict[int, tuple[int | None, float | None]]:
@@ -143,6 +178,12 @@ class Inputs:
             value = _number(v)
             out[inputid] = (None if when is None else int(when), value)
         return out
+
+
+def names_feed(item: str, feedid: int) -> bool:
+    """Whether one stored ``id:arg`` item is a step whose argument is feed ``feedid``."""
+    steps = parse_lenient(item)
+    return bool(steps) and PROCESSES[steps[0].process].argtype == FEEDID and steps[0].arg == feedid
 
 
 def _number(raw: Any) -> float | None:

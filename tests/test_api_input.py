@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from emond import process
 from emond.api import ApiError
+from emond.engine import FeedError
 from emond.process import (
     DAILY,
     FEEDID,
@@ -26,6 +27,7 @@ from emond.process import (
     parse_lenient,
     parse_processlist,
 )
+from emond.inputs import user_version_key
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 from emond.refusals import Refused
 from tests.support.node import NodeHarness
@@ -67,6 +69,13 @@ class ProcessTableTests(unittest.TestCase):
             PROCESSES[99] = PROCESSES[1]  # type: ignore[index]
         with self.assertRaises(AttributeError):
             PROCESSES[1].label = "x"  # type: ignore[misc]
+
+
+class VersionKeyTests(unittest.TestCase):
+    def test_consumers_watch_the_key_the_routes_bump(self):
+        from emond import consumer
+
+        self.assertEqual(consumer.user_version_key(42), user_version_key(42))
 
 
 class ParseTests(unittest.TestCase):
@@ -166,6 +175,9 @@ class InputApiMixin:
 
     def stored(self, inputid):
         return wait(self.ctx.inputs.get(inputid)).addCallback(lambda i: i.processlist if i else None)
+
+    def version(self):
+        return wait(self.ctx.redis.call("GET", user_version_key(self.uid))).addCallback(lambda v: int(v or 0))
 
     def set_list(self, inputid, text, key=None):
         return self.node.post("input/process/set.json", data={"processlist": text}, apikey=key or self.key, inputid=inputid)
@@ -295,8 +307,10 @@ class InputApiMixin:
         bobs = yield self.make_input(self.bob["userid"], "n", "a")
         for inp in (a, b, c, bobs):
             yield self.set_last(inp.id, 1700000000, 1)
+        before = yield self.version()
         one = yield self.node.get("input/delete.json", apikey=self.key, inputid=a.id)
         self.assertEqual(one.json(), {"success": True, "message": "Input deleted"})
+        self.assertGreater((yield self.version()), before)
         self.assertIsNone((yield wait(self.ctx.inputs.get(a.id))))
         self.assertEqual((yield wait(self.ctx.redis.call("EXISTS", f"input:lastvalue:{a.id}"))), 0)
         yield self.assertFails(self.node.get("input/delete.json", apikey=self.key, inputid=bobs.id), "Input does not exist")
@@ -320,8 +334,10 @@ class InputApiMixin:
         other = yield self.make_input(self.uid, "emontx", "power2")
         feed = yield self.make_feed(self.uid, "power1")
         kwh = yield self.make_feed(self.uid, "kwh1")
+        before = yield self.version()
         answer = yield self.set_list(inp.id, f"1:{feed},2:0.1,24:,process__power_to_kwh:{kwh},11:{other.id},3:+2.50")
         self.assertEqual((answer.code, answer.json()), (200, {"success": True, "message": "Input processlist updated"}))
+        self.assertGreater((yield self.version()), before)  # input consumers reload the list
         expected = f"1:{feed},2:0.1,24:0,4:{kwh},11:{other.id},3:2.5"
         got = yield self.node.get("input/process/get.json", apikey=self.alice["apikey_read"], inputid=inp.id)
         self.assertEqual(got.json(), expected)
@@ -412,6 +428,24 @@ class InputApiMixin:
         with self.assertRaises(ProcessListError) as caught:
             yield wait(process.validate_processlist(self.ctx.db, self.uid, inp.id, "8:1"))
         self.assertEqual(caught.exception.message, MSG_DELETED)
+
+    @defer.inlineCallbacks
+    def test_forget_feed(self):
+        a = yield self.make_input(self.uid, "emontx", "power1")
+        b = yield self.make_input(self.uid, "emontx", "power2")
+        bobs = yield self.make_input(self.bob["userid"], "n", "x")
+        feed = yield self.make_feed(self.uid, "power1")
+        kept = yield self.make_feed(self.uid, "kept")
+        yield wait(self.ctx.db.execute("UPDATE inputs SET processList = ? WHERE id = ?", f"1:{feed},2:{feed},29:{feed},1:{kept}", a.id))
+        yield wait(self.ctx.db.execute("UPDATE inputs SET processList = ? WHERE id = ?", f"6:{feed},junk", b.id))
+        yield wait(self.ctx.db.execute("UPDATE inputs SET processList = ? WHERE id = ?", f"1:{feed}", bobs.id))
+        before = yield self.version()
+        changed = yield wait(self.ctx.inputs.forget_feed(self.uid, feed))
+        self.assertEqual(changed, 1)
+        self.assertEqual((yield self.stored(a.id)), f"2:{feed},1:{kept}")  # a scale by the same number stays
+        self.assertEqual((yield self.stored(b.id)), f"6:{feed},junk")  # an input id, and junk, stay
+        self.assertEqual((yield self.stored(bobs.id)), f"1:{feed}")  # another user's lists are not looked at
+        self.assertGreater((yield self.version()), before)
 
     # -- process lists, emoncms.org form -----------------------------------------------
 
@@ -505,6 +539,35 @@ class InputApiMixin:
         after = yield wait(self.ctx.feeds.list(self.uid))
         self.assertEqual(len(after), len(before))  # no feed left behind by a refusal
         self.assertEqual((yield self.stored(inp.id)), f"1:{feed.id},5:{kwhd.id},4:{kwh.id}")
+
+    @defer.inlineCallbacks
+    def test_org_add_leaves_no_feed_behind(self):
+        inp = yield self.make_input(self.uid, "emontx", "power1")
+
+        async def broken_engine(feed):
+            raise FeedError("disk full")
+
+        self.patch(self.ctx.store, "create", broken_engine)
+        answer = yield self.node.get("input/process/add.json", apikey=self.key, inputid=inp.id, processid=1, newfeedname="a")
+        self.assertEqual((answer.code, answer.json()), (500, {"success": False, "message": "the feed engine could not create the feed"}))
+        self.assertEqual((yield wait(self.ctx.feeds.list(self.uid))), [])
+        self.patch(self.ctx.store, "create", type(self.ctx.store).create.__get__(self.ctx.store))
+        deleted_files = []
+        real_delete = self.ctx.store.delete
+
+        async def delete(feed):
+            deleted_files.append(feed.id)
+            await real_delete(feed)
+
+        async def refused(userid, inputid, change):
+            raise ApiError(MSG_WRITTEN)  # as if a concurrent change took the list first
+
+        self.patch(self.ctx.store, "delete", delete)
+        self.patch(self.ctx.inputs, "change_processlist", refused)
+        answer = yield self.node.get("input/process/add.json", apikey=self.key, inputid=inp.id, processid=1, newfeedname="b")
+        self.assertEqual((answer.code, answer.json()["message"]), (400, MSG_WRITTEN))
+        self.assertEqual((yield wait(self.ctx.feeds.list(self.uid))), [])
+        self.assertEqual(len(deleted_files), 1)  # its file too
 
     @defer.inlineCallbacks
     def test_concurrent_changes_are_serialised(self):
