@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
 from twisted.internet import defer, endpoints
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -32,6 +33,27 @@ from emond.storage import StorageLocationService, StreamServer, StreamServerFact
 from emond.stream import server_tls
 
 
+class OrderedMultiService(MultiService):
+    """Stops its children one after another, last started first, each finishing
+    before the next stops (``MultiService`` stops them all at once): HTTP stops
+    taking requests, then the pipeline drains, then the API, storage and Redis
+    go away."""
+
+    def stopService(self) -> defer.Deferred[None]:
+        Service.stopService(self)
+        return defer.ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=child.name)
+
+
+log = Logger()
+
+
 def _http_service(reactor: Any, description: str, root: Resource, max_body: int = 1 << 20) -> StreamServerEndpointService:
     site = Site(root, requestFactory=limited_request_factory(max_body))
     site.displayTracebacks = False  # no stack trace reaches a client
@@ -46,7 +68,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     Children start in this order and stop in the reverse one: HTTP stops
     taking requests before the API, storage and Redis go away.
     """
-    root = MultiService()
+    root = OrderedMultiService()
     checks: dict[str, HealthCheck] = {}
     redis_url = config.redis.url
     if not redis_url:
@@ -74,7 +96,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     app.setServiceParent(root)
     # Blocking reads (XREAD BLOCK) get connections of their own.
     blocking_timeout = config.redis.timeout + 1.0
-    pipeline = MultiService()
+    pipeline = OrderedMultiService()
     pipeline.setName("pipeline")
     pipeline.setServiceParent(root)
     consumer = InputConsumerService(
@@ -138,7 +160,7 @@ async def _owners(ctx: Any, feedids: list[int]) -> dict[int, int]:
 
 def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
     """The tree of a storage server: its storage location, the TLS stream listener, HTTP health."""
-    root = MultiService()
+    root = OrderedMultiService()
     location = StorageLocationService(config.storage.id, config.storage.datadir, config.engines)
     location.setName("storage")
     location.setServiceParent(root)
