@@ -1,0 +1,257 @@
+"""HTTP ingest benchmark: ``input/post`` against a bare twisted.web server, and ``input/bulk``.
+
+Run: ``python bench/ingest.py [--duration 10] [--rounds 3] [--profile]``. Prints figures;
+it is not a test.
+
+Starts a private redis-server (free port, temp dir, no persistence:
+``--save '' --appendonly no``), a real ``twistd -n emond`` (temp config:
+free port, temp datadir, SQLite, ``[input] rate_limit = 0.0``) and a bare
+twisted.web server (one leaf Resource answering ``ok``). The servers
+(emond, its redis-server and the bare server) are pinned to one core
+(``taskset -c 0``), wrk to the other (``taskset -c 1``). Then, alternating,
+``wrk -t1 -c32 --latency`` for 10 s per run against emond's
+``GET /input/post.json?apikey=KEY&node=bench&csv=1,2,3`` and against the bare
+server, 3 rounds each; then 3 runs of ``POST /input/bulk.json`` with 100
+frames per request (a wrk Lua script).
+
+Before each run the emond input queues are waited empty: the node process
+also consumes what it accepted (the consumer runs in the same process, on
+the same pinned core), and a backlog left by one run would otherwise eat the
+next run's CPU — including the bare server's. The time that drain takes is
+printed too. ``--profile`` adds one more run of each emond load with
+``py-spy record`` attached to the twistd process and prints the hot spots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _harness import HOST, ROOT, Harness, Redis, profile, register, wait_drained  # noqa: E402
+
+POST_TARGET, POST_GOAL = 0.5, 0.75  # emond input/post requests/s over the bare server's
+BULK_TARGET = 100_000  # frames/s
+DRAIN_TIMEOUT = 900.0
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    print("wrk is missing: apt-get install -y wrk", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, check=True)
+    found = shutil.which("wrk")
+    if not found:
+        raise SystemExit("wrk could not be installed")
+    return found
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _ms(number: str, unit: str) -> float:
+    return float(number) * _UNITS[unit]
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    """Requests/s, p50/p99 latency (ms), request count, non-2xx and socket errors of one wrk run."""
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M)
+    total = re.search(r"(\d+) requests in", output)
+    if not (rps and p50 and p99 and total):
+        raise RuntimeError(f"could not parse wrk's output:\n{output}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    return {
+        "rps": float(rps.group(1)),
+        "p50": _ms(*p50.groups()),
+        "p99": _ms(*p99.groups()),
+        "requests": int(total.group(1)),
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": sum(int(g) for g in sock.groups()) if sock else 0,
+    }
+
+
+def run_wrk(wrk: str, cpu: str, url: str, duration: float, connections: int, script: str | None = None) -> dict[str, float]:
+    argv = ["taskset", "-c", cpu, wrk, "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency"]
+    if script:
+        argv += ["-s", script]
+    done = subprocess.run(argv + [url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=duration + 60)
+    output = done.stdout.decode(errors="replace")
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{output}")
+    result = parse_wrk(output)
+    if result["non2xx"]:
+        raise RuntimeError(f"{url}: {result['non2xx']} answers were not 2xx: the figures would be meaningless\n{output}")
+    return result
+
+
+def fetch(url: str, body: bytes | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/x-www-form-urlencoded"} if body is not None else {}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def expect_ok(what: str, url: str, body: bytes | None = None) -> None:
+    code, answer = fetch(url, body)
+    if code != 200 or answer != b"ok":
+        raise SystemExit(f"FAIL: {what} answered {code} {answer[:300]!r}, expected 200 'ok'; not measuring")
+
+
+def counters(port: int) -> dict[str, float]:
+    """emond's frames accepted and packets processed, from /metrics."""
+    _, text = fetch(f"http://{HOST}:{port}/metrics")
+    found = {}
+    for name in ("emond_input_frames_accepted_total", "emond_packets_processed_total"):
+        m = re.search(rf"^{name} ([\d.e+]+)$", text.decode(), re.M)
+        found[name] = float(m.group(1)) if m else float("nan")
+    return found
+
+
+def bulk_body(key: str, frames: int, now: int) -> str:
+    data = json.dumps([[i, "bench", 1, 2, 3] for i in range(frames)], separators=(",", ":"))
+    return urllib.parse.urlencode({"data": data, "time": str(now - 3600), "apikey": key})
+
+
+def lua_post(path: str, body: str) -> None:
+    with open(path, "w") as f:
+        f.write('wrk.method = "POST"\n')
+        f.write('wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n')
+        f.write(f"wrk.body = {json.dumps(body)}\n")  # a JSON string literal is a valid Lua one here (ASCII, no \\u)
+
+
+def line(label: str, r: dict[str, float], extra: str = "") -> str:
+    errors = f", {int(r['socket_errors'])} socket errors" if r["socket_errors"] else ""
+    return f"  {label:<22} {r['rps']:>10,.0f} req/s   p50 {r['p50']:7.2f} ms   p99 {r['p99']:7.2f} ms{errors}{extra}"
+
+
+def drain(redis: Redis, port: int) -> str:
+    before = counters(port)["emond_packets_processed_total"]
+    took = wait_drained(redis, DRAIN_TIMEOUT)
+    processed = counters(port)["emond_packets_processed_total"] - before
+    if processed > 0 and took > 0.1:
+        return f"backlog {processed:,.0f} packets drained in {took:.1f} s ({processed / took:,.0f} packets/s)"
+    return f"backlog {processed:,.0f} packets drained in {took:.1f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--frames", type=int, default=100, help="frames per input/bulk request")
+    parser.add_argument("--server-cpu", default="0", help="core of emond, its redis-server and the bare server")
+    parser.add_argument("--wrk-cpu", default="1")
+    parser.add_argument("--profile", action="store_true", help="one more run per load with py-spy on emond")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, raw profiles)")
+    args = parser.parse_args()
+
+    wrk = ensure_wrk()
+    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    harness = Harness("ingest")
+    redis = None
+    try:
+        redis_server, redis_port = harness.redis(cpu=args.server_cpu)
+        node, port, _ = harness.emond(redis_port, cpu=args.server_cpu)
+        bare, bare_port = harness.bare(cpu=args.server_cpu)
+        redis = Redis(redis_port)
+        key = register(port)
+        post_url = f"http://{HOST}:{port}/input/post.json?apikey={key}&node=bench&csv=1,2,3"
+        bulk_url = f"http://{HOST}:{port}/input/bulk.json"
+        bare_url = f"http://{HOST}:{bare_port}/"
+        body = bulk_body(key, args.frames, int(time.time()))
+        script = os.path.join(harness.base, "bulk.lua")
+        lua_post(script, body)
+        print(f"emond pid {node.pid} on :{port}, bare pid {bare.pid} on :{bare_port}, redis-server pid {redis_server.pid} "
+              f"(all on core {args.server_cpu}); wrk on core {args.wrk_cpu}; bulk body {len(body):,} bytes", flush=True)
+        expect_ok("emond input/post", post_url)
+        expect_ok("bare server GET", bare_url)
+        expect_ok("bare server POST", bare_url, b"x=1")
+        expect_ok("emond input/bulk", bulk_url, body.encode())
+        wait_drained(redis, DRAIN_TIMEOUT)  # the first packets create the inputs
+
+        # warm-up (not counted): connections, caches, the first flushes
+        run_wrk(wrk, args.wrk_cpu, post_url, 2, args.connections)
+        run_wrk(wrk, args.wrk_cpu, bare_url, 2, args.connections)
+        wait_drained(redis, DRAIN_TIMEOUT)
+
+        print(f"\ninput/post vs bare twisted.web: wrk -t1 -c{args.connections} --latency, {args.duration:.0f} s per run", flush=True)
+        emond_runs, bare_runs = [], []
+        for r in range(1, args.rounds + 1):
+            e = run_wrk(wrk, args.wrk_cpu, post_url, args.duration, args.connections)
+            print(line(f"round {r} emond post", e), flush=True)
+            print(f"    {drain(redis, port)}", flush=True)
+            b = run_wrk(wrk, args.wrk_cpu, bare_url, args.duration, args.connections)
+            print(line(f"round {r} bare", b, f"   ratio {e['rps'] / b['rps']:.2f}"), flush=True)
+            emond_runs.append(e)
+            bare_runs.append(b)
+        expect_ok("emond input/post after the runs", post_url)
+        med = {k: statistics.median(r[k] for r in emond_runs) for k in ("rps", "p50", "p99")}
+        bmed = {k: statistics.median(r[k] for r in bare_runs) for k in ("rps", "p50", "p99")}
+        ratio = med["rps"] / bmed["rps"]
+
+        print(f"\ninput/bulk, {args.frames} frames per request: wrk -t1 -c{args.connections} --latency, {args.duration:.0f} s per run", flush=True)
+        bulk_runs = []
+        wait_drained(redis, DRAIN_TIMEOUT)
+        for r in range(1, args.rounds + 1):
+            bk = run_wrk(wrk, args.wrk_cpu, bulk_url, args.duration, args.connections, script)
+            print(line(f"round {r} emond bulk", bk, f"   {bk['rps'] * args.frames:,.0f} frames/s"), flush=True)
+            print(f"    {drain(redis, port)}", flush=True)
+            bulk_runs.append(bk)
+        expect_ok("emond input/bulk after the runs", bulk_url, body.encode())
+        bulk_med = {k: statistics.median(r[k] for r in bulk_runs) for k in ("rps", "p50", "p99")}
+        frames = bulk_med["rps"] * args.frames
+
+        print("\nSUMMARY (medians of rounds)")
+        print(f"  emond input/post   {med['rps']:>10,.0f} req/s     p50 {med['p50']:.2f} ms  p99 {med['p99']:.2f} ms")
+        print(f"  bare twisted.web   {bmed['rps']:>10,.0f} req/s     p50 {bmed['p50']:.2f} ms  p99 {bmed['p99']:.2f} ms")
+        verdict = "goal met" if ratio >= POST_GOAL else ("target met" if ratio >= POST_TARGET else "MISSES the target")
+        print(f"  RATIO emond/bare   {ratio:.2f}   (target >= {POST_TARGET}, goal {POST_GOAL}: {verdict})")
+        verdict = "target met" if frames >= BULK_TARGET else "MISSES the target"
+        print(f"  emond input/bulk   {bulk_med['rps']:>10,.0f} req/s  =  {frames:,.0f} frames/s   p50 {bulk_med['p50']:.2f} ms  "
+              f"p99 {bulk_med['p99']:.2f} ms   (target >= {BULK_TARGET:,}: {verdict})")
+        print(f"  load average {os.getloadavg()[0]:.2f} at the end (the machine is shared)", flush=True)
+
+        if args.profile:
+            for label, url, lua in (("input/post", post_url, None), ("input/bulk", bulk_url, script)):
+                wait_drained(redis, DRAIN_TIMEOUT)
+                print(f"\nPROFILE emond during {label} (py-spy record, {args.duration:.0f} s, on core {args.wrk_cpu} with wrk)", flush=True)
+                out = os.path.join(harness.base, f"profile-{label.replace('/', '-')}.txt")
+                summary: list[str] = []
+                spy = threading.Thread(target=lambda: summary.append(profile(node.pid, args.duration, out, cpu=args.wrk_cpu)))
+                spy.start()
+                time.sleep(0.5)
+                r = run_wrk(wrk, args.wrk_cpu, url, args.duration, args.connections, lua)
+                spy.join()
+                print(line(f"{label} (profiled)", r))
+                print(summary[0] if summary else "py-spy gave nothing", flush=True)
+    finally:
+        if redis is not None:
+            redis.close()
+        harness.close(keep=args.keep)
+
+
+if __name__ == "__main__":
+    main()
