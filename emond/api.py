@@ -129,7 +129,7 @@ class Call:
     def json_param(self, name: str, message: str) -> Any:
         try:
             return json.loads(self.require(name, message))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             raise ApiError(message)
 
 

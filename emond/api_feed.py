@@ -13,6 +13,14 @@ spec B: errors are HTTP 400 with ``{"success": false, "message": ...}``;
 ``disk_time``/``disk_value``, the last point actually on disk, next to
 ``time``/``value``, the last value accepted.
 
+Writes (``feed/insert.json``, ``feed/update.json``) go through the node's
+feed writer: the answer comes once the record is durably queued for its
+storage server, so a read just after may not show it yet (``disk_*`` says
+what has arrived). A time outside the storage window is refused at once
+(400, recorded for ``input/rejected.json``); a record the storage server
+refuses later (padding limit) is recorded by its sender. The last value
+moves forward only: a back-filled point never replaces a newer one.
+
 Number forms: the fields of a feed are strings as emoncms.org's Redis hash
 gave them (``"id":"1"``); ``time`` is an int. ``value`` is a string as
 emoncms.org returned it (PHP's float-to-string, 14 significant digits:
@@ -95,10 +103,22 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
     # -- feed objects --------------------------------------------------------
 
     async def entries(found: list[Feed]) -> list[dict[str, Any]]:
-        """List entries: one Redis pipeline and one disk pass for all feeds."""
-        last = await feeds.lastvalues([f.id for f in found])
+        """List entries: one Redis pipeline and one disk pass (per storage server) for all feeds.
+
+        ``disk_*`` is read from the feed's files where its storage server is
+        hosted here; for another server, it is the last point its sender
+        recorded as applied (``feed:disk:<id>``).
+        """
+        last = await feeds.timevalues([f.id for f in found])
         disk = await store.summaries(found)
-        return [entry(f, last[f.id], disk[f.id]) for f in found]
+        out = []
+        for f in found:
+            accepted, applied = last[f.id]
+            summary = disk[f.id]
+            if summary.size is None and applied is not None:
+                summary = DiskSummary(None, applied)
+            out.append(entry(f, accepted, summary))
+        return out
 
     async def disk_last(feed: Feed) -> tuple[int, float | None] | None:
         try:

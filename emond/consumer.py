@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from emond.context import NodeContext
 from emond.feeds import Feed
-from emond.inputs import Input
+from emond.inputs import Input, user_version_key
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_packets, input_stream
 from emond.records import RECORD
@@ -38,11 +38,6 @@ CONSUMERS = "emond:consumers"
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
 REASON_BAD_NAME = "invalid_name"
-
-
-def user_version_key(userid: int) -> str:
-    """Bumped whenever a user's inputs, feeds or process lists change."""
-    return f"emond:user:ver:{userid}"
 
 
 @dataclass
@@ -313,7 +308,7 @@ class InputConsumerService(Service):
             user = users[int(userid)]
             for name in values:
                 inp = user.inputs.get((node, name))
-                if inp is None:
+                if inp is None or inp.id in inputids:
                     continue
                 inputids.add(inp.id)
                 steps = user.steps.get(inp.id)

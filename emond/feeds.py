@@ -154,7 +154,8 @@ class Feeds:
 
     async def delete(self, feed: Feed) -> None:
         await self.db.execute("DELETE FROM feeds WHERE id = ?", feed.id)
-        await self.redis.call("DEL", f"feed:lastvalue:{feed.id}")
+        # the last value accepted, and the last one the storage sender put on disk
+        await self.redis.call("DEL", f"feed:lastvalue:{feed.id}", f"feed:disk:{feed.id}")
 
     async def lastvalues(self, feedids: list[int]) -> dict[int, tuple[int, float] | None]:
         """The last accepted (time, value) of each feed (what was queued, not what is on disk)."""
@@ -163,6 +164,18 @@ class Feeds:
         for feedid, reply in zip(feedids, replies):
             out[feedid] = _timevalue(reply)
         return out
+
+    async def timevalues(
+        self, feedids: list[int]
+    ) -> dict[int, tuple[tuple[int, float] | None, tuple[int, float] | None]]:
+        """(last accepted, last applied to disk by the storage sender) of each feed, one pipeline."""
+        commands: list[tuple[Any, ...]] = []
+        for i in feedids:
+            commands += [("HMGET", f"feed:lastvalue:{i}", "time", "value"), ("HMGET", f"feed:disk:{i}", "time", "value")]
+        replies = await self.redis.pipeline(commands)
+        return {
+            feedid: (_timevalue(replies[2 * n]), _timevalue(replies[2 * n + 1])) for n, feedid in enumerate(feedids)
+        }
 
     async def set_lastvalue(self, feedid: int, when: int, value: float) -> None:
         await self.redis.call("HSET", f"feed:lastvalue:{feedid}", "time", str(int(when)), "value", repr(float(value)))

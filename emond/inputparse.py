@@ -209,16 +209,16 @@ def parse_bulk(params: dict[str, str], text: str, now: int) -> tuple[list[Packet
     time_ref = _time_reference(params, last[0], now)
     packets: list[Packet] = []
     refused: list[FrameRefusal] = []
+    nodes: dict[Any, str] = {}  # a bulk repeats few node names: check each once
     for frame in frames:
         try:
-            packet = _frame(frame, time_ref)
+            packet = _frame(frame, time_ref, nodes)
         except (ApiError, ValueError, TypeError, OverflowError):
             when = _frame_time(frame, time_ref)
             node = str(frame[1])[:MAX_NODE] if isinstance(frame, list) and len(frame) > 1 and not isinstance(frame[1], (dict, list)) else ""
             refused.append(FrameRefusal(when, node, REASON_MALFORMED_FRAME))
             continue
-        if packet is not None:
-            packets.append(packet)
+        packets.append(packet)
     return packets, refused
 
 
@@ -243,7 +243,7 @@ def _frame_time(frame: Any, time_ref: int) -> int:
         return 0
 
 
-def _frame(frame: Any, time_ref: int) -> Packet | None:
+def _frame(frame: Any, time_ref: int, nodes: dict[Any, str]) -> Packet:
     if not isinstance(frame, list) or len(frame) < 3:
         raise ValueError("a frame is [time, node, value, ...]")
     offset = numeric(frame[0])
@@ -251,7 +251,10 @@ def _frame(frame: Any, time_ref: int) -> Packet | None:
         raise ValueError("frame time missing")
     if isinstance(frame[1], (dict, list)):
         raise ValueError("Format error, node must not be an object")
-    node = node_name(frame[1] if not isinstance(frame[1], float) else int(frame[1]))
+    raw = frame[1]
+    node = nodes.get(raw)
+    if node is None:
+        node = nodes[raw] = node_name(raw if not isinstance(raw, float) else int(raw))
     values: dict[str, float] = {}
     position = 0
     for item in frame[2:]:

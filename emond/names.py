@@ -3,7 +3,10 @@ has no ``\\p{L}``)."""
 
 from __future__ import annotations
 
+import re
 import unicodedata
+
+_ASCII_OK = {extra: re.compile(r"^[A-Za-z0-9\s" + re.escape(extra) + r"]*$") for extra in ("_-:", "_-.")}
 
 
 def _letter_or_number(c: str) -> bool:
@@ -12,6 +15,10 @@ def _letter_or_number(c: str) -> bool:
 
 def valid_chars(text: str, extra: str) -> bool:
     """Every character is a letter, a number, white space or one of ``extra``."""
+    if text.isascii():  # the common case, without a unicodedata call per character
+        pattern = _ASCII_OK.get(extra)
+        if pattern is not None:
+            return pattern.match(text) is not None
     return all(_letter_or_number(c) or c.isspace() or c in extra for c in text)
 
 

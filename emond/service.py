@@ -54,8 +54,17 @@ class OrderedMultiService(MultiService):
 log = Logger()
 
 
-def _http_service(reactor: Any, description: str, root: Resource, max_body: int = 1 << 20) -> StreamServerEndpointService:
-    site = Site(root, requestFactory=limited_request_factory(max_body))
+class QuietSite(Site):
+    """A site without the per-request access log line."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def _http_service(
+    reactor: Any, description: str, root: Resource, max_body: int = 1 << 20, access_log: bool = True
+) -> StreamServerEndpointService:
+    site = (Site if access_log else QuietSite)(root, requestFactory=limited_request_factory(max_body))
     site.displayTracebacks = False  # no stack trace reaches a client
     service = StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
     service.setName("http")
@@ -145,7 +154,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     monitor.setServiceParent(pipeline)
     checks["queues"] = monitor.status
     api = make_api(ctx, app, checks, reactor)
-    _http_service(reactor, config.node.http, api, config.input.max_body).setServiceParent(root)
+    _http_service(reactor, config.node.http, api, config.input.max_body, config.node.access_log).setServiceParent(root)
     return root
 
 
