@@ -302,14 +302,16 @@ class InputConsumerService(Service):
 
     async def _load_state(self, state: ProcessState, packets: list[list[Any]], users: dict[int, UserCache]) -> None:
         inputids: set[int] = set()
+        seen: set[int] = set()
         feedids: set[int] = set()
         extra: set[str] = set()
         for userid, _when, node, values, _received in packets:
             user = users[int(userid)]
             for name in values:
                 inp = user.inputs.get((node, name))
-                if inp is None or inp.id in inputids:
+                if inp is None or inp.id in seen:
                     continue
+                seen.add(inp.id)
                 inputids.add(inp.id)
                 steps = user.steps.get(inp.id)
                 if steps:
