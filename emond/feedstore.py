@@ -14,12 +14,15 @@ from datetime import datetime, tzinfo
 from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from emond.api import ApiError
-from emond.engine import MAX_DATAPOINTS, FeedError, php_round
+from emond.engine import MAX_DATAPOINTS, FeedError, NoSuchFeed, php_round
 from emond.feeds import Feed
-from emond.records import ENGINE_PHPFINA, Refusal
+from emond.phpfina import FeedMeta
+from emond.phptimeseries import SeriesMeta
+from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, Refusal
+from emond.remote import RemoteReadError, RemoteUnavailable
 from emond.storage import StorageEngines, StorageLocationService
 
 CSV_LIMIT = 25 * 1048576  # bytes, as emoncms.org
@@ -38,11 +41,69 @@ class FeedWriter(Protocol):
     async def write(self, server: int, batch: np.ndarray) -> list[Refusal]: ...
 
 
+class RemoteEngine:
+    """A remote storage server's engine, for code that runs in a thread: each call
+    is a read request over the stream, made from the reactor while the thread waits."""
+
+    def __init__(self, link: Any, engine: int) -> None:
+        self.link = link
+        self.engine_id = engine
+
+    def _request(self, op: str, feedid: int, *args: Any) -> Any:
+        from twisted.internet import reactor
+
+        try:
+            return threads.blockingCallFromThread(
+                reactor, lambda: defer.ensureDeferred(self.link.request(op, feedid, self.engine_id, *args))
+            )
+        except RemoteReadError as e:
+            raise (NoSuchFeed(feedid) if e.kind == "NoSuchFeed" else FeedError(str(e)))
+        except RemoteUnavailable as e:
+            raise ApiError(str(e), 503)
+
+    def create(self, feedid: int, *args: Any) -> None:
+        self._request("create", feedid, *args)
+
+    def delete(self, feedid: int) -> None:
+        self._request("delete", feedid)
+
+    def read(self, feedid: int, *args: Any) -> list:
+        return self._request("data", feedid, *args)
+
+    def read_average(self, feedid: int, *args: Any) -> list:
+        return self._request("average", feedid, *args)
+
+    def lastvalue(self, feedid: int) -> Any:
+        last = self._request("value", feedid)
+        return tuple(last) if last is not None else None
+
+    def meta(self, feedid: int) -> Any:
+        fields = self._request("meta", feedid)
+        return FeedMeta(*fields) if self.engine_id == ENGINE_PHPFINA else SeriesMeta(*fields)
+
+    def export(self, feedid: int, *args: Any) -> bytes:
+        return self._request("export", feedid, *args)
+
+
+class RemoteEngines:
+    def __init__(self, link: Any) -> None:
+        self.link = link
+
+    def engine(self, engine: int) -> RemoteEngine:
+        if engine not in (ENGINE_PHPFINA, ENGINE_PHPTIMESERIES):
+            raise KeyError(engine)
+        return RemoteEngine(self.link, engine)
+
+
 class FeedStore:
     def __init__(self, locations: dict[int, StorageLocationService]) -> None:
         self._locations = locations
+        self.remotes: dict[int, Any] = {}  # storage server id -> RemoteLink (the stream)
 
-    def _engines(self, server: int) -> StorageEngines:
+    def _engines(self, server: int) -> StorageEngines | RemoteEngines:
+        remote = self.remotes.get(server)
+        if remote is not None:
+            return RemoteEngines(remote)
         location = self._locations.get(server)
         if location is None or location.engines is None:
             raise ApiError(f"storage server {server} is not available", 503)
@@ -96,10 +157,11 @@ class FeedStore:
         for feed in feeds:
             by_server.setdefault(feed.server, []).append(feed)
         for server, group in by_server.items():
-            location = self._locations.get(server)
-            if location is None or location.engines is None:
+            try:
+                engines = self._engines(server)
+            except ApiError:
                 continue
-            out.update(await threads.deferToThread(_summaries, location.engines, group))
+            out.update(await threads.deferToThread(_summaries, engines, group))
         return out
 
     async def values_at(self, feed: Feed, times: list[int], steps: list[int]) -> list[float | None]:
@@ -123,7 +185,7 @@ class FeedStore:
 # -- work done in a thread, through the engines' public methods -------------
 
 
-def _summaries(engines: StorageEngines, feeds: list[Feed]) -> dict[int, DiskSummary]:
+def _summaries(engines: StorageEngines | RemoteEngines, feeds: list[Feed]) -> dict[int, DiskSummary]:
     out: dict[int, DiskSummary] = {}
     for feed in feeds:
         try:
@@ -131,7 +193,7 @@ def _summaries(engines: StorageEngines, feeds: list[Feed]) -> dict[int, DiskSumm
             npoints = engine.meta(feed.id).npoints
             size = 16 + 4 * npoints if feed.engine == ENGINE_PHPFINA else 9 * npoints
             out[feed.id] = DiskSummary(size, engine.lastvalue(feed.id))
-        except (KeyError, FeedError, OSError):
+        except (KeyError, FeedError, OSError, ApiError):
             out[feed.id] = DiskSummary(None, None)
     return out
 

@@ -145,6 +145,7 @@ class RemoteLink(Service):
         self._loop: defer.Deferred[None] | None = None
         self._client: ClientService | None = None
         self._idle: list[defer.Deferred[None]] = []
+        self._busy = False
         label = [str(server_id)]
         self.m_connected = Gauge("emond_stream_connected", "1 while the stream to a storage server is up", ["server"], registry=registry).labels(*label)
         self.m_sent = Counter("emond_stream_batches_sent", "Batches sent", ["server"], registry=registry).labels(*label)
@@ -251,10 +252,14 @@ class RemoteLink(Service):
                     if self.unacked:
                         self._idle = waiting + self._idle
                     else:
+                        if self._busy:
+                            self._busy = False
+                            self.log.info("storage queue {id} drained", id=self.server_id)
                         for d in waiting:
                             d.callback(None)
                     continue
                 self._idle = waiting + self._idle
+                self._busy = True
                 for _stream, entries in reply:
                     for entry_id, fields in entries:
                         self._send(entry_id, fields)
