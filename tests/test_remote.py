@@ -180,3 +180,40 @@ class RemoteStorageTests(unittest.TestCase):
         )
         yield node.signal(signal.SIGTERM)
         yield storage.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_full_disk_acknowledges_nothing_and_recovers(self):
+        storage = yield self.start_storage()
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        yield self.setup_feeds(node)
+        for b in range(5):
+            yield self.post_bulk(b)
+        yield self.drained(node)
+        # The storage process may no longer grow any file past 64 bytes: appends fail with EFBIG.
+        pid = str(storage.transport.pid)
+        subprocess.run(["prlimit", "--pid", pid, "--fsize=64:unlimited"], check=True)
+        offset = len(storage.output)
+        for b in range(5, 10):
+            answer = yield self.post_bulk(b)
+            self.assertEqual(answer, b"ok")
+        yield storage.logged_after("not applied", offset)
+        health = yield treq.get(f"http://127.0.0.1:{self.storage_http}/health", persistent=False)
+        body = yield health.json()
+        self.assertEqual(health.code, 503)
+        self.assertTrue(body["stream"]["disk_error"])
+        waiting = yield defer.ensureDeferred(self.redis.call("XLEN", storage_stream(1)))
+        self.assertGreater(int(waiting), 0)  # nothing acknowledged: still queued
+        subprocess.run(["prlimit", "--pid", pid, "--fsize=unlimited:unlimited"], check=True)
+        yield self.drained(node)
+        self.assertEqual(
+            list(self.files(self.feeds["rfina"], 5, "remote").values()), list(self.files(self.feeds["lfina"], 5, "local").values())
+        )
+        self.assertEqual(
+            list(self.files(self.feeds["rts"], 2, "remote").values()), list(self.files(self.feeds["lts"], 2, "local").values())
+        )
+        health = yield treq.get(f"http://127.0.0.1:{self.storage_http}/health", persistent=False)
+        self.assertEqual(health.code, 200)
+        yield treq.content(health)
+        yield node.signal(signal.SIGTERM)
+        yield storage.signal(signal.SIGTERM)
