@@ -77,8 +77,8 @@ class RemoteStorageTests(unittest.TestCase):
         return body if raw else (json.loads(body) if body != b"ok" else body)
 
     @defer.inlineCallbacks
-    def drained(self, node):
-        streams = [input_stream(q) for q in range(QUEUES)] + [storage_stream(0), storage_stream(1)]
+    def drained(self, node, servers=(0, 1)):
+        streams = [input_stream(q) for q in range(QUEUES)] + [storage_stream(s) for s in servers]
         while True:
             offset = len(node.output)
             lengths = yield defer.ensureDeferred(self.redis.pipeline([("XLEN", s) for s in streams]))
@@ -216,4 +216,50 @@ class RemoteStorageTests(unittest.TestCase):
         self.assertEqual(health.code, 200)
         yield treq.content(health)
         yield node.signal(signal.SIGTERM)
+        yield storage.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_sending_node_killed_another_takes_over(self):
+        storage = yield self.start_storage()
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        yield self.setup_feeds(node)
+        # a second node, hosting no storage, sharing Redis, the database and the remote server
+        with open(self.node_config) as f:
+            text = f.read()
+        second_http = free_port()
+        text = text.replace(f"tcp:{self.http}:", f"tcp:{second_http}:").replace("storage = [0]", "storage = []")
+        second_config = os.path.join(self.base, "node2.toml")
+        with open(second_config, "w") as f:
+            f.write(text)
+        second = start_daemon("emond", second_config, self.base)
+        self.addCleanup(second.signal, signal.SIGKILL)
+        yield second.logged("node API ready")
+        yield second.logged("stream to storage 1 up")
+        posted = []
+        for b in range(20):
+            frames = [[10 * (10 * b + i) + (i % 3), "n", round(100 + (b * 10 + i) * 1.5, 1)] for i in range(10)]
+            posted += [(T0 + t, v) for t, _, v in frames]
+            yield self.call("input/bulk.json", apikey=self.key, data=json.dumps(frames), time=str(T0))
+            if b == 9:
+                yield node.signal(signal.SIGKILL)  # the sender holding the storage queue dies mid-stream
+                self.http = second_http  # posts go to the survivor from now on
+        yield self.drained(second, servers=(1,))  # server 0 died with the first node
+        # the remote files are exactly what the engines write for every posted point, in order
+        from emond.phpfina import PHPFina
+        from emond.phptimeseries import PHPTimeSeries
+
+        times = [t for t, _ in posted]
+        values = [v for _, v in posted]
+        fina = PHPFina(os.path.join(self.base, "expected", "phpfina"), clock=lambda: T0, sync=False)
+        fina.create(self.feeds["rfina"], 10)
+        fina.write(self.feeds["rfina"], times, values)
+        fina.close()
+        series = PHPTimeSeries(os.path.join(self.base, "expected", "phptimeseries"), clock=lambda: T0, sync=False)
+        series.create(self.feeds["rts"])
+        series.write(self.feeds["rts"], times, values)
+        series.close()
+        self.assertEqual(self.files(self.feeds["rfina"], 5, "remote"), self.files(self.feeds["rfina"], 5, "expected"))
+        self.assertEqual(self.files(self.feeds["rts"], 2, "remote"), self.files(self.feeds["rts"], 2, "expected"))
+        yield second.signal(signal.SIGTERM)
         yield storage.signal(signal.SIGTERM)
