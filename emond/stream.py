@@ -37,6 +37,7 @@ BATCH, ACK, NACK = b"B", b"A", b"N"
 REQUEST, RESPONSE = b"R", b"r"
 FINAL, ERROR, BINARY = 1, 2, 4
 
+FRAME_LENGTH = struct.Struct("!I")  # Int32StringReceiver's prefix
 BATCH_HEAD = struct.Struct("<QQ")
 SEQ = struct.Struct("<Q")
 REQ_HEAD = struct.Struct("<I")
@@ -68,15 +69,42 @@ def response_frame(request_id: int, flags: int, body: bytes) -> bytes:
 
 
 class FrameProtocol(Int32StringReceiver):
-    """Length-prefixed frames with a bound on their size."""
+    """Length-prefixed frames with a bound on their size.
+
+    Receiving keeps one growing buffer and an offset: Int32StringReceiver
+    re-joins its whole unprocessed data on every read, which is quadratic in
+    a multi-megabyte batch frame.
+    """
 
     MAX_LENGTH = MAX_FRAME
+    _frames_buffer: bytearray | None = None
 
     def send(self, frame: bytes) -> None:
         self.sendString(frame)
 
     def lengthLimitExceeded(self, length: int) -> None:
         self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._frames_buffer is None:
+            self._frames_buffer = bytearray()
+        buf = self._frames_buffer
+        buf += data
+        offset = 0
+        while len(buf) - offset >= 4:
+            (length,) = FRAME_LENGTH.unpack_from(buf, offset)
+            if length > self.MAX_LENGTH:
+                self.lengthLimitExceeded(length)
+                return
+            if len(buf) - offset - 4 < length:
+                break
+            frame = bytes(buf[offset + 4 : offset + 4 + length])
+            offset += 4 + length
+            self.stringReceived(frame)
+            if self.transport is None or getattr(self.transport, "disconnecting", False):
+                break
+        if offset:
+            del buf[:offset]
 
 
 # -- TLS --------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Stream benchmark: points/s from a node's storage queue over one TLS connection into files.
+
+Run: ``python bench/stream.py [--batches 20] [--feeds 1000] [--points 100]``. Prints figures;
+it is not a test.
+
+Starts a private redis-server and a real ``twistd -n emond-storage`` (mutual
+TLS, certificates from ``etc/make-certs``, sync on: one fsync pass per batch).
+The node side runs in this process: the storage queue ``emond:st:1`` is
+filled with ``--batches`` RECORD batches of ``--feeds`` × ``--points`` points
+(what input consumers append), the feeds are created on the server over the
+stream, then a ``RemoteLink`` (the node's real sender) is started and timed
+until the queue is empty and every batch acknowledged. The files are then
+checked against what was sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from _harness import HOST, ROOT, TWISTD, Harness, Server, free_port  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+
+from emond.config import RemoteServer, TLSSection  # noqa: E402
+from emond.queue import APPEND_SEQ, Scripts, storage_seq, storage_stream  # noqa: E402
+from emond.records import make_records  # noqa: E402
+from emond.redis import Redis  # noqa: E402
+from emond.remote import RemoteLink  # noqa: E402
+
+NOW = int(time.time()) // 10 * 10
+TARGET = 1_000_000
+
+
+class NoRefusals:
+    async def record(self, refusals):
+        raise AssertionError(f"the storage server refused {len(refusals)} points")
+
+
+async def run(reactor, args) -> None:
+    harness = Harness("stream")
+    try:
+        _, redis_port = harness.redis(cpu="1")
+        tls = harness.dir("tls")
+        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), tls, "node0", "storage1"], check=True, capture_output=True)
+        d = harness.dir("storage")
+        port, http = free_port(), free_port()
+        config = os.path.join(d, "storage.toml")
+        with open(config, "w") as f:
+            f.write(
+                f'[storage]\nid = 1\nlisten = "tcp:{port}:interface={HOST}"\nhttp = "tcp:{http}:interface={HOST}"\n'
+                f'datadir = "data"\nallow = ["node0"]\n[tls]\nca = "{tls}/ca.pem"\ncert = "{tls}/storage1.pem"\n'
+            )
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        argv = ["taskset", "-c", "0", sys.executable, "-c", TWISTD, "-n", "--pidfile=", "emond-storage", "--config", config]
+        server = Server("emond-storage", argv, d, [b"storage 1 open on", b"Site starting on"], env=env)
+        harness.servers.append(server)
+
+        url = f"redis://{HOST}:{redis_port}/0"
+        redis = Redis.connect(url, 10.0, reactor)
+        scripts = Scripts(redis)
+        feeds = np.arange(1, args.feeds + 1)
+        first = NOW - (args.batches + 1) * args.points * 10
+
+        async def enqueue(batch) -> None:
+            await scripts.run(APPEND_SEQ, [storage_stream(1), storage_seq(1)], [batch.tobytes()])
+
+        # Each feed's first write is slower (its start is recorded crash-safely): not timed.
+        await enqueue(make_records(feeds, np.full(args.feeds, first), np.zeros(args.feeds)))
+        link = RemoteLink(
+            1,
+            RemoteServer(endpoint=f"tcp:{HOST}:{port}", name="storage1"),
+            TLSSection(ca=f"{tls}/ca.pem", cert=f"{tls}/node0.pem"),
+            "node0",
+            redis,
+            Redis.connect(url, 10.0, reactor, poolsize=1),
+            NoRefusals(),
+            CollectorRegistry(),
+            reactor,
+            window=args.window,
+            batch=args.window,
+        )
+        # Hold the sender back until the feeds exist: create them over the stream first.
+        await redis.call("SET", "emond:lease:st:1", "someone-else:999999", "PX", 60_000)
+        link.startService()
+        await link._ready
+        for feedid in feeds.tolist():
+            await link.request("create", feedid, 5, 10)
+        warm = link.idle()
+        await redis.call("DEL", "emond:lease:st:1")
+        await warm
+        total = 0
+        idle = link.idle()
+        started = time.perf_counter()
+        for b in range(args.batches):
+            times = first + (1 + b * args.points + np.arange(args.points)) * 10
+            batch = make_records(np.tile(feeds, args.points), np.repeat(times, args.feeds), np.random.rand(args.feeds * args.points))
+            await enqueue(batch)
+            total += batch.shape[0]
+        last_batch = batch
+        print(f"{args.batches} batches of {args.feeds:,} feeds x {args.points} points = {total:,} points; "
+              f"window {args.window} batches, sync on; timed from the first append to the last acknowledgement", flush=True)
+        await idle
+        elapsed = time.perf_counter() - started
+        rate = total / elapsed
+        print(f"applied and acknowledged: {total:,} points in {elapsed:.2f} s = {rate:,.0f} points/s "
+              f"(target >= {TARGET:,}); {total * 14 / elapsed / 1e6:.1f} MB/s of records over TLS", flush=True)
+        # Check the last batch's values landed.
+        data = np.fromfile(os.path.join(d, "data", "phpfina", f"{args.feeds}.dat"), dtype="<f4")
+        expected = last_batch["value"][last_batch["feed"] == args.feeds]
+        ok = np.array_equal(data[-args.points :], expected)
+        print(f"last batch on disk: {'verified' if ok else 'MISMATCH'}; {data.shape[0]} slots in feed {args.feeds}")
+        await link.stopService()
+        await redis.disconnect()
+    finally:
+        harness.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--feeds", type=int, default=1000)
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--window", type=int, default=4)
+    args = parser.parse_args()
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+
+
+if __name__ == "__main__":
+    main()
