@@ -13,18 +13,19 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from math import isfinite
+from typing import Any, Callable, NamedTuple
 
 from emond.api import ApiError
 from emond.inputs import MAX_NAME, MAX_NODE
 from emond.names import valid_input_name
 
+POSITIONS = [str(i) for i in range(256)]  # CSV position names, made once
 NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 REASON_MALFORMED_FRAME = "malformed_frame"
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(NamedTuple):
     """One node's values at one time: what a device sent in one post or bulk frame."""
 
     time: int
@@ -41,6 +42,13 @@ class FrameRefusal:
 
 def numeric(value: Any) -> float | None:
     """A finite number from a JSON number or a numeric string; None for null/empty; else ValueError."""
+    kind = type(value)  # exact types first: the common case, and bool is not a number here
+    if kind is float:
+        if isfinite(value):
+            return value
+        raise ValueError("not finite")
+    if kind is int:
+        return float(value)
     if value is None:
         return None
     if isinstance(value, bool):
@@ -258,7 +266,14 @@ def _frame(frame: Any, time_ref: int, nodes: dict[Any, str]) -> Packet:
     values: dict[str, float] = {}
     position = 0
     for item in frame[2:]:
-        if isinstance(item, dict):
+        kind = type(item)
+        if kind is float or kind is int:  # the common case, inline
+            position += 1
+            if kind is float and not isfinite(item):
+                raise ValueError("not finite")
+            values[POSITIONS[position] if position < len(POSITIONS) else str(position)] = float(item)
+            continue
+        if kind is dict:
             for name, value in item.items():
                 number = numeric(value)
                 if number is not None:
