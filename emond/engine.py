@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from emond.records import REASON_TOO_NEW, REASON_TOO_OLD, Refusal, refusals_from
+from emond.records import REASON_TOO_NEW, REASON_TOO_OLD, REASON_WRONG_ENGINE, Refusal, refusals_from
 
 MAX_DATAPOINTS = 3000
 FIVE_YEARS = 3600 * 24 * 365 * 5
@@ -105,6 +105,17 @@ class TimeWindow:
         refusals = refusals_from(batch, too_old, REASON_TOO_OLD)
         refusals += refusals_from(batch, too_new, REASON_TOO_NEW)
         return batch[~(too_old | too_new)], refusals
+
+
+def admit(records: np.ndarray, engine_id: int, window: TimeWindow) -> tuple[np.ndarray, list[Refusal]]:
+    """The records an engine may apply (its engine id, inside the window), and refusals for the rest."""
+    refusals: list[Refusal] = []
+    wrong = records["engine"] != engine_id
+    if wrong.any():
+        refusals += refusals_from(records, wrong, REASON_WRONG_ENGINE)
+        records = records[~wrong]
+    records, refused = window.split(records)
+    return records, refusals + refused
 
 
 def last_per_slot(feeds: np.ndarray, slots: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ from emond.engine import (
     FeedError,
     NoSuchFeed,
     TimeWindow,
+    admit,
     format_points,
     last_per_slot,
     php_round,
@@ -55,7 +56,6 @@ from emond.records import (
     PADDING_JOIN,
     REASON_NO_FEED,
     REASON_PADDING,
-    REASON_WRONG_ENGINE,
     Refusal,
     make_records,
     refusals_from,
@@ -300,13 +300,7 @@ class PHPFina:
     def apply_batch(self, records: np.ndarray) -> list[Refusal]:
         """Apply a RECORD batch for any number of feeds; return what was refused."""
         with self._lock:
-            refusals: list[Refusal] = []
-            wrong = records["engine"] != ENGINE_PHPFINA
-            if wrong.any():
-                refusals += refusals_from(records, wrong, REASON_WRONG_ENGINE)
-                records = records[~wrong]
-            records, refused = self.window.split(records)
-            refusals += refused
+            records, refusals = admit(records, ENGINE_PHPFINA, self.window)
             if records.shape[0]:
                 refusals += self._apply(records)
             return refusals

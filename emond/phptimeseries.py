@@ -50,13 +50,13 @@ from emond.engine import (
     FeedError,
     NoSuchFeed,
     TimeWindow,
+    admit,
     format_points,
     last_per_slot,
 )
 from emond.records import (
     ENGINE_PHPTIMESERIES,
     REASON_NO_FEED,
-    REASON_WRONG_ENGINE,
     Refusal,
     make_records,
     refusals_from,
@@ -197,13 +197,7 @@ class PHPTimeSeries:
     def apply_batch(self, records: np.ndarray) -> list[Refusal]:
         """Apply a RECORD batch for any number of feeds; return what was refused."""
         with self._lock:
-            refusals: list[Refusal] = []
-            wrong = records["engine"] != ENGINE_PHPTIMESERIES
-            if wrong.any():
-                refusals += refusals_from(records, wrong, REASON_WRONG_ENGINE)
-                records = records[~wrong]
-            records, refused = self.window.split(records)
-            refusals += refused
+            records, refusals = admit(records, ENGINE_PHPTIMESERIES, self.window)
             if records.shape[0]:
                 refusals += self._apply(records)
             return refusals

@@ -9,10 +9,10 @@ import time
 import zoneinfo
 from datetime import datetime, timedelta
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from tests.support.node import NodeHarness
+from tests.support.node import NodeHarness, drain, pipeline
 
 LIST_KEYS = {
     "id", "userid", "name", "datatype", "tag", "public", "size", "engine", "server", "unit", "interval",
@@ -169,6 +169,7 @@ class FeedApiMixin:
         for offset, value in ((0, 1.5), (10, 2.5), (20, 3.5), (40, 5.5)):
             answer = yield self.insert(feed, t0 + offset, value)
             self.assertEqual(answer, value)  # a JSON number
+        yield drain(self.node)  # queued writes reach the files
         base = {"apikey": self.read, "id": feed, "start": t0 * 1000, "end": (t0 + 40) * 1000, "interval": 10}
 
         data = yield self.node.get("feed/data.json", **base)
@@ -201,6 +202,7 @@ class FeedApiMixin:
         yield self.insert(feed, t0 + 30, 4.5)
         value = yield self.node.get("feed/value.json", apikey=self.read, id=feed)
         self.assertEqual(value.json(), "5.5")
+        yield drain(self.node)
         full = yield self.node.get("feed/data.json", skipmissing=0, **base)
         self.assertEqual([v for _, v in full.json()], [1.5, 2.5, 3.5, 4.5, 5.5, None])
 
@@ -243,15 +245,18 @@ class FeedApiMixin:
         t0 = self.t0
         yield self.insert(feed, t0, 0)
         yield self.insert(feed, t0 + 40, 4, join=1)
+        yield drain(self.node)
         data = yield self.node.get("feed/data.json", apikey=self.read, id=feed, start=t0 * 1000, end=(t0 + 40) * 1000, interval=10)
         self.assertEqual([v for _, v in data.json()], [0.0, 1.0, 2.0, 3.0, 4.0])  # the gap joined
         yield self.insert(feed, t0 + 20, 7.25, route="feed/update.json")
+        yield drain(self.node)
         data = yield self.node.get("feed/data.json", apikey=self.read, id=feed, start=t0 * 1000, end=(t0 + 40) * 1000, interval=10)
         self.assertEqual([v for _, v in data.json()], [0.0, 1.0, 7.25, 3.0, 4.0])
         # no time: now
         before = int(time.time())
         answer = yield self.node.get("feed/insert.json", apikey=self.write, id=feed, value="12")
         self.assertEqual(answer.json(), 12.0)
+        yield drain(self.node)
         timevalue = yield self.node.get("feed/timevalue.json", apikey=self.read, id=feed)
         self.assertGreaterEqual(timevalue.json()["time"], before)
         self.assertEqual(timevalue.json()["value"], "12")
@@ -265,6 +270,7 @@ class FeedApiMixin:
         t0 = self.t0
         for offset, value in ((5, 10), (65, 20), (125, 30)):
             yield self.insert(feed, t0 + offset, value)
+        yield drain(self.node)
         data = yield self.node.get("feed/data.json", apikey=self.read, id=feed, start=t0 * 1000, end=(t0 + 120) * 1000, interval=60)
         # nearest record closer than the interval; the extra point past end finds the last record
         self.assertEqual(data.json(), [[t0 * 1000, 10.0], [(t0 + 60) * 1000, 20.0], [(t0 + 120) * 1000, 30.0], [(t0 + 180) * 1000, 30.0]])
@@ -304,6 +310,7 @@ class FeedApiMixin:
     def test_value_falls_back_to_disk(self):
         feed = yield self.create()
         yield self.insert(feed, self.t0, 2.5)
+        yield drain(self.node)
         yield defer.ensureDeferred(self.node.ctx.redis.call("DEL", f"feed:lastvalue:{feed}"))  # e.g. Redis emptied
         value = yield self.node.get("feed/value.json", apikey=self.read, id=feed)
         self.assertEqual(value.json(), "2.5")
@@ -311,6 +318,35 @@ class FeedApiMixin:
         self.assertEqual(fetched.json(), [2.5])
         timevalue = yield self.node.get("feed/timevalue.json", apikey=self.read, id=feed)
         self.assertEqual(timevalue.json(), {"time": self.t0, "value": "2.5", "disk_time": self.t0, "disk_value": "2.5"})
+
+    @defer.inlineCallbacks
+    def test_stalled_writer_is_visible(self):
+        """time/value say what was accepted, disk_time/disk_value what reached the files (emoncms #175)."""
+        feed = yield self.create()
+        yield self.insert(feed, self.t0, 1.25)
+        yield drain(self.node)
+        location = pipeline(self.node, "sender0").location
+        apply_batch, gate, held = location.apply_batch, defer.Deferred(), []
+
+        def stalled(batch):  # the storage sender's next batch waits for the gate
+            held.append(batch)
+            return gate.addCallback(lambda _: apply_batch(batch))
+
+        self.patch(location, "apply_batch", stalled)
+        yield self.insert(feed, self.t0 + 60, 2.5)  # accepted and queued; not applied
+        for _ in range(500):  # until the sender holds it
+            if held:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        timevalue = yield self.node.get("feed/timevalue.json", apikey=self.read, id=feed)
+        self.assertEqual(timevalue.json(), {"time": self.t0 + 60, "value": "2.5", "disk_time": self.t0, "disk_value": "1.25"})
+        location.apply_batch = apply_batch
+        gate.callback(None)
+        yield drain(self.node)
+        self.assertEqual(len(held), 1)
+        listed = yield self.node.get("feed/list.json", apikey=self.read)
+        (item,) = listed.json()
+        self.assertEqual((item["time"], item["value"], item["disk_time"], item["disk_value"]), (self.t0 + 60, "2.5", self.t0 + 60, "2.5"))
 
     # -- daily, weekly, monthly --------------------------------------------------
 
@@ -326,6 +362,7 @@ class FeedApiMixin:
         for i, t in enumerate(midnights):
             yield self.insert(feed, t, i + 1, apikey=key)
             yield self.insert(feed, t + 3600, i + 11, apikey=key)
+        yield drain(self.node)
         request = {"apikey": key, "id": feed, "start": (midnights[0] - 7200) * 1000, "end": (midnights[2] + 1) * 1000}
         daily = yield self.node.get("feed/data.json", mode="daily", **request)
         # Tokyo midnights (15:00 UTC), not UTC ones; only times in [start, end)
@@ -356,6 +393,8 @@ class FeedApiMixin:
         feed = yield self.create()
         other = yield self.create(name="other")
         yield self.insert(feed, self.t0, 1)
+        yield drain(self.node)
+        self.assertTrue(os.path.exists(self.fina_path(feed, ".dat")))
         fields = json.dumps({"name": "renamed", "tag": "t2", "public": 1, "unit": "kWh", "ignored": 5})
         answer = yield self.node.get("feed/set.json", apikey=self.write, id=feed, fields=fields)
         self.assertEqual(answer.json(), {"success": True, "message": "Field updated"})
@@ -375,8 +414,8 @@ class FeedApiMixin:
         self.assertEqual(deleted.json(), {"success": True, "message": "Feed removed successfully."})
         self.assertFalse(os.path.exists(self.fina_path(feed, ".dat")))
         self.assertFalse(os.path.exists(self.fina_path(feed, ".meta")))
-        last = yield defer.ensureDeferred(self.node.ctx.redis.call("EXISTS", f"feed:lastvalue:{feed}"))
-        self.assertEqual(int(last), 0)
+        keys = yield defer.ensureDeferred(self.node.ctx.redis.call("EXISTS", f"feed:lastvalue:{feed}", f"feed:disk:{feed}"))
+        self.assertEqual(int(keys), 0)
         listed = yield self.node.get("feed/list.json", apikey=self.read)
         self.assertEqual([item["id"] for item in listed.json()], [str(other)])
         gone = yield self.node.get("feed/aget.json", apikey=self.read, id=feed)
@@ -456,6 +495,7 @@ class FeedApiMixin:
         private = yield self.create(name="hidden")
         yield self.insert(public, self.t0, 42)
         yield self.node.get("feed/set.json", apikey=self.write, id=public, fields='{"public":true}')
+        yield drain(self.node)
         data = yield self.node.get("feed/data.json", id=public, start=self.t0 * 1000, end=(self.t0 + 10) * 1000, interval=10)
         self.assertEqual(data.json(), [[self.t0 * 1000, 42.0]])
         value = yield self.node.get("feed/value.json", id=public)
@@ -530,6 +570,7 @@ class FeedApiMixin:
         self.assertEqual(refused["last"][1], {"time": future, "node": "", "input": f"feed:{feed}", "reason": "time_too_new"})
         value = yield self.node.get("feed/value.json", apikey=self.read, id=feed)
         self.assertIsNone(value.json())  # nothing accepted, no last value
+        yield drain(self.node)
         meta = yield self.node.get("feed/getmeta.json", apikey=self.read, id=feed)
         self.assertEqual(meta.json()["npoints"], 0)
 
