@@ -197,6 +197,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         feed = await owned(call)
         await engine_call(store.delete(feed))  # the files first: a row left behind can be deleted again
         await feeds.delete(feed)  # the row and its Redis last value
+        await ctx.inputs.forget_feed(feed.userid, feed.id)  # its steps leave every process list
         # emoncms.org answered null; current emoncms answers this.
         return {"success": True, "message": "Feed removed successfully."}
 

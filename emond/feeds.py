@@ -99,7 +99,14 @@ class Feeds:
                 userid, name, tag, datatype, engine, server, interval, unit, int(time.time()),
             )
 
-        feedid = await self.db.transaction(insert)
+        try:
+            feedid = await self.db.transaction(insert)
+        except ApiError:
+            raise
+        except Exception as e:  # the unique index, when two creates race
+            if "UNIQUE" in str(e).upper() or "DUPLICATE" in str(e).upper():
+                raise ApiError("feed already exists")
+            raise
         return Feed(feedid, userid, name, tag, datatype, 0, engine, server, interval, unit)
 
     async def get(self, feedid: int) -> Feed | None:

@@ -129,7 +129,8 @@ class ProcessState:
             commit.command("HSET", _input_key(i), "time", t, "value", "" if v is None else repr(v))
         for f in self.dirty_feeds:
             t, v = self.feeds[f]
-            commit.command("HSET", _feed_key(f), "time", t, "value", repr(v))
+            # Only if newer: feed/insert may have set a later value meanwhile.
+            commit.set_if_newer(_feed_key(f), t, repr(v))
         for i in self.dirty_steps:
             flat = [x for k, v in self.steps[i].items() for x in (k, v)]
             if flat:

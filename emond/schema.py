@@ -72,6 +72,10 @@ MIGRATIONS: list[list[str]] = [
         ){engine}""",
         "CREATE INDEX feeds_user ON feeds (userid)",
     ],
+    [
+        # Two feed/create calls at the same moment must not make twins.
+        "CREATE UNIQUE INDEX feeds_name ON feeds (userid, tag, name)",
+    ],
 ]
 
 

@@ -18,7 +18,6 @@ from twisted.internet import defer, reactor
 from twisted.python import log
 from twisted.trial import unittest
 
-from emond.consumer import user_version_key
 from emond.queue import input_stream, storage_stream
 from emond.redis import Redis
 from tests.support import free_port, redis_server

@@ -16,7 +16,6 @@ from emond.engine import FeedError, NoSuchFeed
 from emond.phpfina import PHPFina
 from emond.records import (
     ENGINE_PHPTIMESERIES,
-    PADDING_JOIN,
     REASON_NO_FEED,
     REASON_PADDING,
     REASON_TOO_NEW,

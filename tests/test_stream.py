@@ -13,7 +13,7 @@ import subprocess
 
 import numpy as np
 from twisted.internet import defer, endpoints, reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from emond.config import load_storage_config
