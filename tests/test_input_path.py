@@ -265,3 +265,35 @@ class OpsTests(unittest.TestCase):
         self.assertEqual(codes, [200, 200, 429])
         self.assertEqual(answer.headers.getRawHeaders(b"retry-after"), [b"2"])
         self.assertEqual(answer.json()["success"], False)
+
+
+class FeedThroughPostsTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_posted_feed_reads_back_and_matches_engine_files(self):
+        node = yield NodeHarness.start(self, "sqlite", "[input]\nrate_limit = 0.0\n")
+        keys = (yield node.post("user/register.json", data={"username": "reader", "password": "secret1", "email": "r@example.org"})).json()
+        key = keys["apikey_write"]
+        created = yield node.request("POST", "feed/create.json", params={"apikey": key, "name": "power", "engine": "5", "options": '{"interval":10}', "server": "0"})
+        feedid = created.json()["feedid"]
+        yield node.request("POST", "input/post.json", params={"apikey": key, "node": "tx", "csv": "0", "time": str(T0 - 50)})
+        yield drain(node)
+        inputs = (yield node.request("GET", "input/list.json", params={"apikey": key})).json()
+        answer = yield node.request("POST", f"input/process/set.json?inputid={inputs[0]['id']}", params={"apikey": key}, data={"processlist": f"1:{feedid}"})
+        self.assertEqual(answer.json()["success"], True, answer)
+        points = [(T0 + 10 * i + (i % 7), round(230 + (i * 13) % 17 * 0.7, 1)) for i in range(60) if i % 9 != 4]
+        for t, v in points:
+            yield node.request("POST", "input/post.json", params={"apikey": key, "node": "tx", "csv": str(v), "time": str(t)})
+        yield drain(node)
+        data = yield node.request("GET", "feed/data.json", params={"apikey": key, "id": str(feedid), "start": str(T0 * 1000), "end": str((T0 + 590) * 1000), "interval": "10", "skipmissing": "0"})
+        expected_engine = PHPFina(self.mktemp(), clock=lambda: T0, sync=False)
+        self.addCleanup(expected_engine.close)
+        expected_engine.create(feedid, 10)
+        expected_engine.write(feedid, [t for t, _ in points], [v for _, v in points])
+        self.assertEqual(data.json(), expected_engine.read(feedid, T0 * 1000, (T0 + 590) * 1000, 10, skipmissing=False))
+        self.assertIn(None, [v for _, v in data.json()])  # the skipped posts are gaps
+        for suffix in (".meta", ".dat"):
+            with open(os.path.join(node.config.node.datadir, "phpfina", f"{feedid}{suffix}"), "rb") as a:
+                with open(os.path.join(expected_engine.directory, f"{feedid}{suffix}"), "rb") as b:
+                    self.assertEqual(a.read(), b.read(), suffix)
