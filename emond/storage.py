@@ -172,7 +172,9 @@ class StreamServer:
         self.connections: set[Any] = set()
         self.batches = Counter("emond_stream_batches_applied", "Batches applied from the stream", registry=registry)
         self.points = Counter("emond_stream_points_applied", "Datapoints applied from the stream", registry=registry)
-        self.refused_peers = Counter("emond_stream_tls_refused", "Connections refused: certificate or name", registry=registry)
+        self.refused_peers = Counter(
+            "emond_stream_tls_refused", "Connections refused before any frame: no TLS, another CA, a name not allowed", registry=registry
+        )
         self.connected = Gauge("emond_stream_connections", "Stream connections open", registry=registry)
         self.disk_errors = Counter("emond_storage_disk_errors", "Batches not applied because of a disk error", registry=registry)
 
@@ -274,7 +276,6 @@ class StorageStreamProtocol(FrameProtocol):
     def handshakeCompleted(self) -> None:
         names = peer_names(self.transport)
         if not self.server.allow.intersection(names):
-            self.server.refused_peers.inc()
             self.log.warn("stream: refused a client certificate for {names}: not on allow", names=names)
             self.transport.abortConnection()
             return
@@ -285,6 +286,8 @@ class StorageStreamProtocol(FrameProtocol):
         self.log.info("stream: {peer} connected", peer=self.peer)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if not self.verified:
+            self.server.refused_peers.inc()  # no TLS (plain TCP), another CA, or a name not allowed
         self.server.connections.discard(self)
         self.server.connected.set(len(self.server.connections))
 

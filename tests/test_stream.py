@@ -167,6 +167,7 @@ class StreamTests(unittest.TestCase):
         yield client.lost
         self.assertEqual(client.frames, [])
         self.assertEqual(len(self.server.connections), 0)
+        self.assertEqual(self.server.refused_peers._value.get(), 1)
 
     @defer.inlineCallbacks
     def test_wrong_server_name_is_refused_by_the_node(self):
