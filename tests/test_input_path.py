@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import signal
 import zlib
 
 import numpy as np
@@ -159,21 +161,25 @@ class InputPathTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_redis_down_is_503(self):
-        """Redis not answering: never ``ok``."""
-        calls = []
-
-        async def down(commands):
-            calls.append(commands)
-            from emond.redis import RedisUnavailable
-
-            raise RedisUnavailable("down")
-
-        self.patch(self.ctx.redis, "pipeline", down)
-        answer = yield self.post("input/post.json", node="x", csv="1")
-        self.assertEqual(answer.code, 503)
-        self.assertNotEqual(answer.body, b"ok")
-        self.assertTrue(calls)
-
+        """Redis stopped (the real server frozen with SIGSTOP): never ``ok``, 503 instead."""
+        node = yield NodeHarness.start(self, "sqlite", redis_timeout=0.5)
+        keys = (yield node.post("user/register.json", data={"username": "frozen", "password": "secret1", "email": "f@example.org"})).json()
+        params = {"apikey": keys["apikey_write"], "node": "x", "csv": "1"}
+        before = yield node.request("POST", "input/post.json", params=params)
+        self.assertEqual(before.body, b"ok")
+        info = yield defer.ensureDeferred(node.ctx.redis.call("INFO", "server"))
+        pid = int(re.search(rb"process_id:(\d+)", info).group(1))
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        try:
+            during = yield node.request("POST", "input/post.json", params=params)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        self.assertEqual(during.code, 503)
+        self.assertNotEqual(during.body, b"ok")
+        self.assertEqual(during.json()["success"], False)
+        after = yield node.request("POST", "input/post.json", params=params)
+        self.assertEqual(after.body, b"ok")
 
 class ConcurrencyTests(unittest.TestCase):
     timeout = 120

@@ -38,7 +38,7 @@ class Answer:
 class NodeHarness:
     """``yield NodeHarness.start(self, "sqlite")`` in an inlineCallbacks setUp."""
 
-    def __init__(self, test: unittest.TestCase, database: str, extra_config: str = "") -> None:
+    def __init__(self, test: unittest.TestCase, database: str, extra_config: str = "", redis_timeout: float = 5.0) -> None:
         self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
         redis = redis_server()
@@ -51,7 +51,7 @@ class NodeHarness:
         self.port = free_port()
         text = (
             f'[node]\nhttp = "tcp:{self.port}:interface=127.0.0.1"\ndatadir = "var"\n'
-            f'[redis]\nurl = "{redis.url}"\n[database]\nurl = "{db_url}"\n{extra_config}'
+            f'[redis]\nurl = "{redis.url}"\ntimeout = {redis_timeout}\n[database]\nurl = "{db_url}"\n{extra_config}'
         )
         self.config_path = os.path.join(self.dir, "emond.toml")
         with open(self.config_path, "w") as f:
@@ -63,8 +63,8 @@ class NodeHarness:
 
     @classmethod
     @defer.inlineCallbacks
-    def start(cls, test: unittest.TestCase, database: str = "sqlite", extra_config: str = ""):
-        harness = cls(test, database, extra_config)
+    def start(cls, test: unittest.TestCase, database: str = "sqlite", extra_config: str = "", redis_timeout: float = 5.0):
+        harness = cls(test, database, extra_config, redis_timeout)
         harness.service.startService()
         test.addCleanup(harness.service.stopService)
         yield harness.app.prepared
