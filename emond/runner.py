@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 from emond.feeds import Feed
 from emond.process import Step
 from emond.queue import Commit
-from emond.records import ENGINE_PHPTIMESERIES, PADDING_JOIN, PADDING_NAN
+from emond.records import PADDING_JOIN, PADDING_NAN
 
 Record = tuple[int, int, float, int, int]  # feed, time, value, engine, padding
 
@@ -619,5 +619,3 @@ def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: 
             extra.add(f"process:{EXTRA_STATE[step.process]}:{int(step.arg)}")
     return feeds, inputs, extra
 
-
-ENGINES_WITH_UPDATE = (ENGINE_PHPTIMESERIES,)
