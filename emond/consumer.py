@@ -35,6 +35,7 @@ from emond.runner import ProcessState, StepRun, references, run_steps
 from emond.web import QueueLayout
 
 CONSUMERS = "emond:consumers"
+POISON_AFTER = 5  # failed attempts before an element is set aside
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
 REASON_BAD_NAME = "invalid_name"
@@ -66,6 +67,7 @@ class QueueTenure:
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.state = ProcessState()
+        self.failures = 0  # consecutive failed attempts at the head of the queue
 
 
 class InputConsumerService(Service):
@@ -101,6 +103,7 @@ class InputConsumerService(Service):
         self._busy = False
         self.fair = layout.queues
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
+        self.dead = Counter("emond_input_elements_set_aside", "Queue elements that kept failing, moved aside", registry=ctx.registry)
         self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
 
     def startService(self) -> None:
@@ -210,10 +213,33 @@ class InputConsumerService(Service):
                 except LeaseLost:
                     self.tenures.pop(queue, None)
                     self.log.warn("lost input queue {queue} to another consumer", queue=queue)
-                except Exception:
-                    self.log.failure("processing input queue {queue} failed; will retry", queue=queue)
+                except RedisUnavailable as e:
+                    self.log.warn("input queue {queue}: {error}; will retry", queue=queue, error=str(e))
                     tenure.state = ProcessState()  # nothing was committed: start from Redis again
                     await task.deferLater(self.reactor, 1.0, lambda: None)
+                except Exception as e:
+                    self.log.failure("processing input queue {queue} failed; will retry", queue=queue)
+                    tenure.state = ProcessState()
+                    tenure.failures += 1
+                    if tenure.failures >= POISON_AFTER:
+                        await self._set_aside(queue, tenure, entries[0], e)
+                    else:
+                        await task.deferLater(self.reactor, 1.0, lambda: None)
+
+    async def _set_aside(self, queue: int, tenure: QueueTenure, entry: Any, error: Exception) -> None:
+        """An element that keeps failing would stop its queue for good: move it, whole,
+        to ``emond:dead:in:<queue>`` for an operator (nothing is dropped), and go on."""
+        entry_id, fields = entry
+        fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
+        commit = Commit()
+        commit.command("XADD", f"emond:dead:{input_stream(queue)}", "*", "p", fields.get(b"p", b""), "error", str(error)[:500])
+        await tenure.lease.commit(input_stream(queue), [entry_id], commit)
+        tenure.failures = 0
+        self.dead.inc()
+        self.log.error(
+            "input queue {queue}: element {id} failed {n} times; set aside in emond:dead:{stream}",
+            queue=queue, id=entry_id, n=POISON_AFTER, stream=input_stream(queue),
+        )
 
     async def process(self, queue: int, tenure: QueueTenure, entries: list[Any]) -> None:
         ids = [entry[0] for entry in entries]
@@ -245,6 +271,7 @@ class InputConsumerService(Service):
             await tenure.lease.commit(input_stream(queue), ids, commit)
         finally:
             state.clear_changes()
+        tenure.failures = 0
         self.packets.inc(len(packets))
         for userid, items in refused.items():
             await self.ctx.refusals.record(userid, items)

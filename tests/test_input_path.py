@@ -303,3 +303,37 @@ class FeedThroughPostsTests(unittest.TestCase):
             with open(os.path.join(node.config.node.datadir, "phpfina", f"{feedid}{suffix}"), "rb") as a:
                 with open(os.path.join(expected_engine.directory, f"{feedid}{suffix}"), "rb") as b:
                     self.assertEqual(a.read(), b.read(), suffix)
+
+
+class PoisonTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_an_element_that_keeps_failing_is_set_aside_not_lost(self):
+        node = yield NodeHarness.start(self, "sqlite")
+        consumer = node.service.getServiceNamed("pipeline").getServiceNamed("consumer")
+        from emond import consumer as consumer_module
+        from emond.queue import encode_packets, input_stream
+
+        self.patch(consumer_module, "POISON_AFTER", 2)
+        waits = []
+
+        def no_wait(clock, delay, f):  # retries happen at once in this test
+            waits.append(delay)
+            return defer.succeed(f())
+
+        self.patch(consumer_module.task, "deferLater", no_wait)
+        bad = b"j[[1, 1700000000, 42, 17]]"  # not a packet: the values are not an object
+        good = encode_packets([[1, T0, "n", {"a": 1.0}, 0.0]])
+        queue = consumer.layout.queue_for(1)
+        yield defer.ensureDeferred(node.ctx.redis.pipeline([
+            ("XADD", input_stream(queue), "*", "p", bad),
+            ("XADD", input_stream(queue), "*", "p", good),
+        ]))
+        yield drain(node)
+        dead = yield defer.ensureDeferred(node.ctx.redis.call("XRANGE", f"emond:dead:{input_stream(queue)}", "-", "+"))
+        self.assertEqual(len(dead), 1)
+        self.assertEqual(dict(zip(dead[0][1][::2], dead[0][1][1::2]))[b"p"], bad)
+        length = yield defer.ensureDeferred(node.ctx.redis.call("XLEN", input_stream(queue)))
+        self.assertEqual(int(length), 0)  # the good element behind it was processed
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)  # each failed attempt was logged
