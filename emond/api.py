@@ -205,6 +205,7 @@ class ApiResource(Resource):
         self._authenticate = authenticate
         self._extra = extra or {}
         self._ready = ready
+        self._children: dict[tuple[str, int], Any] = {}
         self._requests = (
             Counter("emond_http_requests", "API requests by route and status", ["route", "code"], registry=registry)
             if registry is not None
@@ -242,7 +243,7 @@ class ApiResource(Resource):
         if not isinstance(answer, Raw):
             answer = Raw(json_bytes(answer))
         if self._requests is not None:
-            self._requests.labels(self._route_label(request), str(answer.code)).inc()
+            self._count(getattr(request, "emond_route", "other"), answer.code)
         if gone:
             return  # the client went away while we worked
         request.setResponseCode(answer.code)
@@ -268,6 +269,7 @@ class ApiResource(Resource):
                 action, subactions = f"{action}/{segments[2]}", segments[3:]
         if route is None:
             raise ApiError("Unknown route", 404)
+        request.emond_route = f"{controller}/{action}"  # the metrics label: known routes only
         access, handler = route
         params = request_params(request)
         auth = await self._authenticate(request, params)
@@ -279,15 +281,11 @@ class ApiResource(Resource):
         call = Call(request, controller, action, subactions, fmt, params, auth)
         return await handler(call)
 
-    def _route_label(self, request: Request) -> str:
-        """controller/action of a known route; "other" for anything else (bounded labels)."""
-        segments, _ = split_path(request.path)
-        if len(segments) >= 2:
-            if self._router.find(segments[0], segments[1]):
-                return f"{segments[0]}/{segments[1]}"
-            if len(segments) >= 3 and self._router.find(segments[0], f"{segments[1]}/{segments[2]}"):
-                return f"{segments[0]}/{segments[1]}/{segments[2]}"
-        return "other"
+    def _count(self, route: str, code: int) -> None:
+        child = self._children.get((route, code))
+        if child is None:  # labels() is costly per request: keep each child
+            child = self._children[(route, code)] = self._requests.labels(route, str(code))
+        child.inc()
 
     def _crashed(self, failure: Failure, request: Request) -> None:
         self.log.failure("API handler failed for {path}", failure, path=request.path)
