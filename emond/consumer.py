@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from emond.context import NodeContext
 from emond.feeds import Feed
+from emond.db import is_duplicate
 from emond.inputs import Input, user_version_key
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_packets, input_stream
@@ -317,7 +318,7 @@ class InputConsumerService(Service):
                     try:
                         inp = await self.ctx.inputs.create(int(userid), node, name)
                     except Exception as e:
-                        if "UNIQUE" not in str(e).upper() and "DUPLICATE" not in str(e).upper():
+                        if not is_duplicate(e):
                             raise
                         # created by an earlier run that did not commit: use it
                         found = [i for i in await self.ctx.inputs.list(int(userid)) if (i.nodeid, i.name) == (node, name)]

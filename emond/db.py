@@ -114,6 +114,12 @@ class Transaction:
         self._cursor.executemany(self._db.sql(statement), rows)
 
 
+def is_duplicate(error: Exception) -> bool:
+    """Did a write fail on a unique index (SQLite's IntegrityError or MariaDB's 1062)?"""
+    text = str(error).upper()
+    return "UNIQUE" in text or "DUPLICATE" in text
+
+
 def _sqlite_open(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from emond.api import ApiError
-from emond.db import Database
+from emond.db import Database, is_duplicate
 from emond.names import valid_feed_name
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 from emond.redis import Redis
@@ -104,7 +104,7 @@ class Feeds:
         except ApiError:
             raise
         except Exception as e:  # the unique index, when two creates race
-            if "UNIQUE" in str(e).upper() or "DUPLICATE" in str(e).upper():
+            if is_duplicate(e):
                 raise ApiError("feed already exists")
             raise
         return Feed(feedid, userid, name, tag, datatype, 0, engine, server, interval, unit)

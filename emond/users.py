@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet import threads
 
 from emond.api import ApiError
-from emond.db import Database
+from emond.db import Database, is_duplicate
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
@@ -114,7 +114,7 @@ class Users:
         except ApiError:
             raise
         except Exception as e:  # the unique index, when two registrations race
-            if "UNIQUE" in str(e).upper() or "DUPLICATE" in str(e).upper():
+            if is_duplicate(e):
                 raise ApiError("Username already exists")
             raise
         return {"success": True, "verifyemail": False, "userid": userid, "apikey_read": read, "apikey_write": write}

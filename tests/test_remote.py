@@ -113,6 +113,13 @@ class RemoteStorageTests(unittest.TestCase):
                 out[name] = f.read()
         return out
 
+    def assertRemoteEqualsLocal(self):
+        """The remote feeds' files are byte-identical to the local ones written from the same packets."""
+        for remote, local, engine in (("rfina", "lfina", 5), ("rts", "lts", 2)):
+            ours = list(self.files(self.feeds[remote], engine, "remote").values())
+            theirs = list(self.files(self.feeds[local], engine, "local").values())
+            self.assertEqual(ours, theirs, remote)
+
     @defer.inlineCallbacks
     def test_remote_writes_and_reads_match_local(self):
         storage = yield self.start_storage()
@@ -122,13 +129,7 @@ class RemoteStorageTests(unittest.TestCase):
         for b in range(20):
             yield self.post_bulk(b)
         yield self.drained(node)
-        # remote files are byte-identical to the local ones written from the same packets
-        self.assertEqual(
-            list(self.files(self.feeds["rfina"], 5, "remote").values()), list(self.files(self.feeds["lfina"], 5, "local").values())
-        )
-        self.assertEqual(
-            list(self.files(self.feeds["rts"], 2, "remote").values()), list(self.files(self.feeds["lts"], 2, "local").values())
-        )
+        self.assertRemoteEqualsLocal()
         start, end = (T0 - 100) * 1000, (T0 + 2100) * 1000
         for remote, local in (("rfina", "lfina"), ("rts", "lts")):
             r, lo = self.feeds[remote], self.feeds[local]
@@ -172,12 +173,7 @@ class RemoteStorageTests(unittest.TestCase):
         self.assertGreater(int(waiting), 0)
         storage = yield self.start_storage()
         yield self.drained(node)
-        self.assertEqual(
-            list(self.files(self.feeds["rfina"], 5, "remote").values()), list(self.files(self.feeds["lfina"], 5, "local").values())
-        )
-        self.assertEqual(
-            list(self.files(self.feeds["rts"], 2, "remote").values()), list(self.files(self.feeds["lts"], 2, "local").values())
-        )
+        self.assertRemoteEqualsLocal()
         yield node.signal(signal.SIGTERM)
         yield storage.signal(signal.SIGTERM)
 
@@ -206,12 +202,7 @@ class RemoteStorageTests(unittest.TestCase):
         self.assertGreater(int(waiting), 0)  # nothing acknowledged: still queued
         subprocess.run(["prlimit", "--pid", pid, "--fsize=unlimited:unlimited"], check=True)
         yield self.drained(node)
-        self.assertEqual(
-            list(self.files(self.feeds["rfina"], 5, "remote").values()), list(self.files(self.feeds["lfina"], 5, "local").values())
-        )
-        self.assertEqual(
-            list(self.files(self.feeds["rts"], 2, "remote").values()), list(self.files(self.feeds["lts"], 2, "local").values())
-        )
+        self.assertRemoteEqualsLocal()
         health = yield treq.get(f"http://127.0.0.1:{self.storage_http}/health", persistent=False)
         self.assertEqual(health.code, 200)
         yield treq.content(health)
