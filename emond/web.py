@@ -152,7 +152,6 @@ class UserRateLimit:
 class InputMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.frames = Counter("emond_input_frames_accepted", "Frames (packets) accepted and queued", registry=registry)
-        self.requests = Counter("emond_input_requests", "input/post and input/bulk requests by answer", ["route", "code"], registry=registry)
 
 
 def add_input_path_routes(router: Router, ctx: NodeContext, appender: InputAppender, limiter: UserRateLimit, metrics: InputMetrics, clock: Callable[[], float] = time.time) -> None:
