@@ -14,6 +14,7 @@ setup(
         "service-identity>=21.1",
         "pyopenssl>=23.2",
         "numpy>=1.26",
+        "msgpack>=1.0",
         "prometheus-client>=0.17",
     ],
     extras_require={"test": ["treq>=23.1"]},

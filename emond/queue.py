@@ -24,6 +24,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from emond.redis import Redis, RedisUnavailable
 
 # Commands a commit may carry (a whitelist: the script runs them verbatim).
@@ -190,12 +192,15 @@ async def read_head(redis: Redis, stream: str, after: bytes | None, count: int) 
 
 
 def encode_packets(packets: list[Any]) -> bytes:
-    """An input queue element: the packets of one flush, JSON (not compressed: CPU is
-    scarcer than Redis memory here; a ``z`` element from another writer still decodes)."""
-    return b"j" + json.dumps(packets, separators=(",", ":")).encode()
+    """An input queue element: the packets of one flush, in msgpack (floats stay binary:
+    six times cheaper to write than JSON, which was a quarter of a bulk request's CPU)."""
+    return b"m" + msgpack.packb(packets)
 
 
 def decode_packets(payload: bytes) -> list[Any]:
-    if payload[:1] == b"z":
+    kind = payload[:1]
+    if kind == b"m":
+        return msgpack.unpackb(payload[1:])
+    if kind == b"z":  # JSON, compressed: elements written by earlier versions
         return json.loads(zlib.decompress(payload[1:]))
     return json.loads(payload[1:])
