@@ -268,7 +268,7 @@ def main() -> None:
         print(f"  load average {os.getloadavg()[0]:.2f} at the end (the machine is shared)", flush=True)
 
         if args.profile:
-            for label, url, lua in (("input/post", post_url, None), ("input/bulk", bulk_url, script)):
+            for label, url, lua in (("input/post", post_url, None), ("input/bulk", bulk_url, script), ("emonhub bulk", hub_url, hub_script)):
                 wait_drained(redis, DRAIN_TIMEOUT)
                 print(f"\nPROFILE emond during {label} (py-spy record, {args.duration:.0f} s, on core {args.wrk_cpu} with wrk)", flush=True)
                 out = os.path.join(harness.base, f"profile-{label.replace('/', '-')}.txt")

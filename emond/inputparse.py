@@ -21,6 +21,7 @@ from emond.inputs import MAX_NAME, MAX_NODE
 from emond.names import valid_input_name
 
 POSITIONS = [str(i) for i in range(256)]  # CSV position names, made once
+MAX_POSITION = len(POSITIONS)
 NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 REASON_MALFORMED_FRAME = "malformed_frame"
 
@@ -252,35 +253,40 @@ def _frame_time(frame: Any, time_ref: int) -> int:
 
 
 def _frame(frame: Any, time_ref: int, nodes: dict[Any, str]) -> Packet:
-    if not isinstance(frame, list) or len(frame) < 3:
+    if type(frame) is not list or len(frame) < 3:
         raise ValueError("a frame is [time, node, value, ...]")
-    offset = numeric(frame[0])
-    if offset is None:
-        raise ValueError("frame time missing")
-    if isinstance(frame[1], (dict, list)):
-        raise ValueError("Format error, node must not be an object")
+    offset = frame[0]
+    if type(offset) is not int:
+        offset = numeric(offset)
+        if offset is None:
+            raise ValueError("frame time missing")
     raw = frame[1]
+    if type(raw) is dict or type(raw) is list:
+        raise ValueError("Format error, node must not be an object")
     node = nodes.get(raw)
     if node is None:
-        node = nodes[raw] = node_name(raw if not isinstance(raw, float) else int(raw))
+        node = nodes[raw] = node_name(raw if type(raw) is not float else int(raw))
     values: dict[str, float] = {}
     position = 0
-    for item in frame[2:]:
+    for i in range(2, len(frame)):
+        item = frame[i]
         kind = type(item)
-        if kind is float or kind is int:  # the common case, inline
+        if kind is int:  # the common cases first, inline
             position += 1
-            if kind is float and not isfinite(item):
+            values[POSITIONS[position] if position < MAX_POSITION else str(position)] = float(item)
+        elif kind is float:
+            position += 1
+            if not isfinite(item):
                 raise ValueError("not finite")
-            values[POSITIONS[position] if position < len(POSITIONS) else str(position)] = float(item)
-            continue
-        if kind is dict:
+            values[POSITIONS[position] if position < MAX_POSITION else str(position)] = item
+        elif kind is dict:
             for name, value in item.items():
                 number = numeric(value)
                 if number is not None:
                     values[input_name(str(name))] = number
-            continue
-        position += 1  # empty values still use up a positional name
-        number = numeric(item)
-        if number is not None:
-            values[str(position)] = number
+        else:
+            position += 1  # empty values still use up a positional name
+            number = numeric(item)
+            if number is not None:
+                values[str(position)] = number
     return Packet(time_ref + int(offset), node, values)
