@@ -250,19 +250,41 @@ class InputConsumerService(Service):
             packets.extend(decode_packets(fields[b"p"]))
         refused: dict[int, list[Refused]] = {}
         users = await self._users({int(p[0]) for p in packets})
-        await self._create_inputs(packets, users, refused)
         state = tenure.state
-        await self._load_state(state, packets, users)
+        # One pass: find (or create) each value's input and what its list reads.
+        work: list[tuple[UserCache, Input, int, float]] = []
+        seen: set[int] = set()
+        inputids: set[int] = set()
+        feedids: set[int] = set()
+        extra: set[str] = set()
         for userid, when, node, values, _received in packets:
             user = users[int(userid)]
+            inputs = user.inputs
             for name, value in values.items():
-                inp = user.inputs.get((node, name))
+                inp = inputs.get((node, name))
                 if inp is None:
-                    continue  # refused above
-                state.set_input(inp.id, int(when), value)
+                    inp = await self._create_input(user, int(userid), int(when), node, name, refused)
+                    if inp is None:
+                        continue
+                work.append((user, inp, int(when), value))
+                if inp.id in seen:
+                    continue
+                seen.add(inp.id)
+                inputids.add(inp.id)
                 steps = user.steps.get(inp.id)
                 if steps:
-                    run_steps(steps, StepRun(state, user.feeds, user.tz, inp.id, int(when)), value)
+                    f, i, e = references(steps, _feed_arg, _input_arg)
+                    feedids |= f
+                    inputids |= i
+                    extra |= e
+        wanted = state.missing(inputids, feedids, extra)
+        if wanted:
+            state.loaded(wanted, await self.ctx.redis.pipeline(ProcessState.load_commands(wanted)))
+        for user, inp, when, value in work:
+            state.set_input(inp.id, when, value)
+            steps = user.steps.get(inp.id)
+            if steps:
+                run_steps(steps, StepRun(state, user.feeds, user.tz, inp.id, when), value)
         commit = Commit()
         state.to_commit(commit)
         for server, records in state.records.items():
@@ -302,52 +324,26 @@ class InputConsumerService(Service):
             nodes={i.nodeid for i in inputs},
         )
 
-    async def _create_inputs(self, packets: list[list[Any]], users: dict[int, UserCache], refused: dict[int, list[Refused]]) -> None:
+    async def _create_input(
+        self, user: UserCache, userid: int, when: int, node: str, name: str, refused: dict[int, list[Refused]]
+    ) -> Input | None:
+        """A new input, within the node and input limits; None (refused and counted) beyond them."""
         limits = self.ctx.config.input
-        for userid, when, node, values, _received in packets:
-            user = users[int(userid)]
-            for name in values:
-                if (node, name) in user.inputs:
-                    continue
-                reason = None
-                if node not in user.nodes and len(user.nodes) >= limits.max_nodes:
-                    reason = REASON_NODE_LIMIT
-                elif len(user.inputs) >= limits.max_inputs:
-                    reason = REASON_INPUT_LIMIT
-                if reason is None:
-                    try:
-                        inp = await self.ctx.inputs.create(int(userid), node, name)
-                    except Exception as e:
-                        if not is_duplicate(e):
-                            raise
-                        # created by an earlier run that did not commit: use it
-                        found = [i for i in await self.ctx.inputs.list(int(userid)) if (i.nodeid, i.name) == (node, name)]
-                        inp = found[0]
-                    user.inputs[(node, name)] = inp
-                    user.nodes.add(node)
-                    continue
-                refused.setdefault(int(userid), []).append(Refused(int(when), node, name, reason))
-
-    async def _load_state(self, state: ProcessState, packets: list[list[Any]], users: dict[int, UserCache]) -> None:
-        inputids: set[int] = set()
-        seen: set[int] = set()
-        feedids: set[int] = set()
-        extra: set[str] = set()
-        for userid, _when, node, values, _received in packets:
-            user = users[int(userid)]
-            for name in values:
-                inp = user.inputs.get((node, name))
-                if inp is None or inp.id in seen:
-                    continue
-                seen.add(inp.id)
-                inputids.add(inp.id)
-                steps = user.steps.get(inp.id)
-                if steps:
-                    f, i, e = references(steps, _feed_arg, _input_arg)
-                    feedids |= f
-                    inputids |= i
-                    extra |= e
-        wanted = state.missing(inputids, feedids, extra)
-        if wanted:
-            replies = await self.ctx.redis.pipeline(ProcessState.load_commands(wanted))
-            state.loaded(wanted, replies)
+        reason = None
+        if node not in user.nodes and len(user.nodes) >= limits.max_nodes:
+            reason = REASON_NODE_LIMIT
+        elif len(user.inputs) >= limits.max_inputs:
+            reason = REASON_INPUT_LIMIT
+        if reason is not None:
+            refused.setdefault(userid, []).append(Refused(when, node, name, reason))
+            return None
+        try:
+            inp = await self.ctx.inputs.create(userid, node, name)
+        except Exception as e:
+            if not is_duplicate(e):
+                raise
+            # created by an earlier run that did not commit: use it
+            inp = [i for i in await self.ctx.inputs.list(userid) if (i.nodeid, i.name) == (node, name)][0]
+        user.inputs[(node, name)] = inp
+        user.nodes.add(node)
+        return inp
