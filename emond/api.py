@@ -14,14 +14,16 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 from prometheus_client import Counter
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from emond.redis import RedisUnavailable
 
@@ -54,6 +56,44 @@ class Raw:
     content_type: bytes = b"application/json"
     code: int = 200
     headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Streamed:
+    """An answer written chunk by chunk as it is read (exports), never whole in memory;
+    the next chunk is read only once the client has taken the previous one."""
+
+    chunks: Callable[[], AsyncIterator[bytes]]
+    content_type: bytes = b"application/octet-stream"
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@implementer(IPushProducer)
+class _Pacer:
+    """Paused by the transport while its buffer is full; ``ready()`` waits for that to pass."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self._waiting: defer.Deferred[None] | None = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    async def ready(self) -> None:
+        if self.paused:
+            self._waiting = defer.Deferred()
+            await self._waiting
 
 
 @dataclass
@@ -240,6 +280,9 @@ class ApiResource(Resource):
         except RedisUnavailable as e:
             self.log.warn("redis unavailable: {error}", error=str(e))
             answer = Raw(json_bytes({"success": False, "message": "Service temporarily unavailable"}), code=503)
+        if isinstance(answer, Streamed):
+            await self._stream(request, answer, gone)
+            return
         if not isinstance(answer, Raw):
             answer = Raw(json_bytes(answer))
         if self._requests is not None:
@@ -280,6 +323,26 @@ class ApiResource(Resource):
                 raise ApiError("Write access required, this is a read only API key", 403)
         call = Call(request, controller, action, subactions, fmt, params, auth)
         return await handler(call)
+
+    async def _stream(self, request: Request, answer: Streamed, gone: list[bool]) -> None:
+        if self._requests is not None:
+            self._count(getattr(request, "emond_route", "other"), 200)
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", answer.content_type)
+        for name, value in answer.headers.items():
+            request.setHeader(name, value)
+        pacer = _Pacer()
+        request.registerProducer(pacer, True)
+        try:
+            async for chunk in answer.chunks():
+                if gone or pacer.stopped:
+                    return
+                request.write(chunk)
+                await pacer.ready()
+        finally:
+            if not gone:
+                request.unregisterProducer()
+                request.finish()
 
     def _count(self, route: str, code: int) -> None:
         child = self._children.get((route, code))

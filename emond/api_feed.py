@@ -37,11 +37,11 @@ import re
 import time
 import zoneinfo
 from datetime import date, datetime, timedelta, tzinfo
-from typing import Any, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import numpy as np
 
-from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router
+from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed
 from emond.context import NodeContext
 from emond.engine import FeedError
 from emond.feeds import Feed
@@ -73,6 +73,8 @@ ID = re.compile(r"[0-9]{1,12}")
 FIELDS = ("id", "userid", "name", "datatype", "tag", "public", "size", "engine", "server", "unit", "interval")
 DMY_MODES = ("daily", "weekly", "monthly")
 
+
+EXPORT_CHUNK = 36 * 32768  # bytes per chunk: whole PHPFina slots and whole PHPTimeSeries records
 
 def add_feed_routes(router: Router, ctx: NodeContext) -> None:
     feeds, store = ctx.feeds, ctx.store
@@ -302,11 +304,25 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
     async def export(call: Call) -> Any:
         # Public or yours, as current emoncms (emoncms.org wanted the owner's write key).
         feed = await readable(call)
-        start = call.integer("start", 0, "start must be a byte offset")
-        body = await engine_call(store.export(feed, max(start, 0)))
-        filename = f"{feed.id}.dat" if feed.engine == ENGINE_PHPFINA else f"feed_{feed.id}.MYD"
-        return Raw(
-            body,
+        start = max(call.integer("start", 0, "start must be a byte offset"), 0)
+        first = await engine_call(store.export(feed, start, EXPORT_CHUNK))
+        fina = feed.engine == ENGINE_PHPFINA
+        # Where the first chunk began: PHPFina starts one slot early (emoncms), PHPTimeSeries on a record.
+        offset = (start // 4 * 4 - 4 if start // 4 * 4 >= 4 else 0) if fina else start // 9 * 9
+
+        async def chunks() -> AsyncIterator[bytes]:
+            data, sent = first, 0
+            while data:
+                yield data
+                sent += len(data)
+                if len(data) < EXPORT_CHUNK:
+                    return
+                # ask for the next byte range, undoing the engine's own start adjustment
+                data = await engine_call(store.export(feed, offset + sent + (4 if fina else 0), EXPORT_CHUNK))
+
+        filename = f"{feed.id}.dat" if fina else f"feed_{feed.id}.MYD"
+        return Streamed(
+            chunks,
             content_type=b"application/octet-stream",
             headers={b"Content-Disposition": f"attachment; filename={filename}".encode(), b"Cache-Control": b"no-cache"},
         )
