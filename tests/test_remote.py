@@ -254,3 +254,37 @@ class RemoteStorageTests(unittest.TestCase):
         self.assertEqual(self.files(self.feeds["rts"], 2, "remote"), self.files(self.feeds["rts"], 2, "expected"))
         yield second.signal(signal.SIGTERM)
         yield storage.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_storage_process_refuses_strangers_before_any_frame(self):
+        """Against the real storage process: another CA, a name not on allow, plain TCP."""
+        from twisted.internet import endpoints
+        from twisted.internet.protocol import Factory
+
+        from emond.stream import HELLO, batch_frame, client_tls, encode_json
+        from emond.records import make_records
+        from tests.support.streamclient import Client
+
+        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), os.path.join(self.base, "tls"), "intruder"], check=True, capture_output=True)
+        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), os.path.join(self.base, "rogue"), "node0"], check=True, capture_output=True)
+        storage = yield self.start_storage()
+        for folder, name in (("rogue", "node0"), ("tls", "intruder"), (None, None)):
+            client = Client()
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.stream_port)
+            if folder is not None:
+                tls = os.path.join(self.base, folder)
+                endpoint = endpoints.wrapClientTLS(client_tls(os.path.join(tls, "ca.pem"), os.path.join(tls, f"{name}.pem"), "storage1"), endpoint)
+            try:
+                yield endpoint.connect(Factory.forProtocol(lambda: client))
+            except Exception:
+                continue  # refused during the handshake
+            client.send(encode_json(HELLO, {"version": 1, "name": name or "plain"}))
+            client.send(batch_frame(1, 1, make_records(1, [T0], [1.0]).tobytes()))
+            yield client.lost
+            self.assertEqual(client.frames, [], folder)  # not even the hello was answered
+        response = yield treq.get(f"http://127.0.0.1:{self.storage_http}/metrics", persistent=False)
+        text = (yield response.content()).decode()
+        self.assertIn("emond_stream_batches_applied_total 0.0", text)
+        refused = [line for line in text.splitlines() if line.startswith("emond_stream_tls_refused_total")]
+        self.assertGreaterEqual(float(refused[0].split()[1]), 2.0)  # the other-CA client may fail before the server counts
+        yield storage.signal(signal.SIGTERM)
