@@ -26,9 +26,10 @@ from twisted.logger import Logger
 from emond.context import NodeContext
 from emond.feeds import Feed
 from emond.db import is_duplicate
+from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input, user_version_key
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
-from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_packets, input_stream
+from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_groups, input_stream
 from emond.records import RECORD
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
@@ -244,12 +245,12 @@ class InputConsumerService(Service):
 
     async def process(self, queue: int, tenure: QueueTenure, entries: list[Any]) -> None:
         ids = [entry[0] for entry in entries]
-        packets: list[list[Any]] = []
+        groups: list[list[Any]] = []
         for _, fields in entries:
             fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
-            packets.extend(decode_packets(fields[b"p"]))
+            groups.extend(decode_groups(fields[b"p"]))
         refused: dict[int, list[Refused]] = {}
-        users = await self._users({int(p[0]) for p in packets})
+        users = await self._users({int(g[0]) for g in groups})
         state = tenure.state
         # One pass: find (or create) each value's input and what its list reads.
         work: list[tuple[UserCache, Input, int, float]] = []
@@ -257,26 +258,31 @@ class InputConsumerService(Service):
         inputids: set[int] = set()
         feedids: set[int] = set()
         extra: set[str] = set()
-        for userid, when, node, values, _received in packets:
+        packets = 0
+        for userid, _received, time_ref, frames in groups:
             user = users[int(userid)]
             inputs = user.inputs
-            for name, value in values.items():
-                inp = inputs.get((node, name))
-                if inp is None:
-                    inp = await self._create_input(user, int(userid), int(when), node, name, refused)
+            packets += len(frames)
+            for frame in frames:
+                when = time_ref + frame[0]
+                node = frame_node(frame)
+                for name, value in frame_values(frame):
+                    inp = inputs.get((node, name))
                     if inp is None:
+                        inp = await self._create_input(user, int(userid), when, node, name, refused)
+                        if inp is None:
+                            continue
+                    work.append((user, inp, when, value))
+                    if inp.id in seen:
                         continue
-                work.append((user, inp, int(when), value))
-                if inp.id in seen:
-                    continue
-                seen.add(inp.id)
-                inputids.add(inp.id)
-                steps = user.steps.get(inp.id)
-                if steps:
-                    f, i, e = references(steps, _feed_arg, _input_arg)
-                    feedids |= f
-                    inputids |= i
-                    extra |= e
+                    seen.add(inp.id)
+                    inputids.add(inp.id)
+                    steps = user.steps.get(inp.id)
+                    if steps:
+                        f, i, e = references(steps, _feed_arg, _input_arg)
+                        feedids |= f
+                        inputids |= i
+                        extra |= e
         wanted = state.missing(inputids, feedids, extra)
         if wanted:
             state.loaded(wanted, await self.ctx.redis.pipeline(ProcessState.load_commands(wanted)))
@@ -295,7 +301,7 @@ class InputConsumerService(Service):
         finally:
             state.clear_changes()
         tenure.failures = 0
-        self.packets.inc(len(packets))
+        self.packets.inc(packets)
         for userid, items in refused.items():
             await self.ctx.refusals.record(userid, items)
 

@@ -14,7 +14,9 @@ import re
 import zlib
 from dataclasses import dataclass
 from math import isfinite
-from typing import Any, Callable, NamedTuple
+from itertools import chain, count
+from operator import itemgetter
+from typing import Any, Callable, Iterable, NamedTuple
 
 from emond.api import ApiError
 from emond.inputs import MAX_NAME, MAX_NODE
@@ -24,6 +26,15 @@ POSITIONS = [str(i) for i in range(256)]  # CSV position names, made once
 MAX_POSITION = len(POSITIONS)
 NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 REASON_MALFORMED_FRAME = "malformed_frame"
+REASON_TIME_RANGE = "time_out_of_range"
+MAX_TIME = 2**32 - 1  # times are stored as unsigned 32-bit seconds
+PLAIN_LIMIT = 1e15  # values below it in magnitude are finite and pack as 64-bit integers
+_LIST, _INT, _NUMBERS = {list}, {int}, frozenset((int, float))
+_OFFSET, _NODE, _VALUES = itemgetter(0), itemgetter(1), itemgetter(slice(2, None))
+
+
+class TimeOutOfRange(ValueError):
+    pass
 
 
 class Packet(NamedTuple):
@@ -89,7 +100,10 @@ def input_name(name: str) -> str:
 def parse_time(raw: str) -> int:
     """``time=``: unix seconds, or an ISO 8601 date-time (with offset; UTC if none)."""
     if NUMERIC.match(raw):
-        return int(float(raw))
+        number = float(raw)
+        if not isfinite(number):
+            raise ApiError("Error: time out of range")
+        return int(number)
     try:
         when = datetime.datetime.fromisoformat(raw.strip())
     except ValueError:
@@ -117,7 +131,10 @@ def parse_post(params: dict[str, str], subactions: list[str], now: int) -> tuple
             when = json_time
     else:
         values = _legacy(text)
-    return Packet(now if when is None else when, node, values), source == "fulljson"
+    when = now if when is None else when
+    if not 0 <= when <= MAX_TIME:
+        raise ApiError("Error: time out of range")
+    return Packet(when, node, values), source == "fulljson"
 
 
 def _full_json(text: str) -> tuple[dict[str, float], int | None]:
@@ -204,8 +221,21 @@ def bulk_text(params: dict[str, str], body: Callable[[], bytes], limit: int) -> 
         raise ApiError("Format error, json string supplied is not valid")
 
 
-def parse_bulk(params: dict[str, str], text: str, now: int) -> tuple[list[Packet], list[FrameRefusal]]:
-    """An ``input/bulk`` request: its packets, and the frames refused alone."""
+class Bulk(NamedTuple):
+    """An ``input/bulk`` request, decoded: what goes to the queue, and the frames refused alone.
+
+    ``frames`` are queue-ready: each frame's time is ``time_ref + frame[0]``, its node
+    ``frame[1]`` (a string, or an int named by its digits), then either the numbers sent
+    (positional values, named "1", "2", ...) or one ``{name: number}`` object.
+    """
+
+    time_ref: int
+    frames: list[list[Any]]
+    refused: list[FrameRefusal]
+
+
+def parse_bulk(params: dict[str, str], text: str, now: int) -> Bulk:
+    """An ``input/bulk`` request: its frames, and the frames refused alone."""
     try:
         frames = json.loads(text) if text else None
     except ValueError:
@@ -216,28 +246,68 @@ def parse_bulk(params: dict[str, str], text: str, now: int) -> tuple[list[Packet
     if not isinstance(last, list) or not last:
         raise ApiError("Format error, last item in bulk data does not contain any data")
     time_ref = _time_reference(params, last[0], now)
-    packets: list[Packet] = []
+    if _plain(frames, time_ref):
+        return Bulk(time_ref, frames, [])  # as sent: no per-frame work on the request path
+    accepted: list[list[Any]] = []
     refused: list[FrameRefusal] = []
     nodes: dict[Any, str] = {}  # a bulk repeats few node names: check each once
     for frame in frames:
         try:
-            packet = _frame(frame, time_ref, nodes)
-        except (ApiError, ValueError, TypeError, OverflowError):
+            offset, node, values = _frame(frame, time_ref, nodes)
+        except (ApiError, ValueError, TypeError, OverflowError) as e:
             when = _frame_time(frame, time_ref)
             node = str(frame[1])[:MAX_NODE] if isinstance(frame, list) and len(frame) > 1 and not isinstance(frame[1], (dict, list)) else ""
-            refused.append(FrameRefusal(when, node, REASON_MALFORMED_FRAME))
+            reason = REASON_TIME_RANGE if isinstance(e, TimeOutOfRange) else REASON_MALFORMED_FRAME
+            refused.append(FrameRefusal(when, node, reason))
             continue
-        packets.append(packet)
-    return packets, refused
+        if values:
+            accepted.append([offset, node, values])
+    return Bulk(time_ref, accepted, refused)
+
+
+def frame_values(frame: list[Any]) -> Iterable[tuple[str, float]]:
+    """The (name, value) pairs of a queued frame (see ``Bulk``)."""
+    first = frame[2]
+    if type(first) is dict:
+        return first.items()
+    names = POSITIONS[1:] if len(frame) <= MAX_POSITION + 1 else map(str, count(1))
+    return zip(names, map(float, frame[2:]))
+
+
+def frame_node(frame: list[Any]) -> str:
+    node = frame[1]
+    return node if type(node) is str else str(node)
+
+
+def _plain(frames: list[Any], time_ref: int) -> bool:
+    """Whether every frame is ``[int offset, node, number, ...]`` with a valid node, a time
+    in range and moderate values: what devices send. Checked by passes that run in C
+    (map, set, min, max) instead of Python per frame; anything else takes the careful path."""
+    if set(map(type, frames)) != _LIST or min(map(len, frames)) < 3:
+        return False
+    offsets = list(map(_OFFSET, frames))
+    if set(map(type, offsets)) != _INT or time_ref + min(offsets) < 0 or time_ref + max(offsets) > MAX_TIME:
+        return False
+    try:
+        nodes = set(map(_NODE, frames))
+    except TypeError:  # an object or a list as the node
+        return False
+    for raw in nodes:
+        kind = type(raw)
+        if not (kind is str or kind is int) or raw == "" or not valid_input_name(str(raw)) or len(str(raw)) > MAX_NODE:
+            return False
+    values = list(chain.from_iterable(map(_VALUES, frames)))
+    return set(map(type, values)) <= _NUMBERS and -PLAIN_LIMIT < min(values) and max(values) < PLAIN_LIMIT
 
 
 def _time_reference(params: dict[str, str], last_offset: Any, now: int) -> int:
     for key, relative in (("sentat", True), ("offset", True), ("time", False)):
         if key in params:
             raw = params[key]
-            if not NUMERIC.match(raw):
+            number = float(raw) if NUMERIC.match(raw) else float("nan")
+            if not isfinite(number):
                 raise ApiError(f"Error: {key} must be a number")
-            value = int(float(raw))
+            value = int(number)
             return now - value if relative else value
     try:
         return now - int(numeric(last_offset) or 0)
@@ -252,7 +322,8 @@ def _frame_time(frame: Any, time_ref: int) -> int:
         return 0
 
 
-def _frame(frame: Any, time_ref: int, nodes: dict[Any, str]) -> Packet:
+def _frame(frame: Any, time_ref: int, nodes: dict[Any, str]) -> tuple[int, str, dict[str, float]]:
+    """One frame checked value by value: its offset, node and values by name."""
     if type(frame) is not list or len(frame) < 3:
         raise ValueError("a frame is [time, node, value, ...]")
     offset = frame[0]
@@ -260,6 +331,9 @@ def _frame(frame: Any, time_ref: int, nodes: dict[Any, str]) -> Packet:
         offset = numeric(offset)
         if offset is None:
             raise ValueError("frame time missing")
+        offset = int(offset)
+    if not 0 <= time_ref + offset <= MAX_TIME:
+        raise TimeOutOfRange()
     raw = frame[1]
     if type(raw) is dict or type(raw) is list:
         raise ValueError("Format error, node must not be an object")
@@ -270,23 +344,14 @@ def _frame(frame: Any, time_ref: int, nodes: dict[Any, str]) -> Packet:
     position = 0
     for i in range(2, len(frame)):
         item = frame[i]
-        kind = type(item)
-        if kind is int:  # the common cases first, inline
-            position += 1
-            values[POSITIONS[position] if position < MAX_POSITION else str(position)] = float(item)
-        elif kind is float:
-            position += 1
-            if not isfinite(item):
-                raise ValueError("not finite")
-            values[POSITIONS[position] if position < MAX_POSITION else str(position)] = item
-        elif kind is dict:
+        if type(item) is dict:
             for name, value in item.items():
                 number = numeric(value)
                 if number is not None:
                     values[input_name(str(name))] = number
-        else:
-            position += 1  # empty values still use up a positional name
-            number = numeric(item)
-            if number is not None:
-                values[str(position)] = number
-    return Packet(time_ref + int(offset), node, values)
+            continue
+        position += 1  # empty values still use up a positional name
+        number = numeric(item)
+        if number is not None:
+            values[POSITIONS[position] if position < MAX_POSITION else str(position)] = number
+    return offset, node, values

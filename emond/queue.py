@@ -191,16 +191,22 @@ async def read_head(redis: Redis, stream: str, after: bytes | None, count: int) 
     return [(entry[0], dict(zip(entry[1][::2], entry[1][1::2]))) for entry in reply or []]
 
 
-def encode_packets(packets: list[Any]) -> bytes:
-    """An input queue element: the packets of one flush, in msgpack (floats stay binary:
-    six times cheaper to write than JSON, which was a quarter of a bulk request's CPU)."""
-    return b"m" + msgpack.packb(packets)
+def encode_groups(groups: list[Any]) -> bytes:
+    """An input queue element: the requests of one flush, each ``[userid, received,
+    time_ref, frames]`` (frames as ``inputparse.Bulk`` has them), in msgpack: floats stay
+    binary (six times cheaper to write than JSON) and a bulk's frames go in as decoded."""
+    return b"g" + msgpack.packb(groups)
 
 
-def decode_packets(payload: bytes) -> list[Any]:
+def decode_groups(payload: bytes) -> list[Any]:
     kind = payload[:1]
-    if kind == b"m":
+    if kind == b"g":
         return msgpack.unpackb(payload[1:])
-    if kind == b"z":  # JSON, compressed: elements written by earlier versions
-        return json.loads(zlib.decompress(payload[1:]))
-    return json.loads(payload[1:])
+    # Elements written by earlier versions: packets [userid, time, node, values, received].
+    if kind == b"m":
+        packets = msgpack.unpackb(payload[1:])
+    elif kind == b"z":
+        packets = json.loads(zlib.decompress(payload[1:]))
+    else:
+        packets = json.loads(payload[1:])
+    return [[userid, received, when, [[0, node, values]]] for userid, when, node, values, received in packets]

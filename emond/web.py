@@ -27,8 +27,8 @@ from twisted.web.server import Request
 from emond.api import WRITE, ApiError, Call, Raw, Router
 from emond.config import InputSection
 from emond.context import NodeContext
-from emond.inputparse import Packet, bulk_text, parse_bulk, parse_post
-from emond.queue import encode_packets, input_stream
+from emond.inputparse import FrameRefusal, bulk_text, parse_bulk, parse_post
+from emond.queue import encode_groups, input_stream
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
 
@@ -91,11 +91,9 @@ class InputAppender:
         self._scheduled = False
         self._flushing = False
 
-    def append(self, userid: int, received: float, packets: list[Packet]) -> defer.Deferred[None]:
+    def append(self, userid: int, received: float, time_ref: int, frames: list[list[Any]]) -> defer.Deferred[None]:
         """Fires once Redis acknowledged the append; fails with RedisUnavailable otherwise."""
-        queue = self._pending[self.layout.queue_for(userid)]
-        for p in packets:
-            queue.append([userid, p.time, p.node, p.values, received])
+        self._pending[self.layout.queue_for(userid)].append([userid, received, time_ref, frames])
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(d)
         if not self._scheduled and not self._flushing:
@@ -109,7 +107,7 @@ class InputAppender:
             return
         pending, waiting = self._pending, self._waiting
         self._pending, self._waiting = defaultdict(list), []
-        commands = [("XADD", input_stream(q), "*", "p", encode_packets(packets)) for q, packets in pending.items()]
+        commands = [("XADD", input_stream(q), "*", "p", encode_groups(groups)) for q, groups in pending.items()]
         self._flushing = True
         defer.ensureDeferred(self.redis.pipeline(commands)).addBoth(self._flushed, waiting)
 
@@ -157,26 +155,25 @@ class InputMetrics:
 def add_input_path_routes(router: Router, ctx: NodeContext, appender: InputAppender, limiter: UserRateLimit, metrics: InputMetrics, clock: Callable[[], float] = time.time) -> None:
     settings = ctx.config.input
 
-    async def accept(call: Call, packets: list[Packet], refused: list[Refused]) -> None:
+    async def accept(call: Call, time_ref: int, frames: list[list[Any]], refused: list[FrameRefusal]) -> None:
         wait = limiter.take(call.userid)
         if wait:
             raise RateLimited(wait)
         if refused:
-            await ctx.refusals.record(call.userid, refused)
-        packets = [p for p in packets if p.values]
-        if packets:
-            await appender.append(call.userid, clock(), packets)
-            metrics.frames.inc(len(packets))
+            await ctx.refusals.record(call.userid, [Refused(f.time, f.node, "", f.reason) for f in refused])
+        if frames:
+            await appender.append(call.userid, clock(), time_ref, frames)
+            metrics.frames.inc(len(frames))
 
     async def post(call: Call) -> Any:
         packet, full = parse_post(call.params, call.subactions, int(clock()))
-        await accept(call, [packet], [])
+        await accept(call, packet.time, [[0, packet.node, packet.values]] if packet.values else [], [])
         return FULLJSON_OK if full else OK
 
     async def bulk(call: Call) -> Any:
         text = bulk_text(call.params, lambda: _body(call.request), settings.max_inflated)
-        packets, frames = parse_bulk(call.params, text, int(clock()))
-        await accept(call, packets, [Refused(f.time, f.node, "", f.reason) for f in frames])
+        parsed = parse_bulk(call.params, text, int(clock()))
+        await accept(call, parsed.time_ref, parsed.frames, parsed.refused)
         return OK
 
     router.add("input", "post", WRITE, post)

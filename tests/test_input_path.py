@@ -121,6 +121,24 @@ class InputPathTests(unittest.TestCase):
         del now
 
     @defer.inlineCallbacks
+    def test_times_outside_32_bits_are_refused_and_do_not_stop_the_queue(self):
+        # Such a time cannot be stored (unsigned 32-bit seconds): it once reached the
+        # consumer, failed there on every attempt and held up the user's queue.
+        feed = yield self.feed()
+        answer = yield self.post("input/bulk.json", data=json.dumps([[0, "n", 1]]), time=str(T0))
+        self.assertEqual(answer.body, b"ok")
+        yield drain(self.node)
+        yield self.set_processlist("n", "1", f"1:{feed.id}")
+        answer = yield self.post("input/bulk.json", data=json.dumps([[10, "n", 2], [2**32, "n", 3], [-T0 - 1, "n", 4], [20, "n", 5]]), time=str(T0))
+        self.assertEqual(answer.body, b"ok")
+        post = yield self.post("input/post.json", node="n", csv="6", time=str(2**40))
+        self.assertEqual((post.code, post.json()), (400, {"success": False, "message": "Error: time out of range"}))
+        yield drain(self.node)
+        self.assertEqual(self.slots(feed), (T0 + 10, [2.0, 5.0]))
+        rejected = yield defer.ensureDeferred(self.ctx.refusals.for_user(self.userid))
+        self.assertEqual(rejected["counts"], {"time_out_of_range": 2})
+
+    @defer.inlineCallbacks
     def test_compressed_bodies(self):
         data = json.dumps([[T0, "z", 1.5]]).encode()
         for body in (zlib.compress(data), gzip.compress(data)):
@@ -313,7 +331,7 @@ class PoisonTests(unittest.TestCase):
         node = yield NodeHarness.start(self, "sqlite")
         consumer = node.service.getServiceNamed("pipeline").getServiceNamed("consumer")
         from emond import consumer as consumer_module
-        from emond.queue import encode_packets, input_stream
+        from emond.queue import encode_groups, input_stream
 
         self.patch(consumer_module, "POISON_AFTER", 2)
         waits = []
@@ -324,7 +342,7 @@ class PoisonTests(unittest.TestCase):
 
         self.patch(consumer_module.task, "deferLater", no_wait)
         bad = b"j[[1, 1700000000, 42, 17]]"  # not a packet: the values are not an object
-        good = encode_packets([[1, T0, "n", {"a": 1.0}, 0.0]])
+        good = encode_groups([[1, 0.0, T0, [[0, "n", {"a": 1.0}]]]])
         queue = consumer.layout.queue_for(1)
         yield defer.ensureDeferred(node.ctx.redis.pipeline([
             ("XADD", input_stream(queue), "*", "p", bad),

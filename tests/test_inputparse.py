@@ -7,16 +7,27 @@ import json
 from twisted.trial import unittest
 
 from emond.api import ApiError
-from emond.inputparse import Packet, parse_bulk, parse_post
+from emond.inputparse import Bulk, Packet, frame_node, frame_values, parse_bulk, parse_post
 
 NOW = 1_700_000_600
 FRAMES = json.dumps([[520, 16, 1137], [530, 17, 1437, 3164], [535, 19, 1412, 3077]])
 
 
+def packets(bulk: Bulk) -> list[Packet]:
+    """The packets a consumer reads from a bulk's queued frames."""
+    return [Packet(bulk.time_ref + f[0], frame_node(f), dict(frame_values(f))) for f in bulk.frames]
+
+
+def parse(params: dict, text: str) -> tuple[list[Packet], list]:
+    bulk = parse_bulk(params, text, NOW)
+    return packets(bulk), bulk.refused
+
+
 class BulkTimingTests(unittest.TestCase):
     def times(self, params: dict) -> list[int]:
-        packets, refused = parse_bulk(params, FRAMES, NOW)
+        packets, refused = parse(params, FRAMES)
         self.assertEqual(refused, [])
+        self.assertEqual([p.node for p in packets], ["16", "17", "19"])
         return [p.time for p in packets]
 
     def test_sentat(self) -> None:
@@ -37,7 +48,7 @@ class BulkTimingTests(unittest.TestCase):
 
     def test_positional_and_named_values(self) -> None:
         # "" and null use up positions 2 and 4; a {name: value} object uses none
-        packets, _ = parse_bulk({"time": "0"}, json.dumps([[1, "n", 1, "", 3, {"temp": 21.5}, None, 7]]), NOW)
+        packets, _ = parse({"time": "0"}, json.dumps([[1, "n", 1, "", 3, {"temp": 21.5}, None, 7]]))
         self.assertEqual(packets, [Packet(1, "n", {"1": 1.0, "3": 3.0, "temp": 21.5, "5": 7.0})])
 
     def test_not_json_or_empty_is_refused_whole(self) -> None:
@@ -46,9 +57,54 @@ class BulkTimingTests(unittest.TestCase):
 
     def test_malformed_frames_are_refused_alone(self) -> None:
         text = json.dumps([[0, "a", 1], [1, {"x": 1}, 2], [2, "b", "abc"], [3, "c"], [4, "d", 4]])
-        packets, refused = parse_bulk({"time": "100"}, text, NOW)
+        packets, refused = parse({"time": "100"}, text)
         self.assertEqual([(p.node, p.time) for p in packets], [("a", 100), ("d", 104)])
         self.assertEqual([(r.time, r.reason) for r in refused], [(101, "malformed_frame"), (102, "malformed_frame"), (103, "malformed_frame")])
+
+
+    def test_frames_as_devices_send_them_are_queued_as_sent(self) -> None:
+        frames = [[0, "emontx", 1, 2.5, -3], [10, 7, 0.125, 1e14]]
+        bulk = parse_bulk({"time": "1700000000"}, json.dumps(frames), NOW)
+        self.assertIs(type(bulk.frames), list)
+        self.assertEqual(bulk.frames, frames)  # no per-frame copy on the request path
+        self.assertEqual(packets(bulk), [
+            Packet(1700000000, "emontx", {"1": 1.0, "2": 2.5, "3": -3.0}),
+            Packet(1700000010, "7", {"1": 0.125, "2": 1e14}),
+        ])
+
+    def test_careful_path_gives_what_the_plain_path_gives(self) -> None:
+        # One odd frame sends the whole bulk through the value-by-value path; the other
+        # frames must come out exactly as the plain path makes them.
+        plain = [[0, "a", 1, 2.5], [5, 3, 4, 5], [9, "a", 1e3, -7]]
+        odd = plain + [[12, "b", "12.5"]]
+        self.assertEqual(packets(parse_bulk({"time": "100"}, json.dumps(odd), NOW))[:3], packets(parse_bulk({"time": "100"}, json.dumps(plain), NOW)))
+
+    def test_values_that_take_the_careful_path(self) -> None:
+        # huge or non-finite numbers, bools, strings, nulls, floats as node: not plain
+        cases = [
+            ([[0, "a", 1e300]], {"1": 1e300}),
+            ([[0, "a", "5"]], {"1": 5.0}),
+            ([[0, "a", None, 2]], {"2": 2.0}),
+            ([[0, 12.0, 2]], {"1": 2.0}),
+        ]
+        for frames, values in cases:
+            self.assertEqual(packets(parse_bulk({"time": "0"}, json.dumps(frames), NOW))[0].values, values, frames)
+        for bad in ([[0, "a", True]], [[0, "a", 1e400]], [[0, "a", float("nan")]], [[0, "", 1, 2, {"x": "y"}]], [[0, "a/b", 1]], [[0, "x" * 17, 1]]):
+            bulk = parse_bulk({"time": "0"}, json.dumps(bad), NOW)
+            self.assertEqual((bulk.frames, [r.reason for r in bulk.refused]), ([], ["malformed_frame"]), bad)
+
+    def test_many_positional_values_keep_their_names(self) -> None:
+        frame = [0, "n", *range(300)]
+        values = packets(parse_bulk({"time": "0"}, json.dumps([frame]), NOW))[0].values
+        self.assertEqual((len(values), values["1"], values["256"], values["300"]), (300, 0.0, 255.0, 299.0))
+
+    def test_times_outside_unsigned_32_bits_are_refused_alone(self) -> None:
+        text = json.dumps([[-1, "a", 1], [0, "a", 2], [2**32 - 1, "a", 3], [2**32, "a", 4], [10**30, "a", 5]])
+        bulk = parse_bulk({"time": "0"}, text, NOW)
+        self.assertEqual([p.time for p in packets(bulk)], [0, 2**32 - 1])
+        self.assertEqual([r.reason for r in bulk.refused], ["time_out_of_range"] * 3)
+        for params in ({"time": "1e400"}, {"sentat": "-1e999"}, {"offset": "nan"}):
+            self.assertRaises(ApiError, parse_bulk, params, "[[0,1,2]]", NOW)
 
 
 class PostTests(unittest.TestCase):
@@ -72,3 +128,8 @@ class PostTests(unittest.TestCase):
     def test_non_finite_values_refused(self) -> None:
         for value in ("nan", "inf", "1e999"):
             self.assertRaises(ApiError, parse_post, {"node": "x", "csv": value}, [], NOW)
+
+    def test_times_outside_unsigned_32_bits_are_refused(self) -> None:
+        for when in ("-1", "4294967296", "1e400", "1e30"):
+            self.assertRaises(ApiError, parse_post, {"node": "x", "csv": "1", "time": when}, [], NOW)
+        self.assertEqual(parse_post({"node": "x", "csv": "1", "time": "4294967295"}, [], NOW)[0].time, 2**32 - 1)
