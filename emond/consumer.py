@@ -38,8 +38,8 @@ from emond.web import QueueLayout
 
 CONSUMERS = "emond:consumers"
 POISON_AFTER = 5  # failed attempts before an element is set aside
-# Packets processed in one synchronous pass (one commit): a pass runs on the reactor
-# thread, so this bounds how long HTTP requests wait behind it (~4 µs a packet).
+# Packets in one pass (one commit). A pass runs on the reactor thread (~4 µs a packet):
+# this bounds how long HTTP requests wait behind it; the awaits between passes let them in.
 PASS_PACKETS = 4096
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
@@ -84,7 +84,7 @@ class InputConsumerService(Service):
         layout: QueueLayout,
         blocking: Redis,
         reactor: IReactorTime,
-        batch: int = 16,
+        batch: int = 64,
         lease_ms: int = 10_000,
         block_ms: int = 500,
         owner: str | None = None,
@@ -247,17 +247,26 @@ class InputConsumerService(Service):
         )
 
     async def process(self, queue: int, tenure: QueueTenure, entries: list[Any]) -> None:
+        """``entries`` in order, in passes of about ``PASS_PACKETS`` packets, each one commit.
+        After a failure, one element per pass: the element set aside is the one that fails."""
+        if tenure.failures:
+            entries = entries[:1]
         ids: list[bytes] = []
         groups: list[list[Any]] = []
         size = 0
         for entry_id, fields in entries:
-            if size >= PASS_PACKETS:
-                break  # the rest stays queued for the next pass
             fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
-            decoded = decode_groups(fields[b"p"])
-            groups.extend(decoded)
-            size += sum(len(group[3]) for group in decoded)
+            element = decode_groups(fields[b"p"])
             ids.append(entry_id)
+            groups.extend(element)
+            size += sum(len(group[3]) for group in element)
+            if size >= PASS_PACKETS:
+                await self._pass(queue, tenure, ids, groups)
+                ids, groups, size = [], [], 0
+        if ids:
+            await self._pass(queue, tenure, ids, groups)
+
+    async def _pass(self, queue: int, tenure: QueueTenure, ids: list[bytes], groups: list[list[Any]]) -> None:
         refused: dict[int, list[Refused]] = {}
         users = await self._users({int(g[0]) for g in groups})
         state = tenure.state
