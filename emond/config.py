@@ -69,6 +69,9 @@ class InputSection:
     max_nodes: int = 32  # per user
     max_inputs: int = 1000  # per user
     lease_ms: int = 10_000  # how long a dead consumer holds its queues before another takes over
+    # false: this process only accepts (a front node); other `twistd emond` processes on the
+    # same Redis and database consume, e.g. one per core, each on its own HTTP port
+    consume: bool = True
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,12 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     pipeline = OrderedMultiService()
     pipeline.setName("pipeline")
     pipeline.setServiceParent(root)
-    consumer = InputConsumerService(
-        ctx, layout, Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1), reactor, lease_ms=config.input.lease_ms
-    )
-    consumer.setName("consumer")
-    consumer.setServiceParent(pipeline)
+    if config.input.consume:
+        consumer = InputConsumerService(
+            ctx, layout, Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1), reactor, lease_ms=config.input.lease_ms
+        )
+        consumer.setName("consumer")
+        consumer.setServiceParent(pipeline)
     senders: dict[str, Any] = {}
     recorder = RefusalRecorder(ctx.refusals, lambda feeds: defer.ensureDeferred(_owners(ctx, feeds)))
     for server_id, location in locations.items():

@@ -30,13 +30,13 @@ QUEUES = 4
 class Node:
     """One emond daemon on a shared data dir, database and Redis database."""
 
-    def __init__(self, test: unittest.TestCase, base: str, redis_db: int, storage: bool = True) -> None:
+    def __init__(self, test: unittest.TestCase, base: str, redis_db: int, storage: bool = True, consume: bool = True) -> None:
         self.port = free_port()
         server = redis_server()
         text = (
             f'[node]\nhttp = "tcp:{self.port}:interface=127.0.0.1"\ndatadir = "var"\nstorage = {[0] if storage else []}\n'
             f'[redis]\nurl = "redis://127.0.0.1:{server.port}/{redis_db}"\n[database]\nurl = "sqlite:///emond.db"\n'
-            f"[input]\nqueues = {QUEUES}\nlease_ms = 1500\nrate_limit = 0.0\n"
+            f"[input]\nqueues = {QUEUES}\nlease_ms = 1500\nrate_limit = 0.0\nconsume = {str(consume).lower()}\n"
         )
         self.config = os.path.join(base, f"emond-{self.port}.toml")
         with open(self.config, "w") as f:
@@ -134,6 +134,32 @@ class CrashTests(unittest.TestCase):
         # the kill landed while packets were still queued (the run really was mid-way)
         self.assertIsNotNone(waiting)
         log.msg(f"queued input elements at the kill: {waiting}")
+
+    @defer.inlineCallbacks
+    def test_a_front_node_only_accepts_and_another_process_consumes(self):
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        redis = self.redis(4)
+        front = Node(self, base, 4, consume=False)
+        yield front.start()
+        keys = yield front.call("user/register.json", username="front", password="secret1", email="f@example.org")
+        key = keys["apikey_write"]
+        feed = yield front.call("feed/create.json", apikey=key, name="p", engine="5", options='{"interval":10}')
+        answer = yield front.call("input/post.json", apikey=key, node="n", csv="5", time=str(T0))
+        self.assertEqual(answer, b"ok")
+        queued = yield defer.ensureDeferred(redis.pipeline([("XLEN", input_stream(q)) for q in range(QUEUES)]))
+        self.assertEqual(sum(int(n) for n in queued), 1)  # accepted and queued
+        consumer = Node(self, base, 4, storage=False)
+        yield consumer.start()
+        yield self.drained(consumer, redis)  # its "input queues drained" (no storage work yet)
+        inputs = yield front.call("input/list.json", apikey=key)
+        self.assertEqual([(i["nodeid"], i["name"], i["value"]) for i in inputs], [("n", "1", 5.0)])
+        yield front.call(f"input/process/set.json?inputid={inputs[0]['id']}", apikey=key, processlist=f"1:{feed['feedid']}")
+        yield front.call("input/post.json", apikey=key, node="n", csv="7.5", time=str(T0 + 10))
+        yield self.drained(front, redis)  # its sender's "drained": the value is on disk
+        with open(os.path.join(base, "var", "phpfina", f"{feed['feedid']}.dat"), "rb") as f:
+            self.assertEqual(struct.unpack("<f", f.read()), (7.5,))
+        self.assertNotIn(b"consuming input queue", front.daemon.output)
 
     @defer.inlineCallbacks
     def test_two_nodes_keep_each_users_order(self):
