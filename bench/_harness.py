@@ -179,16 +179,18 @@ class Harness:
             return server, port
         raise AssertionError("unreachable")
 
-    def emond(self, redis_port: int, cpu: str | None = None, extra: str = "") -> tuple[Server, int, str]:
-        """A real ``twistd -n emond`` with a temp config: free port, temp datadir, SQLite, no rate limit."""
-        d = self.dir("node")
+    def emond(self, redis_port: int, cpu: str | None = None, extra: str = "", consumer_of: str | None = None) -> tuple[Server, int, str]:
+        """A real ``twistd -n emond`` with a temp config: free port, temp datadir, SQLite, no rate limit.
+        ``consumer_of``: the datadir of a node this one only consumes for (same database, no storage)."""
+        d = self.dir("consumer" if consumer_of else "node")
         port = free_port()
         config = os.path.join(d, "emond.toml")
+        database = os.path.join(os.path.dirname(consumer_of), "emond.db") if consumer_of else "emond.db"
         with open(config, "w") as f:
             f.write(
-                f'[node]\nhttp = "tcp:{port}:interface={HOST}"\ndatadir = "var"\nstorage = [0]\n'
+                f'[node]\nhttp = "tcp:{port}:interface={HOST}"\ndatadir = "var"\nstorage = {"[]" if consumer_of else "[0]"}\n'
                 f'[redis]\nurl = "redis://{HOST}:{redis_port}/0"\n'
-                f'[database]\nurl = "sqlite:///emond.db"\n'
+                f'[database]\nurl = "sqlite:///{database}"\n'
                 f"[input]\nqueues = {QUEUES}\nrate_limit = 0.0\n{extra}"
             )
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

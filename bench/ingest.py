@@ -170,8 +170,8 @@ def drain(redis: Redis, port: int) -> tuple[str, float]:
 
 
 def bulk_round(label: str, result: dict[str, float], frames: int, duration: float, redis: Redis, port: int) -> float:
-    """Print one bulk run and its drain; the frames/s of the whole job on the one core:
-    every frame accepted in the run, over the run plus the time its backlog took to process."""
+    """Print one bulk run and its drain; the frames/s of the whole job: every frame
+    accepted in the run, over the run plus the time its backlog took to process."""
     accepted = result["rps"] * frames
     print(line(label, result, f"   {accepted:,.0f} frames/s"), flush=True)
     text, took = drain(redis, port)
@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=100, help="frames per input/bulk request")
     parser.add_argument("--server-cpu", default="0", help="core of emond, its redis-server and the bare server")
     parser.add_argument("--wrk-cpu", default="1")
+    parser.add_argument("--split", action="store_true",
+                        help="emond only accepts ([input] consume = false); a second twistd emond on the wrk core consumes")
     parser.add_argument("--profile", action="store_true", help="one more run per load with py-spy on emond")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, raw profiles)")
     args = parser.parse_args()
@@ -199,7 +201,11 @@ def main() -> None:
     redis = None
     try:
         redis_server, redis_port = harness.redis(cpu=args.server_cpu)
-        node, port, _ = harness.emond(redis_port, cpu=args.server_cpu)
+        node, port, datadir = harness.emond(redis_port, cpu=args.server_cpu, extra="consume = false\n" if args.split else "")
+        metrics_port = port  # where emond_packets_processed_total is counted
+        if args.split:
+            consumer, metrics_port, _ = harness.emond(redis_port, cpu=args.wrk_cpu, consumer_of=datadir)
+            print(f"--split: emond pid {node.pid} only accepts; consumer pid {consumer.pid} on core {args.wrk_cpu} consumes", flush=True)
         bare, bare_port = harness.bare(cpu=args.server_cpu)
         redis = Redis(redis_port)
         key = register(port)
@@ -227,7 +233,7 @@ def main() -> None:
         for r in range(1, args.rounds + 1):
             e = run_wrk(wrk, args.wrk_cpu, post_url, args.duration, args.connections)
             print(line(f"round {r} emond post", e), flush=True)
-            print(f"    {drain(redis, port)[0]}", flush=True)
+            print(f"    {drain(redis, metrics_port)[0]}", flush=True)
             b = run_wrk(wrk, args.wrk_cpu, bare_url, args.duration, args.connections)
             print(line(f"round {r} bare", b, f"   ratio {e['rps'] / b['rps']:.2f}"), flush=True)
             emond_runs.append(e)
@@ -242,7 +248,7 @@ def main() -> None:
         wait_drained(redis, DRAIN_TIMEOUT)
         for r in range(1, args.rounds + 1):
             bk = run_wrk(wrk, args.wrk_cpu, bulk_url, args.duration, args.connections, script)
-            bk["processed"] = bulk_round(f"round {r} emond bulk", bk, args.frames, args.duration, redis, port)
+            bk["processed"] = bulk_round(f"round {r} emond bulk", bk, args.frames, args.duration, redis, metrics_port)
             bulk_runs.append(bk)
         expect_ok("emond input/bulk after the runs", bulk_url, body.encode())
         bulk_med = {k: statistics.median(r[k] for r in bulk_runs) for k in ("rps", "p50", "p99", "processed")}
@@ -259,7 +265,7 @@ def main() -> None:
         wait_drained(redis, DRAIN_TIMEOUT)
         for r in range(1, args.rounds + 1):
             hk = run_wrk(wrk, args.wrk_cpu, hub_url, args.duration, args.connections, hub_script)
-            hk["processed"] = bulk_round(f"round {r} emonhub bulk", hk, args.frames, args.duration, redis, port)
+            hk["processed"] = bulk_round(f"round {r} emonhub bulk", hk, args.frames, args.duration, redis, metrics_port)
             hub_runs.append(hk)
         hub_med = {k: statistics.median(r[k] for r in hub_runs) for k in ("rps", "p50", "p99", "processed")}
         hub_frames = hub_med["rps"] * args.frames
@@ -275,7 +281,8 @@ def main() -> None:
         verdict = "target met" if hub_frames >= BULK_TARGET else "MISSES the target"
         print(f"  emonhub-style bulk {hub_med['rps']:>10,.0f} req/s  =  {hub_frames:,.0f} frames/s   p50 {hub_med['p50']:.2f} ms  "
               f"p99 {hub_med['p99']:.2f} ms   (target >= {BULK_TARGET:,}: {verdict})")
-        print(f"  accepted and processed on the one core (run + drain): form bulk {bulk_med['processed']:,.0f} frames/s, "
+        where = f"with the consumer process on core {args.wrk_cpu}" if args.split else "on the one core"
+        print(f"  accepted and processed {where} (run + drain): form bulk {bulk_med['processed']:,.0f} frames/s, "
               f"emonhub-style {hub_med['processed']:,.0f} frames/s")
         print(f"  load average {os.getloadavg()[0]:.2f} at the end (the machine is shared)", flush=True)
 
