@@ -18,7 +18,9 @@ Before each run the emond input queues are waited empty: the node process
 also consumes what it accepted (the consumer runs in the same process, on
 the same pinned core), and a backlog left by one run would otherwise eat the
 next run's CPU — including the bare server's. The time that drain takes is
-printed too. ``--profile`` adds one more run of each emond load with
+printed too. ``--split`` runs emond with ``[input] consume = false`` and a
+second, consumer-only ``twistd emond`` (same Redis and database) on wrk's
+core. ``--profile`` adds one more run of each emond load with
 ``py-spy record`` attached to the twistd process and prints the hot spots.
 """
 
