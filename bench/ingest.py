@@ -171,15 +171,21 @@ def drain(redis: Redis, port: int) -> tuple[str, float]:
     return f"backlog {processed:,.0f} packets drained in {took:.1f} s", took
 
 
-def bulk_round(label: str, result: dict[str, float], frames: int, duration: float, redis: Redis, port: int) -> float:
-    """Print one bulk run and its drain; the frames/s of the whole job: every frame
-    accepted in the run, over the run plus the time its backlog took to process."""
-    accepted = result["rps"] * frames
-    print(line(label, result, f"   {accepted:,.0f} frames/s"), flush=True)
-    text, took = drain(redis, port)
-    processed = accepted * duration / (duration + took)
-    print(f"    {text}; accepted and processed: {processed:,.0f} frames/s", flush=True)
-    return processed
+def bulk_rounds(label: str, url: str, script: str, args: argparse.Namespace, wrk: str, redis: Redis, metrics_port: int) -> dict[str, float]:
+    """``args.rounds`` wrk runs of a bulk load, each followed by its drain; the medians. Besides
+    wrk's figures, "processed" is the frames/s of the whole job: every frame accepted in the
+    run, over the run plus the time its backlog took to process."""
+    runs = []
+    wait_drained(redis, DRAIN_TIMEOUT)
+    for r in range(1, args.rounds + 1):
+        result = run_wrk(wrk, args.wrk_cpu, url, args.duration, args.connections, script)
+        accepted = result["rps"] * args.frames
+        print(line(f"round {r} {label}", result, f"   {accepted:,.0f} frames/s"), flush=True)
+        text, took = drain(redis, metrics_port)
+        result["processed"] = accepted * args.duration / (args.duration + took)
+        print(f"    {text}; accepted and processed: {result['processed']:,.0f} frames/s", flush=True)
+        runs.append(result)
+    return {k: statistics.median(r[k] for r in runs) for k in ("rps", "p50", "p99", "processed")}
 
 
 def main() -> None:
@@ -246,14 +252,8 @@ def main() -> None:
         ratio = med["rps"] / bmed["rps"]
 
         print(f"\ninput/bulk, {args.frames} frames per request: wrk -t1 -c{args.connections} --latency, {args.duration:.0f} s per run", flush=True)
-        bulk_runs = []
-        wait_drained(redis, DRAIN_TIMEOUT)
-        for r in range(1, args.rounds + 1):
-            bk = run_wrk(wrk, args.wrk_cpu, bulk_url, args.duration, args.connections, script)
-            bk["processed"] = bulk_round(f"round {r} emond bulk", bk, args.frames, args.duration, redis, metrics_port)
-            bulk_runs.append(bk)
+        bulk_med = bulk_rounds("emond bulk", bulk_url, script, args, wrk, redis, metrics_port)
         expect_ok("emond input/bulk after the runs", bulk_url, body.encode())
-        bulk_med = {k: statistics.median(r[k] for r in bulk_runs) for k in ("rps", "p50", "p99", "processed")}
         frames = bulk_med["rps"] * args.frames
 
         # The same frames as emonhub sends them: a zlib body (cb=1), sentat, a Bearer key.
@@ -263,13 +263,7 @@ def main() -> None:
         lua_post_binary(hub_script, hub_body, key)
         expect_ok("emonhub-style input/bulk", hub_url + f"&apikey={key}", hub_body)
         print(f"\ninput/bulk as emonhub sends it (cb=1, {len(hub_body):,}-byte zlib body, Bearer key), {args.frames} frames per request", flush=True)
-        hub_runs = []
-        wait_drained(redis, DRAIN_TIMEOUT)
-        for r in range(1, args.rounds + 1):
-            hk = run_wrk(wrk, args.wrk_cpu, hub_url, args.duration, args.connections, hub_script)
-            hk["processed"] = bulk_round(f"round {r} emonhub bulk", hk, args.frames, args.duration, redis, metrics_port)
-            hub_runs.append(hk)
-        hub_med = {k: statistics.median(r[k] for r in hub_runs) for k in ("rps", "p50", "p99", "processed")}
+        hub_med = bulk_rounds("emonhub bulk", hub_url, hub_script, args, wrk, redis, metrics_port)
         hub_frames = hub_med["rps"] * args.frames
 
         print("\nSUMMARY (medians of rounds)")
