@@ -24,6 +24,7 @@ from emond.names import valid_input_name
 
 POSITIONS = [str(i) for i in range(256)]  # CSV position names, made once
 MAX_POSITION = len(POSITIONS)
+_POSITION_NAMES = tuple(POSITIONS[1:])  # the names of positional values, in order
 NUMERIC = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 REASON_MALFORMED_FRAME = "malformed_frame"
 REASON_TIME_RANGE = "time_out_of_range"
@@ -270,7 +271,7 @@ def frame_values(frame: list[Any]) -> Iterable[tuple[str, float]]:
     first = frame[2]
     if type(first) is dict:
         return first.items()
-    names = POSITIONS[1:] if len(frame) <= MAX_POSITION + 1 else map(str, count(1))
+    names = _POSITION_NAMES if len(frame) <= MAX_POSITION + 1 else map(str, count(1))
     return zip(names, map(float, frame[2:]))
 
 
