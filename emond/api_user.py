@@ -1,4 +1,8 @@
-"""``user/...`` routes: register, login, logout, auth, get, set, getuuid, API keys, password."""
+"""``user/...`` routes: register, login, logout, auth, get, set, getuuid, API keys, password.
+
+Every route that checks a password (login, auth, changepassword) goes through the
+throttle of emond.auth first; registrations are throttled per address.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,20 @@ from typing import Any
 
 from emond.api import PUBLIC, READ, WRITE, ApiError, Call, Router
 from emond.context import NodeContext
+from emond.users import LOGIN_FAILED, Verified, check_new_password
 
-LOGIN_WINDOW = 15 * 60  # seconds a failed login counts against user and address
-LOGIN_FAILURES_PER_USER = 5
-LOGIN_FAILURES_PER_ADDRESS = 30
+AUTH_FAILED = "Incorrect authentication"  # current emoncms's user/auth answer, for both failures
 
 
 def add_user_routes(router: Router, ctx: NodeContext) -> None:
-    users, auth = ctx.users, ctx.auth
+    users, auth, limits = ctx.users, ctx.auth, ctx.config.users
 
     async def register(call: Call) -> Any:
-        if not ctx.config.users.registration:
+        if not limits.registration:
             raise ApiError("Registration is disabled", 403)
+        # Every attempt counts (not only successes): "Username already exists" tells who has an
+        # account, so probing through registration is slowed down as well.
+        await auth.registration_attempt(auth.client(call.request), limits)
         return await users.register(
             call.get("username", "") or "",
             call.get("password", "") or "",
@@ -25,29 +31,34 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
             call.get("timezone", "UTC") or "UTC",
         )
 
-    async def checked_login(call: Call) -> int:
+    async def checked_login(call: Call, failed: str) -> Verified:
         username = call.get("username", "") or ""
+        password = call.get("password", "") or ""
+        if not username or not password:
+            raise ApiError("Username or password empty")
         address = auth.client(call.request)
-        if not await auth.login_allowed(username, address, LOGIN_FAILURES_PER_USER, LOGIN_FAILURES_PER_ADDRESS):
-            raise ApiError("Too many login attempts, please try again later", 429)
-        try:
-            userid = await users.authenticate(username, call.get("password", "") or "")
-        except ApiError:
-            await auth.login_failed(username, address, LOGIN_WINDOW)
-            raise
-        await auth.login_succeeded(username)
-        return userid
+        await auth.password_attempt(username, address, limits)  # counted before it is checked
+        verified = await users.authenticate(username, password, failed)
+        await auth.password_accepted(username, address)
+        return verified
 
     async def login(call: Call) -> Any:
-        userid = await checked_login(call)
-        await auth.start_session(call.request, userid, call.flag("rememberme", False))
-        user = await users.get(userid)
+        remember = call.flag("rememberme", False)
+        verified = await checked_login(call, LOGIN_FAILED)
+        # A password change racing this login must not leave it a session: the generation is
+        # read first, then the password checked above must still be the user's. A change after
+        # that read bumps the generation, which ends this session.
+        generation = await auth.session_generation(verified.userid)
+        if not await users.still_current(verified):
+            raise ApiError(LOGIN_FAILED)
+        await auth.start_session(call.request, verified.userid, remember, generation)
+        user = await users.get(verified.userid)
         return {"success": True, "message": "Login successful", "startingpage": user["startingpage"]}
 
     async def auth_route(call: Call) -> Any:
-        userid = await checked_login(call)
-        user = await users.get(userid)
-        return {"success": True, "userid": userid, "apikey_write": user["apikey_write"], "apikey_read": user["apikey_read"]}
+        verified = await checked_login(call, AUTH_FAILED)
+        user = await users.get(verified.userid)
+        return {"success": True, "userid": verified.userid, "apikey_write": user["apikey_write"], "apikey_read": user["apikey_read"]}
 
     async def logout(call: Call) -> Any:
         await auth.end_session(call.request)
@@ -70,6 +81,9 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
         user = await users.get(call.userid)
         return {"success": True, "message": user["uuid"]}
 
+    # A new API key leaves sessions alone: keys and sessions are separate credentials, and a
+    # key never yields a session (only a password does), so a leaked key is dealt with by
+    # replacing the key; logging the owner out of the browser they are using would add nothing.
     def new_key(kind: str):
         async def route(call: Call) -> Any:
             key, old_digest = await users.new_apikey(call.userid, kind)
@@ -79,7 +93,24 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
         return route
 
     async def changepassword(call: Call) -> Any:
-        await users.change_password(call.userid, call.get("old", "") or "", call.get("new", "") or "")
+        old, new = call.get("old", "") or "", call.get("new", "") or ""
+        check_new_password(new)
+        username = await users.username(call.userid)
+        address = auth.client(call.request)
+        current = await auth.session(call.request) if call.auth.via == "session" else None
+        # A write key or a session can guess the old password here: throttled like a login.
+        await auth.password_attempt(username, address, limits)
+
+        async def end_sessions() -> None:
+            # before the new password is stored: if Redis fails, nothing has changed
+            await auth.end_all_sessions(call.userid)
+
+        await users.change_password(call.userid, old, new, end_sessions)
+        await auth.password_accepted(username, address)
+        # ... and after: a login that read the old hash before the change ends with the rest
+        generation = await auth.end_all_sessions(call.userid)
+        if current is not None:  # the caller stays logged in, with a fresh session (the old one is dead)
+            await auth.start_session(call.request, call.userid, current.remember, generation)
         return {"success": True, "message": "Password updated"}
 
     async def timezone(call: Call) -> Any:

@@ -1,10 +1,12 @@
-"""Who is calling: API keys (query, POST, Bearer), sessions, and login throttling.
+"""Who is calling: API keys (query, POST, Bearer), sessions, and throttles on password
+guessing and registrations.
 
 A key is resolved by its sha256 digest: an in-process cache of a few
 seconds, then Redis (``emond:apikey:<digest>``), then the database. A
 regenerated key's Redis entry is deleted, so every process stops accepting
 the old key within the in-process cache's lifetime. Sessions live in Redis
-(any emond process serves them), under the digest of their token.
+(any emond process serves them), under the digest of their token. Nothing
+secret (a key, a token, a password) is logged or used raw in a key name.
 """
 
 from __future__ import annotations
@@ -13,20 +15,86 @@ import hashlib
 import ipaddress
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Callable
 
+from twisted.logger import Logger
 from twisted.web.server import Request
 
-from emond.api import Auth, InvalidApiKey
+from emond.api import ApiError, Auth, InvalidApiKey
+from emond.config import UsersSection
 from emond.redis import Redis
 from emond.users import Users, apikey_digest
 
 COOKIE = b"emond_session"
 KEY_CACHE_SECONDS = 5.0
 REDIS_KEY_TTL = 3600
+TOO_MANY_ATTEMPTS = "Too many attempts, please try again later"  # current emoncms's words
+TOO_MANY_REGISTRATIONS = "Too many registrations from this address, please try again later"
+_GENERATION_PREFIX = "emond:session:gen:"
+
+# KEYS: the session; ARGV[1]: the generation key prefix. The session's value if it is of
+# the user's current generation; a session of an older generation is deleted.
+_SESSION = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local uid, gen = string.match(v, '^(%d+):?(%d*)')
+if not uid then return false end
+if gen == '' then gen = '0' end
+if (redis.call('GET', ARGV[1] .. uid) or '0') ~= gen then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+return v
+"""
+
+# KEYS: (user, address), address, user, the user's slow-down slot.
+# ARGV: window, per-client limit, per-address limit, per-user cap, slow-down seconds.
+# 0: the attempt may go ahead (it is counted as a failure until given back); else seconds to wait.
+_ATTEMPT = """
+local function count(k) return tonumber(redis.call('GET', k) or '0') end
+local function wait(k) local t = redis.call('TTL', k); if t < 1 then t = 1 end; return t end
+if count(KEYS[1]) >= tonumber(ARGV[2]) then return wait(KEYS[1]) end
+if count(KEYS[2]) >= tonumber(ARGV[3]) then return wait(KEYS[2]) end
+if count(KEYS[3]) >= tonumber(ARGV[4]) then
+  if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[5]) then return wait(KEYS[4]) end
+end
+for i = 1, 3 do
+  redis.call('INCR', KEYS[i])
+  if redis.call('TTL', KEYS[i]) < 0 then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+end
+return 0
+"""
+
+# KEYS: (user, address), address, user. The pair starts afresh; the others get this attempt back.
+_ACCEPTED = """
+redis.call('DEL', KEYS[1])
+for i = 2, 3 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('DECR', KEYS[i]) <= 0 then redis.call('DEL', KEYS[i]) end
+end
+return 0
+"""
+
+# KEYS[1]: a counter; ARGV: window, limit. 0 if this one is within the limit, else seconds to wait.
+_COUNT = """
+local n = redis.call('INCR', KEYS[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+if n > tonumber(ARGV[2]) then
+  local t = redis.call('TTL', KEYS[1]); if t < 1 then t = 1 end; return t
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Session:
+    userid: int
+    remember: bool
 
 
 class Authenticator:
+    log = Logger()
+
     def __init__(
         self,
         users: Users,
@@ -49,12 +117,8 @@ class Authenticator:
             if owner is None:
                 raise InvalidApiKey()
             return Auth(owner[0], owner[1], "apikey")
-        token = request.getCookie(COOKIE)
-        if token:
-            userid = await self.redis.call("GET", _session_key(token))
-            if userid is not None:
-                return Auth(int(userid), True, "session")
-        return None
+        session = await self.session(request)
+        return Auth(session.userid, True, "session") if session is not None else None
 
     async def key_owner(self, key: str) -> tuple[int, bool] | None:
         """(userid, write) for a valid key, else None."""
@@ -85,11 +149,21 @@ class Authenticator:
         await self.redis.call("DEL", b"emond:apikey:" + digest.encode())
 
     # -- sessions ----------------------------------------------------------
+    #
+    # A session is ``emond:session:<sha256(token)>`` = ``userid:generation:remember``. A user's
+    # generation (``emond:session:gen:<userid>``, absent = 0) grows when their password changes,
+    # which ends every session made before, on every process, without listing them.
 
-    async def start_session(self, request: Request, userid: int, remember: bool) -> None:
+    async def session_generation(self, userid: int) -> int:
+        """Read before the password is checked: a change after that ends the session made."""
+        value = await self.redis.call("GET", _generation_key(userid))
+        return int(value) if value is not None else 0
+
+    async def start_session(self, request: Request, userid: int, remember: bool, generation: int) -> None:
         token = secrets.token_urlsafe(32).encode()
         ttl = self.session_ttl if remember else min(self.session_ttl, 86400)
-        await self.redis.call("SET", _session_key(token), str(userid), "EX", ttl)
+        value = f"{userid}:{generation}:{1 if remember else 0}"
+        await self.redis.call("SET", _session_key(token), value, "EX", ttl)
         request.addCookie(
             COOKIE,
             token,
@@ -100,11 +174,26 @@ class Authenticator:
             sameSite="strict",
         )
 
+    async def session(self, request: Request) -> Session | None:
+        """The caller's live session, if any (one round trip)."""
+        token = request.getCookie(COOKIE)
+        if not token:
+            return None
+        value = await self.redis.call("EVAL", _SESSION, 1, _session_key(token), _GENERATION_PREFIX)
+        if not value:
+            return None
+        userid, _generation, remember = (value.decode().split(":") + ["0", "0"])[:3]
+        return Session(int(userid), remember == "1")
+
     async def end_session(self, request: Request) -> None:
         token = request.getCookie(COOKIE)
         if token:
             await self.redis.call("DEL", _session_key(token))
         request.addCookie(COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, sameSite="strict")
+
+    async def end_all_sessions(self, userid: int) -> int:
+        """End every session of the user (all processes); fires with the new generation."""
+        return int(await self.redis.call("INCR", _generation_key(userid)))
 
     def is_https(self, request: Request) -> bool:
         if request.isSecure():
@@ -115,29 +204,60 @@ class Authenticator:
         return False
 
     def client(self, request: Request) -> str:
-        """The caller's address; X-Forwarded-For only from a trusted proxy."""
-        peer = client_address(request)
-        if self._trusted and _in(peer, self._trusted):
-            forwarded = request.getHeader(b"x-forwarded-for")
-            if forwarded:
-                return forwarded.decode("ascii", "replace").split(",")[-1].strip()
-        return peer
+        """The caller's address. X-Forwarded-For is read from the right, one hop per trusted
+        proxy: the first address not vouched for by a trusted proxy is the client."""
+        address = client_address(request)
+        if not self._trusted:
+            return address
+        headers = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+        hops = [h.strip() for h in b",".join(headers).decode("ascii", "replace").split(",")]
+        for hop in reversed(hops):
+            if not _in(address, self._trusted):
+                break
+            hop_ip = _ip(hop)
+            if hop_ip is None:
+                break  # garbage from a proxy: the proxy itself is the best we know
+            address = str(hop_ip)
+        return address
 
-    # -- login throttling ----------------------------------------------------
+    # -- password guessing and registrations ----------------------------------
+    #
+    # Three counts, because one is not enough:
+    # - per (username, address): the guesser at one address is stopped after a few failures,
+    #   while the owner elsewhere is unaffected (a count per username alone would let anyone
+    #   lock anyone out);
+    # - per address: one address trying many usernames is stopped too;
+    # - per username, all addresses: a botnet guessing one account from many addresses. Past a
+    #   generous cap this slows the account to one attempt per ``login_slow_seconds`` instead of
+    #   locking it: the owner still gets in, guessing becomes uselessly slow.
+    # An attempt is counted (as a failure) before its password is checked, in one Lua script, so
+    # concurrent guesses cannot all slip under the limit; a success gives its count back. IPv6
+    # clients count per /64 (one host usually holds a whole /64 and can rotate within it).
 
-    async def login_allowed(self, username: str, address: str, per_user: int, per_address: int) -> bool:
-        counts = await self.redis.pipeline(
-            [("GET", _throttle_key("u", username.lower())), ("GET", _throttle_key("a", address))]
+    async def password_attempt(self, username: str, address: str, limits: UsersSection) -> None:
+        """Count one password check; ApiError 429 (with Retry-After) when over a limit."""
+        keys = _attempt_keys(username, address)
+        wait = await self.redis.call(
+            "EVAL", _ATTEMPT, len(keys), *keys,
+            limits.login_window, limits.login_failures_per_client, limits.login_failures_per_address,
+            limits.login_failures_per_user, limits.login_slow_seconds,
         )
-        user_fails, address_fails = (int(c) if c is not None else 0 for c in counts)
-        return user_fails < per_user and address_fails < per_address
+        if int(wait) > 0:
+            self.log.info("password attempts throttled for {address}", address=address)
+            raise ApiError(TOO_MANY_ATTEMPTS, 429, {b"Retry-After": str(int(wait)).encode()})
 
-    async def login_failed(self, username: str, address: str, window: int) -> None:
-        keys = (_throttle_key("u", username.lower()), _throttle_key("a", address))
-        await self.redis.pipeline([cmd for key in keys for cmd in (("INCR", key), ("EXPIRE", key, window))])
+    async def password_accepted(self, username: str, address: str) -> None:
+        """The checked password was right: forget that pair's failures, give the attempt back."""
+        keys = _attempt_keys(username, address)
+        await self.redis.call("EVAL", _ACCEPTED, 3, *keys[:3])
 
-    async def login_succeeded(self, username: str) -> None:
-        await self.redis.call("DEL", _throttle_key("u", username.lower()))
+    async def registration_attempt(self, address: str, limits: UsersSection) -> None:
+        """Count one registration from the address; ApiError 429 when over the limit."""
+        key = _throttle_key("r", address_bucket(address))
+        wait = await self.redis.call("EVAL", _COUNT, 1, key, limits.registration_window, limits.registrations_per_address)
+        if int(wait) > 0:
+            self.log.info("registrations throttled for {address}", address=address)
+            raise ApiError(TOO_MANY_REGISTRATIONS, 429, {b"Retry-After": str(int(wait)).encode()})
 
 
 def _bearer(request: Request) -> str | None:
@@ -155,14 +275,45 @@ def _throttle_key(kind: str, who: str) -> bytes:
     return f"emond:login:{kind}:{hashlib.sha256(who.encode()).hexdigest()}".encode()
 
 
+def _attempt_keys(username: str, address: str) -> tuple[bytes, bytes, bytes, bytes]:
+    # Usernames match case-insensitively at login, so they count so too.
+    user, bucket = username.lower(), address_bucket(address)
+    return (
+        _throttle_key("c", f"{user}\n{bucket}"),
+        _throttle_key("a", bucket),
+        _throttle_key("u", user),
+        _throttle_key("s", user),
+    )
+
+
+def _generation_key(userid: int) -> str:
+    return f"{_GENERATION_PREFIX}{userid}"
+
+
+def address_bucket(address: str) -> str:
+    """What a throttle counts per: the IPv4 address, or the IPv6 /64 (an IPv4-mapped one as IPv4)."""
+    ip = _ip(address)
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def client_address(request: Request) -> str:
     peer = request.getClientAddress()
     return getattr(peer, "host", None) or "unix"
 
 
-def _in(address: str, networks: list) -> bool:
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(ip in net for net in networks)
+        return None
+
+
+def _in(address: str, networks: list) -> bool:
+    ip = _ip(address)
+    return ip is not None and any(ip in net for net in networks)

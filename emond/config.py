@@ -9,6 +9,7 @@ the config file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 import typing
@@ -85,6 +86,16 @@ class UsersSection:
     session_days: int = 30
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks).
     trusted_proxies: tuple[str, ...] = ()
+    # Password guessing (user/login, user/auth, user/changepassword), counted in a fixed window;
+    # see emond/auth.py for why there are three counts.
+    login_window: int = 900  # seconds a failed attempt counts
+    login_failures_per_client: int = 5  # one username from one address: then 429 for that pair
+    login_failures_per_address: int = 30  # one address, any usernames: then 429 for that address
+    login_failures_per_user: int = 100  # one username, all addresses: then slowed, never locked
+    login_slow_seconds: int = 10  # ... to one attempt per this many seconds for that username
+    registrations_per_address: int = 10  # user/register attempts per address per window (429 beyond)
+    registration_window: int = 3600
+    max_feeds: int = 1000  # per user (403 beyond)
 
 
 @dataclass(frozen=True)
@@ -281,6 +292,17 @@ def _validate_node(config: NodeConfig) -> None:
     for sid in config.node.storage:
         if sid in config.storage_servers:
             raise ConfigError(f"[node] storage: server {sid} is also configured as remote in [storage.servers]")
+    for proxy in config.users.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"[users] trusted_proxies: not an address or network: {proxy!r}")
+    for name in (
+        "login_window", "login_failures_per_client", "login_failures_per_address", "login_failures_per_user",
+        "login_slow_seconds", "registrations_per_address", "registration_window", "max_feeds",
+    ):
+        if getattr(config.users, name) < 1:
+            raise ConfigError(f"[users] {name}: must be at least 1, got {getattr(config.users, name)}")
     hosted = set(config.node.storage) | set(config.storage_servers)
     if hosted and config.feeds.default_server not in hosted:
         raise ConfigError(f"[feeds] default_server: server {config.feeds.default_server} is neither hosted nor remote")

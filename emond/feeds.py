@@ -76,9 +76,10 @@ def check_engine(engine: int) -> None:
 
 
 class Feeds:
-    def __init__(self, db: Database, redis: Redis) -> None:
+    def __init__(self, db: Database, redis: Redis, max_feeds: int = 1000) -> None:
         self.db = db
         self.redis = redis
+        self.max_feeds = max_feeds  # per user ([users] max_feeds)
 
     async def create(
         self, userid: int, name: str, tag: str, datatype: int, engine: int, interval: int, server: int, unit: str = ""
@@ -89,10 +90,15 @@ class Feeds:
         if datatype not in DATATYPES:
             raise ApiError("missing datatype: 1: realtime, 2: daily")
         check_engine(engine)
+        lock = " FOR UPDATE" if self.db.dialect == "mysql" else ""  # SQLite: one connection, serial
 
         def insert(txn: Any) -> int:
+            # The user's row is locked so that concurrent creates count one after another.
+            txn.query(f"SELECT id FROM users WHERE id = ?{lock}", userid)
             if txn.query("SELECT id FROM feeds WHERE userid = ? AND tag = ? AND name = ?", userid, tag, name):
                 raise ApiError("feed already exists")
+            if txn.query("SELECT COUNT(*) FROM feeds WHERE userid = ?", userid)[0][0] >= self.max_feeds:
+                raise ApiError(f"Feed limit reached: at most {self.max_feeds} feeds per user", 403)
             return txn.insert(
                 "INSERT INTO feeds (userid, name, tag, datatype, public, engine, server, feed_interval, unit, created) "
                 "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",

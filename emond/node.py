@@ -52,7 +52,7 @@ def make_context(
         redis=redis,
         users=users,
         auth=Authenticator(users, redis, config.users.session_days * 86400, config.users.trusted_proxies),
-        feeds=Feeds(db, redis),
+        feeds=Feeds(db, redis, config.users.max_feeds),
         inputs=Inputs(db, redis),
         store=FeedStore(locations),
         writer=QueueWriter(redis, config.engines),

@@ -6,11 +6,14 @@ a late write for a deleted feed can never land in a new one.
 
 from __future__ import annotations
 
+from typing import Callable, Union
+
 from twisted.logger import Logger
 
 from emond.db import Database, Transaction
 
 log = Logger()
+Step = Union[str, Callable[[Transaction], None]]
 
 _TYPES = {
     "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "engine": ""},
@@ -20,8 +23,37 @@ _TYPES = {
     },
 }
 
-# Each migration is a list of statements; {pk} and {engine} are filled per dialect.
-MIGRATIONS: list[list[str]] = [
+
+def _report_username_twins(txn: Transaction) -> None:
+    """Log the accounts whose names differ only in case (made before names were unique
+    whatever their case): all are kept; the oldest holds the name, the others still log in
+    by their exact spelling (emond.users.Users.authenticate)."""
+    kept = dict(txn.query("SELECT username_key, username FROM users WHERE username_key IS NOT NULL"))
+    twins: dict[str, list[str]] = {}
+    for (username,) in txn.query("SELECT username FROM users WHERE username_key IS NULL ORDER BY id"):
+        twins.setdefault(username.lower(), []).append(username)
+    for key, names in sorted(twins.items()):
+        log.warn(
+            "username twins: {kept!r} keeps the name; {twins!r} still log in by their exact spelling",
+            kept=kept.get(key), twins=names,
+        )
+
+
+# Usernames are unique whatever their case (``ALICE`` and ``alice`` cannot both register): a
+# unique index on ``username_key`` (the lowercased name; a function index would not work on
+# MariaDB). Twins already in the database are kept: the oldest gets the key, the others none.
+CASE_INSENSITIVE_USERNAMES: list[Step] = [
+    "ALTER TABLE users ADD COLUMN username_key VARCHAR(30)",
+    # the derived table: MariaDB cannot read the table an UPDATE changes in its own subquery
+    "UPDATE users SET username_key = LOWER(username) WHERE id IN "
+    "(SELECT id FROM (SELECT MIN(id) AS id FROM users GROUP BY LOWER(username)) AS oldest)",
+    "CREATE UNIQUE INDEX users_username_key ON users (username_key)",
+    _report_username_twins,
+]
+
+# Each migration is a list of steps: SQL statements ({pk} and {engine} are filled per
+# dialect) or functions of the transaction (for what SQL alone cannot do, e.g. reporting).
+MIGRATIONS: list[list[Step]] = [
     [
         """CREATE TABLE users (
             id {pk},
@@ -76,6 +108,7 @@ MIGRATIONS: list[list[str]] = [
         # Two feed/create calls at the same moment must not make twins.
         "CREATE UNIQUE INDEX feeds_name ON feeds (userid, tag, name)",
     ],
+    CASE_INSENSITIVE_USERNAMES,
 ]
 
 
@@ -93,8 +126,11 @@ def _apply(txn: Transaction, dialect: str) -> int:
     for number, statements in enumerate(MIGRATIONS, start=1):
         if number <= current:
             continue
-        for statement in statements:
-            txn.execute(statement.format(**_TYPES[dialect]))
+        for step in statements:
+            if callable(step):
+                step(txn)
+            else:
+                txn.execute(step.format(**_TYPES[dialect]))
         txn.execute("UPDATE schema_version SET version = ?", number)
         log.info("database schema migrated to version {version}", version=number)
     return len(MIGRATIONS)

@@ -17,7 +17,7 @@ import unicodedata
 import uuid
 import zoneinfo
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from twisted.internet import threads
 
@@ -27,6 +27,11 @@ from emond.db import Database, is_duplicate
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
 APIKEY = re.compile(r"^[0-9a-f]{32}$")
+# Checked for a username that does not exist, so that answering takes as long as a wrong
+# password (no password has this digest: all zeros).
+DUMMY_HASH = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'00' * 16}${'00' * 64}"
+# current emoncms's answers, the same for an unknown username and a wrong password
+LOGIN_FAILED = "Incorrect username or password"
 # user/get.json and user/set.json fields, as emoncms names them
 PROFILE_FIELDS = ("name", "location", "timezone", "language", "bio", "gravatar", "startingpage", "email")
 USER_COLUMNS = (
@@ -50,16 +55,33 @@ def hash_password(password: str) -> str:
 
 
 def check_password(password: str, stored: str, salt: str) -> bool:
-    """Constant-time check against a scrypt hash or a legacy emoncms one."""
+    """Constant-time check against a scrypt hash or a legacy emoncms one. Every check runs
+    the KDF once (a legacy check against DUMMY_HASH too), so its time tells nothing about
+    which kind of account, if any, the name belongs to."""
     if stored.startswith("scrypt$"):
-        _, n, r, p, salt_hex, digest_hex = stored.split("$")
-        digest = hashlib.scrypt(
-            password.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p), maxmem=64 * 1024 * 1024
-        )
-        return hmac.compare_digest(digest.hex(), digest_hex)
+        return _scrypt_matches(password, stored)
+    _scrypt_matches(password, DUMMY_HASH)
     inner = hashlib.sha256(password.encode()).hexdigest()
     legacy = hashlib.sha256((salt + inner).encode()).hexdigest()
     return hmac.compare_digest(legacy, stored)
+
+
+def _scrypt_matches(password: str, stored: str) -> bool:
+    _, n, r, p, salt_hex, digest_hex = stored.split("$")
+    digest = hashlib.scrypt(
+        password.encode(), salt=bytes.fromhex(salt_hex), n=int(n), r=int(r), p=int(p), maxmem=64 * 1024 * 1024
+    )
+    return hmac.compare_digest(digest.hex(), digest_hex)
+
+
+def check_new_password(password: str) -> None:
+    if not 4 <= len(password) <= 250:
+        raise ApiError("Password length error")
+
+
+def username_key(username: str) -> str:
+    """What makes two usernames the same one: case does not (usernames are ASCII)."""
+    return username.lower()
 
 
 def valid_timezone(name: str) -> bool:
@@ -68,6 +90,14 @@ def valid_timezone(name: str) -> bool:
         return True
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         return False
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A correct login: the user, and the password hash that was checked (it may change later)."""
+
+    userid: int
+    password_hash: str
 
 
 @dataclass(frozen=True)
@@ -91,21 +121,23 @@ class Users:
             raise ApiError("Username length error")
         if len(email) > 128 or not EMAIL.match(email):
             raise ApiError("Email address format error")
-        if not 4 <= len(password) <= 250:
-            raise ApiError("Password length error")
+        check_new_password(password)
         if not valid_timezone(timezone):
             raise ApiError("Invalid timezone")
         hashed = await threads.deferToThread(hash_password, password)
         write, read = new_apikey(), new_apikey()
 
+        key = username_key(username)
+
         def insert(txn: Any) -> int:
-            if txn.query("SELECT id FROM users WHERE username = ?", username):
+            if txn.query("SELECT id FROM users WHERE username_key = ? OR username = ?", key, username):
                 raise ApiError("Username already exists")
             first = not txn.query("SELECT id FROM users LIMIT 1")
             return txn.insert(
-                "INSERT INTO users (username, email, password, salt, apikey_write, apikey_read, apikey_write_hash, "
-                "apikey_read_hash, uuid, admin, timezone, bio, created) VALUES (?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?, '', ?)",
-                username, email, hashed, write, read, apikey_digest(write), apikey_digest(read),
+                "INSERT INTO users (username, username_key, email, password, salt, apikey_write, apikey_read, "
+                "apikey_write_hash, apikey_read_hash, uuid, admin, timezone, bio, created) "
+                "VALUES (?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                username, key, email, hashed, write, read, apikey_digest(write), apikey_digest(read),
                 str(uuid.uuid4()), 1 if first else 0, timezone, int(time.time()),
             )
 
@@ -113,27 +145,44 @@ class Users:
             userid = await self.db.transaction(insert)
         except ApiError:
             raise
-        except Exception as e:  # the unique index, when two registrations race
+        except Exception as e:  # the unique indexes, when two registrations race
             if is_duplicate(e):
                 raise ApiError("Username already exists")
             raise
         return {"success": True, "verifyemail": False, "userid": userid, "apikey_read": read, "apikey_write": write}
 
-    async def authenticate(self, username: str, password: str) -> int:
-        """The user id for a correct username and password (a legacy hash is upgraded)."""
+    async def authenticate(self, username: str, password: str, failed: str = LOGIN_FAILED) -> Verified:
+        """The user of a correct username and password (a legacy hash is upgraded). An unknown
+        username and a wrong password fail alike, ``failed``, after one KDF run each.
+
+        A username matches whatever its case, as on emoncms (MySQL's default collations ignore
+        case, so emoncms users type their name in any case). Twins that predate unique
+        usernames (see emond.schema) each still match their exact spelling; another spelling
+        matches the oldest.
+        """
         if not username or not password:
             raise ApiError("Username or password empty")
-        row = await self.db.one("SELECT id, password, salt FROM users WHERE username = ?", username)
-        if row is None:
-            raise ApiError("Username does not exist")
-        userid, stored, salt = row
-        if not await threads.deferToThread(check_password, password, stored, salt):
-            raise ApiError("Incorrect password, if your sure its correct try clearing your browser cache")
+        rows = await self.db.query(
+            "SELECT id, username, password, salt FROM users WHERE username_key = ? OR username = ? ORDER BY id",
+            username_key(username), username,
+        )
+        exact = [r for r in rows if r[1] == username]
+        row = (exact or rows or [None])[0]
+        stored, salt = (row[2], row[3]) if row is not None else (DUMMY_HASH, "")
+        correct = await threads.deferToThread(check_password, password, stored, salt)
+        if row is None or not correct:
+            raise ApiError(failed)
+        userid = int(row[0])
         if not stored.startswith("scrypt$"):
-            upgraded = await threads.deferToThread(hash_password, password)
-            await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", upgraded, userid)
+            stored = await threads.deferToThread(hash_password, password)
+            await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", stored, userid)
         await self.db.execute("UPDATE users SET lastlogin = ? WHERE id = ?", int(time.time()), userid)
-        return int(userid)
+        return Verified(userid, stored)
+
+    async def still_current(self, verified: Verified) -> bool:
+        """Whether the password checked at login is still the user's (not changed since)."""
+        row = await self.db.one("SELECT password FROM users WHERE id = ?", verified.userid)
+        return row is not None and hmac.compare_digest(row[0], verified.password_hash)
 
     async def by_apikey(self, key: str) -> KeyOwner | None:
         """Who owns a key, and whether it is the write key."""
@@ -180,14 +229,23 @@ class Users:
             assignments = ", ".join(f"{name} = ?" for name in updates)  # names from PROFILE_FIELDS only
             await self.db.execute(f"UPDATE users SET {assignments} WHERE id = ?", *updates.values(), userid)
 
-    async def change_password(self, userid: int, old: str, new: str) -> None:
+    async def change_password(
+        self, userid: int, old: str, new: str, before_update: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """Check ``old``, then call ``before_update`` (ending sessions) and store ``new``."""
+        check_new_password(new)
         row = await self.db.one("SELECT password, salt FROM users WHERE id = ?", userid)
         if row is None or not await threads.deferToThread(check_password, old, row[0], row[1]):
             raise ApiError("Old password incorrect")
-        if not 4 <= len(new) <= 250:
-            raise ApiError("Password length error")
         hashed = await threads.deferToThread(hash_password, new)
+        await before_update()
         await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", hashed, userid)
+
+    async def username(self, userid: int) -> str:
+        row = await self.db.one("SELECT username FROM users WHERE id = ?", userid)
+        if row is None:
+            raise ApiError("User does not exist", 404)
+        return str(row[0])
 
     async def new_apikey(self, userid: int, kind: str) -> tuple[str, str]:
         """Replace the ``write`` or ``read`` key; returns (new key, old key's digest)."""

