@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from emond import schema
 from emond import users as users_module
-from emond.db import Database
+from emond.db import Database, Transaction
 from emond.schema import migrate
 from tests.support.node import NodeHarness
 
@@ -356,6 +356,33 @@ class AccountsMixin:
         feedid = [a.json()["feedid"] for a in answers if a.code == 200][0]
         yield node.get("feed/delete.json", apikey=key, id=feedid)
         self.assertEqual((yield create("again")).code, 200)
+
+    @defer.inlineCallbacks
+    def test_concurrent_creates_cannot_pass_the_limit_together(self):
+        node = yield self.start("max_feeds = 1\n")
+        keys = yield self.register(node)
+        # The first create to reach its INSERT holds there until a second one reaches its own
+        # (if the limit lets two through at once) or for at most 3 s (if it rightly does not:
+        # the outcome then does not depend on that time, only the test's length does).
+        arrived: list[int] = []
+        second = threading.Event()
+        real = Transaction.insert
+
+        def insert(txn, statement, *args):
+            if statement.startswith("INSERT INTO feeds"):
+                arrived.append(1)
+                if len(arrived) == 1:
+                    second.wait(3.0)
+                else:
+                    second.set()
+            return real(txn, statement, *args)
+
+        self.patch(Transaction, "insert", insert)
+        creates = [wait(node.ctx.feeds.create(keys["userid"], f"f{i}", "t", 1, 5, 10, 0)) for i in range(2)]
+        results = yield defer.DeferredList(creates, consumeErrors=True)
+        made = [r for ok, r in results if ok]
+        refused = [r.value.message for ok, r in results if not ok]
+        self.assertEqual((len(made), refused), (1, ["Feed limit reached: at most 1 feeds per user"]))
 
 
 class AccountsSQLiteTests(AccountsMixin, unittest.TestCase):
