@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from twisted.logger import Logger
 from twisted.web.server import Request
 
 from emond.api import ApiError, Auth, InvalidApiKey
@@ -93,8 +92,6 @@ class Session:
 
 
 class Authenticator:
-    log = Logger()
-
     def __init__(
         self,
         users: Users,
@@ -155,7 +152,8 @@ class Authenticator:
     # which ends every session made before, on every process, without listing them.
 
     async def session_generation(self, userid: int) -> int:
-        """Read before the password is checked: a change after that ends the session made."""
+        """The user's current generation. A login reads it, then makes sure the password it
+        checked is still the user's, then starts the session: a change after the read ends it."""
         value = await self.redis.call("GET", _generation_key(userid))
         return int(value) if value is not None else 0
 
@@ -233,6 +231,7 @@ class Authenticator:
     # An attempt is counted (as a failure) before its password is checked, in one Lua script, so
     # concurrent guesses cannot all slip under the limit; a success gives its count back. IPv6
     # clients count per /64 (one host usually holds a whole /64 and can rotate within it).
+    # A refusal is not logged: a guesser could otherwise fill the log at will.
 
     async def password_attempt(self, username: str, address: str, limits: UsersSection) -> None:
         """Count one password check; ApiError 429 (with Retry-After) when over a limit."""
@@ -243,7 +242,6 @@ class Authenticator:
             limits.login_failures_per_user, limits.login_slow_seconds,
         )
         if int(wait) > 0:
-            self.log.info("password attempts throttled for {address}", address=address)
             raise ApiError(TOO_MANY_ATTEMPTS, 429, {b"Retry-After": str(int(wait)).encode()})
 
     async def password_accepted(self, username: str, address: str) -> None:
@@ -256,7 +254,6 @@ class Authenticator:
         key = _throttle_key("r", address_bucket(address))
         wait = await self.redis.call("EVAL", _COUNT, 1, key, limits.registration_window, limits.registrations_per_address)
         if int(wait) > 0:
-            self.log.info("registrations throttled for {address}", address=address)
             raise ApiError(TOO_MANY_REGISTRATIONS, 429, {b"Retry-After": str(int(wait)).encode()})
 
 

@@ -148,6 +148,17 @@ class AccountsMixin:
         self.assertEqual(bob.code, 400)  # other users are not slowed
 
     @defer.inlineCallbacks
+    def test_clients_behind_a_chain_of_trusted_proxies_are_told_apart(self):
+        node = yield NodeHarness.start(self, self.database, '[users]\ntrusted_proxies = ["127.0.0.1", "10.0.0.0/8"]\n')
+        yield self.register(node)
+        for i in range(5):  # an attacker who also writes a fake address of their own, on the left
+            yield self.login("alice", "guess", f"192.0.2.{i}, {ATTACKER}, 10.1.2.3", node=node)
+        spoofing = yield self.login("alice", "secret1", f"{OWNER}, {ATTACKER}, 10.1.2.3", node=node)
+        self.assertThrottled(spoofing)
+        owner = yield self.login("alice", "secret1", f"{OWNER}, 10.1.2.3", node=node)
+        self.assertEqual(owner.code, 200, owner)
+
+    @defer.inlineCallbacks
     def test_ipv6_clients_are_counted_per_64_prefix(self):
         yield self.register()
         for i in range(5):
