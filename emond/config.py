@@ -108,6 +108,32 @@ class EnginesSection:
 
 
 @dataclass(frozen=True)
+class HealthSection:
+    """``[health]`` of both processes: who sees the details, how long a check may take."""
+
+    # Requests with `Authorization: Bearer <admin_token>` see /health details and /metrics
+    # from anywhere ("": only from this machine).
+    admin_token: str = ""
+    # Requests from 127.0.0.1 / ::1 (or a Unix socket) see them too. Set false when a reverse
+    # proxy on this machine forwards public requests and is not in [users] trusted_proxies.
+    localhost: bool = True
+    check_timeout: float = 2.0  # seconds one check may take before it counts as failed
+
+
+@dataclass(frozen=True)
+class NodeHealthSection(HealthSection):
+    """A node's ``[health]``: also when its queues count as unwell."""
+
+    max_input_lag: float = 60.0  # seconds the oldest element of an input queue may wait
+    max_storage_lag: float = 300.0  # ... of a storage queue (a storage server down or slow)
+    max_input_length: int = 0  # elements in one input queue (0: no limit)
+    max_storage_length: int = 0  # elements in one storage queue (0: no limit)
+
+
+MIN_ADMIN_TOKEN = 16  # characters: a short token is guessable
+
+
+@dataclass(frozen=True)
 class RemoteServer:
     endpoint: str
     name: str = ""
@@ -140,6 +166,7 @@ class NodeConfig:
     engines: EnginesSection
     storage_servers: Mapping[int, RemoteServer]
     tls: TLSSection | None
+    health: NodeHealthSection = NodeHealthSection()
 
     @property
     def sqlite_path(self) -> str | None:
@@ -156,9 +183,11 @@ class StorageConfig:
     storage: StorageSection
     engines: EnginesSection
     tls: TLSSection
+    health: HealthSection = HealthSection()
 
 
 Section = TypeVar("Section")
+Health = TypeVar("Health", bound=HealthSection)
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
@@ -241,12 +270,28 @@ def _tls(data: Mapping[str, Any], base: str) -> TLSSection:
     return tls
 
 
+def _health(cls: type[Health], data: Mapping[str, Any], base: str) -> Health:
+    health = _section(cls, data.get("health", {}), "[health]", base)
+    if health.admin_token and len(health.admin_token) < MIN_ADMIN_TOKEN:
+        raise ConfigError(f"[health] admin_token: at least {MIN_ADMIN_TOKEN} characters (or \"\" for none)")
+    positive = ["check_timeout"]
+    if isinstance(health, NodeHealthSection):
+        positive += ["max_input_lag", "max_storage_lag"]
+        for name in ("max_input_length", "max_storage_length"):
+            if getattr(health, name) < 0:
+                raise ConfigError(f"[health] {name}: must be 0 (no limit) or more, got {getattr(health, name)}")
+    for name in positive:
+        if not getattr(health, name) > 0:
+            raise ConfigError(f"[health] {name}: must be more than 0, got {getattr(health, name)}")
+    return health
+
+
 def load_node_config(path: str) -> NodeConfig:
     """Load and validate the config of a ``twistd emond`` node."""
     path = os.path.abspath(path)
     base = os.path.dirname(path)
     data = _load_toml(path)
-    allowed = {"node", "redis", "database", "input", "feeds", "users", "engines", "storage", "tls"}
+    allowed = {"node", "redis", "database", "input", "feeds", "users", "engines", "storage", "tls", "health"}
     _unknown_sections(data, allowed)
     servers: dict[int, RemoteServer] = {}
     storage = data.get("storage", {})
@@ -274,6 +319,7 @@ def load_node_config(path: str) -> NodeConfig:
         storage_servers=servers,
         # TLS is needed only to reach remote storage servers.
         tls=_tls(data, base) if servers else None,
+        health=_health(NodeHealthSection, data, base),
     )
     _validate_node(config)
     return config
@@ -313,7 +359,7 @@ def load_storage_config(path: str) -> StorageConfig:
     path = os.path.abspath(path)
     base = os.path.dirname(path)
     data = _load_toml(path)
-    _unknown_sections(data, {"storage", "engines", "tls"})
+    _unknown_sections(data, {"storage", "engines", "tls", "health"})
     if "storage" not in data:
         raise ConfigError("[storage]: required section missing")
     return StorageConfig(
@@ -322,4 +368,5 @@ def load_storage_config(path: str) -> StorageConfig:
         engines=_section(EnginesSection, data.get("engines", {}), "[engines]", base),
         # The stream listener always needs TLS.
         tls=_tls(data, base),
+        health=_health(HealthSection, data, base),
     )

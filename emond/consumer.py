@@ -28,6 +28,7 @@ from emond.feeds import Feed
 from emond.db import is_duplicate
 from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input, user_version_key
+from emond.loops import steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_groups, input_stream
 from emond.records import RECORD
@@ -100,8 +101,7 @@ class InputConsumerService(Service):
         self.scripts = Scripts(ctx.redis)
         self.tenures: dict[int, QueueTenure] = {}
         self.users: dict[int, UserCache] = {}
-        self._leases = task.LoopingCall(self._renew)
-        self._leases.clock = reactor
+        self._leases = steady_loop(self._renew, reactor, "input lease loop")
         self._loop: defer.Deferred[None] | None = None
         self._stopping = False
         self._idle: list[defer.Deferred[None]] = []

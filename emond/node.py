@@ -21,7 +21,7 @@ from emond.context import NodeContext
 from emond.db import Database
 from emond.feeds import Feeds
 from emond.feedstore import FeedStore
-from emond.health import HealthCheck, HealthResource
+from emond.health import HealthCheck, HealthResource, OperatorAccess, OperatorOnly
 from emond.inputs import Inputs
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refusals
@@ -134,5 +134,10 @@ def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthChec
     add_feed_routes(router, ctx)
     add_input_routes(router, ctx)
     checks = {**checks, "database": app.database_status, "redis_client": app.redis_status}
-    extra = {b"health": HealthResource("emond", checks), b"metrics": MetricsResource(registry=ctx.registry)}
+    health = ctx.config.health
+    access = OperatorAccess(health, ctx.auth.client)  # X-Forwarded-For only from a trusted proxy
+    extra = {
+        b"health": HealthResource("emond", checks, access, health.check_timeout, reactor),
+        b"metrics": OperatorOnly(MetricsResource(registry=ctx.registry), access),
+    }
     return ApiResource(router, ctx.auth, extra, ready=lambda: app.ready, registry=ctx.registry)

@@ -64,23 +64,31 @@ class Redis:
             raise RedisUnavailable(f"redis {command}: {e}") from e
 
     async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Several commands in one round trip (MULTI/EXEC is not implied)."""
+        """Several commands in one round trip (MULTI/EXEC is not implied).
+
+        The timeout covers the whole: waiting for a pool connection (none while
+        Redis is down) as well as the replies."""
         if not commands:
             return []
-        try:
-            pipe = await self._pool.pipeline()
-        except txredisapi.ConnectionError as e:
-            raise RedisUnavailable(str(e)) from e
-        for command in commands:
-            pipe.execute_command(*command)
-        d = pipe.execute_pipeline()
+        d = defer.ensureDeferred(self._pipeline(commands))
         d.addTimeout(self.timeout, self._reactor)
         try:
-            return list(await d)
+            try:
+                return await d
+            except defer.FirstError as e:
+                # The replies are awaited as a DeferredList: a timeout (cancel) or a lost
+                # connection arrives wrapped, as FirstError(CancelledError) and the like.
+                raise e.subFailure.value from e
         except (defer.TimeoutError, defer.CancelledError) as e:
             raise RedisUnavailable(f"redis pipeline: no reply within {self.timeout}s") from e
         except (txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone) as e:
             raise RedisUnavailable(f"redis pipeline: {e}") from e
+
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = await self._pool.pipeline()
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute_pipeline())
 
     async def ping(self) -> bool:
         try:

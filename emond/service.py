@@ -17,10 +17,10 @@ from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 from twisted.internet import defer, endpoints
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from emond.config import NodeConfig, StorageConfig
-from emond.health import HealthCheck, HealthResource
+from emond.health import HealthCheck, HealthResource, OperatorAccess, OperatorOnly
 from emond.consumer import InputConsumerService
 from emond.monitor import QueueMonitor
 from emond.node import NodeAppService, make_api, make_context
@@ -61,10 +61,23 @@ class QuietSite(Site):
         pass
 
 
+def anonymous_request_factory(max_body: int) -> type[Request]:
+    """Requests whose bodies are limited to ``max_body`` and whose answers carry no
+    ``Server`` header (twisted.web names itself and its version there, a gift to scanners)."""
+
+    class AnonymousRequest(limited_request_factory(max_body)):  # type: ignore[misc]
+        def write(self, data: bytes) -> None:
+            if not self.startedWriting:  # the headers go out with the first write
+                self.responseHeaders.removeHeader(b"server")
+            super().write(data)
+
+    return AnonymousRequest
+
+
 def _http_service(
     reactor: Any, description: str, root: Resource, max_body: int = 1 << 20, access_log: bool = True
 ) -> StreamServerEndpointService:
-    site = (Site if access_log else QuietSite)(root, requestFactory=limited_request_factory(max_body))
+    site = (Site if access_log else QuietSite)(root, requestFactory=anonymous_request_factory(max_body))
     site.displayTracebacks = False  # no stack trace reaches a client
     service = StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
     service.setName("http")
@@ -150,7 +163,8 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         senders[str(server_id)] = link
         ctx.store.remotes[server_id] = link
     checks["senders"] = lambda: _all_ok({sid: s.status() for sid, s in senders.items()})
-    monitor = QueueMonitor(ctx.redis, layout.queues, sorted(set(config.node.storage) | set(config.storage_servers)), ctx.registry, reactor)
+    servers = sorted(set(config.node.storage) | set(config.storage_servers))
+    monitor = QueueMonitor(ctx.redis, layout.queues, servers, ctx.registry, reactor, config.health)
     monitor.setName("monitor")
     monitor.setServiceParent(pipeline)
     checks["queues"] = monitor.status
@@ -185,8 +199,10 @@ def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
     listener.setName("stream")
     listener.setServiceParent(root)
     web = Resource()
-    web.putChild(b"health", HealthResource("emond-storage", {"storage": location.status, "stream": server.status}))
-    web.putChild(b"metrics", MetricsResource(registry=registry))
+    access = OperatorAccess(config.health)
+    checks: dict[str, HealthCheck] = {"storage": location.status, "stream": server.status}
+    web.putChild(b"health", HealthResource("emond-storage", checks, access, config.health.check_timeout, reactor))
+    web.putChild(b"metrics", OperatorOnly(MetricsResource(registry=registry), access))
     _http_service(reactor, config.storage.http, web).setServiceParent(root)
     return root
 

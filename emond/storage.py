@@ -25,11 +25,10 @@ from zope.interface import implementer
 from emond.config import EnginesSection
 from emond.phpfina import PHPFina
 from emond.phptimeseries import PHPTimeSeries
-from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, RECORD, REASON_WRONG_ENGINE, Refusal, refusals_from
+from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, REASON_WRONG_ENGINE, Refusal, refusals_from
 from emond.stream import (
     ACK,
     BATCH,
-    BATCH_HEAD,
     BINARY,
     CHUNK,
     ERROR,
@@ -37,11 +36,15 @@ from emond.stream import (
     HELLO,
     HELLO_OK,
     NACK,
-    REQ_HEAD,
     REQUEST,
     VERSION,
     FrameProtocol,
+    ProtocolError,
+    ReadRequest,
     ack_frame,
+    decode_batch,
+    decode_hello,
+    decode_request,
     encode_json,
     peer_names,
     response_frame,
@@ -177,6 +180,9 @@ class StreamServer:
         )
         self.connected = Gauge("emond_stream_connections", "Stream connections open", registry=registry)
         self.disk_errors = Counter("emond_storage_disk_errors", "Batches not applied because of a disk error", registry=registry)
+        self.refused_frames = Counter(
+            "emond_stream_frames_refused", "Connections closed for a frame that breaks the protocol, by reason", ["reason"], registry=registry
+        )
 
     def _read_token(self) -> int:
         try:
@@ -193,8 +199,11 @@ class StreamServer:
             os.fsync(f.fileno())
         os.replace(tmp, self._token_path)
 
-    async def apply(self, seq: int, token: int, records: bytes) -> tuple[bool, Any]:
-        """(True, refusals) once applied; (False, reason) when not applied."""
+    async def apply(self, seq: int, token: int, batch: np.ndarray) -> tuple[bool, Any]:
+        """(True, refusals) once applied; (False, reason) when not applied.
+
+        ``batch`` was decoded and checked (``decode_batch``) before this: nothing,
+        the token included, is persisted for a frame that is not a whole batch."""
         await self.lock.acquire()
         try:
             if self.stopping:
@@ -204,7 +213,6 @@ class StreamServer:
             if token > self.max_token:
                 await threads.deferToThread(self._write_token, token)
                 self.max_token = token
-            batch = np.frombuffer(records, dtype=RECORD)
             try:
                 refusals = await self.location.apply_batch(batch)
             except OSError as e:
@@ -262,7 +270,13 @@ class StreamServer:
 
 @implementer(IHandshakeListener)
 class StorageStreamProtocol(FrameProtocol):
-    """The server end: verify the peer's name, then hello, then batches and reads."""
+    """The server end: verify the peer's name, then hello, then batches and reads.
+
+    Every frame is decoded and validated before it has any effect; a frame
+    that breaks the protocol closes this connection (logged with its reason,
+    counted in ``emond_stream_frames_refused``) and nothing of it is applied.
+    Other connections go on.
+    """
 
     log = Logger()
 
@@ -271,6 +285,7 @@ class StorageStreamProtocol(FrameProtocol):
         self.server_id = server_id
         self.verified = False
         self.greeted = False
+        self.refused = False  # a frame broke the protocol: read nothing more
         self.peer = "?"
 
     def handshakeCompleted(self) -> None:
@@ -292,43 +307,69 @@ class StorageStreamProtocol(FrameProtocol):
         self.server.connected.set(len(self.server.connections))
 
     def stringReceived(self, frame: bytes) -> None:
+        if self.refused:
+            return
         if not self.verified:
             self.transport.abortConnection()
             return
+        try:
+            self._frame(frame)
+        except ProtocolError as e:
+            self._refuse(e)
+
+    def _frame(self, frame: bytes) -> None:
         kind = frame[:1]
         if not self.greeted:
             if kind != HELLO:
-                self.transport.abortConnection()
-                return
-            hello = json.loads(frame[1:])
-            if hello.get("version") != VERSION:
-                self.send(encode_json(HELLO_OK, {"version": VERSION, "error": "unsupported version"}))
-                self.transport.loseConnection()
-                return
-            self.greeted = True
-            self.send(encode_json(HELLO_OK, {"version": VERSION, "server": self.server_id}))
-            return
-        if kind == BATCH:
-            seq, token = BATCH_HEAD.unpack_from(frame, 1)
-            defer.ensureDeferred(self._batch(seq, token, frame[1 + BATCH_HEAD.size :]))
+                raise ProtocolError("frame_before_hello", f"a {kind!r} frame before the hello")
+            self._hello(frame)
+        elif kind == BATCH:
+            seq, token, batch = decode_batch(frame)
+            defer.ensureDeferred(self._batch(seq, token, batch))
         elif kind == REQUEST:
-            (request_id,) = REQ_HEAD.unpack_from(frame, 1)
-            defer.ensureDeferred(self._request(request_id, json.loads(frame[1 + REQ_HEAD.size :])))
+            request_id, request = decode_request(frame)
+            defer.ensureDeferred(self._request(request_id, request))
         else:
-            self.transport.abortConnection()
+            raise ProtocolError("unknown_kind", f"a {kind!r} frame")
 
-    async def _batch(self, seq: int, token: int, records: bytes) -> None:
-        applied, result = await self.server.apply(seq, token, records)
+    def _hello(self, frame: bytes) -> None:
+        version, name = decode_hello(frame)
+        if version != VERSION:
+            self.send(encode_json(HELLO_OK, {"version": VERSION, "error": "unsupported version"}))
+            raise ProtocolError("hello_version", f"version {version}, this server speaks {VERSION}")
+        self.greeted = True
+        self.log.info("stream: {peer} says hello as {name}", peer=self.peer, name=name)
+        self.send(encode_json(HELLO_OK, {"version": VERSION, "server": self.server_id}))
+
+    def _refuse(self, error: ProtocolError) -> None:
+        self.refused = True
+        self.server.refused_frames.labels(error.reason).inc()
+        self.log.warn(
+            "stream: closing the connection from {peer}: {reason} ({detail})", peer=self.peer, reason=error.reason, detail=error.detail
+        )
+        if error.reason == "hello_version":
+            self.transport.loseConnection()  # the answer saying why goes out first
+        else:
+            self.transport.abortConnection()  # a peer breaking the protocol gets nothing more
+
+    async def _batch(self, seq: int, token: int, batch: np.ndarray) -> None:
+        try:
+            applied, result = await self.server.apply(seq, token, batch)
+        except Exception:
+            self.log.failure("stream: batch {seq} from {peer} failed", seq=seq, peer=self.peer)
+            applied, result = False, "internal error"
         if self.transport.connected:
             self.send(ack_frame(ACK if applied else NACK, seq, result))
 
-    async def _request(self, request_id: int, request: dict[str, Any]) -> None:
+    async def _request(self, request_id: int, request: ReadRequest) -> None:
         try:
-            result = await self.server.read(request["op"], int(request["feed"]), int(request["engine"]), request.get("args", []))
+            result = await self.server.read(request.op, request.feed, request.engine, request.args)
         except Exception as e:
             body = json.dumps({"error": str(e), "type": type(e).__name__}).encode()
             if self.transport.connected:
                 self.send(response_frame(request_id, FINAL | ERROR, body))
+            return
+        if not self.transport.connected:
             return
         if isinstance(result, bytes):
             for i in range(0, max(len(result), 1), CHUNK):

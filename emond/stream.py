@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.protocols.basic import Int32StringReceiver
+
+from emond.records import RECORD
 
 VERSION = 1
 MAX_FRAME = 64 << 20
@@ -44,12 +48,80 @@ REQ_HEAD = struct.Struct("<I")
 RESP_HEAD = struct.Struct("<IB")
 
 
+MAX_CONTROL = 64 << 10  # bytes of a hello or request frame (small JSON); only batches are large
+
+
 class ProtocolError(Exception):
-    pass
+    """A frame that breaks the protocol: the connection is closed.
+
+    ``reason`` is one of a few fixed codes (a metrics label), ``detail`` says
+    what exactly was wrong (for the log)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    op: str
+    feed: int
+    engine: int
+    args: list[Any]
 
 
 def encode_json(kind: bytes, payload: Any) -> bytes:
     return kind + json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_object(body: bytes, reason: str) -> dict[str, Any]:
+    if len(body) > MAX_CONTROL:
+        raise ProtocolError(reason, f"{len(body)} bytes of JSON, more than {MAX_CONTROL}")
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(reason, f"not JSON ({str(e)[:80]})")
+    if not isinstance(value, dict):
+        raise ProtocolError(reason, f"JSON {type(value).__name__}, not an object")
+    return value
+
+
+def decode_hello(frame: bytes) -> tuple[int, str]:
+    """(version, node name) of a hello frame, or ProtocolError."""
+    hello = _json_object(frame[1:], "hello_malformed")
+    version, name = hello.get("version"), hello.get("name")
+    if not _is_int(version) or not isinstance(name, str) or not name:
+        raise ProtocolError("hello_malformed", "a hello needs an integer version and a name")
+    return version, name
+
+
+def decode_batch(frame: bytes) -> tuple[int, int, np.ndarray]:
+    """(sequence number, fencing token, records) of a batch frame, or ProtocolError."""
+    if len(frame) < 1 + BATCH_HEAD.size:
+        raise ProtocolError("batch_short", f"{len(frame)} bytes, shorter than a batch header ({1 + BATCH_HEAD.size})")
+    seq, token = BATCH_HEAD.unpack_from(frame, 1)
+    body = frame[1 + BATCH_HEAD.size :]
+    if len(body) % RECORD.itemsize:
+        raise ProtocolError("batch_record_size", f"{len(body)} bytes of records, not a multiple of {RECORD.itemsize}")
+    return seq, token, np.frombuffer(body, dtype=RECORD)
+
+
+def decode_request(frame: bytes) -> tuple[int, ReadRequest]:
+    """(request id, request) of a request frame, or ProtocolError."""
+    if len(frame) < 1 + REQ_HEAD.size:
+        raise ProtocolError("request_malformed", f"{len(frame)} bytes, shorter than a request header ({1 + REQ_HEAD.size})")
+    (request_id,) = REQ_HEAD.unpack_from(frame, 1)
+    request = _json_object(frame[1 + REQ_HEAD.size :], "request_malformed")
+    op, feed, engine, args = (request.get(k) for k in ("op", "feed", "engine", "args"))
+    args = [] if args is None else args
+    if not isinstance(op, str) or not _is_int(feed) or not _is_int(engine) or not isinstance(args, list) or not 0 <= feed < 1 << 32:
+        raise ProtocolError("request_malformed", "a request needs a string op, integer feed and engine, a list of args")
+    return request_id, ReadRequest(op, feed, engine, args)
 
 
 def batch_frame(seq: int, token: int, records: bytes) -> bytes:

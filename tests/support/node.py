@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from emond.config import load_node_config
 from emond.service import make_node_service
-from tests.support.servers import free_port, mariadb_server, redis_server
+from tests.support.servers import MariaDBServer, RedisServer, free_port, mariadb_server, redis_server
 
 
 class Answer:
@@ -38,19 +38,30 @@ class Answer:
 class NodeHarness:
     """``yield NodeHarness.start(self, "sqlite")`` in an inlineCallbacks setUp."""
 
-    def __init__(self, test: unittest.TestCase, database: str, extra_config: str = "", redis_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        test: unittest.TestCase,
+        database: str,
+        extra_config: str = "",
+        redis_timeout: float = 5.0,
+        redis: RedisServer | None = None,
+        mariadb: MariaDBServer | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        """``redis``/``mariadb``: a test's private server instead of the run's shared one;
+        ``host``: the address the node listens on."""
         self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
-        redis = redis_server()
+        redis = redis or redis_server()
         redis.flushall()
         if database == "mysql":
-            server = mariadb_server()
+            server = mariadb or mariadb_server()
             db_url = f"mysql://root@127.0.0.1:{server.port}/{server.create_database()}"
         else:
             db_url = "sqlite:///emond.db"
         self.port = free_port()
         text = (
-            f'[node]\nhttp = "tcp:{self.port}:interface=127.0.0.1"\ndatadir = "var"\n'
+            f'[node]\nhttp = "tcp:{self.port}:interface={host}"\ndatadir = "var"\n'
             f'[redis]\nurl = "{redis.url}"\ntimeout = {redis_timeout}\n[database]\nurl = "{db_url}"\n{extra_config}'
         )
         self.config_path = os.path.join(self.dir, "emond.toml")
@@ -59,12 +70,12 @@ class NodeHarness:
         self.config = load_node_config(self.config_path)
         self.service = make_node_service(self.config, reactor)
         self.app = self.service.getServiceNamed("api")
-        self.base = f"http://127.0.0.1:{self.port}/"
+        self.base = f"http://{host}:{self.port}/"
 
     @classmethod
     @defer.inlineCallbacks
-    def start(cls, test: unittest.TestCase, database: str = "sqlite", extra_config: str = "", redis_timeout: float = 5.0):
-        harness = cls(test, database, extra_config, redis_timeout)
+    def start(cls, test: unittest.TestCase, database: str = "sqlite", extra_config: str = "", redis_timeout: float = 5.0, **servers: Any):
+        harness = cls(test, database, extra_config, redis_timeout, **servers)
         harness.service.startService()
         test.addCleanup(harness.service.stopService)
         yield harness.app.prepared

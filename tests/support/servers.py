@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from twisted.python import log
 from twisted.trial.unittest import SkipTest
@@ -183,6 +183,7 @@ class _Process:
 
     def __init__(self, name: str, argv: list[str], cwd: str, ready: bytes) -> None:
         self.name = name
+        self.argv, self.cwd, self.ready = argv, cwd, ready  # to start it again (PrivateServer)
         self.log_path = os.path.join(cwd, f"{name}.log")
         self.proc = subprocess.Popen(
             argv,
@@ -232,12 +233,49 @@ class _Process:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen (SIGSTOP) server would not act on SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class PrivateServer(Generic[T]):
+    """A server of one test's own, never the run's shared one: the test may stop it, freeze
+    it (SIGSTOP) and start it again on the same port and data. Stopped at exit in any case."""
+
+    def __init__(self, start: Callable[[], T]) -> None:
+        self.server = start()
+        self._process = _processes[-1]  # the one ``start`` just made ready
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing answers (a hung host)."""
+        self._process.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._process.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def start(self) -> None:
+        """Start it again (after ``stop``) on the same port and data directory."""
+        old = self._process
+        if old.proc.poll() is None:
+            raise RuntimeError(f"{old.name} is still running")
+        self._process = _Process(old.name, old.argv, old.cwd, old.ready)
+
+
+def private_redis() -> PrivateServer[RedisServer]:
+    """A new redis-server for one test (``.server`` has its url)."""
+    return PrivateServer(_start_redis)
+
+
+def private_mariadb() -> PrivateServer[MariaDBServer]:
+    """A new mariadbd for one test."""
+    return PrivateServer(_start_mariadb)
 
 
 def _find(*names: str) -> str:

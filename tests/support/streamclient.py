@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from twisted.internet import defer
+import os
+import subprocess
+from typing import Any
 
-from emond.stream import FrameProtocol
+from twisted.internet import defer, endpoints, reactor
+from twisted.internet.protocol import Factory
+
+from emond.stream import FrameProtocol, client_tls
 
 
 class Client(FrameProtocol):
@@ -35,3 +40,52 @@ class Client(FrameProtocol):
             d.errback(ConnectionError("lost"))
         self.waiting = []
         self.lost.callback(None)
+
+
+class StorageServerHarness:
+    """A storage server tree (``make_storage_service``) in this reactor on real loopback
+    ports, with a test CA and certificates made by ``etc/make-certs``; clients connect
+    over real mutual TLS. ``yield StorageServerHarness.start(self)`` in a test's setUp."""
+
+    def __init__(self, test: Any, names: tuple[str, ...] = ("node0", "storage1")) -> None:
+        from emond.config import load_storage_config
+        from emond.service import make_storage_service
+        from tests.support.daemon import ROOT
+        from tests.support.servers import free_port
+
+        self.test = test
+        self.dir = os.path.abspath(test.mktemp())
+        os.makedirs(self.dir)
+        self.tls = os.path.join(self.dir, "tls")
+        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), self.tls, *names], check=True, capture_output=True)
+        self.port, self.http = free_port(), free_port()
+        path = os.path.join(self.dir, "storage.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'[storage]\nid = 1\nlisten = "tcp:{self.port}:interface=127.0.0.1"\nhttp = "tcp:{self.http}:interface=127.0.0.1"\n'
+                f'datadir = "data"\nallow = ["node0"]\n[engines]\nsync = false\nwindow_past = 2000000000\n'
+                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
+            )
+        self.config = load_storage_config(path)
+        self.service = make_storage_service(self.config, reactor)
+        self.server = self.service.getServiceNamed("stream")._server
+        self.datadir = self.config.storage.datadir
+
+    @classmethod
+    @defer.inlineCallbacks
+    def start(cls, test: Any, names: tuple[str, ...] = ("node0", "storage1")) -> Any:
+        harness = cls(test, names)
+        harness.service.startService()
+        test.addCleanup(harness.service.stopService)
+        yield harness.service.getServiceNamed("storage").opened
+        return harness
+
+    @defer.inlineCallbacks
+    def connect(self, name: str = "node0", server_name: str = "storage1") -> Any:
+        """A ``Client`` connected over mutual TLS with ``name``'s certificate."""
+        client = Client()
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        options = client_tls(os.path.join(self.tls, "ca.pem"), os.path.join(self.tls, f"{name}.pem"), server_name)
+        protocol = yield endpoints.wrapClientTLS(options, endpoint).connect(Factory.forProtocol(lambda: client))
+        self.test.addCleanup(lambda: protocol.transport.abortConnection() if protocol.transport.connected else None)
+        return client
