@@ -451,9 +451,11 @@ class LoadTests(unittest.TestCase):
         state = ProcessState()
         wanted = [("feed", 1), ("feed", 2), ("input", 3), ("extra", "process:whaccumulator:1")]
         # emoncms.org kept feed times as date strings: no time, but the total survives
-        state.loaded(wanted, [[b"2018-2-6 14:03:05", b"12.5"], [None, None], [b"1517925785", b""],
-                              [b"time", b"1517925785", b"value", b"400"]])
-        self.assertEqual(state.feeds, {1: (0, 12.5), 2: (0, 0.0)})
+        absent = state.loaded(wanted, [[b"2018-2-6 14:03:05", b"12.5"], [None, None], [b"1517925785", b""],
+                                       [b"time", b"1517925785", b"value", b"400"]])
+        # a feed Redis has nothing for is not made up as 0: it is reported, to be rebuilt from disk
+        self.assertEqual(absent, ([], [2]))
+        self.assertEqual(state.feeds, {1: (0, 12.5)})
         self.assertEqual(state.inputs, {3: (1517925785, None)})
         run = StepRun(state, {1: make_feed(1)}, UTC, INPUT, 1517925800)
         self.assertEqual(run.extra_timevalue("whaccumulator", 1), (1517925785, 400.0))
