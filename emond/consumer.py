@@ -30,11 +30,11 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from emond.api import ApiError
 from emond.context import NodeContext
 from emond.feeds import Feed
 from emond.db import is_duplicate
 from emond.engine import FeedError, NoSuchFeed
-from emond.api import ApiError
 from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input, user_version_key
 from emond.process import DAILY, FEEDID, INPUTID, PROCESSES, parse_lenient
@@ -397,10 +397,8 @@ class InputConsumerService(Service):
             point = summary.last if summary.size is not None else await self._disk_last(feed)
             slot = feed.interval if feed.engine == ENGINE_PHPFINA else 1
             state.rebuild_feed(feedid, point, slot, user.tz if feedid in user.daily else None)
-            self.log.info(
-                "feed {feed}: no last value in Redis, going on from its last point on disk {point}",
-                feed=feedid, point=point,
-            )
+        if found:
+            self.log.info("{n} feeds without a last value in Redis go on from their last points on disk", n=len(found))
 
     async def _disk_last(self, feed: Feed) -> tuple[int, float | None] | None:
         """The last point of a feed whose summary failed: None if its files are gone, else

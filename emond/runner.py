@@ -26,10 +26,12 @@ never restarted:
 
 - a feed's last value comes from its last point on disk. Its time is the
   latest a packet counted in that point can have had: a PHPTimeSeries
-  record's own time, the last second of a PHPFina slot (so a replay of any
-  packet already counted is not applied again; the first increment after
-  the rebuild counts from the slot's end, at most one interval short). It
-  is written back to Redis. A NaN point gives the value 0.
+  record's own time, the last second of a PHPFina slot. So no packet
+  already counted is counted again (a device's retry after the loss); the
+  price, for PHPFina, is that packets in the rest of that slot count as
+  already counted, and the first increment after the rebuild counts from
+  the slot's end: at most one interval short, once. It is written back to
+  Redis. A NaN point gives the value 0.
 - a feed written by a daily step has its point at a day start: only the day
   is known, not the time of its last packet (``day_only``). The day's value
   is kept; the first packet after the rebuild adds no time-based increment
