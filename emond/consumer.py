@@ -324,7 +324,8 @@ class InputConsumerService(Service):
         work: list[tuple[UserCache, Input, int, float]] = []
         seen: set[int] = set()
         inputids: set[int] = set()
-        feedids: dict[int, UserCache] = {}  # feed -> the user whose list reads it
+        feedids: set[int] = set()
+        read_feeds: dict[int, UserCache] = {}  # feed -> the user whose list computes with its last value
         extra: set[str] = set()
         packets = 0
         for userid, _received, time_ref, frames in groups:
@@ -347,18 +348,21 @@ class InputConsumerService(Service):
                     inputids.add(inp.id)
                     steps = user.steps.get(inp.id)
                     if steps:
-                        f, i, e = references(steps, _feed_arg, _input_arg)
-                        for feedid in f:
-                            feedids.setdefault(feedid, user)
-                        inputids |= i
-                        extra |= e
+                        refs = references(steps, _feed_arg, _input_arg)
+                        feedids |= refs.feeds
+                        for feedid in refs.read_feeds:
+                            read_feeds.setdefault(feedid, user)
+                        inputids |= refs.inputs
+                        extra |= refs.extra
         wanted = state.missing(inputids, feedids, extra)
         if wanted:
             absent_inputs, absent_feeds = state.loaded(wanted, await self.ctx.redis.pipeline(ProcessState.load_commands(wanted)))
             if absent_inputs:
                 state.rebuild_inputs(absent_inputs, await self.ctx.inputs.stored_lastvalues(absent_inputs))
-            if absent_feeds:
-                await self._rebuild_feeds(state, {f: feedids[f] for f in absent_feeds})
+            # A feed only written (log_to_feed) needs no last value: its first write sets it.
+            rebuild = {f: read_feeds[f] for f in absent_feeds if f in read_feeds}
+            if rebuild:
+                await self._rebuild_feeds(state, rebuild)
         for user, inp, when, value in work:
             state.set_input(inp.id, when, value)
             steps = user.steps.get(inp.id)
@@ -387,18 +391,29 @@ class InputConsumerService(Service):
         """Feeds Redis has no last value for go on from their last point on disk: one
         ``summaries`` read per storage server for all of them (rules in ``emond.runner``)."""
         found = {f: user.feeds[f] for f, user in absent.items() if f in user.feeds}
-        summaries = await self.ctx.store.summaries(list(found.values())) if found else {}
+        reachable = set(self.ctx.config.node.storage) | set(self.ctx.config.storage_servers)
+        readable = [feed for feed in found.values() if feed.server in reachable]
+        summaries = await self.ctx.store.summaries(readable) if readable else {}
         for feedid, user in absent.items():
             feed = found.get(feedid)
             if feed is None:
                 state.rebuild_feed(feedid, None)  # not the user's (deleted): its steps do nothing
                 continue
+            if feed.server not in reachable:
+                # Nothing on this process reads that server: a new feed, or state it cannot rebuild.
+                self.log.warn(
+                    "feed {feed}: no last value in Redis and storage server {server} is not reachable from "
+                    "this process to read its last point; it starts empty (give this process "
+                    "[storage.servers] {server} to rebuild such state from disk)", feed=feedid, server=feed.server,
+                )
+                state.rebuild_feed(feedid, None)
+                continue
             summary = summaries[feedid]
             point = summary.last if summary.size is not None else await self._disk_last(feed)
             slot = feed.interval if feed.engine == ENGINE_PHPFINA else 1
             state.rebuild_feed(feedid, point, slot, user.tz if feedid in user.daily else None)
-        if found:
-            self.log.info("{n} feeds without a last value in Redis go on from their last points on disk", n=len(found))
+        if readable:
+            self.log.info("{n} feeds had no last value in Redis: rebuilt from their last points on disk", n=len(readable))
 
     async def _disk_last(self, feed: Feed) -> tuple[int, float | None] | None:
         """The last point of a feed whose summary failed: None if its files are gone, else

@@ -58,7 +58,7 @@ import math
 import zoneinfo
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -714,15 +714,29 @@ def run_steps(steps: list[Step], run: StepRun, value: float) -> None:
         value = result
 
 
-def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: Callable[[int], bool]) -> tuple[set[int], set[int], set[str]]:
+# Processes that compute with their feed's last value (its time or value): a feed one of them
+# names is rebuilt from disk when Redis has no last value for it. The others (log_to_feed,
+# ratechange, the no-ops) only write it, or keep their own extra state.
+READS_FEED = frozenset({4, 5, 7, 8, 14, 20, 21, 23, 27, 28, 29, 30, 31, 32, 34})
+
+
+class References(NamedTuple):
+    feeds: set[int]  # every feed the list names (their last values are loaded)
+    read_feeds: set[int]  # those whose last value a step computes with
+    inputs: set[int]
+    extra: set[str]
+
+
+def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: Callable[[int], bool]) -> References:
     """Feeds, inputs and extra state keys a list reads, to load them in one round trip."""
-    feeds, inputs, extra = set(), set(), set()
+    refs = References(set(), set(), set(), set())
     for step in steps:
         if feed_args(step.process):
-            feeds.add(int(step.arg))
+            refs.feeds.add(int(step.arg))
+            if step.process in READS_FEED:
+                refs.read_feeds.add(int(step.arg))
         elif input_args(step.process):
-            inputs.add(int(step.arg))
+            refs.inputs.add(int(step.arg))
         if step.process in EXTRA_STATE:
-            extra.add(f"process:{EXTRA_STATE[step.process]}:{int(step.arg)}")
-    return feeds, inputs, extra
-
+            refs.extra.add(f"process:{EXTRA_STATE[step.process]}:{int(step.arg)}")
+    return refs

@@ -14,10 +14,10 @@ import zoneinfo
 from twisted.trial import unittest
 
 from emond.feeds import Feed
-from emond.process import PROCESSES, Step, parse_processlist
+from emond.process import FEEDID, PROCESSES, Step, parse_processlist
 from emond.queue import Commit
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, PADDING_JOIN, PADDING_NAN
-from emond.runner import FLOAT32_MAX, FUNCTIONS, REASON_OUT_OF_RANGE, ProcessState, StepRun, run_steps
+from emond.runner import FLOAT32_MAX, FUNCTIONS, READS_FEED, REASON_OUT_OF_RANGE, ProcessState, StepRun, run_steps
 
 LONDON = zoneinfo.ZoneInfo("Europe/London")
 UTC = zoneinfo.ZoneInfo("UTC")
@@ -85,6 +85,23 @@ class TableTests(unittest.TestCase):
     def test_every_id_of_the_table_runs(self):
         # every process of emoncms.org's table, kept or "Deleted", has a function
         self.assertEqual(sorted(FUNCTIONS), sorted(PROCESSES))
+
+    def test_reads_feed_names_the_processes_that_compute_with_a_feeds_last_value(self):
+        # the feeds rebuilt from disk when Redis lost them: exactly those some step reads
+        readers = set()
+        for process, proc in PROCESSES.items():
+            if proc.argtype != FEEDID:
+                continue
+            for when in (T0, T0 - 10):  # a new packet, and one the step may have applied already
+                run = StepRun(ProcessState(), {1: make_feed(1)}, UTC, INPUT, when)
+                read = []
+                run.feed_last = lambda feedid, read=read: read.append(feedid) or (T0 - 10, 1.0)
+                for name in ("kwhtokwhd", "whaccumulator", "kwhtopower", "ratechange"):
+                    run.state.extra[f"process:{name}:1"] = {"time": str(T0 - 10), "value": "1.0"}
+                FUNCTIONS[process](run, 1, 2.0)
+                if read:
+                    readers.add(process)
+        self.assertEqual(readers, set(READS_FEED))
 
 
 class StatelessTests(unittest.TestCase):
