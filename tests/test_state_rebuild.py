@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import numpy as np
 from twisted.internet import defer, reactor
@@ -27,6 +28,7 @@ from emond.phpfina import PHPFina
 from emond.service import make_node_service
 from tests.support.node import NodeHarness, drain, pipeline
 from tests.support.servers import redis_server
+from tests import test_remote  # the module, not its class: trial would run its tests here too
 
 T0 = 1_700_000_000  # 2023-11-14 22:13:20 UTC, a multiple of 10
 DAY = 1_699_920_000  # 2023-11-14 00:00:00 UTC: the users' timezone is UTC
@@ -299,3 +301,51 @@ class InputLastValuesMariaDBTests(unittest.TestCase):
         yield defer.ensureDeferred(inputs.save_lastvalues({inputid: (T0 + 20, 8.5)}))
         stored = yield defer.ensureDeferred(inputs.stored_lastvalues([inputid]))
         self.assertEqual(stored, {inputid: (T0 + 20, 8.5)})
+
+
+class RemoteStorageRedisLossTests(unittest.TestCase):
+    """The last points come over the stream from a remote storage server (real processes, mutual TLS)."""
+
+    timeout = 180
+    setUp = test_remote.RemoteStorageTests.setUp
+    start_storage = test_remote.RemoteStorageTests.start_storage
+    start_node = test_remote.RemoteStorageTests.start_node
+    call = test_remote.RemoteStorageTests.call
+    drained = test_remote.RemoteStorageTests.drained
+
+    def series(self, feedid):
+        with open(os.path.join(self.base, "remote", "phptimeseries", f"feed_{feedid}.MYD"), "rb") as f:
+            raw = f.read()
+        records = np.frombuffer(raw, dtype=np.dtype([("m", "u1"), ("t", "<u4"), ("v", "<f4")]))
+        return [(int(t), round(float(v), 4)) for t, v in zip(records["t"], records["v"])]
+
+    @defer.inlineCallbacks
+    def post(self, when, watts):
+        yield self.call("input/post.json", apikey=self.key, node="n", csv=str(watts), time=str(when))
+
+    @defer.inlineCallbacks
+    def test_power_to_kwh_on_a_remote_server_continues_from_its_disk(self):
+        storage = yield self.start_storage()
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        keys = yield self.call("user/register.json", username="remote", password="secret1", email="r@example.org")
+        self.key = keys["apikey_write"]
+        kwh = (yield self.call("feed/create.json", apikey=self.key, name="kwh", engine="2", server="1"))["feedid"]
+        yield self.post(T0 - 100, 0)
+        yield self.drained(node)
+        inputs = yield self.call("input/list.json", apikey=self.key)
+        yield self.call(f"input/process/set.json?inputid={inputs[0]['id']}", apikey=self.key, processlist=f"4:{kwh}")
+        for when, watts in ((T0 + 3, 3600), (T0 + 13, 7200), (T0 + 23, 3600)):
+            yield self.post(when, watts)
+        yield self.drained(node)
+        self.assertEqual(self.series(kwh), [(T0 + 3, 0.0), (T0 + 13, 0.02), (T0 + 23, 0.03)])
+        yield node.signal(signal.SIGTERM)
+        redis_server().flushall()
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        yield self.post(T0 + 33, 3600)
+        yield self.drained(node)
+        # from (T0+23, 0.03) read over the stream: + 10 s * 3600 W / 3.6e6 = 0.01
+        self.assertEqual(self.series(kwh)[3:], [(T0 + 33, 0.04)])
+        yield node.signal(signal.SIGTERM)
+        yield storage.signal(signal.SIGTERM)
