@@ -128,7 +128,7 @@ class ProcessState:
         return commands
 
     def loaded(self, wanted: list[tuple[str, Any]], replies: list[Any]) -> tuple[list[int], list[int]]:
-        """Cache what Redis answered; fires with (inputs, feeds) it has no last value for, left
+        """Cache what Redis answered; returns the (inputs, feeds) it has no last value for, left
         uncached: their state is rebuilt (``rebuild_inputs``, ``rebuild_feed``), never made up."""
         absent_inputs: list[int] = []
         absent_feeds: list[int] = []
