@@ -37,12 +37,12 @@ from emond.db import is_duplicate
 from emond.engine import FeedError, NoSuchFeed
 from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input, user_version_key
-from emond.process import DAILY, FEEDID, INPUTID, PROCESSES, parse_lenient
+from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_groups, input_stream
 from emond.records import ENGINE_PHPFINA, RECORD
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
-from emond.runner import ProcessState, StepRun, references, run_steps
+from emond.runner import ProcessState, StepRun, daily_feeds, references, run_steps
 from emond.web import QueueLayout
 
 CONSUMERS = "emond:consumers"
@@ -69,11 +69,6 @@ class UserCache:
 def _feed_arg(process: int) -> bool:
     p = PROCESSES.get(process)
     return p is not None and p.argtype == FEEDID
-
-
-def _writes_daily(process: int) -> bool:
-    p = PROCESSES.get(process)
-    return p is not None and p.writes and p.datatype == DAILY
 
 
 def _input_arg(process: int) -> bool:
@@ -456,7 +451,7 @@ class InputConsumerService(Service):
             feeds={f.id: f for f in feeds},
             tz=tz,
             nodes={i.nodeid for i in inputs},
-            daily={int(s.arg) for lst in steps.values() for s in lst if _writes_daily(s.process)},
+            daily=daily_feeds(steps.values()),
         )
 
     async def _create_input(

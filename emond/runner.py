@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import numpy as np
 
 from emond.feeds import Feed
-from emond.process import Step
+from emond.process import DAILY, PROCESSES, Step
 from emond.queue import Commit
 from emond.records import PADDING_JOIN, PADDING_NAN
 
@@ -718,6 +718,14 @@ def run_steps(steps: list[Step], run: StepRun, value: float) -> None:
 # names is rebuilt from disk when Redis has no last value for it. The others (log_to_feed,
 # ratechange, the no-ops) only write it, or keep their own extra state.
 READS_FEED = frozenset({4, 5, 7, 8, 14, 20, 21, 23, 27, 28, 29, 30, 31, 32, 34})
+
+
+def daily_feeds(lists: Iterable[list[Step]]) -> set[int]:
+    """The feeds a daily step of these lists writes (one point per day: rebuilt by day, see above)."""
+    return {
+        int(step.arg) for steps in lists for step in steps
+        if step.process in PROCESSES and PROCESSES[step.process].writes and PROCESSES[step.process].datatype == DAILY
+    }
 
 
 class References(NamedTuple):
