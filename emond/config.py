@@ -70,6 +70,7 @@ class InputSection:
     max_nodes: int = 32  # per user
     max_inputs: int = 1000  # per user
     lease_ms: int = 10_000  # how long a dead consumer holds its queues before another takes over
+    lastvalue_save_interval: float = 10.0  # seconds between copies of input last values to the database
     # false: this process only accepts (a front node); other `twistd emond` processes on the
     # same Redis and database consume, e.g. one per core, each on its own HTTP port
     consume: bool = True
@@ -335,6 +336,8 @@ def _validate_node(config: NodeConfig) -> None:
         raise ConfigError(f"[input] queues: must be at least 1, got {config.input.queues}")
     if config.input.mapping not in ("hash", "ranges"):
         raise ConfigError(f"[input] mapping: expected \"hash\" or \"ranges\", got {config.input.mapping!r}")
+    if not config.input.lastvalue_save_interval > 0:
+        raise ConfigError(f"[input] lastvalue_save_interval: must be more than 0, got {config.input.lastvalue_save_interval}")
     for sid in config.node.storage:
         if sid in config.storage_servers:
             raise ConfigError(f"[node] storage: server {sid} is also configured as remote in [storage.servers]")

@@ -7,6 +7,13 @@ a batch of elements it creates the inputs seen for the first time (within
 the node and input limits; beyond them the values are refused and counted),
 runs the process lists, and commits — input last values, process state,
 storage records and the removal of the elements — in one fenced script.
+
+State Redis does not have (it lost its data) is rebuilt before a pass runs:
+feeds' last values from their last points on disk (one read per storage
+server), inputs' from the database, where the consumer writes them at most
+every ``[input] lastvalue_save_interval`` seconds, off the packet path (rules
+in ``emond.runner``). A storage server that cannot be read stops the pass
+until it can: a total is never restarted from 0.
 """
 
 from __future__ import annotations
@@ -23,18 +30,20 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from emond.api import ApiError
 from emond.context import NodeContext
 from emond.feeds import Feed
 from emond.db import is_duplicate
+from emond.engine import FeedError, NoSuchFeed
 from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input, user_version_key
 from emond.loops import steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_groups, input_stream
-from emond.records import RECORD
+from emond.records import ENGINE_PHPFINA, RECORD
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
-from emond.runner import ProcessState, StepRun, references, run_steps
+from emond.runner import ProcessState, StepRun, daily_feeds, references, run_steps
 from emond.web import QueueLayout
 
 CONSUMERS = "emond:consumers"
@@ -55,6 +64,7 @@ class UserCache:
     feeds: dict[int, Feed]
     tz: zoneinfo.ZoneInfo
     nodes: set[str] = field(default_factory=set)
+    daily: set[int] = field(default_factory=set)  # feeds a daily step writes (one point per day)
 
 
 def _feed_arg(process: int) -> bool:
@@ -65,6 +75,10 @@ def _feed_arg(process: int) -> bool:
 def _input_arg(process: int) -> bool:
     p = PROCESSES.get(process)
     return p is not None and p.argtype == INPUTID
+
+
+class StorageUnreadable(Exception):
+    """A feed's last point on disk is needed and its storage server cannot be read now."""
 
 
 class QueueTenure:
@@ -107,6 +121,11 @@ class InputConsumerService(Service):
         self._idle: list[defer.Deferred[None]] = []
         self._busy = False
         self.fair = layout.queues
+        # Input last values committed since the last write to the database.
+        self._unsaved: dict[int, tuple[int, float | None]] = {}
+        self._saver = task.LoopingCall(self.save_lastvalues)
+        self._saver.clock = reactor
+        self._saved: list[defer.Deferred[None]] = []
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
         self.dead = Counter("emond_input_elements_set_aside", "Queue elements that kept failing, moved aside", registry=ctx.registry)
         self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
@@ -117,6 +136,7 @@ class InputConsumerService(Service):
         self._leases.start(self.lease_ms / 3000.0, now=True).addErrback(
             lambda f: self.log.failure("lease loop failed", f)
         )
+        self._saver.start(self.ctx.config.input.lastvalue_save_interval, now=False)
         self._loop = defer.ensureDeferred(self._run())
 
     async def stopService(self) -> None:  # type: ignore[override]
@@ -126,6 +146,9 @@ class InputConsumerService(Service):
             self._leases.stop()
         if self._loop is not None:
             await self._loop  # finish the batch in hand (it commits or is read again later)
+        if self._saver.running:
+            self._saver.stop()
+        await self.save_lastvalues()
         try:
             await self.ctx.redis.call("ZREM", CONSUMERS, self.owner)
             for tenure in self.tenures.values():
@@ -134,6 +157,28 @@ class InputConsumerService(Service):
             pass  # the leases expire by themselves
         self.tenures.clear()
         await self.blocking.disconnect()
+
+    def saved(self) -> defer.Deferred[None]:
+        """Fires after the next write of input last values to the database has ended (tests)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._saved.append(d)
+        return d
+
+    async def save_lastvalues(self) -> None:
+        """Write the input last values committed since the last call to the database, in one
+        batch; on failure they are kept for the next call. Never raises (a LoopingCall runs it)."""
+        batch, self._unsaved = self._unsaved, {}
+        try:
+            if batch:
+                await self.ctx.inputs.save_lastvalues(batch)
+        except Exception as e:
+            for inputid, last in batch.items():
+                self._unsaved.setdefault(inputid, last)  # a value committed meanwhile is newer
+            self.log.warn("input last values not saved to the database ({n}): {error}; will retry", n=len(batch), error=str(e))
+        finally:
+            waiting, self._saved = self._saved, []
+            for d in waiting:
+                d.callback(None)
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once every input queue has been seen empty after this call (tests, drains)."""
@@ -218,7 +263,7 @@ class InputConsumerService(Service):
                 except LeaseLost:
                     self.tenures.pop(queue, None)
                     self.log.warn("lost input queue {queue} to another consumer", queue=queue)
-                except RedisUnavailable as e:
+                except (RedisUnavailable, StorageUnreadable) as e:
                     self.log.warn("input queue {queue}: {error}; will retry", queue=queue, error=str(e))
                     tenure.state = ProcessState()  # nothing was committed: start from Redis again
                     await task.deferLater(self.reactor, 1.0, lambda: None)
@@ -275,6 +320,7 @@ class InputConsumerService(Service):
         seen: set[int] = set()
         inputids: set[int] = set()
         feedids: set[int] = set()
+        read_feeds: dict[int, UserCache] = {}  # feed -> the user whose list computes with its last value
         extra: set[str] = set()
         packets = 0
         for userid, _received, time_ref, frames in groups:
@@ -297,18 +343,29 @@ class InputConsumerService(Service):
                     inputids.add(inp.id)
                     steps = user.steps.get(inp.id)
                     if steps:
-                        f, i, e = references(steps, _feed_arg, _input_arg)
-                        feedids |= f
-                        inputids |= i
-                        extra |= e
+                        refs = references(steps, _feed_arg, _input_arg)
+                        feedids |= refs.feeds
+                        for feedid in refs.read_feeds:
+                            read_feeds.setdefault(feedid, user)
+                        inputids |= refs.inputs
+                        extra |= refs.extra
         wanted = state.missing(inputids, feedids, extra)
         if wanted:
-            state.loaded(wanted, await self.ctx.redis.pipeline(ProcessState.load_commands(wanted)))
+            absent_inputs, absent_feeds = state.loaded(wanted, await self.ctx.redis.pipeline(ProcessState.load_commands(wanted)))
+            if absent_inputs:
+                state.rebuild_inputs(absent_inputs, await self.ctx.inputs.stored_lastvalues(absent_inputs))
+            # A feed only written (log_to_feed) needs no last value: its first write sets it.
+            rebuild = {f: read_feeds[f] for f in absent_feeds if f in read_feeds}
+            if rebuild:
+                await self._rebuild_feeds(state, rebuild)
         for user, inp, when, value in work:
             state.set_input(inp.id, when, value)
             steps = user.steps.get(inp.id)
             if steps:
                 run_steps(steps, StepRun(state, user.feeds, user.tz, inp.id, when), value)
+        if state.refused:
+            self._refused_values(state, work, refused)
+        committed_inputs = list(state.dirty_inputs)
         commit = Commit()
         state.to_commit(commit)
         for server, records in state.records.items():
@@ -318,10 +375,57 @@ class InputConsumerService(Service):
             await tenure.lease.commit(input_stream(queue), ids, commit)
         finally:
             state.clear_changes()
+        for inputid in committed_inputs:
+            self._unsaved[inputid] = state.inputs[inputid]
         tenure.failures = 0
         self.packets.inc(packets)
         for userid, items in refused.items():
             await self.ctx.refusals.record(userid, items)
+
+    async def _rebuild_feeds(self, state: ProcessState, absent: dict[int, UserCache]) -> None:
+        """Feeds Redis has no last value for go on from their last point on disk: one
+        ``summaries`` read per storage server for all of them (rules in ``emond.runner``)."""
+        found = {f: user.feeds[f] for f, user in absent.items() if f in user.feeds}
+        reachable = set(self.ctx.config.node.storage) | set(self.ctx.config.storage_servers)
+        readable = [feed for feed in found.values() if feed.server in reachable]
+        summaries = await self.ctx.store.summaries(readable) if readable else {}
+        for feedid, user in absent.items():
+            feed = found.get(feedid)
+            if feed is None:
+                state.rebuild_feed(feedid, None)  # not the user's (deleted): its steps do nothing
+                continue
+            if feed.server not in reachable:
+                # Nothing on this process reads that server: a new feed, or state it cannot rebuild.
+                self.log.warn(
+                    "feed {feed}: no last value in Redis and storage server {server} is not reachable from "
+                    "this process to read its last point; it starts empty (give this process "
+                    "[storage.servers] {server} to rebuild such state from disk)", feed=feedid, server=feed.server,
+                )
+                state.rebuild_feed(feedid, None)
+                continue
+            summary = summaries[feedid]
+            point = summary.last if summary.size is not None else await self._disk_last(feed)
+            slot = feed.interval if feed.engine == ENGINE_PHPFINA else 1
+            state.rebuild_feed(feedid, point, slot, user.tz if feedid in user.daily else None)
+        if readable:
+            self.log.info("{n} feeds had no last value in Redis: rebuilt from their last points on disk", n=len(readable))
+
+    async def _disk_last(self, feed: Feed) -> tuple[int, float | None] | None:
+        """The last point of a feed whose summary failed: None if its files are gone, else
+        ``StorageUnreadable`` (its server is down or failing): never a restart from 0."""
+        try:
+            return await self.ctx.store.lastvalue(feed)
+        except (NoSuchFeed, KeyError):
+            return None
+        except (FeedError, ApiError, OSError) as e:
+            raise StorageUnreadable(f"feed {feed.id}: last point on storage server {feed.server} unreadable ({e})") from e
+
+    def _refused_values(self, state: ProcessState, work: list[tuple[UserCache, Input, int, float]], refused: dict[int, list[Refused]]) -> None:
+        """Values the process lists refused (not a finite float32), to the refusals recorder."""
+        by_id = {inp.id: inp for _user, inp, _when, _value in work}
+        for inputid, when, reason in state.refused:
+            inp = by_id[inputid]
+            refused.setdefault(inp.userid, []).append(Refused(when, inp.nodeid, inp.name, reason))
 
     async def _users(self, userids: set[int]) -> dict[int, UserCache]:
         ordered = sorted(userids)
@@ -339,13 +443,15 @@ class InputConsumerService(Service):
             tz = zoneinfo.ZoneInfo(await self.ctx.users.timezone(userid))
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             tz = zoneinfo.ZoneInfo("UTC")
+        steps = {i.id: parse_lenient(i.processlist) for i in inputs if i.processlist}
         return UserCache(
             version=version,
             inputs={(i.nodeid, i.name): i for i in inputs},
-            steps={i.id: parse_lenient(i.processlist) for i in inputs if i.processlist},
+            steps=steps,
             feeds={f.id: f for f in feeds},
             tz=tz,
             nodes={i.nodeid for i in inputs},
+            daily=daily_feeds(steps.values()),
         )
 
     async def _create_input(

@@ -1,10 +1,15 @@
-"""Inputs: their metadata (database) and last values (Redis)."""
+"""Inputs: their metadata (database) and last values (Redis, and the database as a backstop).
+
+The consumer keeps input last values in Redis and copies them to the
+database (``inputs.time``/``value``, as emoncms does) at a bounded rate;
+where Redis has none (it lost its data), the database's are used.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from emond.api import ApiError
 from emond.db import Database, Transaction
@@ -17,6 +22,8 @@ MAX_NODE = 16
 MAX_NAME = 64
 MAX_DESCRIPTION = 255
 MAX_ID = 2**31 - 1
+SAVE_CHUNK = 200  # inputs per UPDATE statement (7 parameters each, well under SQLite's limit)
+READ_CHUNK = 500  # ids per SELECT ... IN (...)
 
 
 def user_version_key(userid: int) -> str:
@@ -167,17 +174,66 @@ class Inputs:
         return deleted
 
     async def lastvalues(self, inputids: list[int]) -> dict[int, tuple[int | None, float | None]]:
-        """Each input's last (time, value) from Redis; None for what is missing or not a finite number."""
+        """Each input's last (time, value): from Redis, or from the database for the inputs Redis
+        has nothing for; None for what is missing or not a finite number."""
         if not inputids:
             return {}
         replies = await self.redis.pipeline([("HMGET", f"input:lastvalue:{i}", "time", "value") for i in inputids])
         out: dict[int, tuple[int | None, float | None]] = {}
+        absent: list[int] = []
         for inputid, reply in zip(inputids, replies):
             t, v = (list(reply) + [None, None])[:2] if isinstance(reply, (list, tuple)) else (None, None)
+            if t is None and v is None:
+                absent.append(inputid)
+                continue
             when = _number(t)
             value = _number(v)
             out[inputid] = (None if when is None else int(when), value)
+        if absent:
+            out.update(await self.stored_lastvalues(absent))
         return out
+
+    async def stored_lastvalues(self, inputids: list[int]) -> dict[int, tuple[int | None, float | None]]:
+        """Each input's last (time, value) as the database keeps it; (None, None) when it has none."""
+        out: dict[int, tuple[int | None, float | None]] = {i: (None, None) for i in inputids}
+        wanted = sorted(set(inputids))
+        for start in range(0, len(wanted), READ_CHUNK):
+            chunk = wanted[start : start + READ_CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            rows = await self.db.query(f"SELECT id, time, value FROM inputs WHERE id IN ({marks})", *chunk)
+            for inputid, when, value in rows:
+                out[int(inputid)] = (None if when is None else int(when), _number(value))
+        return out
+
+    async def save_lastvalues(self, values: Mapping[int, tuple[int, float | None]]) -> None:
+        """Write input last values to the database, ``SAVE_CHUNK`` inputs per statement in one
+        transaction; a stored value with a later time is kept (another consumer wrote it)."""
+        items = sorted(values.items())
+
+        def work(txn: Transaction) -> None:
+            for start in range(0, len(items), SAVE_CHUNK):
+                statement, args = _save_statement(items[start : start + SAVE_CHUNK])
+                txn.execute(statement, *args)
+
+        if items:
+            await self.db.transaction(work)
+
+
+def _save_statement(items: list[tuple[int, tuple[int, float | None]]]) -> tuple[str, list[Any]]:
+    """One UPDATE for many inputs. The WHERE sees the stored times before the SET (MariaDB
+    evaluates SET left to right with the new values; SQLite with the old ones)."""
+    cases = " ".join("WHEN ? THEN ?" for _ in items)
+    marks = ", ".join("?" for _ in items)
+    statement = (
+        f"UPDATE inputs SET value = CASE id {cases} END, time = CASE id {cases} END "
+        f"WHERE id IN ({marks}) AND (time IS NULL OR time <= CASE id {cases} END)"
+    )
+    values: list[Any] = []
+    times: list[Any] = []
+    for inputid, (when, value) in items:
+        values += [inputid, value if value is not None and math.isfinite(value) else None]
+        times += [inputid, int(when)]
+    return statement, values + times + [inputid for inputid, _ in items] + times
 
 
 def names_feed(item: str, feedid: int) -> bool:

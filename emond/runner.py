@@ -16,6 +16,39 @@ Daily steps (kWh/d, max, min, on-time) write, as emoncms.org's
 ``update_data``, one point per day at the start of the packet's day in the
 user's timezone, and keep the feed's last value at the packet's time with
 the day's running value.
+
+No record leaves a list with a value a feed cannot hold: a step whose result
+is not finite, or a write beyond float32, is refused (counted with
+``REASON_OUT_OF_RANGE``) and the steps after it get no value.
+
+State Redis has lost (FLUSHALL, a promoted replica, a new disk) is rebuilt,
+never restarted:
+
+- a feed's last value comes from its last point on disk. Its time is the
+  latest a packet counted in that point can have had: a PHPTimeSeries
+  record's own time, the last second of a PHPFina slot. So no packet
+  already counted is counted again (a device's retry after the loss); the
+  price, for PHPFina, is that packets in the rest of that slot count as
+  already counted, and the first increment after the rebuild counts from
+  the slot's end: at most one interval short, once. It is written back to
+  Redis. A NaN point gives the value 0.
+- a feed written by a daily step has its point at a day start: only the day
+  is known, not the time of its last packet (``day_only``). The day's value
+  is kept; the first packet after the rebuild adds no time-based increment
+  (kWh/d, on-time: the baseline restarts, as after a gap); max/min compare
+  with the day's value. This state stays in the tenure, not in Redis (a day
+  start there would read as a packet at midnight); each tenure rebuilds it
+  alike until a packet is applied. Wh increments (kwhinc_to_kwhd) of a
+  packet counted before the loss and sent again count again: nothing on
+  disk tells which packets of the day were counted.
+- a step's last applied times (``emond:step``) need no rebuild: the feed's
+  time (or the extra state's) already refuses what was counted.
+- extra state (``process:<name>:<feed>``) gone: the reference reading
+  restarts (wh_accumulator, kwh_to_kwhd, kwh_to_power, ratechange: the
+  next reading sets it, no increment is counted from it), totals are kept.
+- an input's last value comes from the database (``inputs.time/value``,
+  written by the consumer at most every ``[input] lastvalue_save_interval``
+  seconds): a value at most that old, never a made-up 0.
 """
 
 from __future__ import annotations
@@ -25,14 +58,19 @@ import math
 import zoneinfo
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+import numpy as np
 
 from emond.feeds import Feed
-from emond.process import Step
+from emond.process import DAILY, PROCESSES, Step
 from emond.queue import Commit
 from emond.records import PADDING_JOIN, PADDING_NAN
 
 Record = tuple[int, int, float, int, int]  # feed, time, value, engine, padding
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+REASON_OUT_OF_RANGE = "value_out_of_range"  # NaN, infinite, or beyond what float32 holds
 
 
 def _input_key(inputid: int) -> str:
@@ -60,6 +98,8 @@ class ProcessState:
     dirty_steps: set[int] = field(default_factory=set)
     dirty_extra: set[str] = field(default_factory=set)
     records: dict[int, list[Record]] = field(default_factory=dict)  # by storage server
+    day_only: set[int] = field(default_factory=set)  # rebuilt daily feeds: the day of their last packet is known, not its time
+    refused: list[tuple[int, int, str]] = field(default_factory=list)  # (input, packet time, reason) since the last commit
 
     def missing(self, inputids: Iterable[int], feedids: Iterable[int], extra: Iterable[str]) -> list[tuple[str, Any]]:
         """What must be loaded from Redis before running (keys not cached yet)."""
@@ -87,10 +127,17 @@ class ProcessState:
                 commands.append(("HGETALL", key))
         return commands
 
-    def loaded(self, wanted: list[tuple[str, Any]], replies: list[Any]) -> None:
+    def loaded(self, wanted: list[tuple[str, Any]], replies: list[Any]) -> tuple[list[int], list[int]]:
+        """Cache what Redis answered; returns the (inputs, feeds) it has no last value for, left
+        uncached: their state is rebuilt (``rebuild_inputs``, ``rebuild_feed``), never made up."""
+        absent_inputs: list[int] = []
+        absent_feeds: list[int] = []
         for (kind, key), reply in zip(wanted, replies):
             if kind in ("input", "feed"):
                 t, v = reply
+                if t is None and v is None:
+                    (absent_inputs if kind == "input" else absent_feeds).append(key)
+                    continue
                 # an unreadable time (emoncms.org kept date strings for feeds) is no time, not an error:
                 # a total survives it (time 0 counts no increment), and the queue is not stuck on it
                 when, value = _unix(t) or 0, _number(v)
@@ -104,6 +151,39 @@ class ProcessState:
                     self.steps[key] = {k.decode(): int(v) for k, v in pairs}
                 else:
                     self.extra[key] = {k.decode(): v.decode() for k, v in pairs}
+        return absent_inputs, absent_feeds
+
+    def rebuild_inputs(self, inputids: Iterable[int], stored: Mapping[int, tuple[int | None, float | None]]) -> None:
+        """Inputs Redis lost: their last values as the database keeps them, written back."""
+        for i in inputids:
+            when, value = stored.get(i, (None, None))
+            if when is None:
+                self.inputs[i] = (0, None)  # never had a value
+            else:
+                self.inputs[i] = (when, value)
+                self.dirty_inputs.add(i)
+
+    def rebuild_feed(
+        self, feedid: int, point: tuple[int, float | None] | None, slot: int = 1, daily: zoneinfo.ZoneInfo | None = None
+    ) -> None:
+        """A feed Redis lost, from its last point on disk (``None``: an empty feed, nothing to go on from).
+
+        ``slot``: the seconds a point stands for (a PHPFina interval; 1 for
+        PHPTimeSeries). ``daily``: the user's timezone when a daily step writes
+        the feed. The rules are in the module docstring.
+        """
+        if point is None:
+            self.feeds[feedid] = (0, 0.0)
+            return
+        when, value = point
+        latest = when + max(int(slot), 1) - 1  # the latest time a packet counted in the point can have had
+        total = 0.0 if value is None else float(value)
+        if daily is not None:
+            self.feeds[feedid] = (day_start(latest, daily), total)
+            self.day_only.add(feedid)
+        else:
+            self.feeds[feedid] = (latest, total)
+            self.dirty_feeds.add(feedid)
 
     def set_input(self, inputid: int, when: int, value: float) -> None:
         last = self.inputs.get(inputid)
@@ -122,6 +202,7 @@ class ProcessState:
         if lastvalue and (last is None or stamp >= last[0]):
             self.feeds[feed.id] = (stamp, value)
             self.dirty_feeds.add(feed.id)
+            self.day_only.discard(feed.id)  # a packet's own time from now on
 
     def to_commit(self, commit: Commit) -> None:
         for i in self.dirty_inputs:
@@ -146,6 +227,7 @@ class ProcessState:
         self.dirty_steps.clear()
         self.dirty_extra.clear()
         self.records = {}
+        self.refused = []
 
 
 def _unix(raw: Any) -> int | None:
@@ -170,6 +252,12 @@ def _number(raw: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def day_start(when: int, tz: zoneinfo.ZoneInfo) -> int:
+    """Local midnight (in ``tz``) of the day holding ``when``."""
+    local = datetime.datetime.fromtimestamp(when, tz)
+    return int(local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+
+
 def _pairs(reply: Any) -> list[tuple[bytes, bytes]]:
     if isinstance(reply, dict):
         return list(reply.items())
@@ -191,6 +279,7 @@ class StepRun:
     time: int
     index: int = 0
     process: int = 0
+    stopped: bool = False  # a value was refused: the steps after get none
     _today: int | None = field(default=None, init=False, repr=False)
 
     # -- reads ---------------------------------------------------------------
@@ -209,8 +298,11 @@ class StepRun:
 
     def day_start(self, when: int) -> int:
         """Local midnight (the user's timezone) of the day holding ``when``."""
-        local = datetime.datetime.fromtimestamp(when, self.tz)
-        return int(local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+        return day_start(when, self.tz)
+
+    def day_only(self, feedid: int) -> bool:
+        """Was the feed's state rebuilt from a daily point (its last packet's time unknown within the day)?"""
+        return int(feedid) in self.state.day_only
 
     def today(self) -> int:
         """``day_start`` of the packet's time (computed once per packet and input)."""
@@ -238,10 +330,18 @@ class StepRun:
 
     # -- writes ----------------------------------------------------------------
 
+    def refuse(self, reason: str = REASON_OUT_OF_RANGE) -> None:
+        """Refuse this packet's value here (counted); the steps after this one get no value."""
+        self.state.refused.append((self.inputid, self.time, reason))
+        self.stopped = True
+
     def write(self, feedid: int, when: int, value: float, join: bool = False) -> bool:
         feed = self.feed(feedid)
         if feed is None:
             return False  # deleted or not the user's: nothing to write to
+        if not abs(value) <= FLOAT32_MAX:  # also NaN
+            self.refuse()
+            return False
         self.state.write(feed, when, value, join)
         return True
 
@@ -251,6 +351,9 @@ class StepRun:
         counted (increments) and which day it belongs to (resets)."""
         feed = self.feed(feedid)
         if feed is None:
+            return False
+        if not abs(value) <= FLOAT32_MAX:
+            self.refuse()
             return False
         self.state.write(feed, day, value, stamp=self.time)
         return True
@@ -356,7 +459,8 @@ def power_to_kwhd(run: StepRun, feedid: Any, value: float) -> float | None:
     if not _applies(run, feedid, last_time):
         return value
     today = run.today()
-    increment = _kwh_increment(last_time, run.time, value)
+    # rebuilt from a daily point: when the last packet came is unknown, so no increment (as after a gap)
+    increment = 0.0 if run.day_only(feedid) else _kwh_increment(last_time, run.time, value)
     # last_time < run.time: the last value is today's exactly when it is not before today's start
     run.write_day(feedid, today, kwh + increment if last_time >= today else increment)
     run.applied()
@@ -373,7 +477,7 @@ def input_ontime(run: StepRun, feedid: Any, value: float) -> float | None:
     if not _applies(run, feedid, last_time):
         return value
     elapsed = run.time - last_time
-    if value <= 0 or elapsed >= KWH_MAX_GAP:
+    if value <= 0 or elapsed >= KWH_MAX_GAP or run.day_only(feedid):
         elapsed = 0
     today = run.today()
     run.write_day(feedid, today, ontime + elapsed if last_time >= today else float(elapsed))
@@ -602,20 +706,45 @@ def run_steps(steps: list[Step], run: StepRun, value: float) -> None:
             return  # unknown: emoncms stops the list
         run.index, run.process = index, step.process
         result = function(run, step.arg, value)
-        if result is None:
+        if result is None or run.stopped:
             return  # no value: nothing after this step is written
+        if not math.isfinite(result):
+            run.refuse()  # inf or NaN (e.g. a scale overflowing): nothing a feed could hold follows
+            return
         value = result
 
 
-def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: Callable[[int], bool]) -> tuple[set[int], set[int], set[str]]:
+# Processes that compute with their feed's last value (its time or value): a feed one of them
+# names is rebuilt from disk when Redis has no last value for it. The others (log_to_feed,
+# ratechange, the no-ops) only write it, or keep their own extra state.
+READS_FEED = frozenset({4, 5, 7, 8, 14, 20, 21, 23, 27, 28, 29, 30, 31, 32, 34})
+
+
+def daily_feeds(lists: Iterable[list[Step]]) -> set[int]:
+    """The feeds a daily step of these lists writes (one point per day: rebuilt by day, see above)."""
+    return {
+        int(step.arg) for steps in lists for step in steps
+        if step.process in PROCESSES and PROCESSES[step.process].writes and PROCESSES[step.process].datatype == DAILY
+    }
+
+
+class References(NamedTuple):
+    feeds: set[int]  # every feed the list names (their last values are loaded)
+    read_feeds: set[int]  # those whose last value a step computes with
+    inputs: set[int]
+    extra: set[str]
+
+
+def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: Callable[[int], bool]) -> References:
     """Feeds, inputs and extra state keys a list reads, to load them in one round trip."""
-    feeds, inputs, extra = set(), set(), set()
+    refs = References(set(), set(), set(), set())
     for step in steps:
         if feed_args(step.process):
-            feeds.add(int(step.arg))
+            refs.feeds.add(int(step.arg))
+            if step.process in READS_FEED:
+                refs.read_feeds.add(int(step.arg))
         elif input_args(step.process):
-            inputs.add(int(step.arg))
+            refs.inputs.add(int(step.arg))
         if step.process in EXTRA_STATE:
-            extra.add(f"process:{EXTRA_STATE[step.process]}:{int(step.arg)}")
-    return feeds, inputs, extra
-
+            refs.extra.add(f"process:{EXTRA_STATE[step.process]}:{int(step.arg)}")
+    return refs

@@ -109,6 +109,12 @@ MIGRATIONS: list[list[Step]] = [
         "CREATE UNIQUE INDEX feeds_name ON feeds (userid, tag, name)",
     ],
     CASE_INSENSITIVE_USERNAMES,
+    [
+        # Input last values (as emoncms's input table): the consumer copies them here at a
+        # bounded rate, so that they survive Redis losing its data.
+        "ALTER TABLE inputs ADD COLUMN time BIGINT",
+        "ALTER TABLE inputs ADD COLUMN value DOUBLE",
+    ],
 ]
 
 
