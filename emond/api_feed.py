@@ -58,6 +58,7 @@ from emond.feeddata import (
     php_int,
     php_numeric,
     php_truthy,
+    request_ids,
     rows_json,
     shape,
     zone_or_utc,
@@ -300,12 +301,13 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
 
     async def data(call: Call) -> Any:
         """feed/data.json, datanew, average.json and csvexport.json (current emoncms)."""
-        timezone = await caller_timezone(call)
-        request = DataRequest.parse(call.params, call.action, timezone, ctx.config.feeds.max_datapoints)
+        # As emoncms: the feeds first (missing, not readable), then the request's parameters.
         try:
-            found = await data_feeds(call, request.ids)
+            found = await data_feeds(call, request_ids(call.params)[0])
         except DataError as e:
             return Raw(json_bytes(e.body), code=400)
+        timezone = await caller_timezone(call)
+        request = DataRequest.parse(call.params, call.action, timezone, ctx.config.feeds.max_datapoints)
         plans = [request.plan(feed, average, delta) for feed, (average, delta) in zip(found, request.flags())]
         wanted = [feed.id for feed, plan in zip(found, plans) if plan.delta]
         accepted = await feeds.lastvalues(wanted) if wanted else {}

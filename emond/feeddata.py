@@ -390,14 +390,7 @@ class DataRequest:
 
     @classmethod
     def parse(cls, params: dict[str, str], action: str, user_timezone: str, max_datapoints: int, now: float | None = None) -> "DataRequest":
-        if "id" in params:
-            ids, singular = params["id"].split(","), True
-        elif "ids" in params:
-            ids, singular = params["ids"].split(","), False
-        else:
-            raise ApiError("no ids given")
-        if len(ids) > MAX_IDS:
-            raise ApiError(f"at most {MAX_IDS} ids per request")
+        ids, singular = request_ids(params)
         timezone = params.get("timezone", user_timezone)
         if not valid_zone(timezone):
             raise ApiError("Invalid timezone")
@@ -454,9 +447,9 @@ class DataRequest:
         start, end = self.start, self.end
         if end <= start:
             raise ApiError("Request end time before start time")
-        if self.timeformat not in TIMEFORMATS:
-            raise ApiError("Invalid time format")
         if self.split is not None:
+            if self.timeformat not in TIMEFORMATS:
+                raise ApiError("Invalid time format")
             if feed.engine != ENGINE_PHPFINA:
                 raise ApiError("This request is only supported by PHPFina AND MySQLTimeseries")
             if self.interval not in ("daily", "weekly", "monthly"):
@@ -487,6 +480,8 @@ class DataRequest:
             engine_interval: int | str = int(min(max(math.trunc(interval), 1), MAX_TIME))
         else:
             engine_interval = interval
+        if self.timeformat not in TIMEFORMATS:
+            raise ApiError("Invalid time format")
         if csv:
             max_rows = CSV_LIMIT // CSV_BYTES_PER_ROW
         query = DataQuery(
@@ -520,6 +515,19 @@ class DataRequest:
 
     def csv_limit_message(self, requested: int) -> str:
         return f"CSV download limit exceeded downloadsize={requested * CSV_BYTES_PER_ROW}"
+
+
+def request_ids(params: dict[str, str]) -> tuple[list[str], bool]:
+    """The id texts of a data request, and whether it was ``id=`` (emoncms: ``id`` wins over ``ids``)."""
+    if "id" in params:
+        ids, singular = params["id"].split(","), True
+    elif "ids" in params:
+        ids, singular = params["ids"].split(","), False
+    else:
+        raise ApiError("no ids given")
+    if len(ids) > MAX_IDS:
+        raise ApiError(f"at most {MAX_IDS} ids per request")
+    return ids, singular
 
 
 def convert_time(text: str | None, name: str, zone: tzinfo, now: float) -> float:
