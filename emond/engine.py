@@ -374,17 +374,18 @@ def segment_means(read: Callable[[int, int], np.ndarray], starts: np.ndarray, le
         while j < n and lengths[j] <= SUM_SPAN and max(hi, int(ends[j])) - min(lo, int(starts[j])) <= SUM_SPAN:
             lo, hi = min(lo, int(starts[j])), max(hi, int(ends[j]))
             j += 1
-        block = finite(read(lo, hi)) if hi > lo else np.empty(0)
+        block = read(lo, hi) if hi > lo else np.empty(0)
         means[i:j] = _block_means(block, starts[i:j] - lo, lengths[i:j])
         i = j
     return means
 
 
 def _block_means(block: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    present = ~np.isnan(block)
-    clean = np.where(present, block, 0.0)  # adding 0.0 leaves a sum unchanged: NaN is skipped
-    seen = np.concatenate(([0], np.cumsum(present)))
-    counts = seen[offsets + lengths] - seen[offsets]
+    clean = block.astype(np.float64)
+    missing = np.flatnonzero(~np.isfinite(block))
+    if missing.shape[0]:
+        clean[missing] = 0.0  # adding 0.0 leaves a sum unchanged: a missing value is skipped
+    counts = lengths - (np.searchsorted(missing, offsets + lengths) - np.searchsorted(missing, offsets))
     sums = np.zeros(offsets.shape[0])
     longest = int(lengths.max()) if lengths.shape[0] else 0
     rows = offsets.shape[0]
