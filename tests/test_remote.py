@@ -165,6 +165,19 @@ class RemoteStorageTests(unittest.TestCase):
                 a = yield self.call(path, "GET", raw=True, id=str(r), apikey=self.key, **params)
                 b = yield self.call(path, "GET", raw=True, id=str(lo), apikey=self.key, **params)
                 self.assertEqual(a, b, (remote, path, params))
+        # refusals found by the storage server read the same as local ones (a DMY read past the row cap)
+        refusals = []
+        for feed in (self.feeds["rfina"], self.feeds["lfina"]):
+            response = yield treq.get(
+                f"http://127.0.0.1:{self.http}/feed/data.json",
+                params=dict(id=str(feed), apikey=self.key, start="0", end=str(2**35), interval="daily"),
+                persistent=False,
+            )
+            body = yield response.json()
+            self.assertEqual(response.code, 400)
+            self.assertTrue(body["message"].startswith("request datapoint limit reached (20000)"), body)
+            refusals.append(body)
+        self.assertEqual(refusals[0], refusals[1])
         split = dict(interval="daily", split="[0,6,12.5]", **days)
         a = yield self.call("feed/data.json", "GET", raw=True, id=str(self.feeds["rfina"]), apikey=self.key, **split)
         b = yield self.call("feed/data.json", "GET", raw=True, id=str(self.feeds["lfina"]), apikey=self.key, **split)
