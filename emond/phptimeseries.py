@@ -23,7 +23,7 @@ repair path empties it); reads ignore a partial tail.
 Concurrency: one engine instance owns its directory (one writer; large
 files are memory-mapped, so no other process may truncate them). Calls may
 come from any thread: ``apply_batch``, ``create`` and ``delete`` are
-serialised by a ``threading.Lock``; reads (``read``, ``meta``,
+serialised by a ``threading.Lock``; reads (``query``, ``meta``,
 ``lastvalue``, ``export``) take the lock only to open the file and snapshot
 its size, then read without it. A read sees the whole records present at
 that moment, sorted: appends made later are not seen, a rewrite replaces
