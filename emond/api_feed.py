@@ -474,8 +474,10 @@ def render_data(
     ``[{"feedid", "data"}, ...]``, or a CSV file."""
     rows: list[Any] = []
     for feed, plan, result in zip(found, plans, series):
-        last = accepted.get(feed.id) or result.last
-        times, values = shape(result, plan, request.dp, last)
+        last = accepted.get(feed.id)
+        # the accepted last value as emoncms reads it back from Redis, else the disk's
+        last = (last[0], accepted_number(last[1])) if last is not None else result.last
+        times, values = shape(result, plan, request.dp if plan.query.split is None else None, last)
         if plan.csv:
             return csv_answer(csv_body(times, values, request), str(feed.id))
         rows.append(rows_json(times, values, request))

@@ -125,11 +125,17 @@ def php_round_places(values: np.ndarray, places: int) -> np.ndarray:
 
 def number_format(value: float | None, decimals: int = CSV_DECIMALS) -> str:
     """PHP's ``number_format(value, decimals, ".", "")``, or ``null``."""
-    if value is None:
-        return "null"
-    rounded = float(php_round_places(np.array([value]), decimals)[0])
-    text = f"{rounded:.{decimals}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text  # PHP 8: never "-0.00"
+    return number_texts(np.array([math.nan if value is None else value]), decimals)[0]
+
+
+def number_texts(values: np.ndarray, decimals: int = CSV_DECIMALS) -> list[str]:
+    """``number_format`` of many values at once (``null`` where missing)."""
+    rounded = php_round_places(values, decimals)
+    rounded[rounded == 0] = 0.0  # PHP 8 never writes "-0.00"
+    texts = [f"{v:.{decimals}f}" for v in rounded.tolist()]
+    for i in np.flatnonzero(np.isnan(values)).tolist():
+        texts[i] = "null"
+    return texts
 
 
 # -- PHP date strings (DateTime::modify) ---------------------------------------------------
@@ -647,7 +653,7 @@ def csv_body(times: np.ndarray, values: np.ndarray, request: DataRequest) -> byt
         stamps = time_texts(times, request.timeformat, request.zone)
     else:
         stamps = times.tolist()
-    texts = [number_format(v) for v in value_list(values)]
+    texts = number_texts(values)
     return "".join(f"{t}{CSV_SEPARATOR}{v}\n" for t, v in zip(stamps, texts)).encode()
 
 
