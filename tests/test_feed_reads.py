@@ -423,3 +423,33 @@ class ConfiguredLimitTests(ReadsCase):
                 "message": "request datapoint limit reached (5), increase request interval or reduce time range, requested datapoints = 6",
             },
         )
+
+
+class FeedsConfigTests(unittest.TestCase):
+    """[feeds] max_datapoints and read_timeout: defaults, and bad values refused at start."""
+
+    def load(self, text):
+        from emond.config import load_node_config
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "emond.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return load_node_config(path)
+
+    def test_defaults_and_refusals(self):
+        from emond.config import ConfigError
+
+        feeds = self.load("").feeds
+        self.assertEqual((feeds.max_datapoints, feeds.read_timeout), (20000, 30.0))
+        feeds = self.load("[feeds]\nmax_datapoints = 8928\nread_timeout = 2\n").feeds
+        self.assertEqual((feeds.max_datapoints, feeds.read_timeout), (8928, 2.0))
+        for text, message in (
+            ("[feeds]\nmax_datapoints = 0\n", "[feeds] max_datapoints: must be between 1 and 1000000, got 0"),
+            ("[feeds]\nmax_datapoints = 2000000\n", "[feeds] max_datapoints: must be between 1 and 1000000, got 2000000"),
+            ("[feeds]\nmax_datapoints = \"many\"\n", "[feeds] max_datapoints: expected an integer, got 'many'"),
+            ("[feeds]\nread_timeout = 0\n", "[feeds] read_timeout: must be more than 0 seconds, got 0.0"),
+        ):
+            error = self.assertRaises(ConfigError, self.load, text)
+            self.assertEqual(str(error), message)
