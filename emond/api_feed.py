@@ -7,11 +7,15 @@ to the caller; a write needs write access (the router) and ownership. A
 private feed of someone else is answered 403 (401 without credentials),
 never with its data.
 
-Answers follow emoncms.org (compat spec §3.3) with the improvements of
+Answers follow current emoncms (compat spec §A) with the improvements of
 spec B: errors are HTTP 400 with ``{"success": false, "message": ...}``;
 ``feed/list.json``, ``feed/aget.json`` and ``feed/timevalue.json`` add
 ``disk_time``/``disk_value``, the last point actually on disk, next to
 ``time``/``value``, the last value accepted.
+
+Reads (``feed/data.json``, ``datanew``, ``average.json``, ``csvexport.json``)
+are ``emond.feeddata``: the request rules of current emoncms, one query per
+feed to its storage server.
 
 Writes (``feed/insert.json``, ``feed/update.json``) go through the node's
 feed writer: the answer comes once the record is durably queued for its
@@ -21,12 +25,13 @@ what has arrived). A time outside the storage window is refused at once
 refuses later (padding limit) is recorded by its sender. The last value
 moves forward only: a back-filled point never replaces a newer one.
 
-Number forms: the fields of a feed are strings as emoncms.org's Redis hash
-gave them (``"id":"1"``); ``time`` is an int. ``value`` is a string as
-emoncms.org returned it (PHP's float-to-string, 14 significant digits:
-``"231.5"``, ``"100"``); ``disk_value`` the shortest text that reads back as
-the stored float32. ``feed/fetch.json`` and ``feed/insert.json`` answer
-JSON numbers.
+Number forms, as current emoncms types them: the fields of a feed are
+strings as its Redis hash gives them (``"id":"1"``); ``time`` is an int and
+``value`` a number (the accepted value as PHP stored it in Redis, 14
+significant digits) or null; ``disk_time``/``disk_value`` likewise, the
+value being the stored float32. ``feed/value.json`` and ``feed/fetch.json``
+answer numbers (or null), ``feed/timevalue.json`` numbers. A value that is
+not finite (on disk or in Redis) is null.
 """
 
 from __future__ import annotations
@@ -35,17 +40,31 @@ import json
 import math
 import re
 import time
-import zoneinfo
-from datetime import date, datetime, timedelta, tzinfo
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import numpy as np
+from twisted.internet import defer, threads
 
-from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed
+from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed, json_bytes
 from emond.context import NodeContext
-from emond.engine import FeedError
+from emond.engine import MAX_TIME as MAX_READ_TIME
+from emond.engine import MIN_TIME as MIN_READ_TIME
+from emond.engine import FeedError, RowLimit, Series
+from emond.feeddata import (
+    DataRequest,
+    FeedPlan,
+    csv_body,
+    multi_csv_body,
+    php_int,
+    php_numeric,
+    php_truthy,
+    request_ids,
+    rows_json,
+    shape,
+    zone_or_utc,
+)
 from emond.feeds import Feed
-from emond.feedstore import DiskSummary, float32_text
+from emond.feedstore import DiskSummary
 from emond.phpfina import MIN_INTERVAL
 from emond.records import (
     ENGINE_PHPFINA,
@@ -64,14 +83,11 @@ T = TypeVar("T")
 
 MAX_ID = 2**31 - 1  # feed and user ids (INT columns)
 MAX_TIME = 2**32 - 1  # record times are uint32 seconds
-MAX_MS = MAX_TIME * 1000
 MAX_INTERVAL = 366 * 86400  # longest PHPFina interval accepted at create
 MAX_FETCH = 1000  # ids per feed/fetch.json
-MAX_DMY = 10000  # samples per daily/weekly/monthly request (as emoncms.org)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 ID = re.compile(r"[0-9]{1,12}")
 FIELDS = ("id", "userid", "name", "datatype", "tag", "public", "size", "engine", "server", "unit", "interval")
-DMY_MODES = ("daily", "weekly", "monthly")
 
 
 EXPORT_CHUNK = 36 * 32768  # bytes per chunk: whole PHPFina slots and whole PHPTimeSeries records
@@ -207,11 +223,17 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
 
     async def value(call: Call) -> Any:
         feed = await readable(call)
+        when = call.get("time")
+        if php_truthy(when):  # emoncms: the value at a time (the nearest slot, or the next record)
+            number = php_numeric(when)
+            if number is None or not MIN_READ_TIME <= number <= MAX_READ_TIME:
+                raise ApiError("time must be a unix time in seconds")
+            return await engine_call(store.value_at(feed, math.trunc(number)))
         last = (await feeds.lastvalues([feed.id]))[feed.id]
         if last is not None:
-            return php_text(last[1])
+            return accepted_number(last[1])
         disk = await disk_last(feed)  # as emoncms, rebuilt from the data when Redis has none
-        return float32_text(disk[1]) if disk and disk[1] is not None else None
+        return disk_number(disk[1]) if disk else None
 
     async def timevalue(call: Call) -> Any:
         feed = await readable(call)
@@ -239,67 +261,61 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
             if feed is None or not can_read(call, feed):
                 out.append(False)  # no such feed, or not yours: as emoncms
             elif last[feed.id] is not None:
-                out.append(last[feed.id][1])
+                out.append(accepted_number(last[feed.id][1]))
             else:
                 point = disk[feed.id].last
-                out.append(point[1] if point else None)
+                out.append(disk_number(point[1]) if point else None)
         return out
 
     # -- data --------------------------------------------------------------
 
+    async def caller_timezone(call: Call) -> str:
+        """emoncms reads times in the timezone of the session's user (UTC without one)."""
+        if call.auth is None:
+            return "UTC"
+        return zone_or_utc(await ctx.users.timezone(call.auth.userid))
+
+    async def data_feeds(call: Call, texts: list[str]) -> list[Feed]:
+        """The feeds of a data request, in its order; all must exist and be readable."""
+        numbers = [php_int(text) for text in texts]
+        found = await feeds.get_many(n for n in numbers if 0 < n <= MAX_ID)
+        missing = [n for n in numbers if n not in found]
+        if missing:
+            message = f"feed {missing[0]} does not exist" if len(missing) == 1 else f"{len(missing)} feeds do not exist"
+            raise DataError({"success": False, "message": message, "feeds": missing})
+        out = [found[n] for n in numbers]
+        for feed in out:
+            if not can_read(call, feed):
+                if call.auth is None:
+                    raise ApiError("Authentication required", 401)
+                raise ApiError("Permission denied", 403)
+        return out
+
+    async def read_series(request: DataRequest, feed: Feed, plan: FeedPlan) -> Series:
+        try:
+            return await store.query(feed, plan.query)
+        except RowLimit as e:
+            raise ApiError(request.csv_limit_message(e.requested) if plan.csv else request.limit_message(e.requested))
+        except FeedError as e:
+            raise ApiError(str(e))
+
     async def data(call: Call) -> Any:
-        feed = await readable(call)
-        start, end = ms_param(call, "start"), ms_param(call, "end")
-        if call.get("interval"):
-            interval = interval_param(call)
-            return await engine_call(
-                store.data(feed, start, end, interval, call.flag("skipmissing", True), call.flag("limitinterval", True))
-            )
-        if call.get("mode"):
-            times, steps = await dmy(call, feed, start, end)
-            values = await engine_call(store.values_at(feed, times, steps)) if times else []
-            return [[t * 1000, v] for t, v in zip(times, values)]
-        raise ApiError("missing parameter: interval")
-
-    async def average(call: Call) -> Any:
-        feed = await readable(call)
-        start, end = ms_param(call, "start"), ms_param(call, "end")
-        if feed.engine != ENGINE_PHPFINA:
-            raise ApiError("This request is only supported by PHPFina")
-        if call.get("interval"):
-            interval = interval_param(call)
-            return await engine_call(store.average(feed, start, end, interval, call.flag("skipmissing", True)))
-        if call.get("mode"):
-            times, steps = await dmy(call, feed, start, end)
-            values = await engine_call(store.averages_over(feed, times, steps)) if times else []
-            return [[t * 1000, v] for t, v in zip(times, values)]
-        raise ApiError("missing parameter: interval")
-
-    async def dmy(call: Call, feed: Feed, start_ms: float, end_ms: float) -> tuple[list[int], list[int]]:
-        mode = call.get("mode")
-        if mode not in DMY_MODES:
-            raise ApiError("mode must be daily, weekly or monthly")
-        start, end = int(start_ms / 1000), int(end_ms / 1000)
-        if end <= start:
-            raise ApiError("Request end time before start time")
-        zone = user_zone(await ctx.users.timezone(feed.userid))
-        return dmy_times(start, end, mode, zone)
-
-    async def csvexport(call: Call) -> Any:
-        feed = await readable(call)
-        start, end = seconds_param(call, "start"), seconds_param(call, "end")
-        if end <= start:
-            raise ApiError("Request end time before start time")
-        interval = int(interval_param(call))
-        zone = None
-        if call.flag("timeformat", False):
-            zone = user_zone(await ctx.users.timezone(feed.userid))
-        body = await engine_call(store.csv(feed, start, end, interval, zone))
-        return Raw(
-            body,
-            content_type=b"text/csv; charset=utf-8",
-            headers={b"Content-Disposition": f"attachment; filename={feed.id}.csv".encode(), b"Cache-Control": b"no-cache"},
-        )
+        """feed/data.json, datanew, average.json and csvexport.json (current emoncms)."""
+        # As emoncms: the feeds first (missing, not readable), then the request's parameters.
+        try:
+            found = await data_feeds(call, request_ids(call.params)[0])
+        except DataError as e:
+            return Raw(json_bytes(e.body), code=400)
+        timezone = await caller_timezone(call)
+        request = DataRequest.parse(call.params, call.action, timezone, ctx.config.feeds.max_datapoints)
+        plans = [request.plan(feed, average, delta) for feed, (average, delta) in zip(found, request.flags())]
+        wanted = [feed.id for feed, plan in zip(found, plans) if plan.delta]
+        accepted = await feeds.lastvalues(wanted) if wanted else {}
+        series = await defer.gatherResults(
+            [defer.ensureDeferred(read_series(request, feed, plan)) for feed, plan in zip(found, plans)], consumeErrors=True
+        ).addErrback(lambda failure: failure.value.subFailure.raiseException())
+        # Formatting thousands of rows (dates, CSV) is done off the reactor.
+        return await threads.deferToThread(render_data, request, found, plans, series, accepted)
 
     async def export(call: Call) -> Any:
         # Public or yours, as current emoncms (emoncms.org wanted the owner's write key).
@@ -363,8 +379,8 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         ("fetch", PUBLIC, fetch),
         ("data", PUBLIC, data),
         ("datanew", PUBLIC, data),
-        ("average", PUBLIC, average),
-        ("csvexport", PUBLIC, csvexport),
+        ("average", PUBLIC, data),
+        ("csvexport", PUBLIC, data),
         ("export", PUBLIC, export),
         ("insert", WRITE, insert),
         ("update", WRITE, insert),
@@ -391,9 +407,9 @@ def entry(feed: Feed, last: tuple[int, float] | None, disk: DiskSummary) -> dict
     """A feed as ``feed/list.json`` shows it."""
     on_disk = disk.last
     if last is not None:
-        when, value = last[0], php_text(last[1])
+        when, value = last[0], accepted_number(last[1])
     elif on_disk is not None:  # no accepted value known (Redis emptied, copied data): the disk's
-        when, value = on_disk[0], float32_text(on_disk[1]) if on_disk[1] is not None else None
+        when, value = on_disk[0], disk_number(on_disk[1])
     else:
         when, value = None, None
     return {
@@ -411,7 +427,7 @@ def entry(feed: Feed, last: tuple[int, float] | None, disk: DiskSummary) -> dict
         "time": when,
         "value": value,
         "disk_time": on_disk[0] if on_disk else None,
-        "disk_value": float32_text(on_disk[1]) if on_disk and on_disk[1] is not None else None,
+        "disk_value": disk_number(on_disk[1]) if on_disk else None,
     }
 
 
@@ -427,6 +443,57 @@ def php_text(value: float) -> str | None:
         mantissa += ".0"
     power = int(exponent)
     return f"{mantissa}E{'+' if power >= 0 else '-'}{abs(power)}"
+
+
+def accepted_number(value: float) -> float | None:
+    """A last accepted value as current emoncms answers it: what PHP stored in
+    Redis (its float-to-string, 14 significant digits) read back as a number."""
+    text = php_text(value)
+    return float(text) if text is not None else None
+
+
+def disk_number(value: float | None) -> float | None:
+    """A value on disk (a float32) as a number; None if missing or not finite."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(np.float32(value))
+
+
+class DataError(Exception):
+    """A data request refused with a body beyond the message (emoncms's ``feeds`` list)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body["message"])
+        self.body = body
+
+
+def render_data(
+    request: DataRequest, found: list[Feed], plans: list[FeedPlan], series: list[Series], accepted: dict[int, Any]
+) -> Raw:
+    """The answer of a data request, in emoncms's shapes: one feed's rows, or
+    ``[{"feedid", "data"}, ...]``, or a CSV file."""
+    rows: list[Any] = []
+    for feed, plan, result in zip(found, plans, series):
+        last = accepted.get(feed.id)
+        # the accepted last value as emoncms reads it back from Redis, else the disk's
+        last = (last[0], accepted_number(last[1])) if last is not None else result.last
+        times, values = shape(result, plan, request.dp if plan.query.split is None else None, last)
+        if plan.csv:
+            return csv_answer(csv_body(times, values, request), str(feed.id))
+        rows.append(rows_json(times, values, request))
+    if request.multi_csv:
+        return csv_answer(multi_csv_body(rows), "-".join(request.ids))
+    if request.singular and len(found) == 1:
+        return Raw(json_bytes(rows[0]))
+    return Raw(json_bytes([{"feedid": text, "data": data} for text, data in zip(request.ids, rows)]))
+
+
+def csv_answer(body: bytes, name: str) -> Raw:
+    return Raw(
+        body,
+        content_type=b"text/csv; charset=utf-8",
+        headers={b"Content-Disposition": f"attachment; filename={name}.csv".encode(), b"Cache-Control": b"no-cache"},
+    )
 
 
 def parse_id(text: str | None, name: str) -> int:
@@ -487,31 +554,6 @@ def phpfina_interval(options: str | None) -> int:
     return interval
 
 
-def ms_param(call: Call, name: str) -> float:
-    """A time in milliseconds (feed/data.json)."""
-    value = call.number(name, f"{name} must be a time in milliseconds")
-    if not 0 <= value <= MAX_MS:
-        raise ApiError(f"{name} must be a time in milliseconds")
-    return value
-
-
-def seconds_param(call: Call, name: str) -> int:
-    """A unix time in seconds; a value in milliseconds is converted (as current emoncms)."""
-    value = call.number(name, f"{name} must be a unix time")
-    if value / 1e9 > 100:
-        value /= 1000
-    if not 0 <= value <= MAX_TIME:
-        raise ApiError(f"{name} must be a unix time")
-    return int(value)
-
-
-def interval_param(call: Call) -> float:
-    value = call.number("interval", "interval must be a number of seconds")
-    if not 0 <= value <= MAX_TIME:
-        raise ApiError("interval must be a number of seconds")
-    return value
-
-
 def time_param(call: Call) -> int:
     text = call.get("time")
     if text is None or text.strip() == "":
@@ -549,48 +591,6 @@ def refusal_message(reason: str, ctx: NodeContext) -> str:
     if reason == REASON_NO_FEED:
         return "Feed does not exist"
     return f"datapoint refused: {reason}"
-
-
-def user_zone(name: str) -> tzinfo:
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return zoneinfo.ZoneInfo("UTC")
-
-
-def dmy_times(start: int, end: int, mode: str, zone: tzinfo) -> tuple[list[int], list[int]]:
-    """Local midnights in [start, end): every day, every Monday or every 1st of
-    the month (at most MAX_DMY), each with its step to the next one (the
-    engines' nearest-point rule needs it)."""
-    day = datetime.fromtimestamp(start, zone).date()
-    if mode == "weekly":
-        day += timedelta(days=-day.weekday() % 7)  # PHP "this monday": on or after
-    elif mode == "monthly":
-        day = day.replace(day=1)
-    times: list[int] = []
-    steps: list[int] = []
-    t = midnight(day, zone)
-    while t < end and len(times) < MAX_DMY:
-        day = next_day(day, mode)
-        following = midnight(day, zone)
-        if t >= start:
-            times.append(t)
-            steps.append(following - t)
-        t = following
-    return times, steps
-
-
-def midnight(day: date, zone: tzinfo) -> int:
-    # A midnight inside a DST gap resolves to the first instant after it (as PHP).
-    return int(datetime(day.year, day.month, day.day, tzinfo=zone).timestamp())
-
-
-def next_day(day: date, mode: str) -> date:
-    if mode == "daily":
-        return day + timedelta(days=1)
-    if mode == "weekly":
-        return day + timedelta(days=7)
-    return date(day.year + day.month // 12, day.month % 12 + 1, 1)
 
 
 __all__ = ["add_feed_routes"]

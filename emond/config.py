@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import endpoints
 
-from emond.engine import FIVE_YEARS, TWO_DAYS
+from emond.engine import FIVE_YEARS, MAX_DATAPOINTS, TWO_DAYS
 from emond.phpfina import MAX_PADDING
 
 
@@ -79,6 +79,9 @@ class InputSection:
 @dataclass(frozen=True)
 class FeedsSection:
     default_server: int = 0
+    # Rows one feed/data.json read may ask for per feed (current emoncms's max_datapoints).
+    max_datapoints: int = MAX_DATAPOINTS
+    read_timeout: float = 30.0  # seconds a remote storage server has to answer a read (then 504)
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,10 @@ def _validate_node(config: NodeConfig) -> None:
     ):
         if getattr(config.users, name) < 1:
             raise ConfigError(f"[users] {name}: must be at least 1, got {getattr(config.users, name)}")
+    if not 1 <= config.feeds.max_datapoints <= 1_000_000:
+        raise ConfigError(f"[feeds] max_datapoints: must be between 1 and 1000000, got {config.feeds.max_datapoints}")
+    if not config.feeds.read_timeout > 0:
+        raise ConfigError(f"[feeds] read_timeout: must be more than 0 seconds, got {config.feeds.read_timeout}")
     hosted = set(config.node.storage) | set(config.storage_servers)
     if hosted and config.feeds.default_server not in hosted:
         raise ConfigError(f"[feeds] default_server: server {config.feeds.default_server} is neither hosted nor remote")

@@ -1,22 +1,32 @@
-"""What the feed engines share: the read request rules, the time window and errors.
+"""What the feed engines share: the time window, errors, and the read model.
 
 Both engines (``phpfina``, ``phptimeseries``) take a whole RECORD batch in
-``apply_batch`` and answer ``feed/data.json`` reads with the emoncms.org
-semantics (compat spec §3.3): start and end in milliseconds, at most 3000
-requested points, and one extra point past ``end``.
+``apply_batch``. Reads follow current emoncms (compat spec §A): a
+``DataQuery`` is what emoncms's engine ``get_data_combined`` (or, with
+``split``, ``get_data_DMY_time_of_day``) computes, in seconds, and the
+engine's ``query`` answers it with a ``Series`` in one call, so a storage
+server reached over the stream runs the whole read and answers once. The
+request rules around it (start/end forms, the default interval, the point
+cap, delta, dp, time formats) are the node's, in ``emond.feeddata``.
+
+A value on disk that is not finite (NaN, or an inf written by an older
+version) is a missing value in every read: null, never an error.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 import time
+import zoneinfo
 from dataclasses import dataclass
-from typing import Callable
+from datetime import date, datetime, timedelta, tzinfo
+from typing import Any, Callable
 
 import numpy as np
 
-from emond.records import REASON_TOO_NEW, REASON_TOO_OLD, REASON_WRONG_ENGINE, Refusal, refusals_from
+from emond.records import ENGINE_PHPFINA, REASON_TOO_NEW, REASON_TOO_OLD, REASON_WRONG_ENGINE, Refusal, refusals_from
 
-MAX_DATAPOINTS = 3000
 FIVE_YEARS = 3600 * 24 * 365 * 5
 TWO_DAYS = 3600 * 48
 
@@ -34,56 +44,6 @@ class NoSuchFeed(FeedError):
 def php_round(x: "np.ndarray | float") -> "np.ndarray | float":
     """PHP's round(): halves away from zero (Python's round() is to even)."""
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
-@dataclass(frozen=True)
-class DataRequest:
-    """A validated ``feed/data.json`` request, in seconds."""
-
-    start: int
-    end: int
-    interval: int
-
-    @classmethod
-    def from_ms(cls, start_ms: float, end_ms: float, interval: float) -> "DataRequest":
-        start = int(start_ms / 1000)
-        end = int(end_ms / 1000)
-        interval = max(int(interval), 1)
-        if end <= start:
-            raise FeedError("request end time before start time")
-        requested = int(php_round((end - start) / interval))
-        if requested > MAX_DATAPOINTS:
-            raise FeedError(
-                "request datapoint limit reached (3000), increase request interval "
-                f"or time range, requested datapoints = {requested}"
-            )
-        return cls(start, end, interval)
-
-    def times(self, interval: int | None = None) -> np.ndarray:
-        """The sample times: start, start+interval, ... up to the first one past end.
-
-        emoncms checks ``t <= end`` before advancing, so the point after ``end``
-        is included: floor((end-start)/interval) + 2 points.
-        """
-        step = interval or self.interval
-        count = (self.end - self.start) // step + 2
-        return self.start + np.arange(count, dtype=np.int64) * step
-
-
-def format_points(
-    times: np.ndarray, values: np.ndarray, skipmissing: bool
-) -> list[list]:
-    """``[[t_ms, value|None], ...]``; NaN is ``None``, dropped with skipmissing."""
-    missing = np.isnan(values)
-    if skipmissing:
-        keep = ~missing
-        times, values, missing = times[keep], values[keep], missing[keep]
-    out_values = values.astype(np.float64).tolist()
-    out_times = (times.astype(np.int64) * 1000).tolist()
-    if missing.any():
-        for i in np.flatnonzero(missing).tolist():
-            out_values[i] = None
-    return [list(pair) for pair in zip(out_times, out_values)]
 
 
 @dataclass(frozen=True)
@@ -130,3 +90,335 @@ def last_per_slot(feeds: np.ndarray, slots: np.ndarray) -> np.ndarray:
     last = np.ones(order.shape[0], dtype=bool)
     last[:-1] = sorted_key[1:] != sorted_key[:-1]
     return order[last]
+
+
+# -- reads -------------------------------------------------------------------------
+
+DMY_INTERVALS = ("daily", "weekly", "monthly", "annual")
+# A rough length of each, only to tell how many rows a refused request asked for.
+NOMINAL_SECONDS = {"daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400, "annual": 365 * 86400}
+MAX_DATAPOINTS = 20000  # default of [feeds] max_datapoints
+MAX_SPLIT = 48  # hours of a time-of-day split (emoncms)
+MAX_QUERY_ROWS = 10_000_000  # the most rows a query may ever ask an engine for (CSV included)
+SUM_SPAN = 1 << 20  # values read at once when averaging
+# Times a query may name: years 1 to 9999 are what the calendar functions handle.
+MIN_TIME, MAX_TIME = -62135596800, 253402300799
+
+
+class RowLimit(FeedError):
+    """A query would give more rows than allowed; ``requested`` is how many."""
+
+    def __init__(self, requested: int) -> None:
+        super().__init__(f"requested datapoints = {requested}")
+        self.requested = requested
+
+
+@dataclass(frozen=True)
+class DataQuery:
+    """One feed read, as an engine computes it (times in unix seconds).
+
+    ``interval`` is a whole number of seconds (at least 1), one of
+    ``DMY_INTERVALS`` (aligned to local midnights in ``timezone``) or
+    ``"original"`` (the feed's own interval). ``limitinterval`` is emoncms's
+    integer: non-zero raises a PHPFina step to whole feed intervals, 2 makes
+    PHPTimeSeries give each record's own time. With ``split`` (hours of the
+    day) each row holds the values at those offsets from its local midnight
+    (PHPFina only). ``max_rows`` bounds the work; ``with_last`` asks for the
+    feed's last point on disk too (delta needs it).
+    """
+
+    start: int
+    end: int
+    interval: int | str
+    average: bool = False
+    skipmissing: bool = False
+    limitinterval: int = 0
+    timezone: str = "UTC"
+    split: tuple[float, ...] | None = None
+    max_rows: int = MAX_DATAPOINTS
+    with_last: bool = False
+
+    def zone(self) -> tzinfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The query as JSON (a read request over the stream)."""
+        return {
+            "start": self.start,
+            "end": self.end,
+            "interval": self.interval,
+            "average": self.average,
+            "skipmissing": self.skipmissing,
+            "limitinterval": self.limitinterval,
+            "timezone": self.timezone,
+            "split": list(self.split) if self.split is not None else None,
+            "max_rows": self.max_rows,
+            "with_last": self.with_last,
+        }
+
+    @classmethod
+    def from_wire(cls, fields: Any) -> "DataQuery":
+        """A query from its JSON form; ValueError if any field is not what it must be."""
+        if not isinstance(fields, dict):
+            raise ValueError("a query must be an object")
+
+        def whole(name: str, low: int, high: int) -> int:
+            value = fields.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"query {name} must be a whole number in [{low}, {high}]")
+            return value
+
+        def flag(name: str) -> bool:
+            value = fields.get(name)
+            if not isinstance(value, bool):
+                raise ValueError(f"query {name} must be true or false")
+            return value
+
+        interval = fields.get("interval")
+        if isinstance(interval, str):
+            if interval not in DMY_INTERVALS + ("original",):
+                raise ValueError("query interval is not known")
+        else:
+            interval = whole("interval", 1, MAX_TIME)
+        timezone = fields.get("timezone")
+        if not isinstance(timezone, str) or not valid_zone(timezone):
+            raise ValueError("query timezone is not known")
+        split = fields.get("split")
+        if split is not None:
+            if not isinstance(split, list) or len(split) > MAX_SPLIT:
+                raise ValueError(f"query split must be a list of at most {MAX_SPLIT} hours")
+            if not all(isinstance(h, (int, float)) and not isinstance(h, bool) and math.isfinite(h) for h in split):
+                raise ValueError("query split must hold numbers")
+            split = tuple(float(h) for h in split)
+        return cls(
+            start=whole("start", MIN_TIME, MAX_TIME),
+            end=whole("end", MIN_TIME, MAX_TIME),
+            interval=interval,
+            average=flag("average"),
+            skipmissing=flag("skipmissing"),
+            limitinterval=whole("limitinterval", -(2**31), 2**31),
+            timezone=timezone,
+            split=split,
+            max_rows=whole("max_rows", 1, MAX_QUERY_ROWS),
+            with_last=flag("with_last"),
+        )
+
+
+def valid_zone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+SERIES_HEAD = struct.Struct("<IIBqd")
+
+
+@dataclass
+class Series:
+    """A query's answer: row times (int64 unix seconds) and values (float64,
+    NaN where missing; one column per split hour with ``split``), and the
+    feed's last point on disk when the query asked for it."""
+
+    times: np.ndarray
+    values: np.ndarray
+    last: tuple[int, float | None] | None = None
+
+    def to_bytes(self) -> bytes:
+        """Packed for the stream: a header, then the times and the values."""
+        columns = self.values.shape[1] if self.values.ndim == 2 else 0
+        last_time, last_value = self.last if self.last is not None else (0, None)
+        head = SERIES_HEAD.pack(
+            self.times.shape[0],
+            columns,
+            self.last is not None,
+            last_time,
+            math.nan if last_value is None else last_value,
+        )
+        return head + self.times.astype("<i8").tobytes() + self.values.astype("<f8").tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Series":
+        rows, columns, has_last, last_time, last_value = SERIES_HEAD.unpack_from(data, 0)
+        width = max(columns, 1)
+        if len(data) != SERIES_HEAD.size + 8 * rows + 8 * rows * width:
+            raise ValueError("a series of the wrong size")
+        times = np.frombuffer(data, dtype="<i8", count=rows, offset=SERIES_HEAD.size).astype(np.int64)
+        values = np.frombuffer(data, dtype="<f8", count=rows * width, offset=SERIES_HEAD.size + 8 * rows).astype(np.float64)
+        if columns:
+            values = values.reshape(rows, columns)
+        last = (last_time, None if math.isnan(last_value) else last_value) if has_last else None
+        return cls(times, values, last)
+
+
+def finite(values: np.ndarray) -> np.ndarray:
+    """float64 values with every non-finite one (NaN, inf on disk) made NaN: missing."""
+    out = np.asarray(values, dtype=np.float64).copy()
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def finish(times: np.ndarray, values: np.ndarray, query: DataQuery, last: Any = None) -> Series:
+    """The rows of a query; with skipmissing, those without a value are left out."""
+    if query.skipmissing and values.ndim == 1:
+        keep = ~np.isnan(values)
+        times, values = times[keep], values[keep]
+    return Series(times.astype(np.int64), values, last if query.with_last else None)
+
+
+def fixed_starts(start: int, end: int, step: int, limit: int) -> np.ndarray:
+    """start, start+step, ... up to end (inclusive, as emoncms's ``while ($time <= $end)``)."""
+    count = (end - start) // step + 1 if end >= start else 0
+    if count > limit:
+        raise RowLimit(count)
+    return start + np.arange(count, dtype=np.int64) * step
+
+
+# -- local calendars (emoncms's DateTime "midnight", "+1 day", ...) ---------------------
+
+
+def resolve(wall: datetime, zone: tzinfo) -> int:
+    """The instant a local wall time names: in a DST gap the first instant after
+    it, when ambiguous the first of the two (PHP's DateTime does the same)."""
+    return int(wall.replace(tzinfo=zone, fold=0).timestamp())
+
+
+def wall_clock(when: int, zone: tzinfo) -> datetime:
+    return datetime.fromtimestamp(when, zone).replace(tzinfo=None)
+
+
+def add_months(wall: datetime, months: int) -> datetime:
+    """Wall-clock months later, for a day that every month has (a 1st)."""
+    index = wall.month - 1 + months
+    return wall.replace(year=wall.year + index // 12, month=index % 12 + 1)
+
+
+def dmy_step(wall: datetime, interval: str) -> datetime:
+    """emoncms's "+1 day", "+1 week", "+1 month", "+1 year": wall clock, so a
+    day across a DST change lasts 23 or 25 hours."""
+    if interval == "daily":
+        return wall + timedelta(days=1)
+    if interval == "weekly":
+        return wall + timedelta(days=7)
+    if interval == "monthly":
+        return add_months(wall, 1)
+    return add_months(wall, 12)
+
+
+def dmy_first(start: int, interval: str, zone: tzinfo, annual_from_month: bool = False) -> datetime:
+    """The wall time of the first division: the local midnight of ``start``,
+    then the Monday on or after it ("this monday"), the 1st of its month, or
+    the 1st of January (PHPTimeSeries asks PHP for "first day of this year",
+    which is the 1st of the current month: ``annual_from_month``)."""
+    local = wall_clock(start, zone)
+    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    # "midnight" is resolved first; after a DST gap at midnight the clock shows 01:00.
+    wall = wall_clock(resolve(midnight, zone), zone)
+    if interval == "weekly":
+        day = wall.date() + timedelta(days=-wall.weekday() % 7)
+        return datetime(day.year, day.month, day.day)  # a weekday name resets the time to 00:00
+    if interval == "monthly" or (interval == "annual" and annual_from_month):
+        return wall.replace(day=1)
+    if interval == "annual":
+        return wall.replace(month=1, day=1)
+    return wall
+
+
+def dmy_bounds(start: int, end: int, interval: str, zone: tzinfo, limit: int, annual_from_month: bool = False) -> np.ndarray:
+    """Division bounds b0 < b1 < ...: each b_i <= end starts a division [b_i, b_i+1);
+    the last bound only ends the last division. At most ``limit`` divisions."""
+    wall = dmy_first(start, interval, zone, annual_from_month)
+    bounds = [resolve(wall, zone)]
+    while bounds[-1] <= end:
+        if len(bounds) > limit:
+            raise RowLimit((end - bounds[0]) // NOMINAL_SECONDS[interval] + 1)
+        wall = dmy_step(wall, interval)
+        bounds.append(resolve(wall, zone))
+    return np.array(bounds, dtype=np.int64)
+
+
+def next_dmy_end(end: int, interval: str, zone: tzinfo) -> int:
+    """emoncms's delta mode end: "tomorrow midnight", then "next monday" (strictly
+    after), "first day of next month" or "first day of january next year"."""
+    tomorrow = wall_clock(end, zone).date() + timedelta(days=1)
+    day: date = tomorrow
+    if interval == "weekly":
+        day = tomorrow + timedelta(days=(-tomorrow.weekday() % 7) or 7)
+    elif interval == "monthly":
+        day = date(tomorrow.year + tomorrow.month // 12, tomorrow.month % 12 + 1, 1)
+    elif interval == "annual":
+        day = date(tomorrow.year + 1, 1, 1)
+    return resolve(datetime(day.year, day.month, day.day), zone)
+
+
+# -- averages ------------------------------------------------------------------------
+
+
+def segment_means(read: Callable[[int, int], np.ndarray], starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The mean of the finite values in each segment [start, start + length) of
+    what ``read(lo, hi)`` returns (NaN if none). Each sum adds the values in
+    order in doubles, as emoncms's PHP loop does, so the means are the same
+    to the last bit; nearby segments share one read."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 0)
+    ends = starts + lengths
+    means = np.full(starts.shape[0], np.nan)
+    i, n = 0, starts.shape[0]
+    while i < n:
+        if lengths[i] > SUM_SPAN:
+            means[i] = _long_mean(read, int(starts[i]), int(ends[i]))
+            i += 1
+            continue
+        lo, hi, j = int(starts[i]), int(ends[i]), i + 1
+        while j < n and lengths[j] <= SUM_SPAN and max(hi, int(ends[j])) - min(lo, int(starts[j])) <= SUM_SPAN:
+            lo, hi = min(lo, int(starts[j])), max(hi, int(ends[j]))
+            j += 1
+        block = read(lo, hi) if hi > lo else np.empty(0)
+        means[i:j] = _block_means(block, starts[i:j] - lo, lengths[i:j])
+        i = j
+    return means
+
+
+def _block_means(block: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    clean = block.astype(np.float64)
+    missing = np.flatnonzero(~np.isfinite(block))
+    if missing.shape[0]:
+        clean[missing] = 0.0  # adding 0.0 leaves a sum unchanged: a missing value is skipped
+    counts = lengths - (np.searchsorted(missing, offsets + lengths) - np.searchsorted(missing, offsets))
+    sums = np.zeros(offsets.shape[0])
+    longest = int(lengths.max()) if lengths.shape[0] else 0
+    rows = offsets.shape[0]
+    if rows and longest and (lengths == longest).all() and (np.diff(offsets) == longest).all():
+        # Back-to-back segments of one length (a fixed interval): a row each, and
+        # cumsum adds along each row in order.
+        first = int(offsets[0])
+        sums = np.cumsum(clean[first : first + rows * longest].reshape(rows, longest), axis=1)[:, -1]
+    elif longest <= 16:
+        for k in range(longest):  # one column at a time: each row's sum still in order
+            at = lengths > k
+            sums[at] += clean[offsets[at] + k]
+    else:
+        for r in np.flatnonzero(lengths).tolist():
+            a = int(offsets[r])
+            sums[r] = np.add.accumulate(clean[a : a + int(lengths[r])])[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _long_mean(read: Callable[[int, int], np.ndarray], lo: int, hi: int) -> float:
+    total, count = 0.0, 0
+    for a in range(lo, hi, SUM_SPAN):
+        part = finite(read(a, min(a + SUM_SPAN, hi)))
+        present = ~np.isnan(part)
+        count += int(present.sum())
+        if part.shape[0]:
+            total = float(np.add.accumulate(np.concatenate(([total], np.where(present, part, 0.0))))[-1])
+    return total / count if count else math.nan
+
+
+def disk_summary(engine: Any, engine_id: int, feedid: int) -> tuple[int, tuple[int, float | None] | None]:
+    """A feed's files' size and its last point on disk (``feed/list.json``)."""
+    npoints = engine.meta(feedid).npoints
+    size = 16 + 4 * npoints if engine_id == ENGINE_PHPFINA else 9 * npoints
+    return size, engine.lastvalue(feedid)

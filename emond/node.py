@@ -54,7 +54,7 @@ def make_context(
         auth=Authenticator(users, redis, config.users.session_days * 86400, config.users.trusted_proxies),
         feeds=Feeds(db, redis, config.users.max_feeds),
         inputs=Inputs(db, redis),
-        store=FeedStore(locations),
+        store=FeedStore(locations, config.feeds.read_timeout),
         writer=QueueWriter(redis, config.engines),
         refusals=Refusals(redis, registry),
         registry=registry,

@@ -27,6 +27,7 @@ before or after a concurrent batch, never a feed shifted in time.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import struct
@@ -40,16 +41,22 @@ import numpy as np
 from twisted.logger import Logger
 
 from emond.engine import (
+    DMY_INTERVALS,
     FIVE_YEARS,
     TWO_DAYS,
-    DataRequest,
+    DataQuery,
     FeedError,
     NoSuchFeed,
+    Series,
     TimeWindow,
     admit,
-    format_points,
+    dmy_bounds,
+    finish,
+    finite,
+    fixed_starts,
     last_per_slot,
     php_round,
+    segment_means,
 )
 from emond.records import (
     ENGINE_PHPFINA,
@@ -529,7 +536,7 @@ class PHPFina:
             os.close(fd)
 
     def lastvalue(self, feedid: int) -> tuple[int, float | None] | None:
-        """(time of the last slot, its value or None for NaN); None for an empty feed."""
+        """(time of the last slot, its value or None if missing or not finite); None for an empty feed."""
         feed, fd = self._snapshot(feedid)
         if fd is None:
             return None
@@ -538,65 +545,40 @@ class PHPFina:
         finally:
             os.close(fd)
         last_time = feed.start + feed.interval * (feed.npoints - 1)
-        return last_time, (None if value != value else value)
+        return last_time, (value if math.isfinite(value) else None)
 
-    def read(
-        self,
-        feedid: int,
-        start_ms: float,
-        end_ms: float,
-        interval: float,
-        skipmissing: bool = True,
-        limitinterval: bool = True,
-    ) -> list[list]:
-        """``feed/data.json`` (emoncms.org): the nearest slot at each sample time."""
-        request = DataRequest.from_ms(start_ms, end_ms, interval)
+    def value_at(self, feedid: int, when: int) -> float | None:
+        """``feed/value.json?time=``: the nearest slot (halves away from zero), None if missing."""
         feed, fd = self._snapshot(feedid)
-        step = request.interval
-        if limitinterval and step < feed.interval:
-            step = feed.interval
-        times = request.times(step)
-        values = np.full(times.shape[0], np.nan, dtype="<f4")
-        if fd is not None:
-            try:
-                pos = php_round((times - feed.start) / feed.interval).astype(np.int64)
-                valid = (pos >= 0) & (pos < feed.npoints)
-                if valid.any():
-                    wanted = pos[valid]
-                    values[valid] = _gather(fd, wanted, feed.npoints)
-            finally:
+        if fd is None or feed.interval <= 0:
+            if fd is not None:
                 os.close(fd)
-        return format_points(times, values, skipmissing)
+            return None
+        try:
+            pos = int(php_round((int(when) - feed.start) / feed.interval))
+            if not 0 <= pos < feed.npoints:
+                return None
+            value = float(_read_slots(fd, pos, pos + 1)[0])
+        finally:
+            os.close(fd)
+        return value if math.isfinite(value) else None
 
-    def read_average(
-        self, feedid: int, start_ms: float, end_ms: float, interval: float, skipmissing: bool = True
-    ) -> list[list]:
-        """``feed/average.json``: the mean of the stored slots in each [t, t+interval)."""
-        request = DataRequest.from_ms(start_ms, end_ms, interval)
+    def query(self, feedid: int, query: DataQuery) -> Series:
+        """``feed/data.json`` for one feed, as emoncms's PHPFina ``get_data_combined``
+        (or ``get_data_DMY_time_of_day`` with a split)."""
         feed, fd = self._snapshot(feedid)
-        step = max(request.interval, feed.interval)
-        step = int(php_round(step / feed.interval)) * feed.interval
-        times = request.times(step)
-        means = np.full(times.shape[0], np.nan, dtype=np.float64)
-        if fd is not None:
-            try:
-                # step is a whole number of slots, so bucket i is the k slots from first + i*k.
-                k = step // feed.interval
-                first = (int(times[0]) - feed.start) // feed.interval
-                lo, hi = max(first, 0), min(first + k * times.shape[0], feed.npoints)
-                if hi > lo:
-                    grid = np.full(k * times.shape[0], np.nan, dtype="<f4")
-                    grid[lo - first : hi - first] = _read_slots(fd, lo, hi)
-                    grid = grid.reshape(-1, k)
-                    missing = np.isnan(grid)
-                    counts = k - missing.sum(axis=1)
-                    np.copyto(grid, 0.0, where=missing)
-                    sums = grid.sum(axis=1, dtype=np.float64)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        means = np.where(counts > 0, sums / counts, np.nan)
-            finally:
+        try:
+            slots = _SlotReader(fd, feed.npoints)
+            last = None
+            if query.with_last and feed.npoints:
+                value = float(slots.read(feed.npoints - 1, feed.npoints)[0])
+                last = (feed.start + feed.interval * (feed.npoints - 1), value if math.isfinite(value) else None)
+            if query.split is not None:
+                return _time_of_day(feed, slots, query, last)
+            return _data(feed, slots, query, last)
+        finally:
+            if fd is not None:
                 os.close(fd)
-        return format_points(times, means, skipmissing)
 
     def export(self, feedid: int, start: int = 0, length: int | None = None) -> bytes:
         """``feed/export.json``: the data file from byte ``start``, one slot early
@@ -613,6 +595,78 @@ class PHPFina:
             return os.pread(fd, max(count, 0), offset) if count > 0 else b""
         finally:
             os.close(fd)
+
+
+class _SlotReader:
+    """Reads a data file's slots: ranges, or scattered positions (nothing for an empty feed)."""
+
+    def __init__(self, fd: int | None, npoints: int) -> None:
+        self.fd = fd
+        self.npoints = npoints if fd is not None else 0
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        lo, hi = max(lo, 0), min(hi, self.npoints)
+        if hi <= lo or self.fd is None:
+            return np.empty(0, dtype="<f4")
+        return _read_slots(self.fd, lo, hi)
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """float64 values at ``positions`` (any order; each must be a stored slot)."""
+        if positions.size == 0 or self.fd is None:
+            return np.empty(positions.shape)
+        wanted, inverse = np.unique(positions, return_inverse=True)
+        return finite(_gather(self.fd, wanted, self.npoints))[inverse].reshape(positions.shape)
+
+
+def _data(feed: _Feed, slots: _SlotReader, query: DataQuery, last: object) -> Series:
+    """emoncms: a row at each division start; the slot at that time (floor), or
+    the mean of the slots inside the division with ``average``."""
+    if query.end <= query.start:
+        raise FeedError("request end time before start time")
+    interval = feed.interval
+    average = query.average
+    if query.interval in DMY_INTERVALS:
+        bounds = dmy_bounds(query.start, query.end, str(query.interval), query.zone(), query.max_rows)
+        starts, ends = bounds[:-1], bounds[1:]
+    else:
+        step = interval if query.interval == "original" else int(query.interval)
+        step = max(step, 1)
+        if query.limitinterval and interval > 0:
+            step = max(step, interval)  # not below the feed's interval
+            step = int(php_round(step / interval)) * interval  # whole feed intervals
+        if step <= interval:
+            average = False  # emoncms: every division holds one slot at most
+        starts = fixed_starts(query.start, query.end, step, query.max_rows)
+        ends = starts + step
+    values = np.full(starts.shape[0], np.nan)
+    if interval > 0 and slots.npoints:
+        if average:
+            first = np.clip((starts - feed.start) // interval, 0, slots.npoints)
+            past = np.clip((ends - feed.start) // interval, 0, slots.npoints)
+            values = segment_means(slots.read, first, past - first)
+        else:
+            end_time = feed.start + interval * (slots.npoints - 1)
+            inside = (starts >= feed.start) & (starts <= end_time)
+            values[inside] = slots.at((starts[inside] - feed.start) // interval)
+    return finish(starts, values, query, last)
+
+
+def _time_of_day(feed: _Feed, slots: _SlotReader, query: DataQuery, last: object) -> Series:
+    """emoncms's ``get_data_DMY_time_of_day``: per day, week or month, the value
+    at each split hour after its local midnight (the nearest slot)."""
+    if query.interval not in ("daily", "weekly", "monthly"):
+        raise FeedError("split needs interval daily, weekly or monthly")
+    assert query.split is not None
+    bounds = dmy_bounds(query.start, query.end, str(query.interval), query.zone(), query.max_rows)
+    starts = bounds[:-1]
+    # emoncms: (int)(hours * 3600.0), truncated toward zero
+    offsets = np.array([math.trunc(h * 3600.0) for h in query.split], dtype=np.int64)
+    values = np.full((starts.shape[0], offsets.shape[0]), np.nan)
+    if feed.interval > 0 and slots.npoints and values.size:
+        pos = php_round((starts[:, None] + offsets[None, :] - feed.start) / feed.interval).astype(np.int64)
+        stored = (pos >= 0) & (pos < slots.npoints)
+        values[stored] = slots.at(pos[stored])
+    return Series(starts, values, last if query.with_last else None)
 
 
 def _open_write_close(writes: list[tuple[str, memoryview, int]]) -> None:

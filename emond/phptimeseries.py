@@ -23,7 +23,7 @@ repair path empties it); reads ignore a partial tail.
 Concurrency: one engine instance owns its directory (one writer; large
 files are memory-mapped, so no other process may truncate them). Calls may
 come from any thread: ``apply_batch``, ``create`` and ``delete`` are
-serialised by a ``threading.Lock``; reads (``read``, ``meta``,
+serialised by a ``threading.Lock``; reads (``query``, ``meta``,
 ``lastvalue``, ``export``) take the lock only to open the file and snapshot
 its size, then read without it. A read sees the whole records present at
 that moment, sorted: appends made later are not seen, a rewrite replaces
@@ -33,6 +33,7 @@ in place meanwhile may be seen old or new.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import threading
@@ -44,15 +45,21 @@ import numpy as np
 from twisted.logger import Logger
 
 from emond.engine import (
+    DMY_INTERVALS,
     FIVE_YEARS,
     TWO_DAYS,
-    DataRequest,
+    DataQuery,
     FeedError,
     NoSuchFeed,
+    Series,
     TimeWindow,
     admit,
-    format_points,
+    dmy_bounds,
+    finish,
+    finite,
+    fixed_starts,
     last_per_slot,
+    segment_means,
 )
 from emond.records import (
     ENGINE_PHPTIMESERIES,
@@ -329,52 +336,68 @@ class PHPTimeSeries:
         return SeriesMeta(n, int(first["time"]), int(last["time"]))
 
     def lastvalue(self, feedid: int) -> tuple[int, float | None] | None:
-        """(time, value or None for NaN) of the last record; None for an empty feed."""
+        """(time, value or None if missing or not finite) of the last record; None for an empty feed."""
         n, _, last = self._ends(feedid)
         if n == 0:
             return None
         value = float(last["value"])
-        return int(last["time"]), (None if value != value else value)
+        return int(last["time"]), (value if math.isfinite(value) else None)
 
-    def read(
-        self,
-        feedid: int,
-        start_ms: float,
-        end_ms: float,
-        interval: float,
-        skipmissing: bool = True,
-        limitinterval: bool = True,
-    ) -> list[list]:
-        """``feed/data.json`` (emoncms.org ``get_data_new``): the nearest record at each sample time."""
-        request = DataRequest.from_ms(start_ms, end_ms, interval)
+    def value_at(self, feedid: int, when: int) -> float | None:
+        """``feed/value.json?time=``: the first record at or after ``when`` (emoncms), None if none."""
         fd, n = self._snapshot(feedid)
         try:
             recs = _records(fd, n) if n else None
         finally:
-            os.close(fd)  # a map keeps its own reference to the file
+            os.close(fd)
         if recs is None or recs.shape[0] == 0:
-            return []
-        n = recs.shape[0]
-        times = request.times()
-        right = _lower_bound(recs, times)
-        left = np.maximum(right - 1, 0)
-        right_c = np.minimum(right, n - 1)
-        t_left = recs["time"][left].astype(np.int64)
-        t_right = recs["time"][right_c].astype(np.int64)
-        # Nearest record; on a tie the earlier one.
-        use_left = (right >= n) | ((right > 0) & (times - t_left <= t_right - times))
-        dp_time = np.where(use_left, t_left, t_right)
-        dp_value = recs["value"][np.where(use_left, left, right_c)].astype(np.float64)
-        if limitinterval:
-            values = np.where(np.abs(dp_time - times) < request.interval, dp_value, np.nan)
-            out_times = times
+            return None
+        i = int(_lower_bound(recs, np.array([int(when)]))[0])
+        if i >= recs.shape[0]:
+            return None
+        value = float(recs["value"][i])
+        return value if math.isfinite(value) else None
+
+    def query(self, feedid: int, query: DataQuery) -> Series:
+        """``feed/data.json`` for one feed, as emoncms's PHPTimeSeries ``get_data_combined``."""
+        if query.split is not None:
+            raise FeedError("This request is only supported by PHPFina AND MySQLTimeseries")
+        if query.end <= query.start:
+            raise FeedError("request end time before start time")
+        fd, n = self._snapshot(feedid)
+        try:
+            recs = _records(fd, n) if n else np.empty(0, dtype=MYD)
+        finally:
+            os.close(fd)  # a map keeps its own reference to the file
+        if query.interval in DMY_INTERVALS:
+            # PHP's "first day of this year" is the 1st of the current month: emoncms's annual rows start there.
+            bounds = dmy_bounds(query.start, query.end, str(query.interval), query.zone(), query.max_rows, annual_from_month=True)
+            starts, ends = bounds[:-1], bounds[1:]
         else:
-            values = dp_value
-            out_times = dp_time
-        # emoncms emits a time only if it differs from the previous one
-        # (starting from 0): a record nearest to several samples shows once.
-        keep = out_times != np.concatenate(([0], out_times[:-1]))
-        return format_points(out_times[keep], values[keep], skipmissing)
+            step = int(query.interval) if query.interval != "original" else 1  # (int)"original" is 0, then 1
+            starts = fixed_starts(query.start, query.end, max(step, 1), query.max_rows)
+            ends = starts + max(step, 1)
+        count = recs.shape[0]
+        last = None
+        if query.with_last and count:
+            value = float(recs["value"][-1])
+            last = (int(recs["time"][-1]), value if math.isfinite(value) else None)
+        if query.average:
+            values = _averages(recs, starts, ends)
+            return finish(starts, values, query, last)
+        # The first record at or after each division start, if it is inside the division.
+        values = np.full(starts.shape[0], np.nan)
+        times = starts.copy()
+        if count and starts.shape[0]:
+            found = _lower_bound(recs, starts)
+            inside = found < count
+            rec_times = np.zeros(starts.shape[0], dtype=np.int64)
+            rec_times[inside] = recs["time"][found[inside]]
+            inside &= rec_times < ends
+            values[inside] = finite(recs["value"][found[inside]])
+            if query.limitinterval == 2:
+                times[inside] = rec_times[inside]  # the record's own time
+        return finish(times, values, query, last)
 
     def export(self, feedid: int, start: int = 0, length: int | None = None) -> bytes:
         """``feed/export.json``: the file from byte ``start`` (aligned down to a record)."""
@@ -386,6 +409,25 @@ class PHPTimeSeries:
             return os.pread(fd, count, offset) if count else b""
         finally:
             os.close(fd)
+
+
+def _averages(recs: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """emoncms's PHPTimeSeries average, rule for rule: each division takes the
+    records from where the previous one stopped up to the first record at or
+    after its end, one fewer when that record is later than the end (so a
+    record is counted in the next division unless one lands exactly on the
+    division's end). Answers must match emoncms's, so its rule is kept."""
+    count = recs.shape[0]
+    if not starts.shape[0]:
+        return np.empty(0)
+    first = int(_lower_bound(recs, starts[:1])[0]) if count else 0  # past the end: count
+    stops = _lower_bound(recs, ends) if count else np.zeros(ends.shape[0], dtype=np.int64)
+    later = stops < count
+    later[later] = recs["time"][stops[later]].astype(np.int64) > ends[later]
+    stops = np.where(later, np.maximum(stops - 1, 0), stops)
+    begins = np.concatenate(([first], stops[:-1]))
+    values = recs["value"]
+    return segment_means(lambda lo, hi: values[lo:hi], begins, stops - begins)
 
 
 def _last_time(fd: int, npoints: int) -> int:

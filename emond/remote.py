@@ -57,6 +57,10 @@ class RemoteUnavailable(Exception):
     """The storage server cannot be reached now."""
 
 
+class RemoteTimeout(RemoteUnavailable):
+    """The storage server did not answer a read in time."""
+
+
 class RemoteReadError(Exception):
     """The storage server answered a read with an error."""
 
@@ -155,6 +159,10 @@ class RemoteLink(Service):
         self.m_window = Gauge("emond_stream_window_in_use", "Unacknowledged batches", ["server"], registry=registry).labels(*label)
         self.m_rtt = Gauge("emond_stream_rtt_seconds", "Last batch round trip", ["server"], registry=registry).labels(*label)
         self.m_fail = Counter("emond_stream_connect_failures", "Failed connections (TLS included)", ["server"], registry=registry).labels(*label)
+        self.m_reads = Counter("emond_stream_read_requests", "Read requests sent to a storage server", ["server", "op"], registry=registry)
+        self.m_read_timeouts = Counter(
+            "emond_stream_read_timeouts", "Read requests a storage server did not answer in time", ["server"], registry=registry
+        ).labels(*label)
         self._ever_sent: set[int] = set()
         self.last_rtt: float | None = None
         self.error: str | None = None
@@ -325,15 +333,29 @@ class RemoteLink(Service):
 
     # -- reads -------------------------------------------------------------------------
 
-    async def request(self, op: str, feed: int, engine: int, *args: Any) -> Any:
+    async def request(self, op: str, feed: int, engine: int, *args: Any, timeout: float | None = None) -> Any:
+        """One read request; its answer (JSON, or bytes for a binary one).
+
+        Raises RemoteUnavailable when not connected (or the connection is
+        lost meanwhile), RemoteTimeout when no answer comes in ``timeout``
+        seconds (a late answer is then ignored), RemoteReadError when the
+        server answers with an error.
+        """
         protocol = self.protocol
         if protocol is None:
             raise RemoteUnavailable(f"storage server {self.server_id} is not connected")
         request_id = next(self._ids)
-        d: defer.Deferred[Any] = defer.Deferred()
+        d: defer.Deferred[Any] = defer.Deferred(lambda _: self._requests.pop(request_id, None))
         self._requests[request_id] = (d, [])
+        self.m_reads.labels(str(self.server_id), op).inc()
         protocol.send(request_frame(request_id, {"op": op, "feed": feed, "engine": engine, "args": list(args)}))
-        return await d
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            self.m_read_timeouts.inc()
+            raise RemoteTimeout(f"storage server {self.server_id} did not answer in {timeout:g} s") from None
 
     def response(self, request_id: int, flags: int, body: bytes) -> None:
         pending = self._requests.get(request_id)

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from emond.config import EnginesSection
+from emond.engine import DataQuery, FeedError, disk_summary
 from emond.phpfina import PHPFina
 from emond.phptimeseries import PHPTimeSeries
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, REASON_WRONG_ENGINE, Refusal, refusals_from
@@ -144,6 +145,19 @@ class StorageLocationService(Service):
         return threads.deferToThread(engines.close)
 
 
+def _summaries(engines: StorageEngines, wanted: list[tuple[int, int]]) -> list[Any]:
+    """[size, [time, value]] of each (feed, engine); [null, null] where unknown."""
+    out: list[Any] = []
+    for feedid, engine_id in wanted:
+        try:
+            size, last = disk_summary(engines.engine(engine_id), engine_id, feedid)
+        except (KeyError, FeedError, OSError):
+            out.append([None, None])
+            continue
+        out.append([size, list(last) if last is not None else None])
+    return out
+
+
 def location_dir(datadir: str, server_id: int, first: bool) -> str:
     """Where a node keeps a hosted storage server: the first in ``datadir`` itself
     (the emoncms layout), others in ``<datadir>/storage<id>``."""
@@ -228,22 +242,26 @@ class StreamServer:
             self.lock.release()
 
     async def read(self, op: str, feed: int, engine: int, args: list[Any]) -> Any:
+        """Answer one read request: the whole read runs here, in a thread, and is
+        answered once (a data query comes back packed, see ``Series``)."""
         engines = self.location.engines
         if engines is None:
             raise RuntimeError("storage not open")
+        if op == "summaries":
+            wanted = [(int(f), int(e)) for f, e in args[0]]
+            return await threads.deferToThread(_summaries, engines, wanted)
         target = engines.engine(engine)
+        if op == "query":
+            query = DataQuery.from_wire(args[0])
+            series = await threads.deferToThread(target.query, feed, query)
+            return series.to_bytes()
+        if op == "value_at":
+            return await threads.deferToThread(target.value_at, feed, int(args[0]))
         if op == "create":
             if engine == ENGINE_PHPFINA:
-                return await threads.deferToThread(target.create, feed, *args)
+                return await threads.deferToThread(target.create, feed, int(args[0]))
             return await threads.deferToThread(target.create, feed)
-        method = {
-            "data": "read",
-            "average": "read_average",
-            "value": "lastvalue",
-            "meta": "meta",
-            "delete": "delete",
-            "export": "export",
-        }.get(op)
+        method = {"value": "lastvalue", "meta": "meta", "delete": "delete", "export": "export"}.get(op)
         if method is None:
             raise ValueError(f"unknown read {op!r}")
         result = await threads.deferToThread(getattr(target, method), feed, *args)

@@ -174,43 +174,45 @@ class FeedApiMixin:
 
         data = yield self.node.get("feed/data.json", **base)
         self.assertEqual(data.content_type, "application/json")
-        self.assertEqual(data.json(), [[t0 * 1000, 1.5], [(t0 + 10) * 1000, 2.5], [(t0 + 20) * 1000, 3.5], [(t0 + 40) * 1000, 5.5]])
-        full = yield self.node.get("feed/data.json", skipmissing=0, **base)
-        # one extra point past end, as emoncms.org: floor(40/10) + 2 points
-        self.assertEqual([v for _, v in full.json()], [1.5, 2.5, 3.5, None, 5.5, None])
-        self.assertEqual(full.json()[-1][0], (t0 + 50) * 1000)
-        alias = yield self.node.get("feed/datanew", skipmissing=0, **base)
-        self.assertEqual(alias.json(), full.json())
-        # limitinterval (default 1) raises a 5 s request to the feed's 10 s
-        limited = yield self.node.get("feed/data.json", **{**base, "interval": 5, "end": (t0 + 10) * 1000, "skipmissing": 0})
-        self.assertEqual(limited.json(), [[t0 * 1000, 1.5], [(t0 + 10) * 1000, 2.5], [(t0 + 20) * 1000, 3.5]])
-        unlimited = yield self.node.get("feed/data.json", **{**base, "interval": 5, "end": (t0 + 10) * 1000, "skipmissing": 0, "limitinterval": 0})
-        # nearest slot, halves rounded away from zero: t0+5 → slot 1, t0+15 → slot 2
-        self.assertEqual([v for _, v in unlimited.json()], [1.5, 2.5, 2.5, 3.5])
+        # current emoncms: rows while t <= end, none past it; skipmissing is 0 by default
+        self.assertEqual(
+            data.json(),
+            [[t0 * 1000, 1.5], [(t0 + 10) * 1000, 2.5], [(t0 + 20) * 1000, 3.5], [(t0 + 30) * 1000, None], [(t0 + 40) * 1000, 5.5]],
+        )
+        skipped = yield self.node.get("feed/data.json", skipmissing=1, **base)
+        self.assertEqual([v for _, v in skipped.json()], [1.5, 2.5, 3.5, 5.5])
+        alias = yield self.node.get("feed/datanew", **base)
+        self.assertEqual(alias.json(), data.json())
+        # limitinterval=1 raises a 5 s request to the feed's 10 s
+        limited = yield self.node.get("feed/data.json", **{**base, "interval": 5, "end": (t0 + 10) * 1000, "limitinterval": 1})
+        self.assertEqual(limited.json(), [[t0 * 1000, 1.5], [(t0 + 10) * 1000, 2.5]])
+        unlimited = yield self.node.get("feed/data.json", **{**base, "interval": 5, "end": (t0 + 10) * 1000})
+        # limitinterval 0 (the default): the slot each time falls in (floor): t0+5 → slot 0
+        self.assertEqual([v for _, v in unlimited.json()], [1.5, 1.5, 2.5])
 
         average = yield self.node.get("feed/average.json", **{**base, "interval": 20})
         self.assertEqual(average.json(), [[t0 * 1000, 2.0], [(t0 + 20) * 1000, 3.5], [(t0 + 40) * 1000, 5.5]])
 
         value = yield self.node.get("feed/value.json", apikey=self.read, id=feed)
-        self.assertEqual(value.json(), "5.5")
+        self.assertEqual(value.body, b"5.5")  # a JSON number, as current emoncms
         timevalue = yield self.node.get("feed/timevalue.json", apikey=self.read, id=feed)
-        self.assertEqual(timevalue.json(), {"time": t0 + 40, "value": "5.5", "disk_time": t0 + 40, "disk_value": "5.5"})
+        self.assertEqual(timevalue.json(), {"time": t0 + 40, "value": 5.5, "disk_time": t0 + 40, "disk_value": 5.5})
         meta = yield self.node.get("feed/getmeta.json", apikey=self.read, id=feed)
         self.assertEqual(meta.json(), {"interval": 10, "start_time": t0, "npoints": 5, "end_time": t0 + 40})
 
         # a back-filled point is stored but does not replace the newer last value
         yield self.insert(feed, t0 + 30, 4.5)
         value = yield self.node.get("feed/value.json", apikey=self.read, id=feed)
-        self.assertEqual(value.json(), "5.5")
+        self.assertEqual(value.json(), 5.5)
         yield drain(self.node)
-        full = yield self.node.get("feed/data.json", skipmissing=0, **base)
-        self.assertEqual([v for _, v in full.json()], [1.5, 2.5, 3.5, 4.5, 5.5, None])
+        full = yield self.node.get("feed/data.json", **base)
+        self.assertEqual([v for _, v in full.json()], [1.5, 2.5, 3.5, 4.5, 5.5])
 
         listed = yield self.node.get("feed/list.json", apikey=self.read)
         (item,) = listed.json()
         self.assertEqual(
             (item["size"], item["time"], item["value"], item["disk_time"], item["disk_value"]),
-            ("36", t0 + 40, "5.5", t0 + 40, "5.5"),
+            ("36", t0 + 40, 5.5, t0 + 40, 5.5),
         )
         aget = yield self.node.get("feed/aget.json", apikey=self.read, id=feed)
         self.assertEqual(aget.json(), item)
@@ -232,12 +234,15 @@ class FeedApiMixin:
         tail = yield self.node.get("feed/export.json", apikey=self.read, id=feed, start=12)
         self.assertEqual(tail.body, on_disk[8:])
 
-        csv = yield self.node.get("feed/csvexport.json", apikey=self.read, id=feed, start=t0 - 5, end=t0 + 100, interval=10)
+        # csvexport is data.json with csv=1 (current emoncms): every row, unix seconds, 2 decimals,
+        # null where missing; t0-5 is before the first slot, t0+45 .. t0+95 after the last
+        csv = yield self.node.get("feed/csvexport.json", apikey=self.read, id=feed, start=t0 - 5, end=t0 + 95, interval=10)
         self.assertEqual(csv.code, 200, csv)
         self.assertTrue(csv.content_type.startswith("text/csv"))
-        self.assertEqual(csv.body.decode(), "".join(f"{t0 + 10 * i},{v}\n" for i, v in enumerate(("1.5", "2.5", "3.5", "4.5", "5.5"))))
+        values = ["null", "1.50", "2.50", "3.50", "4.50"] + ["null"] * 6
+        self.assertEqual(csv.body.decode(), "".join(f"{t0 - 5 + 10 * i},{v}\n" for i, v in enumerate(values)))
         sparse = yield self.node.get("feed/csvexport.json", apikey=self.read, id=feed, start=t0 * 1000, end=(t0 + 40) * 1000, interval=20)
-        self.assertEqual(sparse.body.decode(), f"{t0},1.5\n{t0 + 20},3.5\n{t0 + 40},5.5\n")  # ms accepted too
+        self.assertEqual(sparse.body.decode(), f"{t0},1.50\n{t0 + 20},3.50\n{t0 + 40},5.50\n")  # ms accepted too
 
     @defer.inlineCallbacks
     def test_insert_join_update_and_defaults(self):
@@ -259,8 +264,8 @@ class FeedApiMixin:
         yield drain(self.node)
         timevalue = yield self.node.get("feed/timevalue.json", apikey=self.read, id=feed)
         self.assertGreaterEqual(timevalue.json()["time"], before)
-        self.assertEqual(timevalue.json()["value"], "12")
-        self.assertEqual(timevalue.json()["disk_value"], "12")
+        self.assertEqual(timevalue.json()["value"], 12.0)
+        self.assertEqual(timevalue.json()["disk_value"], 12.0)
 
     # -- PHPTimeSeries -------------------------------------------------------
 
@@ -272,12 +277,14 @@ class FeedApiMixin:
             yield self.insert(feed, t0 + offset, value)
         yield drain(self.node)
         data = yield self.node.get("feed/data.json", apikey=self.read, id=feed, start=t0 * 1000, end=(t0 + 120) * 1000, interval=60)
-        # nearest record closer than the interval; the extra point past end finds the last record
-        self.assertEqual(data.json(), [[t0 * 1000, 10.0], [(t0 + 60) * 1000, 20.0], [(t0 + 120) * 1000, 30.0], [(t0 + 180) * 1000, 30.0]])
+        # current emoncms: the first record at or after each row's time, before the next row's
+        self.assertEqual(data.json(), [[t0 * 1000, 10.0], [(t0 + 60) * 1000, 20.0], [(t0 + 120) * 1000, 30.0]])
         meta = yield self.node.get("feed/getmeta.json", apikey=self.read, id=feed)
         self.assertEqual(meta.json(), {"start_time": t0 + 5, "end_time": t0 + 125, "npoints": 3})
+        # average.json serves PHPTimeSeries too (current emoncms), with its rule: [t0, t0+60) stops one
+        # before the first record past its end (#1 at t0+65) -> none; [t0+60, t0+120) -> #0; then #1, #2
         average = yield self.node.get("feed/average.json", apikey=self.read, id=feed, start=t0 * 1000, end=(t0 + 120) * 1000, interval=60)
-        self.assertError(average, 400, "This request is only supported by PHPFina")
+        self.assertEqual(average.json(), [[t0 * 1000, None], [(t0 + 60) * 1000, 10.0], [(t0 + 120) * 1000, 25.0]])
         with open(self.series_path(feed), "rb") as f:
             on_disk = f.read()
         self.assertEqual(len(on_disk), 27)
@@ -286,10 +293,10 @@ class FeedApiMixin:
         tail = yield self.node.get("feed/export.json", apikey=self.read, id=feed, start=10)
         self.assertEqual(tail.body, on_disk[9:])
         csv = yield self.node.get("feed/csvexport.json", apikey=self.read, id=feed, start=t0, end=t0 + 120, interval=60)
-        self.assertEqual(csv.body.decode(), f"{t0 + 5},10\n{t0 + 65},20\n")
+        self.assertEqual(csv.body.decode(), f"{t0},10.00\n{t0 + 60},20.00\n{t0 + 120},30.00\n")
         listed = yield self.node.get("feed/list.json", apikey=self.read)
         (item,) = listed.json()
-        self.assertEqual((item["size"], item["time"], item["value"], item["disk_time"], item["disk_value"]), ("27", t0 + 125, "30", t0 + 125, "30"))
+        self.assertEqual((item["size"], item["time"], item["value"], item["disk_time"], item["disk_value"]), ("27", t0 + 125, 30.0, t0 + 125, 30.0))
 
     @defer.inlineCallbacks
     def test_fetch(self):
@@ -313,11 +320,11 @@ class FeedApiMixin:
         yield drain(self.node)
         yield defer.ensureDeferred(self.node.ctx.redis.call("DEL", f"feed:lastvalue:{feed}"))  # e.g. Redis emptied
         value = yield self.node.get("feed/value.json", apikey=self.read, id=feed)
-        self.assertEqual(value.json(), "2.5")
+        self.assertEqual(value.json(), 2.5)
         fetched = yield self.node.get("feed/fetch.json", apikey=self.read, ids=str(feed))
         self.assertEqual(fetched.json(), [2.5])
         timevalue = yield self.node.get("feed/timevalue.json", apikey=self.read, id=feed)
-        self.assertEqual(timevalue.json(), {"time": self.t0, "value": "2.5", "disk_time": self.t0, "disk_value": "2.5"})
+        self.assertEqual(timevalue.json(), {"time": self.t0, "value": 2.5, "disk_time": self.t0, "disk_value": 2.5})
 
     @defer.inlineCallbacks
     def test_stalled_writer_is_visible(self):
@@ -339,14 +346,14 @@ class FeedApiMixin:
                 break
             yield task.deferLater(reactor, 0.01, lambda: None)
         timevalue = yield self.node.get("feed/timevalue.json", apikey=self.read, id=feed)
-        self.assertEqual(timevalue.json(), {"time": self.t0 + 60, "value": "2.5", "disk_time": self.t0, "disk_value": "1.25"})
+        self.assertEqual(timevalue.json(), {"time": self.t0 + 60, "value": 2.5, "disk_time": self.t0, "disk_value": 1.25})
         location.apply_batch = apply_batch
         gate.callback(None)
         yield drain(self.node)
         self.assertEqual(len(held), 1)
         listed = yield self.node.get("feed/list.json", apikey=self.read)
         (item,) = listed.json()
-        self.assertEqual((item["time"], item["value"], item["disk_time"], item["disk_value"]), (self.t0 + 60, "2.5", self.t0 + 60, "2.5"))
+        self.assertEqual((item["time"], item["value"], item["disk_time"], item["disk_value"]), (self.t0 + 60, 2.5, self.t0 + 60, 2.5))
 
     # -- daily, weekly, monthly --------------------------------------------------
 
@@ -365,10 +372,14 @@ class FeedApiMixin:
         yield drain(self.node)
         request = {"apikey": key, "id": feed, "start": (midnights[0] - 7200) * 1000, "end": (midnights[2] + 1) * 1000}
         daily = yield self.node.get("feed/data.json", mode="daily", **request)
-        # Tokyo midnights (15:00 UTC), not UTC ones; only times in [start, end)
-        self.assertEqual(daily.json(), [[t * 1000, float(i + 1)] for i, t in enumerate(midnights)])
+        # Tokyo midnights (15:00 UTC), not UTC ones; from the midnight of start's day (the day before
+        # the first, nothing stored yet) while <= end
+        before = midnights[0] - 86400
+        self.assertEqual(daily.json(), [[before * 1000, None]] + [[t * 1000, float(i + 1)] for i, t in enumerate(midnights)])
         averaged = yield self.node.get("feed/average.json", mode="daily", **request)
-        self.assertEqual(averaged.json(), [[t * 1000, float(i + 1 + i + 11) / 2] for i, t in enumerate(midnights)])
+        self.assertEqual(
+            averaged.json(), [[before * 1000, None]] + [[t * 1000, float(i + 1 + i + 11) / 2] for i, t in enumerate(midnights)]
+        )
         monthly = yield self.node.get(
             "feed/data.json", apikey=key, id=feed, mode="monthly", start=(midnights[0] - 86400 * 70) * 1000, end=(midnights[2] + 86400 * 40) * 1000
         )
@@ -382,7 +393,7 @@ class FeedApiMixin:
         self.assertGreaterEqual(len(mondays), 8)
         self.assertTrue(all((d.weekday(), d.hour) == (0, 0) for d in mondays), mondays)
         bad_mode = yield self.node.get("feed/data.json", mode="yearly", **request)
-        self.assertError(bad_mode, 400, "mode must be daily, weekly or monthly")
+        self.assertError(bad_mode, 400, "Invalid interval")
         backwards = yield self.node.get("feed/data.json", apikey=key, id=feed, mode="daily", start=2000, end=1000)
         self.assertError(backwards, 400, "Request end time before start time")
 
@@ -487,7 +498,7 @@ class FeedApiMixin:
         listed = yield self.node.get("feed/list.json", apikey=bob["apikey_write"], userid=self.alice["userid"])
         self.assertEqual(listed.json(), [])
         value = yield self.node.get("feed/value.json", apikey=self.read, id=feed)
-        self.assertEqual(value.json(), "31337")  # still there, unchanged
+        self.assertEqual(value.json(), 31337.0)  # still there, unchanged
 
     @defer.inlineCallbacks
     def test_public_feed_is_readable_without_key(self):
@@ -497,9 +508,9 @@ class FeedApiMixin:
         yield self.node.get("feed/set.json", apikey=self.write, id=public, fields='{"public":true}')
         yield drain(self.node)
         data = yield self.node.get("feed/data.json", id=public, start=self.t0 * 1000, end=(self.t0 + 10) * 1000, interval=10)
-        self.assertEqual(data.json(), [[self.t0 * 1000, 42.0]])
+        self.assertEqual(data.json(), [[self.t0 * 1000, 42.0], [(self.t0 + 10) * 1000, None]])
         value = yield self.node.get("feed/value.json", id=public)
-        self.assertEqual(value.json(), "42")
+        self.assertEqual(value.json(), 42.0)
         export = yield self.node.get("feed/export.json", id=public)
         self.assertEqual(export.code, 200)
         listed = yield self.node.get("feed/list.json", userid=self.alice["userid"])
@@ -524,17 +535,22 @@ class FeedApiMixin:
             answer = yield self.node.get("feed/aget.json", apikey=self.read, id=unknown)
             self.assertError(answer, 400, "Feed does not exist")
         missing = yield self.node.get("feed/data.json", apikey=self.read, start=0, end=1000, interval=10)
-        self.assertError(missing, 400, "missing parameter: id")
+        self.assertError(missing, 400, "no ids given")
         base = {"apikey": self.read, "id": feed}
+        date_message = "must be a unix time (seconds or milliseconds) or a date such as 2021-12-01 10:00 or -1 week"
         cases = [
-            ({"start": "abc", "end": 1000, "interval": 10}, "start must be a time in milliseconds"),
-            ({"start": "1e400", "end": 1000, "interval": 10}, "start must be a time in milliseconds"),
-            ({"start": 0, "end": "1e30", "interval": 10}, "end must be a time in milliseconds"),
-            ({"start": 0, "end": 1000, "interval": "x"}, "interval must be a number of seconds"),
-            ({"start": 0, "end": 1000}, "missing parameter: interval"),
-            ({"start": 5000, "end": 1000, "interval": 10}, "request end time before start time"),
-            ({"start": 0, "end": 3001 * 1000, "interval": 1},
-             "request datapoint limit reached (3000), increase request interval or time range, requested datapoints = 3001"),
+            ({"start": "abc", "end": 1000, "interval": 10}, "start " + date_message),
+            ({"end": 1000, "interval": 10}, "missing start parameter"),
+            ({"start": "1e400", "end": 1000, "interval": 10}, "start is out of range"),
+            ({"start": 0, "end": "1e30", "interval": 10}, "end is out of range"),
+            ({"start": 0, "end": 1000, "interval": "x"}, "Invalid interval"),
+            ({"start": 0, "end": 1000, "interval": "inf"}, "Invalid interval"),
+            ({"start": 0, "end": 300}, "Invalid interval"),  # round(300 / 800) = 0
+            ({"start": 5000, "end": 1000, "interval": 10}, "Request end time before start time"),
+            ({"start": 0, "end": 1000, "interval": 10, "timeformat": "1"}, "Invalid time format"),
+            ({"start": 0, "end": 1000, "interval": 10, "timezone": "Mars/Olympus"}, "Invalid timezone"),
+            ({"start": 0, "end": 20001, "interval": 1},
+             "request datapoint limit reached (20000), increase request interval or reduce time range, requested datapoints = 20001"),
         ]
         for params, message in cases:
             answer = yield self.node.get("feed/data.json", **base, **params)

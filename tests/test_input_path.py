@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from emond.consumer import user_version_key
+from emond.engine import DataQuery
 from emond.phpfina import PHPFina
 from tests.support.node import NodeHarness, drain
 
@@ -335,7 +336,9 @@ class FeedThroughPostsTests(unittest.TestCase):
         self.addCleanup(expected_engine.close)
         expected_engine.create(feedid, 10)
         expected_engine.write(feedid, [t for t, _ in points], [v for _, v in points])
-        self.assertEqual(data.json(), expected_engine.read(feedid, T0 * 1000, (T0 + 590) * 1000, 10, skipmissing=False))
+        series = expected_engine.query(feedid, DataQuery(start=T0, end=T0 + 590, interval=10))
+        expected = [[t * 1000, None if v != v else v] for t, v in zip(series.times.tolist(), series.values.tolist())]
+        self.assertEqual(data.json(), expected)
         self.assertIn(None, [v for _, v in data.json()])  # the skipped posts are gaps
         for suffix in (".meta", ".dat"):
             with open(os.path.join(node.config.node.datadir, "phpfina", f"{feedid}{suffix}"), "rb") as a:

@@ -12,7 +12,7 @@ import numpy as np
 from twisted.trial import unittest
 
 from emond import phpfina as phpfina_module
-from emond.engine import FeedError, NoSuchFeed
+from emond.engine import DataQuery, FeedError, NoSuchFeed, RowLimit
 from emond.phpfina import PHPFina
 from emond.records import (
     ENGINE_PHPTIMESERIES,
@@ -213,7 +213,8 @@ class WriteTests(EngineCase):
 
     def test_unknown_feed_reads(self) -> None:
         self.assertRaises(NoSuchFeed, self.fina.meta, 42)
-        self.assertRaises(NoSuchFeed, self.fina.read, 42, 0, 1000, 10)
+        self.assertRaises(NoSuchFeed, self.fina.query, 42, DataQuery(start=0, end=1000, interval=10))
+        self.assertRaises(NoSuchFeed, self.fina.value_at, 42, 0)
         self.assertFalse(self.fina.exists(42))
 
     def test_delete(self) -> None:
@@ -322,6 +323,9 @@ class BackfillTests(EngineCase):
 
 
 class ReadTests(EngineCase):
+    """Reads as current emoncms's PHPFina ``get_data_combined`` computes them
+    (worked by hand from its code; times in seconds)."""
+
     def setUp(self) -> None:
         self.fina = self.engine()
         self.fina.create(1, 10)
@@ -330,57 +334,71 @@ class ReadTests(EngineCase):
         values[5] = np.nan
         self.fina.write(1, np.arange(NOW, NOW + 100, 10), values)
 
-    def test_data_nearest_slot_and_extra_point(self) -> None:
-        points = self.fina.read(1, (NOW + 4) * 1000, (NOW + 30) * 1000, 10, skipmissing=False)
-        # floor((30-4)/10)+2 = 4 points; t=NOW+34 rounds to slot 3, the extra point past end
-        self.assertEqual(
-            points,
-            [[(NOW + 4) * 1000, 0.0], [(NOW + 14) * 1000, 1.0], [(NOW + 24) * 1000, 2.0], [(NOW + 34) * 1000, 3.0]],
-        )
+    def rows(self, start: int, end: int, interval: object, feedid: int = 1, **kw) -> list:
+        series = self.fina.query(feedid, DataQuery(start=start, end=end, interval=interval, **kw))
+        return [[t, None if math.isnan(v) else v] for t, v in zip(series.times.tolist(), series.values.tolist())]
 
-    def test_php_rounding_halves_away_from_zero(self) -> None:
-        points = self.fina.read(1, (NOW + 5) * 1000, (NOW + 6) * 1000, 10, limitinterval=False)
-        self.assertEqual(points[0], [(NOW + 5) * 1000, 1.0])
-        before = self.fina.read(1, (NOW - 5) * 1000, (NOW - 4) * 1000, 1, skipmissing=False, limitinterval=False)
-        self.assertEqual(before[0], [(NOW - 5) * 1000, None])  # round(-0.5) is -1: no slot
+    def test_data_slot_at_each_time_none_past_end(self) -> None:
+        # rows start, start+10, ... while <= end (no point past end); each the
+        # slot floor((t - start_time) / interval): NOW+4 -> slot 0
+        self.assertEqual(self.rows(NOW + 4, NOW + 30, 10), [[NOW + 4, 0.0], [NOW + 14, 1.0], [NOW + 24, 2.0]])
+
+    def test_value_at_rounds_halves_away_from_zero(self) -> None:
+        self.assertEqual(self.fina.value_at(1, NOW + 5), 1.0)  # round(0.5) = 1
+        self.assertEqual(self.fina.value_at(1, NOW + 14), 1.0)
+        self.assertIsNone(self.fina.value_at(1, NOW - 5))  # round(-0.5) = -1: no slot
+        self.assertIsNone(self.fina.value_at(1, NOW + 50))  # the missing slot
+        self.assertIsNone(self.fina.value_at(1, NOW + 96))  # round(9.6) = 10: past the end
 
     def test_skipmissing_and_out_of_range(self) -> None:
-        start, end = (NOW - 20) * 1000, (NOW + 110) * 1000
-        full = self.fina.read(1, start, end, 10, skipmissing=False)
-        self.assertEqual(len(full), 15)
-        self.assertEqual([v for _, v in full][:3], [None, None, 0.0])
-        self.assertIsNone(full[7][1])  # the NaN slot
-        skipped = self.fina.read(1, start, end, 10)
+        full = self.rows(NOW - 20, NOW + 110, 10)
+        # before start_time and after end_time (NOW+90): null; slot 5 missing
+        self.assertEqual(
+            [v for _, v in full], [None, None, 0.0, 1.0, 2.0, 3.0, 4.0, None, 6.0, 7.0, 8.0, 9.0, None, None]
+        )
+        skipped = self.rows(NOW - 20, NOW + 110, 10, skipmissing=True)
         self.assertEqual([v for _, v in skipped], [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0])
 
     def test_limitinterval(self) -> None:
-        limited = self.fina.read(1, NOW * 1000, (NOW + 20) * 1000, 5, skipmissing=False)
-        self.assertEqual([t for t, _ in limited], [NOW * 1000, (NOW + 10) * 1000, (NOW + 20) * 1000, (NOW + 30) * 1000])
-        unlimited = self.fina.read(1, NOW * 1000, (NOW + 20) * 1000, 5, skipmissing=False, limitinterval=False)
-        self.assertEqual(len(unlimited), 6)
+        # limitinterval: at least the feed's interval, then whole intervals (round(25/10) = 3 -> 30)
+        self.assertEqual(self.rows(NOW, NOW + 20, 5, limitinterval=1), [[NOW, 0.0], [NOW + 10, 1.0], [NOW + 20, 2.0]])
+        self.assertEqual([t for t, _ in self.rows(NOW, NOW + 60, 25, limitinterval=1)], [NOW, NOW + 30, NOW + 60])
+        # off (emoncms's default): every 5 s, each the slot it falls in
+        self.assertEqual([v for _, v in self.rows(NOW, NOW + 20, 5)], [0.0, 0.0, 1.0, 1.0, 2.0])
 
     def test_request_errors(self) -> None:
-        e = self.assertRaises(FeedError, self.fina.read, 1, NOW * 1000, NOW * 1000, 10)
+        e = self.assertRaises(FeedError, self.fina.query, 1, DataQuery(start=NOW, end=NOW, interval=10))
         self.assertEqual(str(e), "request end time before start time")
-        e = self.assertRaises(FeedError, self.fina.read, 1, 0, 30010 * 1000, 10)
-        self.assertEqual(
-            str(e),
-            "request datapoint limit reached (3000), increase request interval or time range, requested datapoints = 3001",
-        )
+        e = self.assertRaises(RowLimit, self.fina.query, 1, DataQuery(start=0, end=30010, interval=10, max_rows=3000))
+        self.assertEqual(e.requested, 3002)
 
     def test_average(self) -> None:
-        points = self.fina.read_average(1, NOW * 1000, (NOW + 60) * 1000, 30)
-        # [0,1,2], [3,4,nan], [6,7,8], extra point [9]
-        self.assertEqual(points, [[NOW * 1000, 1.0], [(NOW + 30) * 1000, 3.5], [(NOW + 60) * 1000, 7.0], [(NOW + 90) * 1000, 9.0]])
+        # [NOW, NOW+30): 0, 1, 2 -> 1; [NOW+30, NOW+60): 3, 4 (the NaN skipped) -> 3.5; [NOW+60, NOW+90): 7
+        self.assertEqual(self.rows(NOW, NOW + 60, 30, average=True), [[NOW, 1.0], [NOW + 30, 3.5], [NOW + 60, 7.0]])
+        # a division holding one slot at most is not averaged (interval <= the feed's)
+        self.assertEqual(self.rows(NOW + 45, NOW + 55, 10, average=True), [[NOW + 45, 4.0], [NOW + 55, None]])
+
+    def test_values_that_are_not_finite_are_missing(self) -> None:
+        with open(os.path.join(self.fina.directory, "1.dat"), "r+b") as f:  # an older version wrote inf
+            f.seek(4 * 9)
+            f.write(struct.pack("<f", math.inf))
+            f.seek(4 * 1)
+            f.write(struct.pack("<f", -math.inf))
+        self.assertEqual([v for _, v in self.rows(NOW, NOW + 20, 10)], [0.0, None, 2.0])
+        self.assertEqual(self.rows(NOW, NOW + 20, 30, average=True), [[NOW, 1.0]])  # (0 + 2) / 2
+        self.assertEqual(self.fina.lastvalue(1), (NOW + 90, None))
+        self.assertIsNone(self.fina.value_at(1, NOW + 10))
 
     def test_large_sparse_read_uses_the_map(self) -> None:
         fina = self.engine()
         fina.create(2, 10)
         n = 400_000
         fina.write(2, np.arange(NOW - n * 10, NOW, 10), np.arange(n, dtype=np.float64))
-        points = fina.read(2, (NOW - n * 10) * 1000, NOW * 1000, n * 10 // 2000)
-        self.assertEqual(points[1], [(NOW - n * 10 + 2000) * 1000, 200.0])
-        self.assertEqual(points[-1], [(NOW - 2000) * 1000, n - 200.0])
+        series = fina.query(2, DataQuery(start=NOW - n * 10, end=NOW, interval=n * 10 // 2000))
+        self.assertEqual(series.times.shape[0], 2001)
+        self.assertEqual((int(series.times[1]), float(series.values[1])), (NOW - n * 10 + 2000, 200.0))
+        self.assertEqual((int(series.times[-2]), float(series.values[-2])), (NOW - 2000, n - 200.0))
+        self.assertTrue(math.isnan(series.values[-1]))  # NOW is past the last slot
 
     def test_lastvalue(self) -> None:
         self.assertEqual(self.fina.lastvalue(1), (NOW + 90, 9.0))

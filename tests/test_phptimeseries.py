@@ -10,7 +10,7 @@ import numpy as np
 from twisted.trial import unittest
 
 from emond import phptimeseries
-from emond.engine import FeedError, NoSuchFeed
+from emond.engine import DataQuery, FeedError, NoSuchFeed, RowLimit
 from emond.phptimeseries import PHPTimeSeries, SeriesMeta
 from emond.records import (
     ENGINE_PHPFINA,
@@ -267,10 +267,7 @@ class PHPTimeSeriesTests(unittest.TestCase):
         self.assertEqual(self.engine.meta(1), SeriesMeta(5, T0, T0 + 40))
         self.assertEqual(self.engine.lastvalue(1), (T0 + 40, 4.0))
         self.assertEqual(self.engine.export(1), packed(*[(T0 + 10 * i, float(i)) for i in range(5)]))
-        self.assertEqual(
-            self.engine.read(1, (T0 + 30) * 1000, (T0 + 60) * 1000, 10),
-            [[(T0 + 30) * 1000, 3.0], [(T0 + 40) * 1000, 4.0]],
-        )
+        self.assertEqual(self.rows(T0 + 30, T0 + 60, 10, skipmissing=True), [[T0 + 30, 3.0], [T0 + 40, 4.0]])
 
     # -- meta, lastvalue, export ----------------------------------------------
 
@@ -308,156 +305,113 @@ class PHPTimeSeriesTests(unittest.TestCase):
         self.engine.write(1, times, values)
         return 1
 
+    def rows(self, start: int, end: int, interval: object, **kw) -> list:
+        """A read as current emoncms's PHPTimeSeries ``get_data_combined`` computes it."""
+        series = self.engine.query(1, DataQuery(start=start, end=end, interval=interval, **kw))
+        return [[t, None if np.isnan(v) else v] for t, v in zip(series.times.tolist(), series.values.tolist())]
+
     def test_read_empty(self) -> None:
         self.engine.create(1)
-        self.assertEqual(self.engine.read(1, T0 * 1000, (T0 + 100) * 1000, 10), [])
+        self.assertEqual(self.rows(T0, T0 + 20, 10), [[T0, None], [T0 + 10, None], [T0 + 20, None]])
+        self.assertEqual(self.rows(T0, T0 + 100, 10, skipmissing=True), [])
 
     def test_read_missing_feed(self) -> None:
-        self.assertRaises(NoSuchFeed, self.engine.read, 1, T0 * 1000, (T0 + 100) * 1000, 10)
+        self.assertRaises(NoSuchFeed, self.engine.query, 1, DataQuery(start=T0, end=T0 + 100, interval=10))
+        self.assertRaises(NoSuchFeed, self.engine.value_at, 1, T0)
 
-    def test_read_nearest(self) -> None:
-        """Each sample takes the nearest record; on a tie the earlier one."""
+    def test_read_first_record_in_each_division(self) -> None:
+        """emoncms: the first record at or after each row's time, if it is before the next row's."""
         self.feed([T0, T0 + 4, T0 + 10, T0 + 21], [0.0, 4.0, 10.0, 21.0])
-        # Samples T0, +6, +12, +18 and +24 (one past end): nearest T0, +4 (2 vs 4),
-        # +10, +21 (8 vs 3), +21; every one within |dp - t| < 6.
+        # [T0, +6) -> T0; [+6, +12) -> +10; [+12, +18) -> none (+21 is later); [+18, +24) -> +21
         self.assertEqual(
-            self.engine.read(1, T0 * 1000, (T0 + 18) * 1000, 6),
-            [
-                [T0 * 1000, 0.0],
-                [(T0 + 6) * 1000, 4.0],
-                [(T0 + 12) * 1000, 10.0],
-                [(T0 + 18) * 1000, 21.0],
-                [(T0 + 24) * 1000, 21.0],
-            ],
+            self.rows(T0, T0 + 18, 6), [[T0, 0.0], [T0 + 6, 10.0], [T0 + 12, None], [T0 + 18, 21.0]]
         )
-        # Samples T0+2 (tie between T0 and T0+4 -> T0) and T0+7 (tie 4/10 -> 4).
+        # limitinterval=2: each row at its record's own time
         self.assertEqual(
-            self.engine.read(1, (T0 + 2) * 1000, (T0 + 6) * 1000, 5),
-            [[(T0 + 2) * 1000, 0.0], [(T0 + 7) * 1000, 4.0]],
+            self.rows(T0, T0 + 18, 6, limitinterval=2),
+            [[T0, 0.0], [T0 + 10, 10.0], [T0 + 12, None], [T0 + 21, 21.0]],
         )
+        # limitinterval=1 changes nothing for PHPTimeSeries
+        self.assertEqual(self.rows(T0, T0 + 18, 6, limitinterval=1), self.rows(T0, T0 + 18, 6))
 
-    def test_read_extra_point_past_end(self) -> None:
+    def test_read_no_point_past_end(self) -> None:
         self.feed([T0 + 10 * i for i in range(10)], [float(i) for i in range(10)])
-        out = self.engine.read(1, T0 * 1000, (T0 + 30) * 1000, 10)
-        self.assertEqual([t for t, _ in out], [(T0 + 10 * i) * 1000 for i in range(5)])
-        # floor((end-start)/interval) + 2 points when end is not on a sample.
-        out = self.engine.read(1, T0 * 1000, (T0 + 35) * 1000, 10)
-        self.assertEqual(len(out), 5)
+        self.assertEqual([t for t, _ in self.rows(T0, T0 + 30, 10)], [T0, T0 + 10, T0 + 20, T0 + 30])
+        self.assertEqual([t for t, _ in self.rows(T0, T0 + 35, 10)], [T0, T0 + 10, T0 + 20, T0 + 30])
 
-    def test_read_ms_truncated(self) -> None:
-        self.feed([T0, T0 + 10], [1.0, 2.0])
-        self.assertEqual(
-            self.engine.read(1, T0 * 1000 + 999, (T0 + 10) * 1000 + 999, 10),
-            [[T0 * 1000, 1.0], [(T0 + 10) * 1000, 2.0]],
-        )
-
-    def test_read_limitinterval(self) -> None:
-        # A gap between T0+10 and T0+100.
+    def test_read_gap(self) -> None:
         self.feed([T0, T0 + 10, T0 + 100], [1.0, 2.0, 3.0])
-        start, end = T0 * 1000, (T0 + 90) * 1000
-        self.assertEqual(
-            self.engine.read(1, start, end, 30, skipmissing=True, limitinterval=True),
-            [
-                [T0 * 1000, 1.0],
-                [(T0 + 30) * 1000, 2.0],
-                [(T0 + 90) * 1000, 3.0],
-                [(T0 + 120) * 1000, 3.0],
-            ],
-        )
-        # Without skipmissing a sample too far from its nearest record is null
-        # (T0+60: nearest T0+100, 40 s away).
-        self.assertEqual(
-            self.engine.read(1, start, end, 30, skipmissing=False, limitinterval=True),
-            [
-                [T0 * 1000, 1.0],
-                [(T0 + 30) * 1000, 2.0],
-                [(T0 + 60) * 1000, None],
-                [(T0 + 90) * 1000, 3.0],
-                [(T0 + 120) * 1000, 3.0],
-            ],
-        )
-        # |dp - t| must be strictly less than the interval: 10 < 10 is false.
-        self.assertEqual(
-            self.engine.read(1, (T0 + 90) * 1000, (T0 + 95) * 1000, 10, skipmissing=False),
-            [[(T0 + 90) * 1000, None], [(T0 + 100) * 1000, 3.0]],
-        )
-
-    def test_read_no_limitinterval(self) -> None:
-        """The record's own time is output, once for consecutive samples that share it."""
-        self.feed([T0, T0 + 10, T0 + 100], [1.0, 2.0, 3.0])
-        # Samples +0, +30, +60, +90, +120 -> records T0, T0+10 (20 vs 70),
-        # T0+100 (50 vs 40), T0+100, T0+100.
-        self.assertEqual(
-            self.engine.read(1, T0 * 1000, (T0 + 90) * 1000, 30, limitinterval=False),
-            [[T0 * 1000, 1.0], [(T0 + 10) * 1000, 2.0], [(T0 + 100) * 1000, 3.0]],
-        )
+        # [+30, +60) and [+60, +90) hold no record; [+90, +120) holds +100
+        self.assertEqual(self.rows(T0, T0 + 90, 30), [[T0, 1.0], [T0 + 30, None], [T0 + 60, None], [T0 + 90, 3.0]])
+        self.assertEqual(self.rows(T0, T0 + 90, 30, skipmissing=True), [[T0, 1.0], [T0 + 90, 3.0]])
 
     def test_read_skipmissing_nan(self) -> None:
         self.feed([T0, T0 + 10, T0 + 20], [1.0, np.nan, 3.0])
-        self.assertEqual(
-            self.engine.read(1, T0 * 1000, (T0 + 10) * 1000, 10, skipmissing=False),
-            [[T0 * 1000, 1.0], [(T0 + 10) * 1000, None], [(T0 + 20) * 1000, 3.0]],
-        )
-        self.assertEqual(
-            self.engine.read(1, T0 * 1000, (T0 + 10) * 1000, 10),
-            [[T0 * 1000, 1.0], [(T0 + 20) * 1000, 3.0]],
-        )
-        self.assertEqual(
-            self.engine.read(1, T0 * 1000, (T0 + 10) * 1000, 10, skipmissing=False, limitinterval=False),
-            [[T0 * 1000, 1.0], [(T0 + 10) * 1000, None], [(T0 + 20) * 1000, 3.0]],
-        )
+        self.assertEqual(self.rows(T0, T0 + 20, 10), [[T0, 1.0], [T0 + 10, None], [T0 + 20, 3.0]])
+        self.assertEqual(self.rows(T0, T0 + 20, 10, skipmissing=True), [[T0, 1.0], [T0 + 20, 3.0]])
 
     def test_read_before_first_and_after_last(self) -> None:
         self.feed([T0 + 100, T0 + 110], [1.0, 2.0])
-        self.assertEqual(
-            self.engine.read(1, T0 * 1000, (T0 + 50) * 1000, 25, skipmissing=False, limitinterval=False),
-            [[(T0 + 100) * 1000, 1.0]],
-        )
-        self.assertEqual(
-            self.engine.read(1, (T0 + 200) * 1000, (T0 + 220) * 1000, 10, limitinterval=False),
-            [[(T0 + 110) * 1000, 2.0]],
-        )
+        self.assertEqual(self.rows(T0, T0 + 50, 25), [[T0, None], [T0 + 25, None], [T0 + 50, None]])
+        self.assertEqual(self.rows(T0 + 200, T0 + 210, 10), [[T0 + 200, None], [T0 + 210, None]])
+        self.assertEqual(self.engine.value_at(1, T0), 1.0)  # the next record, however far
+        self.assertEqual(self.engine.value_at(1, T0 + 101), 2.0)
+        self.assertIsNone(self.engine.value_at(1, T0 + 111))
 
     def test_read_end_before_start(self) -> None:
         self.feed([T0], [1.0])
-        for end in (T0 * 1000, (T0 - 1) * 1000):
-            error = self.assertRaises(FeedError, self.engine.read, 1, T0 * 1000, end, 10)
+        for end in (T0, T0 - 1):
+            error = self.assertRaises(FeedError, self.engine.query, 1, DataQuery(start=T0, end=end, interval=10))
             self.assertEqual(str(error), "request end time before start time")
 
-    def test_read_datapoint_limit(self) -> None:
+    def test_read_row_limit(self) -> None:
         self.feed([T0], [1.0])
-        error = self.assertRaises(FeedError, self.engine.read, 1, T0 * 1000, (T0 + 3001) * 1000, 1)
-        self.assertEqual(
-            str(error),
-            "request datapoint limit reached (3000), increase request interval or time range, "
-            "requested datapoints = 3001",
-        )
-        self.assertEqual(len(self.engine.read(1, T0 * 1000, (T0 + 3000) * 1000, 1, skipmissing=False)), 3002)
+        error = self.assertRaises(RowLimit, self.engine.query, 1, DataQuery(start=T0, end=T0 + 3000, interval=1, max_rows=3000))
+        self.assertEqual(error.requested, 3001)
+        self.assertEqual(len(self.rows(T0, T0 + 2999, 1, max_rows=3000)), 3000)
+
+    def test_average_follows_emoncms(self) -> None:
+        """emoncms's PHPTimeSeries average: a division takes the records from where
+        the previous stopped up to one before the first record past its end,
+        unless a record lands exactly on the end (so a record usually counts in
+        the next division)."""
+        self.feed([T0 + 5, T0 + 25, T0 + 30, T0 + 47], [10.0, 20.0, np.nan, 40.0])
+        # start: first record >= T0 is #0. [T0, +20): first >= +20 is #1 (+25 > +20) -> #0, nothing;
+        # [+20, +40): first >= +40 is #3 (+47) -> #2: #0, #1 -> 15; [+40, +60): past the end -> #2, #3 -> 40 (NaN skipped)
+        self.assertEqual(self.rows(T0, T0 + 50, 20, average=True), [[T0, None], [T0 + 20, 15.0], [T0 + 40, 40.0]])
+        # a record exactly on a division's end stops it there: [+5, +25) takes #0 (+25 is #1) -> 10;
+        # [+25, +45): first >= +45 is #3 (+47) -> #2: #1 alone -> 20
+        self.assertEqual(self.rows(T0 + 5, T0 + 25, 20, average=True), [[T0 + 5, 10.0], [T0 + 25, 20.0]])
+
+    def test_values_that_are_not_finite_are_missing(self) -> None:
+        self.feed([T0, T0 + 10, T0 + 20], [1.0, 2.0, 3.0])
+        with open(self.path(1), "r+b") as f:  # an older version wrote inf
+            f.seek(9 + 5)
+            f.write(struct.pack("<f", np.inf))
+            f.seek(18 + 5)
+            f.write(struct.pack("<f", -np.inf))
+        self.assertEqual(self.rows(T0, T0 + 20, 10), [[T0, 1.0], [T0 + 10, None], [T0 + 20, None]])
+        self.assertEqual(self.rows(T0, T0 + 10, 30, average=True), [[T0, 1.0]])
+        self.assertEqual(self.engine.lastvalue(1), (T0 + 20, None))
+        self.assertIsNone(self.engine.value_at(1, T0 + 5))
 
     def test_read_matches_brute_force(self) -> None:
-        """A random feed read against a per-point nearest-record search."""
+        """A random feed read against a per-row search of emoncms's rule."""
         rng = np.random.default_rng(7)
         times = np.unique(T0 + rng.integers(0, 5000, 400))
         values = rng.normal(size=times.shape[0]).astype(np.float32)
         self.feed(times.tolist(), values.tolist())
-        for interval, limit in ((7, True), (7, False), (50, True), (50, False)):
+        for interval, limit in ((7, 0), (7, 2), (50, 0), (50, 2)):
             start, end = T0 - 100, T0 + 5100
-            expected, last = [], 0
-            t = start
-            while True:
-                i = int(np.argmin(np.abs(times - t)))  # argmin: the first (earlier) on a tie
-                if limit:
-                    value = float(values[i]) if abs(int(times[i]) - t) < interval else None
-                    at = t
+            expected = []
+            for t in range(start, end + 1, interval):
+                later = np.flatnonzero(times >= t)
+                if later.shape[0] and times[later[0]] < t + interval:
+                    i = int(later[0])
+                    expected.append([int(times[i]) if limit == 2 else t, float(values[i])])
                 else:
-                    value, at = float(values[i]), int(times[i])
-                if at != last and value is not None:
-                    expected.append([at * 1000, value])
-                last = at
-                if t > end:
-                    break
-                t += interval
-            self.assertEqual(self.engine.read(1, start * 1000, end * 1000, interval, limitinterval=limit), expected)
+                    expected.append([t, None])
+            self.assertEqual(self.rows(start, end, interval, limitinterval=limit), expected)
 
     def test_rewrite_keeps_open_reads(self) -> None:
         """A read that snapshotted the file before an insert keeps reading the
@@ -484,15 +438,18 @@ class PHPTimeSeriesTests(unittest.TestCase):
             seen = 0
             while not done.is_set():
                 try:
-                    out = self.engine.read(1, T0 * 1000, (T0 + 2000) * 1000, 1, limitinterval=False)
+                    series = self.engine.query(
+                        1, DataQuery(start=T0, end=T0 + 2000, interval=1, limitinterval=2, skipmissing=True)
+                    )
+                    out = list(zip(series.times.tolist(), series.values.tolist()))
                     data = np.frombuffer(self.engine.export(1), dtype=phptimeseries.MYD)
                 except Exception as e:
                     problems.append(e)
                     return
                 times = [t for t, _ in out]
-                if times != sorted(set(times)) or any(v != t / 1000 - T0 for t, v in out):
+                if times != sorted(set(times)) or any(v != t - T0 for t, v in out):
                     problems.append(out)
-                if (T0 + 1000) * 1000 not in times:
+                if T0 + 1000 not in times:
                     problems.append(out)
                 if data.shape[0] < seen or not (np.diff(data["time"].astype(np.int64)) > 0).all():
                     problems.append(data)
@@ -529,10 +486,6 @@ class MappedPHPTimeSeriesTests(PHPTimeSeriesTests):
         self.assertTrue((np.diff(data["time"].astype(np.int64)) > 0).all())
         self.assertTrue((data["marker"] == 249).all())
         self.assertEqual(
-            self.engine.read(1, (T0 + 99_998) * 1000, (T0 + 100_000) * 1000, 1),
-            [
-                [(T0 + 99_998) * 1000, 99_998.0],
-                [(T0 + 99_999) * 1000, -1.0],
-                [(T0 + 100_000) * 1000, -2.0],
-            ],
+            self.rows(T0 + 99_998, T0 + 100_000, 1),
+            [[T0 + 99_998, 99_998.0], [T0 + 99_999, -1.0], [T0 + 100_000, -2.0]],
         )

@@ -87,6 +87,18 @@ class RemoteStorageTests(unittest.TestCase):
             yield node.logged_after("drained", offset)
 
     @defer.inlineCallbacks
+    def read_requests(self):
+        """Read requests the node has sent to storage server 1, by op (its /metrics)."""
+        response = yield treq.get(f"http://127.0.0.1:{self.http}/metrics", persistent=False)
+        text = (yield response.content()).decode()
+        counts = {}
+        for line in text.splitlines():
+            if line.startswith("emond_stream_read_requests_total{") and 'server="1"' in line:
+                op = line.split('op="', 1)[1].split('"', 1)[0]
+                counts[op] = float(line.rsplit(" ", 1)[1])
+        return counts
+
+    @defer.inlineCallbacks
     def setup_feeds(self, node):
         keys = yield self.call("user/register.json", username="remote", password="secret1", email="r@example.org")
         self.key = keys["apikey_write"]
@@ -131,29 +143,109 @@ class RemoteStorageTests(unittest.TestCase):
         yield self.drained(node)
         self.assertRemoteEqualsLocal()
         start, end = (T0 - 100) * 1000, (T0 + 2100) * 1000
+        days = dict(start=T0 - 86400 * 40, end=T0 + 86400 * 3, timezone="Europe/London")
+        reads = [
+            ("feed/data.json", dict(start=start, end=end, interval=30)),
+            ("feed/data.json", dict(start=start, end=end, interval=10, skipmissing=1, timeformat="unix")),
+            ("feed/data.json", dict(start=T0 - 100, end=T0 + 2100, interval=60, average=1, dp=1)),
+            ("feed/data.json", dict(start=T0 - 100, end=T0 + 2100, interval=60, delta=1, limitinterval=1)),
+            ("feed/data.json", dict(start=T0, end=T0 + 600, interval=10, csv=1, timeformat="excel")),
+            ("feed/average.json", dict(start=start, end=end, interval=60)),
+            ("feed/value.json", {}),
+            ("feed/value.json", dict(time=T0 + 505)),
+            ("feed/timevalue.json", {}),
+            ("feed/getmeta.json", {}),
+            ("feed/export.json", dict(start=0)),
+        ]
+        for interval in ("daily", "weekly", "monthly", "annual"):
+            reads += [("feed/data.json", dict(interval=interval, **days)), ("feed/average.json", dict(interval=interval, **days))]
         for remote, local in (("rfina", "lfina"), ("rts", "lts")):
             r, lo = self.feeds[remote], self.feeds[local]
-            for path, params in (
-                ("feed/data.json", dict(start=start, end=end, interval=30)),
-                ("feed/data.json", dict(start=start, end=end, interval=10, skipmissing=0)),
-                ("feed/value.json", {}),
-                ("feed/getmeta.json", {}),
-                ("feed/export.json", dict(start=0)),
-            ):
+            for path, params in reads:
                 a = yield self.call(path, "GET", raw=True, id=str(r), apikey=self.key, **params)
                 b = yield self.call(path, "GET", raw=True, id=str(lo), apikey=self.key, **params)
                 self.assertEqual(a, b, (remote, path, params))
-        avg_r = yield self.call("feed/average.json", "GET", raw=True, id=str(self.feeds["rfina"]), apikey=self.key, start=start, end=end, interval=60)
-        avg_l = yield self.call("feed/average.json", "GET", raw=True, id=str(self.feeds["lfina"]), apikey=self.key, start=start, end=end, interval=60)
-        self.assertEqual(avg_r, avg_l)
+        # refusals found by the storage server read the same as local ones (a DMY read past the row cap)
+        refusals = []
+        for feed in (self.feeds["rfina"], self.feeds["lfina"]):
+            response = yield treq.get(
+                f"http://127.0.0.1:{self.http}/feed/data.json",
+                params=dict(id=str(feed), apikey=self.key, start="0", end=str(2**35), interval="daily"),
+                persistent=False,
+            )
+            body = yield response.json()
+            self.assertEqual(response.code, 400)
+            self.assertTrue(body["message"].startswith("request datapoint limit reached (20000)"), body)
+            refusals.append(body)
+        self.assertEqual(refusals[0], refusals[1])
+        split = dict(interval="daily", split="[0,6,12.5]", **days)
+        a = yield self.call("feed/data.json", "GET", raw=True, id=str(self.feeds["rfina"]), apikey=self.key, **split)
+        b = yield self.call("feed/data.json", "GET", raw=True, id=str(self.feeds["lfina"]), apikey=self.key, **split)
+        self.assertEqual(a, b)
+        both = yield self.call("feed/data.json", "GET", ids=f"{self.feeds['rfina']},{self.feeds['lfina']}", apikey=self.key, start=start, end=end, interval=30)
+        self.assertEqual(both[0]["data"], both[1]["data"])
         listed = yield self.call("feed/list.json", "GET", apikey=self.key)
         by_id = {int(f["id"]): f for f in listed}
-        self.assertEqual(by_id[self.feeds["rfina"]]["disk_value"], by_id[self.feeds["lfina"]]["disk_value"])
+        for remote, local in (("rfina", "lfina"), ("rts", "lts")):
+            ours, theirs = by_id[self.feeds[remote]], by_id[self.feeds[local]]
+            self.assertEqual({k: ours[k] for k in ("size", "time", "value", "disk_time", "disk_value")}, {k: theirs[k] for k in ("size", "time", "value", "disk_time", "disk_value")})
+        # ONE stream request per API read, whatever the read: a year of days, averaged, is one query
+        rfina = str(self.feeds["rfina"])
+        year = dict(start=T0 - 86400 * 365, end=T0 + 86400, timezone="Europe/London")
+        for path, params, op in (
+            ("feed/data.json", dict(interval="daily", **year), "query"),
+            ("feed/average.json", dict(interval="daily", **year), "query"),
+            ("feed/data.json", dict(interval="weekly", split="[0,7,13]", **year), "query"),
+            ("feed/data.json", dict(interval="daily", delta=1, **year), "query"),
+            ("feed/data.json", dict(start=T0, end=T0 + 86400 * 2, interval=10, csv=1), "query"),
+            ("feed/value.json", dict(time=T0 + 505), "value_at"),
+            ("feed/list.json", {}, "summaries"),
+        ):
+            before = yield self.read_requests()
+            yield self.call(path, "GET", raw=True, id=rfina, apikey=self.key, **params)
+            after = yield self.read_requests()
+            self.assertEqual({k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}, {op: 1}, (path, params))
         health = yield treq.get(f"http://127.0.0.1:{self.storage_http}/health", persistent=False)
         self.assertEqual(health.code, 200)
         yield treq.content(health)
         yield node.signal(signal.SIGTERM)
         yield storage.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_reads_time_out_and_fail_clearly(self):
+        """A storage server that does not answer a read is a 504 after [feeds] read_timeout;
+        one that is not connected a 503; neither holds the node up."""
+        with open(self.node_config) as f:
+            text = f.read()
+        with open(self.node_config, "w") as f:
+            f.write(text.replace("default_server = 1\n", "default_server = 1\nread_timeout = 1.0\n"))
+        storage = yield self.start_storage()
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        yield self.setup_feeds(node)
+        yield self.post_bulk(0)
+        yield self.drained(node)
+        rfina = str(self.feeds["rfina"])
+        params = dict(id=rfina, apikey=self.key, start=str(T0 - 100), end=str(T0 + 200), interval="10")
+        storage.transport.signalProcess(signal.SIGSTOP)  # alive, connected, silent
+        try:
+            response = yield treq.get(f"http://127.0.0.1:{self.http}/feed/data.json", params=params, persistent=False)
+            body = yield response.json()
+            self.assertEqual((response.code, body), (504, {"success": False, "message": "storage server 1 did not answer in 1 s"}))
+            # the local feed is still served meanwhile
+            local = yield self.call("feed/data.json", "GET", **{**params, "id": str(self.feeds["lfina"])})
+            self.assertEqual(len(local), 31)
+        finally:
+            storage.transport.signalProcess(signal.SIGCONT)
+        answer = yield self.call("feed/data.json", "GET", **params)  # answered again once it runs
+        self.assertEqual(len(answer), 31)
+        offset = len(node.output)
+        yield storage.signal(signal.SIGKILL)
+        yield node.logged_after("stream to storage 1 down", offset)
+        response = yield treq.get(f"http://127.0.0.1:{self.http}/feed/data.json", params=params, persistent=False)
+        body = yield response.json()
+        self.assertEqual((response.code, body), (503, {"success": False, "message": "storage server 1 is not connected"}))
+        yield node.signal(signal.SIGTERM)
 
     @defer.inlineCallbacks
     def test_storage_killed_and_down_loses_nothing(self):

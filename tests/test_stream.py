@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from emond.config import load_storage_config
+from emond.engine import DataQuery, Series
 from emond.phpfina import PHPFina
 from emond.records import make_records
 from emond.service import make_storage_service
@@ -106,9 +107,10 @@ class StreamTests(unittest.TestCase):
         self.assertEqual(nack[:1], NACK)
         self.assertEqual(self.server.max_token, 5)
         # reads
-        client.send(request_frame(9, {"op": "data", "feed": 7, "engine": 5, "args": [NOW * 1000, (NOW + 20) * 1000, 10, True, True]}))
-        answer = yield client.frame(4)
-        self.assertEqual(json.loads(answer[6:]), [[NOW * 1000, 1.0], [(NOW + 10) * 1000, 2.0], [(NOW + 20) * 1000, 3.0]])
+        query = DataQuery(start=NOW, end=NOW + 20, interval=10).to_wire()
+        client.send(request_frame(9, {"op": "query", "feed": 7, "engine": 5, "args": [query]}))
+        answer = Series.from_bytes((yield client.frame(4))[6:])  # one packed answer
+        self.assertEqual((answer.times.tolist(), answer.values.tolist()), ([NOW, NOW + 10, NOW + 20], [1.0, 2.0, 3.0]))
         client.send(request_frame(10, {"op": "export", "feed": 7, "engine": 5, "args": [0]}))
         exported = yield client.frame(5)
         self.assertEqual(np.frombuffer(exported[6:], dtype="<f4").tolist(), [1.0, 2.0, 3.0])
