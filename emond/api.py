@@ -140,9 +140,10 @@ class Call:
         number = php_number(value)
         if number is None:
             raise ApiError(message or f"{name} must be a number")
-        if abs(number) > MAX_INTEGER:
+        whole = int(value) if PLAIN_INTEGER.fullmatch(value) else int(number)  # digits exactly, else (int)
+        if abs(whole) > MAX_INTEGER:
             raise ApiError(message or f"{name} is out of range")
-        return int(value) if PLAIN_INTEGER.fullmatch(value) else int(number)  # exact below 2**53 either way
+        return whole
 
     def number(self, name: str, message: str | None = None) -> float:
         """A finite number written as emoncms's ``is_numeric`` accepts it (ASCII digits only)."""

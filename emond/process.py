@@ -36,6 +36,7 @@ VALUE, INPUTID, FEEDID, NONE = 0, 1, 2, 3
 UNDEFINED, REALTIME, DAILY, HISTOGRAM = 0, 1, 2, 3
 
 MAX_STEPS = 50  # emoncms.org runs nothing of a longer list
+MAX_ITEMS = 1000  # items parsed from one request at most: bounded work (a legacy list may exceed MAX_STEPS)
 MAX_ID = 2**31 - 1  # ids are INT columns
 
 FINA, TS = ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
@@ -240,8 +241,11 @@ def parse_processlist(text: str) -> list[Step]:
     Raises ``ProcessListError`` with the message of the first step that is wrong.
     Does not judge anything but the text (see ``check_steps``): deleted ids parse.
     """
+    items = text.split(",", MAX_ITEMS)
+    if len(items) > MAX_ITEMS:
+        raise ProcessListError(MSG_TOO_MANY)
     steps: list[Step] = []
-    for item in text.split(","):
+    for item in items:
         if not item.strip():
             continue
         parts = item.split(":")
@@ -260,6 +264,8 @@ def parse_processlist_json(value: Any) -> list[Step]:
     (none or one for a NONE process). Messages are emoncms's."""
     if not isinstance(value, list):
         raise ProcessListError(MSG_NOT_ARRAY)
+    if len(value) > MAX_ITEMS:
+        raise ProcessListError(MSG_TOO_MANY)
     steps: list[Step] = []
     for index, item in enumerate(value):
         if not isinstance(item, dict) or "fn" not in item:
