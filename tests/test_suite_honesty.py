@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import sys
 
 from twisted.internet import defer, utils
@@ -123,10 +124,8 @@ class SkipSummaryTests(unittest.TestCase):
         self.assertEqual((lines, code), (["0 passed, 1 failed"], 1))
 
     def test_the_project_allow_list_is_well_formed(self):
-        from importlib.machinery import SourceFileLoader
-
-        summary = SourceFileLoader("trial_summary", SUMMARY).load_module()
-        allowed, bad = summary.read_allowed(os.path.join(ROOT, "tests", "skips.txt"))
+        read_allowed = runpy.run_path(SUMMARY)["read_allowed"]  # bin/trial-summary's own reader
+        allowed, bad = read_allowed(os.path.join(ROOT, "tests", "skips.txt"))
         self.assertEqual(bad, [])
         for test, reason in allowed.items():
             self.assertTrue(reason, test)
