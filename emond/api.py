@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
@@ -130,47 +131,83 @@ class Call:
         return value
 
     def integer(self, name: str, default: int | None = None, message: str | None = None) -> int:
+        """A whole number, as emoncms's ``(int)`` of an ``is_numeric`` value (``1.9`` → 1, ``1e3`` → 1000)."""
         value = self.params.get(name)
         if value is None or value == "":
             if default is not None:
                 return default
             raise ApiError(message or f"missing parameter: {name}")
-        try:
-            return int(value)
-        except ValueError:
-            try:
-                number = float(value)
-            except ValueError:
-                raise ApiError(message or f"{name} must be a number")
-            if not math.isfinite(number):
-                raise ApiError(message or f"{name} must be a number")
-            return int(number)
+        number = php_number(value)
+        if number is None:
+            raise ApiError(message or f"{name} must be a number")
+        whole = int(value) if PLAIN_INTEGER.fullmatch(value) else int(number)  # digits exactly, else (int)
+        if abs(whole) > MAX_INTEGER:
+            raise ApiError(message or f"{name} is out of range")
+        return whole
 
     def number(self, name: str, message: str | None = None) -> float:
-        value = self.params.get(name)
-        try:
-            number = float(value) if value is not None else math.nan
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
+        """A finite number written as emoncms's ``is_numeric`` accepts it (ASCII digits only)."""
+        number = php_number(self.params.get(name) or "")
+        if number is None:
             raise ApiError(message or f"{name} must be a number")
         return number
 
     def flag(self, name: str, default: bool) -> bool:
-        """emoncms's ``(int)`` switches: only an explicit 0 (or 1) changes the default."""
+        """emoncms's ``(int)`` switches: absent or empty is ``default``, a number is on unless it is 0
+        (``0.5`` is 0, as PHP's ``(int)``); anything else is refused, never guessed."""
         value = self.params.get(name)
         if value is None or value == "":
             return default
-        try:
-            return int(float(value)) != 0
-        except ValueError:
-            return default
+        number = php_number(value)
+        if number is None:
+            raise ApiError(f"{name} must be 0 or 1")
+        return int(number) != 0
 
     def json_param(self, name: str, message: str) -> Any:
-        try:
-            return json.loads(self.require(name, message))
-        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-            raise ApiError(message)
+        return decode_json(self.require(name, message), message)
+
+
+# emoncms's is_numeric (PHP 8): optional whitespace, a sign, digits with an optional point (or a
+# point and digits), an optional exponent, optional whitespace; ASCII digits only (Python's own
+# float()/int() also take "١٢", "１２" and "1_000"). Possessive quantifiers: linear time on any input.
+PHP_NUMERIC = re.compile(r"[ \t\n\r\v\f]*+[+-]?+(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][+-]?+[0-9]++)?+[ \t\n\r\v\f]*+")
+PLAIN_INTEGER = re.compile(r"[+-]?+[0-9]{1,16}+")
+MAX_INTEGER = 2**53  # larger whole numbers are refused: beyond it a float no longer holds every integer
+JSON_INT_DIGITS = 18  # a longer JSON integer becomes a float, as PHP's json_decode makes it
+
+
+def php_number(text: str) -> float | None:
+    """The finite number ``text`` spells as emoncms's ``is_numeric`` accepts it, else None."""
+    if not PHP_NUMERIC.fullmatch(text):
+        return None
+    number = float(text)
+    return number if math.isfinite(number) else None
+
+
+def _json_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # "1e400": PHP would decode INF; refused here
+        raise ValueError("number out of range")
+    return number
+
+
+def _json_int(text: str) -> int | float:
+    if len(text) - text.startswith("-") > JSON_INT_DIGITS:
+        return _json_float(text)  # never builds a huge int (no OverflowError further on)
+    return int(text)
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(text: str, message: str) -> Any:
+    """A JSON parameter whose every number is finite and every integer fits in 64 bits;
+    anything else (bad syntax, NaN/Infinity, 1e400, absurd nesting) is ``ApiError(message)``."""
+    try:
+        return json.loads(text, parse_float=_json_float, parse_int=_json_int, parse_constant=_json_constant)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise ApiError(message)
 
 
 Handler = Callable[[Call], Awaitable[Any]]

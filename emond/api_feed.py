@@ -36,7 +36,6 @@ not finite (on disk or in Redis) is null.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -45,7 +44,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 import numpy as np
 from twisted.internet import defer, threads
 
-from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed, json_bytes
+from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed, decode_json, json_bytes, php_number
 from emond.context import NodeContext
 from emond.engine import MAX_TIME as MAX_READ_TIME
 from emond.engine import MIN_TIME as MIN_READ_TIME
@@ -527,10 +526,7 @@ def or_list(items: list[int]) -> str:
 def json_object(text: str | None, message: str) -> dict[str, Any]:
     if not text:
         raise ApiError(message)
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        raise ApiError(message)
+    value = decode_json(text, message)  # finite numbers, 64-bit integers, bounded nesting
     if not isinstance(value, dict):
         raise ApiError(message)
     return value
@@ -542,11 +538,11 @@ def phpfina_interval(options: str | None) -> int:
     raw = fields.get("interval")
     if isinstance(raw, bool) or raw is None:
         raise ApiError("interval must be an integer")
-    try:
-        number = float(raw) if isinstance(raw, (int, float, str)) else math.nan
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or number != int(number):
+    if isinstance(raw, str):
+        number = php_number(raw)  # ASCII digits only, as emoncms's is_numeric
+    else:
+        number = float(raw) if isinstance(raw, (int, float)) else None  # decode_json: finite, 64-bit
+    if number is None or number != int(number):
         raise ApiError("interval must be an integer")
     interval = int(number)
     if interval > MAX_INTERVAL:
@@ -558,22 +554,16 @@ def time_param(call: Call) -> int:
     text = call.get("time")
     if text is None or text.strip() == "":
         return int(time.time())
-    try:
-        number = float(text)
-    except ValueError:
-        raise ApiError("time must be a unix time in seconds")
-    if not math.isfinite(number):
+    number = php_number(text)  # ASCII digits only, finite
+    if number is None:
         raise ApiError("time must be a unix time in seconds")
     return int(number)
 
 
 def value_param(call: Call) -> float:
     text = call.get("value")
-    try:
-        number = float(text) if text is not None else math.nan
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
+    number = php_number(text) if text is not None else None  # ASCII digits only, finite
+    if number is None:
         raise ApiError("Value must be numeric")
     if abs(number) > FLOAT32_MAX:
         raise ApiError("Value out of range (a feed stores 32-bit floats)")

@@ -11,12 +11,11 @@ lists write one feed. ``input/post`` and ``input/bulk`` live with the input path
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 from urllib.parse import unquote
 
-from emond.api import READ, WRITE, ApiError, Call, Raw, Router, json_bytes
+from emond.api import READ, WRITE, ApiError, Call, Raw, Router, decode_json, json_bytes
 from emond.context import NodeContext
 from emond.engine import FeedError
 from emond.feeds import check_engine, valid_feed_name
@@ -26,6 +25,7 @@ from emond.phpfina import MIN_INTERVAL
 from emond.process import (
     MAX_STEPS,
     MSG_DELETED,
+    MSG_FORMAT,
     MSG_TOO_MANY,
     MSG_UNKNOWN,
     PROCESSES,
@@ -36,6 +36,7 @@ from emond.process import (
     make_step,
     parse_lenient,
     parse_processlist,
+    parse_processlist_json,
     process_id,
     processes_json,
 )
@@ -69,15 +70,12 @@ def _ident(value: Any) -> int | None:
     return number if number is not None and 0 < number <= MAX_ID else None
 
 
-def _json(call: Call, name: str, message: str) -> Any:
-    """A JSON parameter; anything that does not decode (nesting too deep included) is a 400."""
-    text = call.get(name)
-    if text is None or text == "":
-        raise ApiError(message)
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        raise ApiError(message)
+def processlist_steps(text: str) -> list[Step]:
+    """``processlist`` of ``input/process/set``: the text form (``1:5,2:0.1``) or current
+    emoncms's JSON form (``[{"fn":"process__log_to_feed","args":[5]}]``)."""
+    if text.lstrip().startswith("["):
+        return parse_processlist_json(decode_json(text, MSG_FORMAT))
+    return parse_processlist(text)
 
 
 def _clean(text: str) -> str:
@@ -166,7 +164,7 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
 
     async def set_route(call: Call) -> Any:
         inp = await owned_input(call)
-        fields = _json(call, "fields", "Invalid fields, expected a JSON object")
+        fields = call.json_param("fields", "Invalid fields, expected a JSON object")
         if not isinstance(fields, dict):
             raise ApiError("Invalid fields, expected a JSON object")
         if "name" in fields:
@@ -188,7 +186,7 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
             return {"success": True, "message": "Input deleted"}
         if call.get("inputids") in (None, ""):
             raise ApiError("missing parameter: inputid or inputids")
-        wanted = _json(call, "inputids", "inputids must be a JSON array of input ids")
+        wanted = call.json_param("inputids", "inputids must be a JSON array of input ids")
         if not isinstance(wanted, list):
             raise ApiError("inputids must be a JSON array of input ids")
         if len(wanted) > MAX_DELETE:
@@ -203,7 +201,7 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
         inp = await owned_input(call)
         if "processlist" not in call.params:
             raise ApiError("missing parameter: processlist")
-        steps = parse_processlist(call.params["processlist"])
+        steps = processlist_steps(call.params["processlist"])
         await inputs.change_processlist(call.userid, inp.id, lambda current: (steps, format_processlist(steps)))
         return {"success": True, "message": "Input processlist updated"}
 

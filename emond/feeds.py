@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
-from emond.api import ApiError
+from emond.api import MAX_INTEGER, ApiError, php_number
 from emond.db import Database, is_duplicate
 from emond.names import valid_feed_name
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
@@ -73,6 +73,23 @@ def check_engine(engine: int) -> None:
         raise ApiError(ENGINE_UNAVAILABLE[engine])
     if engine not in (ENGINE_PHPFINA, ENGINE_PHPTIMESERIES):
         raise ApiError("Engine id not valid")
+
+
+def public_flag(value: Any) -> int:
+    """``public`` of ``feed/set``: emoncms's ``(int)`` of a JSON number or numeric string, any
+    nonzero value is 1. NaN, ±inf, huge numbers, words and non-ASCII digits are refused."""
+    number: int | float | None = None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str):
+        number = php_number(value)
+    elif isinstance(value, int):
+        number = value  # compared as an int below: a huge one never becomes a float
+    elif isinstance(value, float) and math.isfinite(value):
+        number = value
+    if number is None or abs(number) > MAX_INTEGER:
+        raise ApiError("public must be 0 or 1")
+    return 1 if int(number) else 0
 
 
 class Feeds:
@@ -143,10 +160,7 @@ class Feeds:
             changes["tag"] = str(fields["tag"])
             check_name(changes["tag"], "feed tag")
         if "public" in fields:
-            try:
-                changes["public"] = 1 if int(fields["public"]) else 0
-            except (TypeError, ValueError):
-                raise ApiError("public must be 0 or 1")
+            changes["public"] = public_flag(fields["public"])
         if "unit" in fields:
             changes["unit"] = str(fields["unit"])
             check_unit(changes["unit"])

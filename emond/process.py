@@ -20,14 +20,13 @@ process belong next to the table (a later change).
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from emond.api import ApiError
+from emond.api import ApiError, php_number
 from emond.db import Database, Transaction
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 
@@ -37,6 +36,7 @@ VALUE, INPUTID, FEEDID, NONE = 0, 1, 2, 3
 UNDEFINED, REALTIME, DAILY, HISTOGRAM = 0, 1, 2, 3
 
 MAX_STEPS = 50  # emoncms.org runs nothing of a longer list
+MAX_ITEMS = 1000  # items parsed from one request at most: bounded work (a legacy list may exceed MAX_STEPS)
 MAX_ID = 2**31 - 1  # ids are INT columns
 
 FINA, TS = ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
@@ -190,7 +190,7 @@ class ProcessListError(ApiError):
 
 
 _DIGITS = re.compile(r"[0-9]{1,12}")
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+_SIGNED_DIGITS = re.compile(r"[+-]*+[0-9]++")  # a number, but not a process id: "unknown", not "format"
 
 
 def _ident(text: str) -> int | None:
@@ -209,7 +209,7 @@ def process_id(text: str) -> int:
             raise ProcessListError(MSG_UNKNOWN)
         return found
     if not _DIGITS.fullmatch(key):
-        raise ProcessListError(MSG_FORMAT if not key.lstrip("+-").isdigit() else MSG_UNKNOWN)
+        raise ProcessListError(MSG_UNKNOWN if _SIGNED_DIGITS.fullmatch(key) else MSG_FORMAT)
     number = int(key)
     if number not in PROCESSES:
         raise ProcessListError(MSG_UNKNOWN)
@@ -223,10 +223,8 @@ def make_step(process: int, arg: str | None) -> Step:
         raise ProcessListError(MSG_UNKNOWN)
     text = (arg or "").strip()
     if proc.argtype == VALUE:
-        if not _NUMBER.fullmatch(text):
-            raise ProcessListError(MSG_VALUE)
-        number = float(text)
-        if not math.isfinite(number):
+        number = php_number(text)  # emoncms's is_numeric: ASCII digits; and finite here
+        if number is None:
             raise ProcessListError(MSG_VALUE)
         return Step(process, number)
     if proc.argtype in (FEEDID, INPUTID):
@@ -243,8 +241,11 @@ def parse_processlist(text: str) -> list[Step]:
     Raises ``ProcessListError`` with the message of the first step that is wrong.
     Does not judge anything but the text (see ``check_steps``): deleted ids parse.
     """
+    items = text.split(",", MAX_ITEMS)
+    if len(items) > MAX_ITEMS:
+        raise ProcessListError(MSG_TOO_MANY)
     steps: list[Step] = []
-    for item in text.split(","):
+    for item in items:
         if not item.strip():
             continue
         parts = item.split(":")
@@ -252,6 +253,45 @@ def parse_processlist(text: str) -> list[Step]:
             raise ProcessListError(MSG_FORMAT)
         steps.append(make_step(process_id(parts[0]), parts[1] if len(parts) == 2 else None))
     return steps
+
+
+MSG_NOT_ARRAY = "Process list must be an array"
+
+
+def parse_processlist_json(value: Any) -> list[Step]:
+    """Current emoncms's JSON form, ``[{"fn": "process__log_to_feed", "args": [5]}, ...]``
+    (already decoded), → steps. ``fn`` is a process key or id; ``args`` holds the one argument
+    (none or one for a NONE process). Messages are emoncms's."""
+    if not isinstance(value, list):
+        raise ProcessListError(MSG_NOT_ARRAY)
+    if len(value) > MAX_ITEMS:
+        raise ProcessListError(MSG_TOO_MANY)
+    steps: list[Step] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or "fn" not in item:
+            raise ProcessListError(f"Missing process key in process list at index {index}")
+        args = item.get("args")
+        if not isinstance(args, list):
+            raise ProcessListError(f"Invalid or missing args in process list at index {index}")
+        key = item["fn"]
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        if not isinstance(key, str):
+            raise ProcessListError(MSG_UNKNOWN)
+        process = process_id(key)
+        if len(args) != 1 and not (PROCESSES[process].argtype == NONE and not args):
+            raise ProcessListError(f"Invalid number of arguments for process: {key[:64]}")
+        steps.append(make_step(process, _json_arg(args[0]) if args else None))
+    return steps
+
+
+def _json_arg(arg: Any) -> str | None:
+    """A JSON argument as the text ``make_step`` judges (numbers and strings only)."""
+    if isinstance(arg, str):
+        return arg
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        return None  # judged like a missing argument
+    return repr(arg) if isinstance(arg, float) else str(arg)
 
 
 def parse_lenient(text: str | None) -> list[Step]:
@@ -369,6 +409,6 @@ async def validate_processlist(db: Database, userid: int, inputid: int, text: st
 __all__ = [
     "VALUE", "INPUTID", "FEEDID", "NONE", "UNDEFINED", "REALTIME", "DAILY", "HISTOGRAM", "MAX_STEPS",
     "Process", "PROCESSES", "BY_FUNCTION", "Step", "ProcessListError", "Owned", "processes_json",
-    "process_id", "make_step", "parse_processlist", "parse_lenient", "format_processlist", "format_step",
+    "process_id", "make_step", "parse_processlist", "parse_processlist_json", "parse_lenient", "format_processlist", "format_step",
     "check_steps", "load_owned", "validate_processlist",
 ]

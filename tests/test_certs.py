@@ -13,14 +13,15 @@ from twisted.internet.error import VerifyError
 from twisted.internet.ssl import PrivateCertificate
 from twisted.trial import unittest
 
+from tests.support import require_program
+
 SCRIPT = Path(__file__).resolve().parent.parent / "etc" / "make-certs"
 NAMES = ("a", "b")
 
 
 class MakeCertsTests(unittest.TestCase):
     def setUp(self) -> None:
-        if shutil.which("openssl") is None:
-            raise unittest.SkipTest("openssl is not installed")
+        require_program("openssl")  # an error, not a skip, when missing
         self.dir = Path(tempfile.mkdtemp(prefix="emond-certs-"))
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.make()

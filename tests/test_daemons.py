@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 
@@ -11,7 +10,7 @@ import treq
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.support import free_port
+from tests.support import free_port, require_program
 from tests.support.daemon import ROOT, start_daemon
 
 ETC = os.path.join(ROOT, "etc")
@@ -40,8 +39,7 @@ class DaemonTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_emond_node(self):
-        if shutil.which("redis-server") is None:
-            raise unittest.SkipTest("redis-server is not installed")
+        require_program("redis-server")  # the node starts its own private one: an error if missing
         port = free_port()
         with open(os.path.join(ETC, "emond.toml")) as f:
             example = f.read()

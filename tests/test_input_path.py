@@ -161,12 +161,19 @@ class InputPathTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_compressed_bodies(self):
-        data = json.dumps([[T0, "z", 1.5]]).encode()
-        for body in (zlib.compress(data), gzip.compress(data)):
+        feed = yield self.feed()
+        yield self.post("input/post.json", node="z", csv="0", time=str(T0 - 100))
+        yield drain(self.node)
+        yield self.set_processlist("z", "1", f"1:{feed.id}")
+        # one frame per form (zlib body, gzip body, hex of zlib), each its own time and value
+        data = [json.dumps([[T0 + 10 * k, "z", value]]).encode() for k, value in enumerate((1.5, 2.5, 3.5))]
+        for body in (zlib.compress(data[0]), gzip.compress(data[1])):
             answer = yield self.node.request("POST", f"input/bulk.json?cb=1&time=0&apikey={self.keys['apikey_write']}", data=body)
             self.assertEqual(answer.body, b"ok", answer)
-        hexed = yield self.post("input/bulk.json", c="1", data=zlib.compress(data).hex(), time="0")
+        hexed = yield self.post("input/bulk.json", c="1", data=zlib.compress(data[2]).hex(), time="0")
         self.assertEqual(hexed.body, b"ok")
+        yield drain(self.node)
+        self.assertEqual(self.slots(feed), (T0, [1.5, 2.5, 3.5]))  # every form reached the feed file
         bomb = zlib.compress(b"[" + b" " * (20 << 20) + b"]")
         refused = yield self.node.request("POST", f"input/bulk.json?cb=1&apikey={self.keys['apikey_write']}", data=bomb)
         self.assertEqual(refused.code, 413)

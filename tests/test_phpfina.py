@@ -24,7 +24,7 @@ from emond.records import (
     make_records,
 )
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "phpfina")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "phpfina")  # written by emoncms (see its README)
 NOW = 1700000000
 
 

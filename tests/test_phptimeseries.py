@@ -27,6 +27,10 @@ NOW = 1_700_000_000
 T0 = NOW - 100_000  # well inside the default window
 
 
+# emoncms's record (compat spec 3.2), spelled here from the format, not taken from emond.
+RECORD = np.dtype([("marker", "u1"), ("time", "<u4"), ("value", "<f4")])  # packed: 9 bytes
+
+
 def packed(*points: tuple[int, float]) -> bytes:
     """What emoncms writes for these points."""
     return b"".join(struct.pack("<BIf", 249, t, v) for t, v in points)
@@ -49,15 +53,17 @@ class PHPTimeSeriesTests(unittest.TestCase):
         with open(self.path(feedid), "rb") as f:
             return f.read()
 
-    def points(self, feedid: int) -> list[tuple[int, float]]:
-        data = self.content(feedid)
-        assert len(data) % 9 == 0, len(data)
-        return [(t, v) for _, t, v in struct.iter_unpack("<BIf", data)]
+    def assertRecords(self, feedid: int, points: list[tuple[int, float]]) -> None:
+        """The feed's file is exactly these points as emoncms writes them: 9-byte ``<BIf``
+        records, marker 249, in time order (built here from the format, not by the engine)."""
+        self.assertEqual(self.content(feedid), packed(*points))
 
     # -- files and feeds ---------------------------------------------------
 
     def test_dtype(self) -> None:
-        self.assertEqual(phptimeseries.MYD.itemsize, 9)
+        self.assertEqual(RECORD.itemsize, 9)
+        self.assertEqual(phptimeseries.MYD, RECORD)
+        self.assertEqual(np.array([(249, T0, 1.5)], dtype=phptimeseries.MYD).tobytes(), packed((T0, 1.5)))
 
     def test_create_exists_delete(self) -> None:
         self.assertFalse(self.engine.exists(1))
@@ -97,16 +103,14 @@ class PHPTimeSeriesTests(unittest.TestCase):
         self.engine.create(1)
         self.engine.write(1, [T0, T0 + 10], [1.0, 2.0])
         self.engine.write(1, [T0 + 30, T0 + 20], [4.0, 3.0])
-        self.assertEqual(
-            self.points(1), [(T0, 1.0), (T0 + 10, 2.0), (T0 + 20, 3.0), (T0 + 30, 4.0)]
-        )
+        self.assertRecords(1, [(T0, 1.0), (T0 + 10, 2.0), (T0 + 20, 3.0), (T0 + 30, 4.0)])
 
     def test_overwrite(self) -> None:
         self.engine.create(1)
         self.engine.write(1, [T0, T0 + 10, T0 + 20], [1.0, 2.0, 3.0])
         before = os.stat(self.path(1)).st_ino
         self.engine.write(1, [T0 + 10, T0 + 30], [20.0, 4.0])
-        self.assertEqual(self.points(1), [(T0, 1.0), (T0 + 10, 20.0), (T0 + 20, 3.0), (T0 + 30, 4.0)])
+        self.assertRecords(1, [(T0, 1.0), (T0 + 10, 20.0), (T0 + 20, 3.0), (T0 + 30, 4.0)])
         # In place: the file was not rewritten.
         self.assertEqual(os.stat(self.path(1)).st_ino, before)
 
@@ -120,28 +124,25 @@ class PHPTimeSeriesTests(unittest.TestCase):
         expected = [(int(t), float(i)) for i, t in enumerate(times)]
         for i in (0, 1, 9, 19):
             expected[i] = (int(times[i]), 100.0 + i)
-        self.assertEqual(self.points(1), expected)
+        self.assertRecords(1, expected)
 
     def test_insert_older(self) -> None:
         self.engine.create(1)
         self.engine.write(1, [T0, T0 + 10, T0 + 30], [1.0, 2.0, 4.0])
         self.engine.write(1, [T0 + 20, T0 - 10, T0 + 10, T0 + 40], [3.0, 0.5, 22.0, 5.0])
-        self.assertEqual(
-            self.points(1),
-            [(T0 - 10, 0.5), (T0, 1.0), (T0 + 10, 22.0), (T0 + 20, 3.0), (T0 + 30, 4.0), (T0 + 40, 5.0)],
-        )
+        before = [(T0 - 10, 0.5), (T0, 1.0), (T0 + 10, 22.0), (T0 + 20, 3.0), (T0 + 30, 4.0), (T0 + 40, 5.0)]
+        self.assertRecords(1, before)
         self.assertFalse(os.path.exists(self.path(1) + ".tmp"))
         # The engine writes to the new file afterwards, not the replaced one.
         self.engine.write(1, [T0 + 50], [6.0])
-        self.assertEqual(self.points(1)[-1], (T0 + 50, 6.0))
-        self.assertEqual(len(self.points(1)), 7)
+        self.assertRecords(1, before + [(T0 + 50, 6.0)])
 
     def test_last_in_batch_wins(self) -> None:
         self.engine.create(1)
         self.engine.write(1, [T0], [1.0])
         batch = make_records(1, [T0 + 10, T0, T0 + 10, T0], [2.0, 3.0, 4.0, 5.0], ENGINE_PHPTIMESERIES)
         self.assertEqual(self.engine.apply_batch(batch), [])
-        self.assertEqual(self.points(1), [(T0, 5.0), (T0 + 10, 4.0)])
+        self.assertRecords(1, [(T0, 5.0), (T0 + 10, 4.0)])
 
     def test_many_feeds(self) -> None:
         for feedid in (1, 2, 3):
@@ -151,9 +152,9 @@ class PHPTimeSeriesTests(unittest.TestCase):
         times = [T0, T0, T0, T0 + 1, T0 + 1, T0 + 1]
         batch = make_records(feeds, times, [30.0, 10.0, 20.0, 31.0, 11.0, 21.0], ENGINE_PHPTIMESERIES)
         self.assertEqual(self.engine.apply_batch(batch), [])
-        self.assertEqual(self.points(1), [(T0, 10.0), (T0 + 1, 11.0)])
-        self.assertEqual(self.points(2), [(T0, 20.0), (T0 + 1, 21.0), (T0 + 5, 9.0)])
-        self.assertEqual(self.points(3), [(T0, 30.0), (T0 + 1, 31.0)])
+        self.assertRecords(1, [(T0, 10.0), (T0 + 1, 11.0)])
+        self.assertRecords(2, [(T0, 20.0), (T0 + 1, 21.0), (T0 + 5, 9.0)])
+        self.assertRecords(3, [(T0, 30.0), (T0 + 1, 31.0)])
 
     def test_handle_pool_eviction(self) -> None:
         """More feeds than pooled handles in one batch: every feed is written."""
@@ -166,13 +167,12 @@ class PHPTimeSeriesTests(unittest.TestCase):
             batch = make_records(feeds, np.full(5, T0 + round_), feeds * 10.0 + round_, ENGINE_PHPTIMESERIES)
             self.assertEqual(engine.apply_batch(batch), [])
         for feedid in feeds.tolist():
-            self.assertEqual(self.points(feedid), [(T0 + r, feedid * 10.0 + r) for r in range(3)])
+            self.assertRecords(feedid, [(T0 + r, feedid * 10.0 + r) for r in range(3)])
         self.assertLessEqual(len(engine._fds), 2)
 
     def record_fsyncs(self) -> list[str]:
         """Patch os.fsync to record the path of every file or directory synced."""
-        if not os.path.isdir("/proc/self/fd"):
-            raise unittest.SkipTest("needs /proc/self/fd")
+        self.assertTrue(os.path.isdir("/proc/self/fd"), "this test needs Linux's /proc/self/fd")  # never a skip
         synced: list[str] = []
         real = os.fsync
 
@@ -230,7 +230,7 @@ class PHPTimeSeriesTests(unittest.TestCase):
                 ]
             ),
         )
-        self.assertEqual(self.points(1), [(NOW - past, 4.0), (NOW + future, 5.0)])
+        self.assertRecords(1, [(NOW - past, 4.0), (NOW + future, 5.0)])
         self.assertFalse(os.path.exists(self.path(2)))
 
     def test_window_follows_clock(self) -> None:
@@ -254,13 +254,13 @@ class PHPTimeSeriesTests(unittest.TestCase):
     def test_repair_append(self) -> None:
         points = self.write_torn(1)
         self.assertEqual(self.engine.write(1, [T0 + 100], [7.0]), [])
-        self.assertEqual(self.points(1), points + [(T0 + 100, 7.0)])
+        self.assertRecords(1, points + [(T0 + 100, 7.0)])
 
     def test_repair_overwrite(self) -> None:
         points = self.write_torn(1)
         self.engine.write(1, [T0 + 20], [70.0])
         points[2] = (T0 + 20, 70.0)
-        self.assertEqual(self.points(1), points)
+        self.assertRecords(1, points)
 
     def test_reads_ignore_partial_tail(self) -> None:
         self.write_torn(1)
@@ -481,10 +481,16 @@ class MappedPHPTimeSeriesTests(PHPTimeSeriesTests):
         times = T0 + np.arange(0, 200_000, 2)
         self.engine.write(1, times, (times - T0).astype(np.float64))
         self.engine.write(1, [T0 + 99_999, T0 + 100_000], [-1.0, -2.0])
-        data = np.fromfile(self.path(1), dtype=phptimeseries.MYD)
+        data = np.fromfile(self.path(1), dtype=RECORD)
         self.assertEqual(data.shape[0], 100_001)
         self.assertTrue((np.diff(data["time"].astype(np.int64)) > 0).all())
         self.assertTrue((data["marker"] == 249).all())
+        # the two new records sit between T0+99_998 and T0+100_002, in order, as emoncms writes them
+        at = 9 * (99_998 // 2)
+        self.assertEqual(
+            self.content(1)[at : at + 36],
+            packed((T0 + 99_998, 99_998.0), (T0 + 99_999, -1.0), (T0 + 100_000, -2.0), (T0 + 100_002, 100_002.0)),
+        )
         self.assertEqual(
             self.rows(T0 + 99_998, T0 + 100_000, 1),
             [[T0 + 99_998, 99_998.0], [T0 + 99_999, -1.0], [T0 + 100_000, -2.0]],

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 
+import numpy as np
 import treq
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from emond.queue import input_stream, storage_stream
+from emond.queue import input_stream, read_head, storage_stream
+from emond.records import RECORD
 from emond.redis import Redis
 from tests.support import free_port, redis_server
 from tests.support.daemon import ROOT, start_daemon
@@ -260,9 +263,20 @@ class RemoteStorageTests(unittest.TestCase):
         for b in range(10, 20):
             answer = yield self.post_bulk(b)
             self.assertEqual(answer, b"ok")
-        yield node.logged_after("drained", 0)
-        waiting = yield defer.ensureDeferred(self.redis.call("XLEN", storage_stream(1)))
-        self.assertGreater(int(waiting), 0)
+        # Wait for the input queues to empty, following "drained" lines logged after now
+        # (an offset of 0 matched the lines of the set-up and waited for nothing).
+        yield self.drained(node, servers=())
+        # Every record of bulks 10..19 for the two remote feeds waits in storage queue 1,
+        # exactly as posted: time T0 + 10 * (10b + i) + i % 3, value 100 + 1.5 (10b + i).
+        entries = yield defer.ensureDeferred(read_head(self.redis, storage_stream(1), None, 100_000))
+        records = np.concatenate([np.frombuffer(fields[b"b"], dtype=RECORD) for _, fields in entries])
+        late = records[records["time"] >= T0 + 1000]  # bulks 0..9 may still be there too, unacknowledged
+        expected = [
+            (self.feeds[name], T0 + 10 * (10 * b + i) + i % 3, 100 + 1.5 * (10 * b + i), engine)
+            for b in range(10, 20) for i in range(10) for name, engine in (("rfina", 5), ("rts", 2))
+        ]
+        got = list(zip(late["feed"].tolist(), late["time"].tolist(), late["value"].tolist(), late["engine"].tolist()))
+        self.assertEqual(sorted(got), sorted(expected))
         storage = yield self.start_storage()
         yield self.drained(node)
         self.assertRemoteEqualsLocal()
@@ -328,22 +342,17 @@ class RemoteStorageTests(unittest.TestCase):
                 yield node.signal(signal.SIGKILL)  # the sender holding the storage queue dies mid-stream
                 self.http = second_http  # posts go to the survivor from now on
         yield self.drained(second, servers=(1,))  # server 0 died with the first node
-        # the remote files are exactly what the engines write for every posted point, in order
-        from emond.phpfina import PHPFina
-        from emond.phptimeseries import PHPTimeSeries
-
-        times = [t for t, _ in posted]
-        values = [v for _, v in posted]
-        fina = PHPFina(os.path.join(self.base, "expected", "phpfina"), clock=lambda: T0, sync=False)
-        fina.create(self.feeds["rfina"], 10)
-        fina.write(self.feeds["rfina"], times, values)
-        fina.close()
-        series = PHPTimeSeries(os.path.join(self.base, "expected", "phptimeseries"), clock=lambda: T0, sync=False)
-        series.create(self.feeds["rts"])
-        series.write(self.feeds["rts"], times, values)
-        series.close()
-        self.assertEqual(self.files(self.feeds["rfina"], 5, "remote"), self.files(self.feeds["rfina"], 5, "expected"))
-        self.assertEqual(self.files(self.feeds["rts"], 2, "remote"), self.files(self.feeds["rts"], 2, "expected"))
+        # the remote files hold every posted point, in order, in emoncms's formats (worked by hand):
+        # point n = 10b + i is at T0 + 10n + i % 3 with value 100 + 1.5n; PHPFina (interval 10,
+        # start T0) puts it in slot n as a float32; PHPTimeSeries appends a <BIf record, marker 249.
+        self.assertEqual([(t, v) for t, v in posted], [(T0 + 10 * n + n % 10 % 3, 100 + 1.5 * n) for n in range(200)])
+        fina = {
+            f"{self.feeds['rfina']}.meta": struct.pack("<IIII", 0, 0, 10, T0),
+            f"{self.feeds['rfina']}.dat": struct.pack("<200f", *[100 + 1.5 * n for n in range(200)]),
+        }
+        myd = b"".join(struct.pack("<BIf", 249, T0 + 10 * n + n % 10 % 3, 100 + 1.5 * n) for n in range(200))
+        self.assertEqual(self.files(self.feeds["rfina"], 5, "remote"), fina)
+        self.assertEqual(self.files(self.feeds["rts"], 2, "remote"), {f"feed_{self.feeds['rts']}.MYD": myd})
         yield second.signal(signal.SIGTERM)
         yield storage.signal(signal.SIGTERM)
 

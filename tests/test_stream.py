@@ -12,6 +12,8 @@ import struct
 import subprocess
 
 import numpy as np
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
@@ -65,11 +67,12 @@ class StreamTests(unittest.TestCase):
         return self.service.getServiceNamed("storage").opened
 
     @defer.inlineCallbacks
-    def connect(self, tls_dir: str | None, name: str = "node0", server_name: str = "storage1"):
-        client = Client()
+    def connect(self, tls_dir: str | None, name: str = "node0", server_name: str = "storage1", cert_dir: str | None = None):
+        """A client trusting ``tls_dir``'s CA, showing ``name``'s certificate from ``cert_dir`` (default the same)."""
+        client = WatchedClient()
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
         if tls_dir is not None:
-            options = client_tls(os.path.join(tls_dir, "ca.pem"), os.path.join(tls_dir, f"{name}.pem"), server_name)
+            options = client_tls(os.path.join(tls_dir, "ca.pem"), os.path.join(cert_dir or tls_dir, f"{name}.pem"), server_name)
             endpoint = endpoints.wrapClientTLS(options, endpoint)
         protocol = yield endpoint.connect(Factory.forProtocol(lambda: client))
         self.addCleanup(lambda: protocol.transport.abortConnection() if protocol.transport.connected else None)
@@ -117,11 +120,15 @@ class StreamTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_certificate_from_another_ca_is_refused(self):
-        with self.assertRaises(Exception):
-            client = yield self.connect(self.rogue)
-            # the handshake fails: nothing comes back, the connection goes
-            client.send(encode_json(HELLO, {"version": 1, "name": "node0"}))
-            yield client.frame(1)
+        """The client trusts the server, but shows a certificate of another CA: the server's
+        handshake refuses it with an "unknown ca" alert, before any frame is answered."""
+        client = yield self.connect(self.tls, cert_dir=self.rogue)
+        client.send(encode_json(HELLO, {"version": 1, "name": "node0"}))
+        yield self.assertFailure(client.frame(1), ConnectionError)
+        self.assertEqual(client.frames, [])
+        self.assertIsInstance(client.reason.value, SSL.Error)
+        self.assertIn("alert unknown ca", str(client.reason.value))
+        self.assertEqual(self.server.refused_peers._value.get(), 1)
         self.assertEqual(self.server.batches._value.get(), 0)
 
     @defer.inlineCallbacks
@@ -143,7 +150,22 @@ class StreamTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_wrong_server_name_is_refused_by_the_node(self):
-        with self.assertRaises(Exception):
-            client = yield self.connect(self.tls, server_name="storage2")
-            client.send(encode_json(HELLO, {"version": 1, "name": "node0"}))
-            yield client.frame(1)
+        """The node checks the server's name: storage1's certificate does not name storage2,
+        so the node drops the connection during the handshake, before any frame."""
+        client = yield self.connect(self.tls, server_name="storage2")
+        client.send(encode_json(HELLO, {"version": 1, "name": "node0"}))
+        yield self.assertFailure(client.frame(1), ConnectionError)
+        self.assertEqual(client.frames, [])
+        self.assertIsInstance(client.reason.value, VerificationError)
+        self.assertEqual([e.mismatched_id.hostname for e in client.reason.value.errors], [b"storage2"])
+        self.assertEqual(self.server.batches._value.get(), 0)
+
+
+class WatchedClient(Client):
+    """A stream client that keeps why its connection was lost."""
+
+    reason = None
+
+    def connectionLost(self, reason=None) -> None:
+        self.reason = reason
+        super().connectionLost(reason)

@@ -26,12 +26,21 @@ from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
 from twisted.python import log
-from twisted.trial.unittest import SkipTest
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0  # seconds for a server to print its ready line
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL at exit
 PORT_ATTEMPTS = 3  # the free port can be taken between probe and bind
+SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # mariadbd lives in sbin, not on every user's PATH
+# The Debian package that provides each program the tests run (bin/setup installs them).
+PACKAGES = {
+    "redis-server": "redis-server",
+    "mariadbd": "mariadb-server",
+    "mysqld": "mariadb-server",
+    "mariadb-install-db": "mariadb-server",
+    "mysql_install_db": "mariadb-server",
+    "openssl": "openssl",
+}
 
 T = TypeVar("T")
 
@@ -112,9 +121,9 @@ def _once(name: str, start: Callable[[], T]) -> T:
         if name not in _started:
             try:
                 _started[name] = start()
-            except Exception as e:  # SkipTest included; not KeyboardInterrupt
-                # Remember a failure (or SkipTest) so later tests do not each
-                # wait out another deadline.
+            except Exception as e:  # MissingProgram included; not KeyboardInterrupt
+                # Remember a failure so later tests do not each wait out
+                # another deadline (each of them errors with it).
                 _started[name] = e
         value = _started[name]
     if isinstance(value, Exception):
@@ -123,7 +132,7 @@ def _once(name: str, start: Callable[[], T]) -> T:
 
 
 def _start_redis() -> RedisServer:
-    exe = _find("redis-server")
+    exe = require_program("redis-server")
     began = time.monotonic()
     d = _tempdir("redis")
     for attempt in range(PORT_ATTEMPTS):
@@ -142,8 +151,8 @@ def _start_redis() -> RedisServer:
 
 
 def _start_mariadb() -> MariaDBServer:
-    exe = _find("mariadbd", "mysqld")
-    install = _find("mariadb-install-db", "mysql_install_db")
+    exe = require_program("mariadbd", "mysqld")
+    install = require_program("mariadb-install-db", "mysql_install_db")
     as_root = ["--user=root"] if os.geteuid() == 0 else []  # mariadbd refuses root otherwise
     began = time.monotonic()
     d = _tempdir("mariadb")
@@ -278,13 +287,25 @@ def private_mariadb() -> PrivateServer[MariaDBServer]:
     return PrivateServer(_start_mariadb)
 
 
-def _find(*names: str) -> str:
-    # mariadbd lives in sbin, which is not on every user's PATH.
+class MissingProgram(RuntimeError):
+    """A program the tests need is not installed: the test errors (never skips),
+    so a machine without it cannot report a green run."""
+
+
+def require_program(*names: str) -> str:
+    """The path of the first of ``names`` found on PATH or in sbin; else MissingProgram
+    naming the Debian package to install."""
     for name in names:
-        path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+        path = shutil.which(name) or shutil.which(name, path=SBIN)
         if path:
             return path
-    raise SkipTest(f"{names[0]} is not installed; this test needs a private {names[0]}")
+    package = PACKAGES.get(names[0], names[0])
+    raise MissingProgram(
+        f"{names[0]} is not installed, and this test needs it: "
+        f"install the Debian package {package} (bin/setup does: apt-get install {package})"
+    )
+
+
 
 
 def free_port() -> int:
