@@ -45,6 +45,13 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
 return token
 """
 
+# Raise a fencing counter to at least ARGV[1] (never lowers it).
+RAISE_FENCE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -163,13 +170,24 @@ class Lease:
     def holder(self) -> str:
         return f"{self.owner}:{self.token}"
 
+    @property
+    def fence_key(self) -> str:
+        return f"emond:fence:{self.queue}"
+
     async def acquire_or_renew(self) -> bool:
         """True while we hold the lease (a new token means a new tenure)."""
-        token = await self.scripts.run(
-            LEASE, [self.key, f"emond:fence:{self.queue}"], [self.owner, self.ttl_ms, self.token]
-        )
+        token = await self.scripts.run(LEASE, [self.key, self.fence_key], [self.owner, self.ttl_ms, self.token])
         self.token = int(token)
         return self.token > 0
+
+    async def catch_up(self, seen: int) -> None:
+        """The queue's reader has seen tokens up to ``seen`` (kept on its disk) while Redis's
+        counter is behind it: Redis lost its data, or was restored from an older copy. Lift the
+        counter past ``seen`` and give the lease up, so the next tenure's token is newer than any
+        the reader has seen. A holder whose Redis is intact never gets here: its token is the
+        newest ever handed out."""
+        await self.scripts.run(RAISE_FENCE, [self.fence_key], [seen])
+        await self.release()
 
     async def release(self) -> None:
         if self.token:

@@ -84,7 +84,8 @@ class StreamClientProtocol(FrameProtocol):
                 self.link.log.error("storage {id}: unexpected hello {hello}", id=self.link.server_id, hello=hello)
                 self.transport.loseConnection()
                 return
-            self.link.connected(self)
+            token = hello.get("token", 0)
+            self.link.connected(self, token if isinstance(token, int) else 0)
         elif kind in (ACK, NACK):
             (seq,) = SEQ.unpack_from(frame, 1)
             self.link.answered(seq, kind == ACK, json.loads(frame[1 + SEQ.size :]))
@@ -139,6 +140,7 @@ class RemoteLink(Service):
         self.lease = Lease(Scripts(redis), f"st:{server_id}", f"{node_name}-{uuid.uuid4().hex[:8]}", lease_ms)
         self.lease_ms = lease_ms
         self.protocol: StreamClientProtocol | None = None
+        self.server_token = 0  # the newest fencing token the server has applied (its hello says)
         self._ready: defer.Deferred[None] = defer.Deferred()
         self._room: defer.Deferred[None] | None = None
         self.unacked: dict[int, tuple[bytes, np.ndarray, float]] = {}  # seq -> (stream id, batch, sent at)
@@ -197,8 +199,9 @@ class RemoteLink(Service):
             pass
         await self.blocking.disconnect()
 
-    def connected(self, protocol: StreamClientProtocol) -> None:
+    def connected(self, protocol: StreamClientProtocol, server_token: int = 0) -> None:
         self.protocol = protocol
+        self.server_token = server_token
         self.m_connected.set(1)
         self.error = None
         self.log.info("stream to storage {id} up", id=self.server_id)
@@ -246,6 +249,16 @@ class RemoteLink(Service):
                         await task.deferLater(self.reactor, self.lease_ms / 3000.0, lambda: None)
                         continue
                     renewed = now
+                if self.lease.token < self.server_token:
+                    # Its batches would all be refused as stale: Redis lost the fence counter.
+                    self.log.warn(
+                        "storage {id}: fencing token {token} is behind the server's {seen}; "
+                        "Redis lost its counter: taking a newer one",
+                        id=self.server_id, token=self.lease.token, seen=self.server_token,
+                    )
+                    await self.lease.catch_up(self.server_token)
+                    renewed = 0.0
+                    continue
                 room = self.window - len(self.unacked)
                 if room <= 0:
                     self._room = defer.Deferred()

@@ -357,7 +357,8 @@ class StorageStreamProtocol(FrameProtocol):
             raise ProtocolError("hello_version", f"version {version}, this server speaks {VERSION}")
         self.greeted = True
         self.log.info("stream: {peer} says hello as {name}", peer=self.peer, name=name)
-        self.send(encode_json(HELLO_OK, {"version": VERSION, "server": self.server_id}))
+        # The newest fencing token applied: a sender whose Redis lost its counter catches up.
+        self.send(encode_json(HELLO_OK, {"version": VERSION, "server": self.server_id, "token": self.server.max_token}))
 
     def _refuse(self, error: ProtocolError) -> None:
         self.refused = True

@@ -349,3 +349,36 @@ class RemoteStorageRedisLossTests(unittest.TestCase):
         self.assertEqual(self.series(kwh)[3:], [(T0 + 33, 0.04)])
         yield node.signal(signal.SIGTERM)
         yield storage.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_a_server_that_saw_newer_fencing_tokens_takes_batches_after_the_loss(self):
+        """The storage server keeps the newest fencing token on its disk; Redis's counter
+        restarts after the loss, so the next sender's token is older than the server's: it
+        must catch up, not have every batch refused as stale forever."""
+        storage = yield self.start_storage()
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        keys = yield self.call("user/register.json", username="fenced", password="secret1", email="f@example.org")
+        self.key = keys["apikey_write"]
+        feed = (yield self.call("feed/create.json", apikey=self.key, name="log", engine="2", server="1"))["feedid"]
+        yield self.post(T0 - 100, 0)
+        yield self.drained(node)
+        inputs = yield self.call("input/list.json", apikey=self.key)
+        yield self.call(f"input/process/set.json?inputid={inputs[0]['id']}", apikey=self.key, processlist=f"1:{feed}")
+        yield self.post(T0, 1)
+        yield self.drained(node)
+        # a second tenure of the storage queue: the server now holds token 2
+        yield node.signal(signal.SIGTERM)
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        yield self.post(T0 + 10, 2)
+        yield self.drained(node)
+        yield node.signal(signal.SIGTERM)
+        redis_server().flushall()  # the fence counter starts again from 1
+        node = yield self.start_node()
+        yield node.logged("stream to storage 1 up")
+        yield self.post(T0 + 20, 3)
+        yield self.drained(node)
+        self.assertEqual(self.series(feed), [(T0, 1.0), (T0 + 10, 2.0), (T0 + 20, 3.0)])
+        yield node.signal(signal.SIGTERM)
+        yield storage.signal(signal.SIGTERM)
