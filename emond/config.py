@@ -132,6 +132,7 @@ class NodeHealthSection(HealthSection):
     max_storage_lag: float = 300.0  # ... of a storage queue (a storage server down or slow)
     max_input_length: int = 0  # elements in one input queue (0: no limit)
     max_storage_length: int = 0  # elements in one storage queue (0: no limit)
+    max_ack_wait: float = 10.0  # seconds a batch may wait for a remote storage server's acknowledgement
 
 
 MIN_ADMIN_TOKEN = 16  # characters: a short token is guessable
@@ -280,7 +281,7 @@ def _health(cls: type[Health], data: Mapping[str, Any], base: str) -> Health:
         raise ConfigError(f"[health] admin_token: at least {MIN_ADMIN_TOKEN} characters (or \"\" for none)")
     positive = ["check_timeout"]
     if isinstance(health, NodeHealthSection):
-        positive += ["max_input_lag", "max_storage_lag"]
+        positive += ["max_input_lag", "max_storage_lag", "max_ack_wait"]
         for name in ("max_input_length", "max_storage_length"):
             if getattr(health, name) < 0:
                 raise ConfigError(f"[health] {name}: must be 0 (no limit) or more, got {getattr(health, name)}")

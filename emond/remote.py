@@ -388,6 +388,25 @@ class RemoteLink(Service):
         else:
             d.callback(json.loads(data))
 
+    async def health(self, timeout: float, max_ack_wait: float) -> dict[str, object]:
+        """``status()``, and whether the server answers now: a ping within ``timeout``
+        (a frozen server keeps its connection open but answers nothing), and no batch
+        waiting for its acknowledgement longer than ``max_ack_wait`` seconds (a server
+        whose disk hangs answers pings but applies nothing)."""
+        status = self.status()
+        if self.protocol is None:
+            return status
+        oldest = min((sent for _entry, _batch, sent in self.unacked.values()), default=None)
+        if oldest is not None and time.monotonic() - oldest > max_ack_wait:
+            return {**status, "ok": False, "error": f"a batch has waited over {max_ack_wait:g} s for its acknowledgement"}
+        try:
+            server = await self.request("ping", 0, 0, timeout=timeout)
+        except (RemoteUnavailable, RemoteReadError) as e:
+            return {**status, "ok": False, "error": f"no answer to a ping: {e}"}
+        if isinstance(server, dict) and not server.get("ok", False):
+            return {**status, "ok": False, "error": f"storage server unwell: {server.get('disk_error') or 'not open'}"}
+        return status
+
     def status(self) -> dict[str, object]:
         return {
             "ok": self.protocol is not None and self.error is None,

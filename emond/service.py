@@ -162,7 +162,17 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         link.setServiceParent(pipeline)
         senders[str(server_id)] = link
         ctx.store.remotes[server_id] = link
-    checks["senders"] = lambda: _all_ok({sid: s.status() for sid, s in senders.items()})
+    health = config.health
+
+    async def senders_check() -> dict[str, object]:
+        # A remote link is asked whether its server answers now; half the check's time each.
+        parts = {
+            sid: await s.health(health.check_timeout / 2, health.max_ack_wait) if isinstance(s, RemoteLink) else s.status()
+            for sid, s in senders.items()
+        }
+        return _all_ok(parts)
+
+    checks["senders"] = senders_check
     servers = sorted(set(config.node.storage) | set(config.storage_servers))
     monitor = QueueMonitor(ctx.redis, layout.queues, servers, ctx.registry, reactor, config.health)
     monitor.setName("monitor")

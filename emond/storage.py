@@ -243,7 +243,10 @@ class StreamServer:
 
     async def read(self, op: str, feed: int, engine: int, args: list[Any]) -> Any:
         """Answer one read request: the whole read runs here, in a thread, and is
-        answered once (a data query comes back packed, see ``Series``)."""
+        answered once (a data query comes back packed, see ``Series``). ``ping`` answers
+        at once, from the reactor, with this server's status (a node's health check)."""
+        if op == "ping":
+            return self.status()
         engines = self.location.engines
         if engines is None:
             raise RuntimeError("storage not open")

@@ -476,6 +476,29 @@ class ProcessTests(unittest.TestCase):
         yield storage.signal(signal.SIGTERM)
 
     @defer.inlineCallbacks
+    def test_frozen_storage_server_is_degraded_and_recovers(self):
+        """SIGSTOP: the connection stays open and nothing answers; only a ping can tell."""
+        storage = yield self.start("emond-storage", self.storage_config, "storage 1 open on", "Site starting on")
+        node = yield self.start("emond", self.node_config(remote=True), "node API ready", "stream to storage 1 up")
+        answer = yield self.health()
+        self.assertEqual(answer.code, 200, answer)
+        os.kill(storage.transport.pid, signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+            answer = yield self.health()
+            self.assertLess(time.monotonic() - frozen, 10.0)
+            self.assertEqual((answer.code, answer.json()["status"]), (503, "degraded"), answer)
+            link = answer.json()["senders"]["locations"]["1"]
+            self.assertEqual((link["ok"], link["connected"]), (False, True))
+            self.assertIn("no answer to a ping", link["error"])
+        finally:
+            os.kill(storage.transport.pid, signal.SIGCONT)
+        answer = yield self.health()
+        self.assertEqual((answer.code, answer.json()["status"]), (200, "ok"), answer)
+        yield node.signal(signal.SIGTERM)
+        yield storage.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
     def test_hosted_disk_error_is_degraded_and_recovers(self):
         node = yield self.start("emond", self.node_config(remote=False), "node API ready", "storage 0 open on")
         keys = yield self.call("user/register.json", username="disk", password="secret1", email="d@example.org")
