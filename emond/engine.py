@@ -15,7 +15,9 @@ version) is a missing value in every read: null, never an error.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import struct
 import time
 import zoneinfo
@@ -29,6 +31,18 @@ from emond.records import ENGINE_PHPFINA, REASON_TOO_NEW, REASON_TOO_OLD, REASON
 
 FIVE_YEARS = 3600 * 24 * 365 * 5
 TWO_DAYS = 3600 * 48
+
+
+def pwrite_all(fd: int, data: "bytes | memoryview", offset: int) -> None:
+    """``os.pwrite`` until every byte is written. A short write (a file size limit, a full
+    disk) is continued; the next call then raises the error (EFBIG, ENOSPC) instead of
+    leaving the rest of a batch silently unwritten."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        view, offset = view[written:], offset + written
 
 
 class FeedError(Exception):

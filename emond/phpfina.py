@@ -56,6 +56,7 @@ from emond.engine import (
     fixed_starts,
     last_per_slot,
     php_round,
+    pwrite_all,
     segment_means,
 )
 from emond.records import (
@@ -186,7 +187,7 @@ class PHPFina:
     def _write_meta(self, feed: _Feed) -> None:
         fd = os.open(self._path(feed.id, ".meta"), os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            os.pwrite(fd, META.pack(0, 0, feed.interval, feed.start), 0)
+            pwrite_all(fd, META.pack(0, 0, feed.interval, feed.start), 0)
             if self.sync:
                 os.fsync(fd)
         finally:
@@ -206,7 +207,7 @@ class PHPFina:
     def _write_intent(self, feed: _Feed, new_start: int) -> None:
         fd = os.open(self._path(feed.id, ".intent"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, INTENT.pack(INTENT_MAGIC, feed.start, new_start, feed.npoints * 4))
+            pwrite_all(fd, INTENT.pack(INTENT_MAGIC, feed.start, new_start, feed.npoints * 4), 0)
             if self.sync:
                 os.fsync(fd)
         finally:
@@ -376,7 +377,8 @@ class PHPFina:
                 # More feeds than handles: churning the pool would only add closes.
                 transient.append((self._path(feed.id, ".dat"), view[4 * i : 4 * i + 4], 4 * pos))
             else:
-                pwrite(fd, view[4 * i : 4 * i + 4], 4 * pos)
+                if pwrite(fd, view[4 * i : 4 * i + 4], 4 * pos) != 4:
+                    pwrite_all(fd, view[4 * i : 4 * i + 4], 4 * pos)  # short: finish, or raise the error
                 touched.add(feed.id)
             if pos == feed.npoints:
                 feed.npoints += 1
@@ -435,7 +437,7 @@ class PHPFina:
             in_pos = pos[:n_in]
             breaks = np.flatnonzero(np.diff(in_pos) != 1) + 1
             for a, b in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [n_in])).tolist()):
-                os.pwrite(fd, values[a:b].astype("<f4").tobytes(), 4 * int(in_pos[a]))
+                pwrite_all(fd, values[a:b].astype("<f4").tobytes(), 4 * int(in_pos[a]))
         if n_in == pos.shape[0]:
             return refusals
 
@@ -455,7 +457,7 @@ class PHPFina:
         buf[app_pos - base] = app_val
         if join and (gaps > 0).any():
             self._join(fd, feed, buf, app_pos, app_val, gaps, pos[:n_in], values[:n_in])
-        os.pwrite(fd, buf.tobytes(), 4 * base)
+        pwrite_all(fd, buf.tobytes(), 4 * base)
         feed.npoints = int(app_pos[-1]) + 1
         return refusals
 
@@ -673,7 +675,7 @@ def _open_write_close(writes: list[tuple[str, memoryview, int]]) -> None:
     for path, data, offset in writes:
         fd = os.open(path, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, offset)
+            pwrite_all(fd, data, offset)
         finally:
             os.close(fd)
 

@@ -57,6 +57,7 @@ from emond.engine import (
     dmy_bounds,
     finish,
     finite,
+    pwrite_all,
     fixed_starts,
     last_per_slot,
     segment_means,
@@ -253,7 +254,7 @@ class PHPTimeSeries:
 
         times = new["time"]
         if n == 0 or int(times[0]) > _last_time(fd, n):
-            os.pwrite(fd, new.tobytes(), n * RECORD_SIZE)
+            pwrite_all(fd, new.tobytes(), n * RECORD_SIZE)
             return
 
         recs = _records(fd, n)
@@ -275,10 +276,10 @@ class PHPTimeSeries:
             lo, hi = int(pos[a]), int(pos[b - 1]) + 1
             chunk = np.array(recs[lo:hi])
             chunk[pos[a:b] - lo] = values[a:b]
-            os.pwrite(fd, chunk.tobytes(), lo * RECORD_SIZE)
+            pwrite_all(fd, chunk.tobytes(), lo * RECORD_SIZE)
         appended = new[~inside]
         if appended.shape[0]:
-            os.pwrite(fd, appended.tobytes(), n * RECORD_SIZE)
+            pwrite_all(fd, appended.tobytes(), n * RECORD_SIZE)
 
     def _insert(self, feedid: int, recs: np.ndarray, idx: np.ndarray, match: np.ndarray, new: np.ndarray) -> None:
         """Merge records older than the file's end into it: a crash-safe rewrite."""
