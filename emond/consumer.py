@@ -123,8 +123,7 @@ class InputConsumerService(Service):
         self.fair = layout.queues
         # Input last values committed since the last write to the database.
         self._unsaved: dict[int, tuple[int, float | None]] = {}
-        self._saver = task.LoopingCall(self.save_lastvalues)
-        self._saver.clock = reactor
+        self._saver = steady_loop(self.save_lastvalues, reactor, "input last values saver")
         self._saved: list[defer.Deferred[None]] = []
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
         self.dead = Counter("emond_input_elements_set_aside", "Queue elements that kept failing, moved aside", registry=ctx.registry)
@@ -133,9 +132,7 @@ class InputConsumerService(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._leases.start(self.lease_ms / 3000.0, now=True).addErrback(
-            lambda f: self.log.failure("lease loop failed", f)
-        )
+        self._leases.start(self.lease_ms / 3000.0, now=True)
         self._saver.start(self.ctx.config.input.lastvalue_save_interval, now=False)
         self._loop = defer.ensureDeferred(self._run())
 

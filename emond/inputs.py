@@ -72,6 +72,9 @@ class Inputs:
             "INSERT INTO inputs (userid, nodeid, name, description, processList) VALUES (?, ?, ?, '', '')",
             userid, nodeid, name,
         )
+        # Other consumers that cached this user's inputs (a queue that moved and came back)
+        # must see it, or they count the user's inputs short and pass [input] max_inputs.
+        await self.changed(userid)
         return Input(inputid, userid, nodeid, name, "", "")
 
     async def get(self, inputid: int) -> Input | None:
