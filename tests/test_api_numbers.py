@@ -54,9 +54,15 @@ class ApiNumberTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_infinite_flags_are_refused(self):
         window = dict(id=self.feed, start=self.t0 * 1000, end=(self.t0 + 100) * 1000, interval=10)
+        # feed/data.json reads its switches as current emoncms does, PHP's (int) cast (reads
+        # follow current emoncms): "inf", "Infinity", "1e999" are 0, i.e. off; never a 500.
+        off = yield self.call("feed/data.json", **window, skipmissing="0", limitinterval="0")
+        self.assertEqual(off.code, 200, off)
         for name, value in (("skipmissing", "inf"), ("limitinterval", "Infinity"), ("skipmissing", "-inf"), ("skipmissing", "1e999")):
-            yield self.assertRefused(self.call("feed/data.json", **window, **{name: value}), f"{name} must be 0 or 1")
-        yield self.assertRefused(self.call("feed/average.json", **window, skipmissing="-Infinity"), "skipmissing must be 0 or 1")
+            answer = yield self.call("feed/data.json", **window, **{name: value})
+            self.assertEqual((answer.code, answer.json()), (200, off.json()), (name, value))
+        answer = yield self.call("feed/average.json", **window, skipmissing="-Infinity")
+        self.assertEqual(answer.code, 200, answer)
         yield self.assertRefused(self.call("feed/insert.json", id=self.feed, time=self.t0, value=1, join="Infinity"), "join must be 0 or 1")
         # nothing was inserted by the refused request
         timevalue = yield self.node.get("feed/timevalue.json", apikey=self.key, id=self.feed)
