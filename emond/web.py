@@ -21,6 +21,7 @@ import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Callable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
@@ -33,14 +34,14 @@ from twisted.web.server import Request
 from emond.api import WRITE, ApiError, Call, Raw, Router
 from emond.config import InputSection
 from emond.context import NodeContext
-from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps
+from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
 from emond.queue import encode_group, input_stream, join_groups
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
 
 OK = Raw(b"ok")
 FULLJSON_OK = Raw(b'{"success": true}')
-SLICE_SECONDS = 0.02  # the longest a decoder runs before the reactor gets a turn
+SLICE_SECONDS = 0.01  # the longest a decoder runs before the reactor gets a turn
 T = TypeVar("T")
 
 
@@ -250,6 +251,8 @@ def _body(request: Request) -> bytes:
 FORM = b"application/x-www-form-urlencoded"
 MULTIPART = b"multipart/form-data"
 MAX_FIELDS = 1000  # form fields in one body (PHP's max_input_vars, whose default is the same)
+MAX_BAD_ESCAPES = 1000  # "%" not followed by two hex digits, in one form value
+FORM_SLICE = 256 * 1024  # bytes of a form value decoded in one slice
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
@@ -267,32 +270,75 @@ def unquote_form(value: bytes) -> bytes:
     ``codecs.escape_decode`` (C): 8× faster than urllib's Python loop over each
     escape, which was a third of a form-encoded bulk request (its JSON is mostly escapes).
     A ``%`` without two hex digits after it stays as it is (as urllib leaves it): it is
-    made ``%25`` first, in C too (urllib's loop took 4 s over 8 MiB of them)."""
+    made ``%25`` first, when there are at most ``MAX_BAD_ESCAPES`` of them; more refuse
+    the body (urllib's loop took 4 s over 8 MiB of them, a regex substitution 2 s)."""
+    return _unquote(value, MAX_BAD_ESCAPES)[0]
+
+
+def _unquote(value: bytes, allowed_bad: int) -> tuple[bytes, int]:
+    """``value`` decoded, and how many malformed escapes it held (FormError past ``allowed_bad``)."""
     value = value.replace(b"+", b" ")
     if b"%" not in value:
-        return value
-    value = _BAD_ESCAPE.sub(b"%25", value)
+        return value, 0
+    try:
+        return _escape_decode(value), 0
+    except ValueError:  # a "%" without two hex digits after it
+        pass
+    bad = sum(1 for _ in islice(_BAD_ESCAPE.finditer(value), allowed_bad + 1))
+    if bad > allowed_bad:
+        raise FormError(f"Bad form body: more than {MAX_BAD_ESCAPES} malformed % escapes in one value")
+    return _escape_decode(_BAD_ESCAPE.sub(b"%25", value)), bad
+
+
+def _escape_decode(value: bytes) -> bytes:
     return codecs.escape_decode(value.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
 
 
-def form_args(body: bytes) -> dict[bytes, list[bytes]]:
-    """A form body as twisted.web's ``parse_qs(body, 1)`` makes it; FormError (413) past
-    ``MAX_FIELDS`` fields, counted in C before any is decoded."""
+def unquote_steps(value: bytes) -> Steps[bytes]:
+    """``unquote_form`` a slice of ``FORM_SLICE`` bytes at a time (a large value's decoding
+    is several passes over it in C: ~40 ms for 8 MiB). A slice ends right before a ``%``
+    if one is among its last two bytes, so no escape is cut in two (an escape that would
+    reach the next ``%`` is not an escape anyway)."""
+    parts, start, allowed_bad = [], 0, MAX_BAD_ESCAPES
+    while start < len(value):
+        stop = start + FORM_SLICE
+        if stop < len(value):
+            tail = value[stop - 2:stop]
+            if tail[:1] == b"%":
+                stop -= 2
+            elif tail[1:] == b"%":
+                stop -= 1
+        part, bad = _unquote(value[start:stop], allowed_bad)
+        parts.append(part)
+        allowed_bad -= bad
+        start = stop
+        yield
+    return b"".join(parts)
+
+
+def form_steps(body: bytes) -> Steps[dict[bytes, list[bytes]]]:
+    """A form body as twisted.web's ``parse_qs(body, 1)`` makes it, a slice at a time;
+    FormError (413) past ``MAX_FIELDS`` fields, counted in C before any is decoded."""
     if body.count(b"&") + body.count(b";") >= MAX_FIELDS:
         raise FormError(f"Too many form fields (more than {MAX_FIELDS})", 413)
     args: dict[bytes, list[bytes]] = {}
     for item in body.replace(b";", b"&").split(b"&"):
         key, sep, value = item.partition(b"=")
         if sep:
-            args.setdefault(unquote_form(key), []).append(unquote_form(value))
+            key = yield from unquote_steps(key)
+            args.setdefault(key, []).append((yield from unquote_steps(value)))
     return args
+
+
+def form_args(body: bytes) -> dict[bytes, list[bytes]]:
+    return run(form_steps(body))
 
 
 _BOUNDARY = re.compile(rb'boundary=(?:"([^"]{1,200})"|([^;\s]{1,200}))', re.IGNORECASE)
 _DISPOSITION_NAME = re.compile(rb'(?:^|;)\s*name=(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
 
 
-def multipart_args(body: bytes, ctype: bytes) -> dict[bytes, list[bytes]]:
+def multipart_steps(body: bytes, ctype: bytes) -> Steps[dict[bytes, list[bytes]]]:
     """A multipart/form-data body's fields (files are fields too), as twisted.web's email-based
     decoder gives them, but split in C: that one walks the body line by line in Python (1.5 s
     for 8 MiB of short lines). FormError (400) for a body that is not multipart, 413 past
@@ -327,7 +373,12 @@ def multipart_args(body: bytes, ctype: bytes) -> dict[bytes, list[bytes]]:
         except binascii.Error:
             raise FormError("Bad multipart body: a part's content encoding is not valid")
         args.setdefault(name, []).append(content)
+        yield
     return args
+
+
+def multipart_args(body: bytes, ctype: bytes) -> dict[bytes, list[bytes]]:
+    return run(multipart_steps(body, ctype))
 
 
 def _part_headers(head: bytes) -> tuple[bytes | None, bytes]:
@@ -347,8 +398,9 @@ def _part_headers(head: bytes) -> tuple[bytes | None, bytes]:
 
 class LimitedRequest(Request):
     """A request whose body stops being stored past ``max_body`` bytes (answered 413),
-    and whose form bodies (urlencoded or multipart) are decoded by ``form_args`` and
-    ``multipart_args``, in C with a cap on the fields, instead of by twisted.web."""
+    and whose form bodies (urlencoded or multipart) are decoded by ``form_steps`` and
+    ``multipart_steps`` instead of by twisted.web: in C, with a cap on the fields, and
+    for a large body in slices between which the reactor turns."""
 
     max_body = 8 << 20
     _form: bytes | None = None
@@ -378,20 +430,39 @@ class LimitedRequest(Request):
         if getattr(self, "too_large", False):
             self._refuse(413, "Request body too large")
             return
-        if self._form is not None:
+        if self._form is None:
+            super().process()
+            return
+        body = self.content.read()
+        self.content.seek(0)
+        steps = self._form_steps(body)
+        if len(body) <= FORM_SLICE:  # the common case: decoded at once
             try:
-                self.args.update(self._form_fields(self.content.read()))
+                fields = run(steps)
             except FormError as e:
                 self._refuse(e.code, e.message)
                 return
-            self.content.seek(0)
+            self._decoded(fields)
+            return
+        d = defer.ensureDeferred(cooperate(steps, self.channel.site.reactor))
+        d.addCallbacks(self._decoded, self._form_refused)
+
+    def _decoded(self, fields: dict[bytes, list[bytes]]) -> None:
+        if self._disconnected:
+            return
+        self.args.update(fields)
         super().process()
 
-    def _form_fields(self, body: bytes) -> dict[bytes, list[bytes]]:
+    def _form_refused(self, failure: Failure) -> None:
+        failure.trap(FormError)
+        if not self._disconnected:
+            self._refuse(failure.value.code, failure.value.message)
+
+    def _form_steps(self, body: bytes) -> Steps[dict[bytes, list[bytes]]]:
         assert self._form is not None
         if self._form.split(b";", 1)[0].strip().lower() == MULTIPART:
-            return multipart_args(body, self._form)
-        return form_args(body)
+            return multipart_steps(body, self._form)
+        return form_steps(body)
 
     def _refuse(self, code: int, message: str) -> None:
         self.setResponseCode(code)

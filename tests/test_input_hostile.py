@@ -329,6 +329,29 @@ class HostileBodyTests(NodeTestCase):
     test_a_request_that_cannot_be_queued_fails_alone.timeout = 30  # type: ignore[attr-defined]
 
 
+class HostileFormTests(NodeTestCase):
+    """8 MiB form bodies (the body limit, as emoncms's post_max_size) that twisted.web's and
+    urllib's decoders take seconds over: decoded in C, in slices, with caps."""
+
+    @defer.inlineCallbacks
+    def test_form_bodies(self):
+        key = self.keys["apikey_write"]
+        lines = b"x\n" * (4 << 20)
+        multipart = b"--XYZ\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n" + lines[:-4096] + b"\r\n--XYZ--\r\n"
+        cases = [
+            (b"csv=" + b"%" * ((8 << 20) - 8), "application/x-www-form-urlencoded", 400, "Bad form body: more than 1000 malformed % escapes in one value"),
+            (b"&".join([b"a=1"] * (2 << 20))[: (8 << 20) - 1], "application/x-www-form-urlencoded", 413, "Too many form fields (more than 1000)"),
+            (multipart, "multipart/form-data; boundary=XYZ", 400, "Format error: csv value is not numeric"),
+            (b"node=n&csv=" + b"%31%2C" * ((8 << 20) // 7), "application/x-www-form-urlencoded", 413, "Too many values in one request (more than 100000): send them in smaller requests"),
+        ]
+        with StallMeter() as meter:
+            for body, ctype, code, message in cases:
+                self.assertLess(len(body), 8 << 20)
+                answer = yield self.node.request("POST", f"input/post.json?apikey={key}&node=n", data=body, headers={"Content-Type": [ctype]})
+                self.assertRefusal(answer, code, message)
+        self.assertLess(meter.worst, STALL_LIMIT)
+
+
 class NumberRecognitionTests(NodeTestCase):
     """Numbers as PHP's ``is_numeric`` reads them (ASCII only), recognised in linear time."""
 
