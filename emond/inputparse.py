@@ -227,15 +227,17 @@ def _time_message(reason: str, limits: Limits) -> str:
     return f"Error: time is too old (more than {limits.past} s before the server's clock)"
 
 
-def check_items(text: str, limits: Limits, start: int = 0, end: int | None = None) -> int:
-    """The JSON values ``text[start:end]`` can hold at most (counted in C); 413 past the limit.
-    Every value after the first of an array or object follows a ``,``; each first one follows
-    a ``[`` or ``{``. What json.loads costs is in proportion to this and to the length."""
-    end = len(text) if end is None else end
-    items = text.count(",", start, end) + text.count("[", start, end) + text.count("{", start, end)
-    if items > limits.max_items():
+def check_items(text: str, limits: Limits) -> None:
+    """413 if ``text`` may hold more JSON values than a request may carry (``count_items``)."""
+    if len(text) > limits.max_items() and count_items(text, 0, len(text)) > limits.max_items():
         raise too_many_values(limits)
-    return items
+
+
+def count_items(text: str, start: int, end: int) -> int:
+    """The JSON values ``text[start:end]`` can hold at most, counted in C: every value after
+    the first of an array or object follows a ``,``; each first one follows a ``[`` or ``{``.
+    What json.loads costs is in proportion to this and to the length."""
+    return text.count(",", start, end) + text.count("[", start, end) + text.count("{", start, end)
 
 
 def too_many_values(limits: Limits) -> ApiError:
@@ -264,7 +266,7 @@ def post_steps(params: dict[str, str], subactions: list[str], now: int, limits: 
         source, text = "", ""
     if text == "":
         raise ApiError("Request contains no data via csv, json or data tag")
-    if text.count(",") > limits.max_values:
+    if len(text) > limits.max_values and text.count(",") > limits.max_values:
         raise too_many_values(limits)
     if source == "fulljson":
         values, refused_names, json_time = yield from _full_json(text, limits)
@@ -348,15 +350,19 @@ def _legacy_cleaned(text: str) -> Steps[str]:
     """``text`` without the characters emoncms's lenient parser drops, a slice at a time
     (each character is judged alone): ASCII slices by ``bytes.translate`` in C, others by a
     regex, which costs ~100 ns per character dropped (a megabyte of braces: 0.1 s)."""
+    if len(text) <= PIECE:
+        return _legacy_clean(text)
     parts = []
     for start in range(0, len(text), PIECE):
-        chunk = text[start:start + PIECE]
-        if chunk.isascii():
-            parts.append(chunk.encode("ascii").translate(None, _LEGACY_DROPPED_ASCII).decode("ascii"))
-        else:
-            parts.append(_LEGACY_DROPPED.sub("", chunk))
+        parts.append(_legacy_clean(text[start:start + PIECE]))
         yield
     return "".join(parts)
+
+
+def _legacy_clean(text: str) -> str:
+    if text.isascii():
+        return text.encode("ascii").translate(None, _LEGACY_DROPPED_ASCII).decode("ascii")
+    return _LEGACY_DROPPED.sub("", text)
 
 
 # --- compressed bodies -----------------------------------------------------------------------
@@ -444,7 +450,7 @@ def bulk_steps(params: dict[str, str], text: str, now: int, limits: Limits = Lim
     The JSON is decoded a piece at a time (``_frames``); frames as devices send them
     (``_plain``) go to the queue as decoded, anything else is checked value by value."""
     pieces = yield from _frames(text, limits)
-    frames = list(chain.from_iterable(pieces))
+    frames = pieces[0] if len(pieces) == 1 else list(chain.from_iterable(pieces))
     if not frames:
         raise ApiError("Format error, json string supplied is not valid")
     last = frames[-1]
@@ -475,6 +481,14 @@ def _pieces(text: str, limits: Limits, brackets: str, separator: re.Pattern[str]
     ``check_items``. ``invalid`` is the message for text that is not such a JSON value;
     past ``max_elements`` elements decoding stops with 413 (``too_many_frames``)."""
     opening, closing = brackets
+    if len(text) <= PIECE:  # the common case: one piece, decoded as it is
+        check_items(text, limits)
+        whole = _decode(text)
+        if type(whole) is not (list if opening == "[" else dict):
+            raise ApiError(invalid)
+        if max_elements is not None and len(whole) > max_elements:
+            raise too_many_frames(limits)
+        return [whole] if whole else []
     start = len(text) - len(text.lstrip(" \t\n\r"))
     end = len(text.rstrip(" \t\n\r"))
     if end - start < 2 or text[start] != opening or text[end - 1] != closing:
@@ -507,7 +521,7 @@ def _frames(text: str, limits: Limits) -> Steps[list[list[Any]]]:
 
 
 def _count_items(text: str, limits: Limits, counted: int, start: int, end: int) -> int:
-    items = check_items(text, limits, start, end)
+    items = count_items(text, start, end)
     if counted + items > limits.max_items():
         raise too_many_values(limits)
     return items
