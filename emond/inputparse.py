@@ -58,7 +58,7 @@ MAX_TIME = 2**32 - 1  # times are stored as unsigned 32-bit seconds
 TIME_REF_LIMIT = 2**33  # |time reference| and |offset| beyond this can never give a storable time
 FLOAT32_LIMIT = 2.0**128 - 2.0**103  # the smallest magnitude that float32 rounds to infinity
 PLAIN_LIMIT = 1e15  # values below it in magnitude are finite in float32 and pack as 64-bit integers
-PIECE = 128 * 1024  # characters of bulk JSON decoded in one slice
+PIECE = 128 * 1024  # characters of JSON (or of a legacy post) decoded in one slice
 VALUES_PER_SLICE = 2048  # values checked one by one in one slice
 INFLATE_SLICE = 1 << 20  # bytes inflated (and compressed bytes read) in one slice
 MAX_MEMBERS = 1000  # zlib/gzip members in one compressed body
@@ -163,7 +163,10 @@ def numeric(value: Any) -> float | None:
             return None
         if NUMERIC.fullmatch(value) is None:
             raise NotNumeric("not numeric")
-        return numeric(float(value))  # a numeric string too long for a double is inf: out of range
+        number = float(value)  # a numeric string too long for a double is inf: out of range
+        if -FLOAT32_LIMIT < number < FLOAT32_LIMIT:
+            return number
+        raise OutOfRange("not finite in float32")
     raise NotNumeric("not numeric")
 
 
@@ -317,7 +320,7 @@ def _full_json(text: str, limits: Limits) -> Steps[tuple[dict[str, float], list[
 
 def _legacy(text: str) -> Steps[tuple[dict[str, float], list[tuple[str, str]]]]:
     """``json``/``csv``/``data``: emoncms's lenient parser (braces and quotes dropped)."""
-    cleaned = yield from _legacy_cleaned(text)
+    cleaned = _legacy_clean(text) if len(text) <= PIECE else (yield from _legacy_cleaned(text))
     values: dict[str, float] = {}
     refused: list[tuple[str, str]] = []
     position = 0
@@ -350,8 +353,6 @@ def _legacy_cleaned(text: str) -> Steps[str]:
     """``text`` without the characters emoncms's lenient parser drops, a slice at a time
     (each character is judged alone): ASCII slices by ``bytes.translate`` in C, others by a
     regex, which costs ~100 ns per character dropped (a megabyte of braces: 0.1 s)."""
-    if len(text) <= PIECE:
-        return _legacy_clean(text)
     parts = []
     for start in range(0, len(text), PIECE):
         parts.append(_legacy_clean(text[start:start + PIECE]))
