@@ -684,8 +684,10 @@ def _frame_head(frame: Any, time_ref: int, earliest: int, latest: int, nodes: di
         try:
             node = node_name(raw if type(raw) is not float else int(raw))
         except (ApiError, ValueError, OverflowError):
-            raise _Refused(when, REASON_MALFORMED_FRAME)
+            node = ""  # remembered as refused
         nodes[raw] = node
+    if not node:
+        raise _Refused(when, REASON_MALFORMED_FRAME)
     return when, node
 
 
