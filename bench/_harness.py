@@ -179,9 +179,11 @@ class Harness:
             return server, port
         raise AssertionError("unreachable")
 
-    def emond(self, redis_port: int, cpu: str | None = None, extra: str = "", consumer_of: str | None = None) -> tuple[Server, int, str]:
+    def emond(self, redis_port: int, cpu: str | None = None, extra: str = "", consumer_of: str | None = None,
+              prelude: str = "") -> tuple[Server, int, str]:
         """A real ``twistd -n emond`` with a temp config: free port, temp datadir, SQLite, no rate limit.
-        ``consumer_of``: the datadir of a node this one only consumes for (same database, no storage)."""
+        ``consumer_of``: the datadir of a node this one only consumes for (same database, no storage).
+        ``prelude``: Python run in the twistd process before twistd starts (instrumentation)."""
         d = self.dir("consumer" if consumer_of else "node")
         port = free_port()
         config = os.path.join(d, "emond.toml")
@@ -194,7 +196,7 @@ class Harness:
                 f"[input]\nqueues = {QUEUES}\nrate_limit = 0.0\n{extra}"
             )
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        argv = pinned(cpu, [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "emond", "--config", config])
+        argv = pinned(cpu, [sys.executable, "-c", prelude + "\n" + TWISTD, "-n", "--pidfile=", "emond", "--config", config])
         server = Server("emond", argv, d, [b"node API ready", b"Site starting on"], env=env)
         self.servers.append(server)
         return server, port, os.path.join(d, "var")

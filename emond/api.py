@@ -29,7 +29,11 @@ from zope.interface import implementer
 from emond.redis import RedisUnavailable
 
 PUBLIC, READ, WRITE = "public", "read", "write"
-MAX_PARAM = 64 * 1024  # longest parameter value accepted (a processlist or bulk body is far smaller)
+# Longest parameter value a route accepts unless it says otherwise (Router.add max_param):
+# process lists, field JSON and feed options are far smaller, and their decoders rely on
+# it. The input routes take values as long as the body (emonhub's 1000-frame bulk is
+# ~135 KB as a form), bounded by their own frame and value limits instead.
+MAX_PARAM = 64 * 1024
 
 
 class ApiError(Exception):
@@ -219,9 +223,15 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: dict[tuple[str, str], tuple[str, Handler]] = {}
+        self._param_limits: dict[tuple[str, str], int] = {}
 
-    def add(self, controller: str, action: str, access: str, handler: Handler) -> None:
+    def add(self, controller: str, action: str, access: str, handler: Handler, max_param: int = MAX_PARAM) -> None:
         self._routes[(controller, action)] = (access, handler)
+        self._param_limits[(controller, action)] = max_param
+
+    def param_limit(self, controller: str, action: str) -> int:
+        """The longest parameter value the route accepts (413 beyond)."""
+        return self._param_limits.get((controller, action), MAX_PARAM)
 
     def find(self, controller: str, action: str) -> tuple[str, Handler] | None:
         return self._routes.get((controller, action))
@@ -245,15 +255,15 @@ def split_path(path: bytes) -> tuple[list[str], str]:
     return segments, fmt
 
 
-def request_params(request: Request) -> dict[str, str]:
-    """GET merged with POST, POST winning (twisted.web's form parsing replaces a
-    query value by the body's); one value per name."""
+def request_params(request: Request, max_param: int = MAX_PARAM) -> dict[str, str]:
+    """GET merged with POST, POST winning (the form decoder replaces a query value by
+    the body's); one value per name, at most ``max_param`` bytes long (413 beyond)."""
     params: dict[str, str] = {}
     for key, values in (request.args or {}).items():
         if not values:
             continue
         name = key.decode("utf-8", "replace")
-        if len(values[0]) > MAX_PARAM:
+        if len(values[0]) > max_param:
             raise ApiError(f"parameter {name[:32]} is too long", 413)
         params[name] = values[0].decode("utf-8", "replace")
     return params
@@ -351,7 +361,7 @@ class ApiResource(Resource):
             raise ApiError("Unknown route", 404)
         request.emond_route = f"{controller}/{action}"  # the metrics label: known routes only
         access, handler = route
-        params = request_params(request)
+        params = request_params(request, self._router.param_limit(controller, action))
         auth = await self._authenticate(request, params)
         if access != PUBLIC:
             if auth is None:

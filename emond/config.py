@@ -63,8 +63,12 @@ class InputSection:
     queues: int = 64
     mapping: str = "hash"  # or "ranges"
     ranges: tuple[int, ...] = ()
-    max_body: int = 1 << 20  # bytes of a request body
+    max_body: int = 8 << 20  # bytes of a request body (emoncms: PHP's post_max_size, 8 MB)
     max_inflated: int = 16 << 20  # bytes a compressed bulk may inflate to
+    # frames in one input/bulk (emonhub catches up in batches of 1000); values in one request
+    max_frames: int = 5000
+    max_values: int = 100_000
+    time_future: int = 86_400  # seconds ahead of the clock a datapoint's time may be
     rate_limit: float = 20.0  # requests per second per user (0: no limit)
     rate_burst: int = 200
     max_nodes: int = 32  # per user
@@ -338,6 +342,11 @@ def _validate_node(config: NodeConfig) -> None:
         raise ConfigError(f"[redis] url: expected redis://HOST:PORT/DB, got {config.redis.url!r}")
     if config.input.queues < 1:
         raise ConfigError(f"[input] queues: must be at least 1, got {config.input.queues}")
+    for key in ("max_body", "max_inflated", "max_frames", "max_values"):
+        if getattr(config.input, key) < 1:
+            raise ConfigError(f"[input] {key}: must be at least 1, got {getattr(config.input, key)}")
+    if config.input.time_future < 0:
+        raise ConfigError(f"[input] time_future: must not be negative, got {config.input.time_future}")
     if config.input.mapping not in ("hash", "ranges"):
         raise ConfigError(f"[input] mapping: expected \"hash\" or \"ranges\", got {config.input.mapping!r}")
     if not config.input.lastvalue_save_interval > 0:

@@ -209,11 +209,30 @@ async def read_head(redis: Redis, stream: str, after: bytes | None, count: int) 
     return [(entry[0], dict(zip(entry[1][::2], entry[1][1::2]))) for entry in reply or []]
 
 
+def encode_group(group: list[Any]) -> bytes:
+    """One request's part of an input queue element: ``[userid, received, time_ref, frames]``
+    (frames as ``inputparse.Bulk`` has them), in msgpack: floats stay binary (six times
+    cheaper to write than JSON) and a bulk's frames go in as decoded. Packed when the
+    request is appended, so a value msgpack refuses (OverflowError) fails that request only."""
+    return msgpack.packb(group)
+
+
+def join_groups(packed: list[bytes]) -> bytes:
+    """An input queue element from packed groups: the msgpack array of them, as
+    ``msgpack.packb(groups)`` writes it (a header, then the items as they are)."""
+    n = len(packed)
+    if n < 16:
+        header = bytes((0x90 | n,))
+    elif n < 1 << 16:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    return b"g" + header + b"".join(packed)
+
+
 def encode_groups(groups: list[Any]) -> bytes:
-    """An input queue element: the requests of one flush, each ``[userid, received,
-    time_ref, frames]`` (frames as ``inputparse.Bulk`` has them), in msgpack: floats stay
-    binary (six times cheaper to write than JSON) and a bulk's frames go in as decoded."""
-    return b"g" + msgpack.packb(groups)
+    """An input queue element: the requests of one flush (see ``encode_group``)."""
+    return join_groups([encode_group(g) for g in groups])
 
 
 def decode_groups(payload: bytes) -> list[Any]:

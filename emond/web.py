@@ -1,26 +1,31 @@
 """The input endpoint: ``input/post`` and ``input/bulk`` → the user's input queue.
 
 No processing happens on the request path: a request is authenticated,
-decoded, and its packets appended to the user's input queue; the device
-gets ``ok`` only once Redis has acknowledged that append. Appends of the
-requests that arrive together are coalesced: one queue element per queue
-per flush, one Redis round trip per flush, at most one flush in flight.
-Request bodies are limited as they arrive, not after buffering.
+rate-limited, decoded, and its packets appended to the user's input queue;
+the device gets ``ok`` only once Redis has acknowledged that append. Appends
+of the requests that arrive together are coalesced: one queue element per
+queue per flush, one Redis round trip per flush, at most one flush in flight;
+each request's part is packed when it is appended, so a request that cannot
+be packed fails alone. Work per request is bounded: bodies are limited as
+they arrive, form bodies are decoded in C with a cap on their fields, and the
+decoders run in slices between which the reactor turns (``cooperate``).
 """
 
 from __future__ import annotations
 
+import binascii
 import codecs
 import json
+import re
 import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable
-from urllib.parse import unquote_to_bytes
+from itertools import islice
+from typing import Any, Callable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,13 +34,15 @@ from twisted.web.server import Request
 from emond.api import WRITE, ApiError, Call, Raw, Router
 from emond.config import InputSection
 from emond.context import NodeContext
-from emond.inputparse import FrameRefusal, bulk_text, parse_bulk, parse_post
-from emond.queue import encode_groups, input_stream
+from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
+from emond.queue import encode_group, input_stream, join_groups
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
 
 OK = Raw(b"ok")
 FULLJSON_OK = Raw(b'{"success": true}')
+SLICE_SECONDS = 0.01  # the longest a decoder runs before the reactor gets a turn
+T = TypeVar("T")
 
 
 class QueueLayoutError(Exception):
@@ -79,6 +86,14 @@ class QueueLayout:
             )
 
 
+class Unqueueable(ApiError):
+    """What a request carries cannot be packed into a queue element (its values are
+    validated where they are parsed, so this is a decoder's miss): that request alone fails."""
+
+    def __init__(self) -> None:
+        super().__init__("Format error, a number in the data is out of range")
+
+
 class InputAppender:
     """Coalesces the appends of concurrent requests into one pipeline per flush."""
 
@@ -87,20 +102,26 @@ class InputAppender:
     def __init__(self, redis: Redis, layout: QueueLayout, reactor: IReactorTime) -> None:
         self.redis = redis
         self.layout = layout
-        self._reactor = reactor
-        self._pending: dict[int, list[list[Any]]] = defaultdict(list)
+        self.reactor = reactor
+        self._pending: dict[int, list[bytes]] = defaultdict(list)
         self._waiting: list[defer.Deferred[None]] = []
         self._scheduled = False
         self._flushing = False
 
     def append(self, userid: int, received: float, time_ref: int, frames: list[list[Any]]) -> defer.Deferred[None]:
-        """Fires once Redis acknowledged the append; fails with RedisUnavailable otherwise."""
-        self._pending[self.layout.queue_for(userid)].append([userid, received, time_ref, frames])
+        """Fires once Redis acknowledged the append; fails with RedisUnavailable otherwise.
+        Raises Unqueueable, before anything is pending, if this request cannot be packed."""
+        try:
+            packed = encode_group([userid, received, time_ref, frames])
+        except (OverflowError, TypeError, ValueError) as e:
+            self.log.warn("input of user {userid} cannot be packed: {error}", userid=userid, error=repr(e))
+            raise Unqueueable()
+        self._pending[self.layout.queue_for(userid)].append(packed)
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(d)
         if not self._scheduled and not self._flushing:
             self._scheduled = True
-            self._reactor.callLater(0, self._flush)
+            self.reactor.callLater(0, self._flush)
         return d
 
     def _flush(self) -> None:
@@ -109,7 +130,7 @@ class InputAppender:
             return
         pending, waiting = self._pending, self._waiting
         self._pending, self._waiting = defaultdict(list), []
-        commands = [("XADD", input_stream(q), "*", "p", encode_groups(groups)) for q, groups in pending.items()]
+        commands = [("XADD", input_stream(q), "*", "p", join_groups(groups)) for q, groups in pending.items()]
         self._flushing = True
         defer.ensureDeferred(self.redis.pipeline(commands)).addBoth(self._flushed, waiting)
 
@@ -154,32 +175,66 @@ class InputMetrics:
         self.frames = Counter("emond_input_frames_accepted", "Frames (packets) accepted and queued", registry=registry)
 
 
+def input_limits(ctx: NodeContext) -> Limits:
+    """What one request may carry, and the accepted times: ``[input]`` and ``[engines] window_past``."""
+    settings = ctx.config.input
+    return Limits(settings.max_frames, settings.max_values, ctx.config.engines.window_past, settings.time_future)
+
+
+async def cooperate(steps: Steps[T], reactor: IReactorTime, budget: float = SLICE_SECONDS) -> T:
+    """Run a decoder, letting the reactor turn whenever it has run for ``budget`` seconds
+    (a small request runs through without a pause)."""
+    began = time.perf_counter()
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        if time.perf_counter() - began > budget:
+            await task.deferLater(reactor, 0, lambda: None)
+            began = time.perf_counter()
+
+
 def add_input_path_routes(router: Router, ctx: NodeContext, appender: InputAppender, limiter: UserRateLimit, metrics: InputMetrics, clock: Callable[[], float] = time.time) -> None:
     settings = ctx.config.input
+    limits = input_limits(ctx)
+    reactor = appender.reactor
 
-    async def accept(call: Call, time_ref: int, frames: list[list[Any]], refused: list[FrameRefusal]) -> None:
+    def take(call: Call) -> None:
+        """The rate limit, before anything of the request is decoded."""
         wait = limiter.take(call.userid)
         if wait:
             raise RateLimited(wait)
+
+    async def accept(call: Call, time_ref: int, frames: list[list[Any]], refused: list[FrameRefusal]) -> None:
         if refused:
-            await ctx.refusals.record(call.userid, [Refused(f.time, f.node, "", f.reason) for f in refused])
+            await ctx.refusals.record(call.userid, [Refused(f.time, f.node, f.input, f.reason) for f in refused])
         if frames:
             await appender.append(call.userid, clock(), time_ref, frames)
             metrics.frames.inc(len(frames))
 
     async def post(call: Call) -> Any:
-        packet, full = parse_post(call.params, call.subactions, int(clock()))
-        await accept(call, packet.time, [[0, packet.node, packet.values]] if packet.values else [], [])
-        return FULLJSON_OK if full else OK
+        take(call)
+        try:
+            parsed = await cooperate(post_steps(call.params, call.subactions, int(clock()), limits), reactor)
+        except TimeRefused as e:
+            await ctx.refusals.record(call.userid, [Refused(e.refusal.time, e.refusal.node, "", e.refusal.reason)])
+            raise
+        packet = parsed.packet
+        await accept(call, packet.time, [[0, packet.node, packet.values]] if packet.values else [], parsed.refused)
+        return FULLJSON_OK if parsed.fulljson else OK
 
     async def bulk(call: Call) -> Any:
-        text = bulk_text(call.params, lambda: _body(call.request), settings.max_inflated)
-        parsed = parse_bulk(call.params, text, int(clock()))
+        take(call)
+        text = await cooperate(bulk_text_steps(call.params, lambda: _body(call.request), settings.max_inflated), reactor)
+        parsed = await cooperate(bulk_steps(call.params, text, int(clock()), limits), reactor)
         await accept(call, parsed.time_ref, parsed.frames, parsed.refused)
         return OK
 
-    router.add("input", "post", WRITE, post)
-    router.add("input", "bulk", WRITE, bulk)
+    # a parameter may be as long as the body allows (emoncms: post_max_size); the frame
+    # and value limits bound the work
+    router.add("input", "post", WRITE, post, max_param=settings.max_body)
+    router.add("input", "bulk", WRITE, bulk, max_param=settings.max_body)
 
 
 class RateLimited(ApiError):
@@ -194,43 +249,175 @@ def _body(request: Request) -> bytes:
 
 
 FORM = b"application/x-www-form-urlencoded"
+MULTIPART = b"multipart/form-data"
+MAX_FIELDS = 1000  # form fields in one body (PHP's max_input_vars, whose default is the same)
+MAX_BAD_ESCAPES = 1000  # "%" not followed by two hex digits, in one form value
+FORM_SLICE = 256 * 1024  # bytes of a form value decoded in one slice
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+class FormError(Exception):
+    """A form body refused before any handler sees it (the message is the answer's)."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
 
 
 def unquote_form(value: bytes) -> bytes:
     """``+`` and ``%XX`` decoded as in a form body. ``%XX`` becomes ``\\xXX`` for
     ``codecs.escape_decode`` (C): 8× faster than urllib's Python loop over each
-    escape, which was a third of a form-encoded bulk request (its JSON is mostly escapes)."""
+    escape, which was a third of a form-encoded bulk request (its JSON is mostly escapes).
+    A ``%`` without two hex digits after it stays as it is (as urllib leaves it): it is
+    made ``%25`` first, when there are at most ``MAX_BAD_ESCAPES`` of them; more refuse
+    the body (urllib's loop took 4 s over 8 MiB of them, a regex substitution 2 s)."""
+    return _unquote(value, MAX_BAD_ESCAPES)[0]
+
+
+def _unquote(value: bytes, allowed_bad: int) -> tuple[bytes, int]:
+    """``value`` decoded, and how many malformed escapes it held (FormError past ``allowed_bad``)."""
     value = value.replace(b"+", b" ")
     if b"%" not in value:
-        return value
+        return value, 0
     try:
-        return codecs.escape_decode(value.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
-    except ValueError:  # a "%" without two hex digits after it stays as it is
-        return unquote_to_bytes(value)
+        return _escape_decode(value), 0
+    except ValueError:  # a "%" without two hex digits after it
+        pass
+    bad = sum(1 for _ in islice(_BAD_ESCAPE.finditer(value), allowed_bad + 1))
+    if bad > allowed_bad:
+        raise FormError(f"Bad form body: more than {MAX_BAD_ESCAPES} malformed % escapes in one value")
+    return _escape_decode(_BAD_ESCAPE.sub(b"%25", value)), bad
+
+
+def _escape_decode(value: bytes) -> bytes:
+    return codecs.escape_decode(value.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+
+
+def unquote_steps(value: bytes) -> Steps[bytes]:
+    """``unquote_form`` a slice of ``FORM_SLICE`` bytes at a time (a large value's decoding
+    is several passes over it in C: ~40 ms for 8 MiB). A slice ends right before a ``%``
+    if one is among its last two bytes, so no escape is cut in two (an escape that would
+    reach the next ``%`` is not an escape anyway)."""
+    parts, start, allowed_bad = [], 0, MAX_BAD_ESCAPES
+    while start < len(value):
+        stop = start + FORM_SLICE
+        if stop < len(value):
+            tail = value[stop - 2:stop]
+            if tail[:1] == b"%":
+                stop -= 2
+            elif tail[1:] == b"%":
+                stop -= 1
+        part, bad = _unquote(value[start:stop], allowed_bad)
+        parts.append(part)
+        allowed_bad -= bad
+        start = stop
+        yield
+    return b"".join(parts)
+
+
+def form_steps(body: bytes) -> Steps[dict[bytes, list[bytes]]]:
+    """A form body as twisted.web's ``parse_qs(body, 1)`` makes it, a slice at a time;
+    FormError (413) past ``MAX_FIELDS`` fields, found in C before any is decoded."""
+    items = body.replace(b";", b"&").split(b"&", MAX_FIELDS)  # at most MAX_FIELDS + 1 pieces
+    if len(items) > MAX_FIELDS:
+        raise FormError(f"Too many form fields (more than {MAX_FIELDS})", 413)
+    args: dict[bytes, list[bytes]] = {}
+    for item in items:
+        key, sep, value = item.partition(b"=")
+        if not sep:
+            continue
+        if len(item) > FORM_SLICE:
+            key = yield from unquote_steps(key)
+            value = yield from unquote_steps(value)
+        else:  # the common case, without a generator per value
+            key, value = unquote_form(key), unquote_form(value)
+        args.setdefault(key, []).append(value)
+    return args
 
 
 def form_args(body: bytes) -> dict[bytes, list[bytes]]:
-    """A form body as twisted.web's ``parse_qs(body, 1)`` makes it."""
+    return run(form_steps(body))
+
+
+_BOUNDARY = re.compile(rb'boundary=(?:"([^"]{1,200})"|([^;\s]{1,200}))', re.IGNORECASE)
+_DISPOSITION_NAME = re.compile(rb'(?:^|;)\s*name=(?:"([^"]*)"|([^;\s]*))', re.IGNORECASE)
+
+
+def multipart_steps(body: bytes, ctype: bytes) -> Steps[dict[bytes, list[bytes]]]:
+    """A multipart/form-data body's fields (files are fields too), as twisted.web's email-based
+    decoder gives them, but split in C: that one walks the body line by line in Python (1.5 s
+    for 8 MiB of short lines). FormError (400) for a body that is not multipart, 413 past
+    ``MAX_FIELDS`` parts."""
+    found = _BOUNDARY.search(ctype)
+    if found is None:
+        raise FormError("Bad multipart body: no boundary")
+    delimiter = b"--" + (found.group(1) or found.group(2))
+    if body.count(delimiter) > MAX_FIELDS + 1:
+        raise FormError(f"Too many form fields (more than {MAX_FIELDS})", 413)
+    parts = body.split(delimiter)
+    if len(parts) < 3:
+        raise FormError("Bad multipart body")
     args: dict[bytes, list[bytes]] = {}
-    for item in body.replace(b";", b"&").split(b"&"):
-        key, sep, value = item.partition(b"=")
-        if sep:
-            args.setdefault(unquote_form(key), []).append(unquote_form(value))
+    for part in parts[1:]:
+        if part.startswith(b"--"):  # the closing delimiter
+            break
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            head, sep, content = part.partition(b"\n\n")
+        if not sep:
+            raise FormError("Bad multipart body")
+        name, encoding = _part_headers(head)
+        if name is None:
+            continue
+        content = content[:-2] if content.endswith(b"\r\n") else content[:-1] if content.endswith(b"\n") else content
+        try:
+            if encoding == b"base64":
+                content = binascii.a2b_base64(content)
+            elif encoding == b"quoted-printable":
+                content = binascii.a2b_qp(content)
+        except binascii.Error:
+            raise FormError("Bad multipart body: a part's content encoding is not valid")
+        args.setdefault(name, []).append(content)
+        yield
     return args
+
+
+def multipart_args(body: bytes, ctype: bytes) -> dict[bytes, list[bytes]]:
+    return run(multipart_steps(body, ctype))
+
+
+def _part_headers(head: bytes) -> tuple[bytes | None, bytes]:
+    """A part's field name (None without one) and its Content-Transfer-Encoding."""
+    name, encoding = None, b""
+    for line in head.splitlines():
+        key, _, value = line.partition(b":")
+        key = key.strip().lower()
+        if key == b"content-disposition":
+            found = _DISPOSITION_NAME.search(value.split(b";", 1)[1] if b";" in value else b"")
+            if found is not None:
+                name = found.group(1) if found.group(1) is not None else found.group(2)
+        elif key == b"content-transfer-encoding":
+            encoding = value.strip().lower()
+    return (name or None), encoding
 
 
 class LimitedRequest(Request):
     """A request whose body stops being stored past ``max_body`` bytes (answered 413),
-    and whose form body is decoded by ``form_args`` (twisted still decodes multipart ones)."""
+    and whose form bodies (urlencoded or multipart) are decoded by ``form_steps`` and
+    ``multipart_steps`` instead of by twisted.web: in C, with a cap on the fields, and
+    for a large body in slices between which the reactor turns."""
 
-    max_body = 1 << 20
-    _form = False
+    max_body = 8 << 20
+    _form: bytes | None = None
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         ctype = self.requestHeaders.getRawHeaders(b"Content-Type")
-        if command == b"POST" and ctype and ctype[0].split(b";", 1)[0].strip().lower() == FORM:
-            self._form = True
-            self._parsePOSTFormSubmission = False
+        if command == b"POST" and ctype:
+            kind = ctype[0].split(b";", 1)[0].strip().lower()
+            if kind in (FORM, MULTIPART):
+                self._form = ctype[0]
+                self._parsePOSTFormSubmission = False
         super().requestReceived(command, path, version)
 
     def gotLength(self, length: int | None) -> None:
@@ -247,15 +434,47 @@ class LimitedRequest(Request):
 
     def process(self) -> None:
         if getattr(self, "too_large", False):
-            self.setResponseCode(413)
-            self.setHeader(b"Content-Type", b"application/json")
-            self.write(b'{"success":false,"message":"Request body too large"}')
-            self.finish()
+            self._refuse(413, "Request body too large")
             return
-        if self._form:
-            self.args.update(form_args(self.content.read()))
-            self.content.seek(0)
+        if self._form is None:
+            super().process()
+            return
+        body = self.content.read()
+        self.content.seek(0)
+        steps = self._form_steps(body)
+        if len(body) <= FORM_SLICE:  # the common case: decoded at once
+            try:
+                fields = run(steps)
+            except FormError as e:
+                self._refuse(e.code, e.message)
+                return
+            self._decoded(fields)
+            return
+        d = defer.ensureDeferred(cooperate(steps, self.channel.site.reactor))
+        d.addCallbacks(self._decoded, self._form_refused)
+
+    def _decoded(self, fields: dict[bytes, list[bytes]]) -> None:
+        if self._disconnected:
+            return
+        self.args.update(fields)
         super().process()
+
+    def _form_refused(self, failure: Failure) -> None:
+        failure.trap(FormError)
+        if not self._disconnected:
+            self._refuse(failure.value.code, failure.value.message)
+
+    def _form_steps(self, body: bytes) -> Steps[dict[bytes, list[bytes]]]:
+        assert self._form is not None
+        if self._form.split(b";", 1)[0].strip().lower() == MULTIPART:
+            return multipart_steps(body, self._form)
+        return form_steps(body)
+
+    def _refuse(self, code: int, message: str) -> None:
+        self.setResponseCode(code)
+        self.setHeader(b"Content-Type", b"application/json")
+        self.write(json.dumps({"success": False, "message": message}).encode())
+        self.finish()
 
 
 def limited_request_factory(max_body: int) -> type[LimitedRequest]:
