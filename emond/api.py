@@ -26,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from emond.numbers import php_number
 from emond.redis import RedisUnavailable
 
 PUBLIC, READ, WRITE = "public", "read", "write"
@@ -171,21 +172,9 @@ class Call:
         return decode_json(self.require(name, message), message)
 
 
-# emoncms's is_numeric (PHP 8): optional whitespace, a sign, digits with an optional point (or a
-# point and digits), an optional exponent, optional whitespace; ASCII digits only (Python's own
-# float()/int() also take "١٢", "１２" and "1_000"). Possessive quantifiers: linear time on any input.
-PHP_NUMERIC = re.compile(r"[ \t\n\r\v\f]*+[+-]?+(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][+-]?+[0-9]++)?+[ \t\n\r\v\f]*+")
 PLAIN_INTEGER = re.compile(r"[+-]?+[0-9]{1,16}+")
 MAX_INTEGER = 2**53  # larger whole numbers are refused: beyond it a float no longer holds every integer
 JSON_INT_DIGITS = 18  # a longer JSON integer becomes a float, as PHP's json_decode makes it
-
-
-def php_number(text: str) -> float | None:
-    """The finite number ``text`` spells as emoncms's ``is_numeric`` accepts it, else None."""
-    if not PHP_NUMERIC.fullmatch(text):
-        return None
-    number = float(text)
-    return number if math.isfinite(number) else None
 
 
 def _json_float(text: str) -> float:

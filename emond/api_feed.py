@@ -44,7 +44,7 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 import numpy as np
 from twisted.internet import defer, threads
 
-from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed, decode_json, json_bytes, php_number
+from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed, decode_json, json_bytes
 from emond.context import NodeContext
 from emond.engine import MAX_TIME as MAX_READ_TIME
 from emond.engine import MIN_TIME as MIN_READ_TIME
@@ -63,6 +63,7 @@ from emond.feeddata import (
     zone_or_utc,
 )
 from emond.feeds import Feed
+from emond.numbers import php_number
 from emond.feedstore import DiskSummary
 from emond.phpfina import MIN_INTERVAL
 from emond.records import (

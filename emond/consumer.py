@@ -37,7 +37,7 @@ from emond.db import is_duplicate
 from emond.engine import FeedError, NoSuchFeed
 from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input, user_version_key
-from emond.loops import steady_loop
+from emond.loops import Slicer, steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_groups, input_stream
 from emond.records import ENGINE_PHPFINA, RECORD
@@ -51,6 +51,7 @@ POISON_AFTER = 5  # failed attempts before an element is set aside
 # Packets in one pass (one commit). A pass runs on the reactor thread (~4 µs a packet):
 # this bounds how long HTTP requests wait behind it; the awaits between passes let them in.
 PASS_PACKETS = 4096
+SLICE_MASK = 1023  # the slicer's clock is read once per this many values
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
 REASON_BAD_NAME = "invalid_name"
@@ -320,6 +321,9 @@ class InputConsumerService(Service):
         read_feeds: dict[int, UserCache] = {}  # feed -> the user whose list computes with its last value
         extra: set[str] = set()
         packets = 0
+        # A pass is bounded by packets, but one packet may carry 100,000 values: the reactor
+        # gets a turn every SLICE_SECONDS (the tenure is ours alone, the commit stays one).
+        slicer = Slicer(self.reactor)
         for userid, _received, time_ref, frames in groups:
             user = users[int(userid)]
             inputs = user.inputs
@@ -328,6 +332,8 @@ class InputConsumerService(Service):
                 when = time_ref + frame[0]
                 node = frame_node(frame)
                 for name, value in frame_values(frame):
+                    if len(work) & SLICE_MASK == 0:
+                        await slicer.turn()
                     inp = inputs.get((node, name))
                     if inp is None:
                         inp = await self._create_input(user, int(userid), when, node, name, refused)
@@ -355,7 +361,9 @@ class InputConsumerService(Service):
             rebuild = {f: read_feeds[f] for f in absent_feeds if f in read_feeds}
             if rebuild:
                 await self._rebuild_feeds(state, rebuild)
-        for user, inp, when, value in work:
+        for n, (user, inp, when, value) in enumerate(work):
+            if n & SLICE_MASK == 0:
+                await slicer.turn()
             state.set_input(inp.id, when, value)
             steps = user.steps.get(inp.id)
             if steps:

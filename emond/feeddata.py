@@ -64,6 +64,7 @@ from emond.engine import (
     valid_zone,
 )
 from emond.feeds import Feed
+from emond.numbers import php_int, php_numeric, php_truthy
 from emond.records import ENGINE_PHPFINA
 
 TIMEFORMATS = ("unix", "unixms", "excel", "iso8601", "notime")
@@ -73,38 +74,6 @@ CSV_BYTES_PER_ROW = 17  # emoncms.org's estimate
 CSV_DECIMALS = 2  # emoncms's csv_decimal_places default
 CSV_SEPARATOR = ","
 DEFAULT_POINTS = 800  # interval 0: (end - start) / 800
-
-# PHP's is_numeric (PHP 8): ASCII digits, optional sign, decimals, exponent,
-# leading and trailing whitespace. Linear: no nested repetition.
-_NUMERIC = re.compile(r"[ \t\n\r\v\f]*[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t\n\r\v\f]*")
-_LEADING_INT = re.compile(r"[ \t\n\r\v\f]*([+-]?[0-9]+)")
-
-
-def php_numeric(text: str | None) -> float | None:
-    """The number of a string PHP's ``is_numeric`` accepts, else None."""
-    if text is None or not _NUMERIC.fullmatch(text):
-        return None
-    return float(text)
-
-
-def php_int(text: str | None, default: int = 0) -> int:
-    """PHP's ``(int)`` of a string: a numeric string's value truncated, else its
-    leading digits, else 0."""
-    if text is None:
-        return default
-    number = php_numeric(text)
-    if number is not None:
-        if not math.isfinite(number):
-            return 0
-        return max(min(math.trunc(number), 2**63 - 1), -(2**63))
-    match = _LEADING_INT.match(text)
-    return int(match.group(1)[:19]) if match else 0
-
-
-def php_truthy(text: str | None) -> bool:
-    """PHP's truth of a string: all but "" and "0"."""
-    return text is not None and text not in ("", "0")
-
 
 def php_round_places(values: np.ndarray, places: int) -> np.ndarray:
     """PHP's ``round(value, places)``: halves away from zero (Python rounds them to even)."""

@@ -7,8 +7,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
-from emond.api import MAX_INTEGER, ApiError, php_number
+from emond.api import MAX_INTEGER, ApiError
 from emond.db import Database, is_duplicate
+from emond.numbers import php_number
 from emond.names import valid_feed_name
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 from emond.redis import Redis

@@ -34,6 +34,7 @@ from typing import Any, Callable, Generator, Iterable, NamedTuple, TypeVar
 from emond.api import ApiError
 from emond.inputs import MAX_NAME, MAX_NODE
 from emond.names import valid_input_name
+from emond.numbers import PHP_NUMERIC
 from emond.records import REASON_TOO_NEW, REASON_TOO_OLD
 
 T = TypeVar("T")
@@ -42,8 +43,7 @@ Steps = Generator[None, None, T]  # a decoder: yields between slices of work, re
 POSITIONS = [str(i) for i in range(256)]  # CSV position names, made once
 MAX_POSITION = len(POSITIONS)
 _POSITION_NAMES = tuple(POSITIONS[1:])  # the names of positional values, in order
-# PHP is_numeric, ASCII only; possessive quantifiers: no backtracking, linear time.
-NUMERIC = re.compile(r"[ \t\n\r\v\f]*+[+-]?+(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][+-]?+[0-9]++)?+[ \t\n\r\v\f]*+")
+NUMERIC = PHP_NUMERIC  # PHP is_numeric, ASCII only, linear time (emond.numbers)
 _LEGACY_DROPPED = re.compile(r"[^\w\s.:,-]")  # emoncms strips all but [\p{N}\p{L}_\s\-.:,]
 _LEGACY_DROPPED_ASCII = bytes(c for c in range(128) if not (chr(c).isalnum() or chr(c).isspace() or chr(c) in "_.:,-"))
 # Where a piece of JSON may end (group 1) and the next begin (group 2). Each starts with a

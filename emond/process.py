@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from emond.api import ApiError, php_number
+from emond.api import ApiError
 from emond.db import Database, Transaction
+from emond.numbers import php_number
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 
 # Argument types (emoncms ProcessArg)

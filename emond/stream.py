@@ -8,7 +8,8 @@ peer that fails any of this is dropped before a single frame is processed.
 
 Every frame is a 4-byte length and a body whose first byte is its kind:
 
-- ``H`` hello (node → server), ``h`` its answer: JSON, protocol version first;
+- ``H`` hello (node → server), ``h`` its answer: JSON, protocol version first; the
+  answer carries the server id and the newest fencing token it has applied;
 - ``B`` batch: ``<QQ`` sequence number and fencing token, then RECORDs;
 - ``A`` acknowledgement: ``<Q`` sequence number, then the refusals (JSON);
 - ``N`` batch not applied (stale token, disk error): ``<Q`` seq, JSON reason;

@@ -25,7 +25,7 @@ from itertools import islice
 from typing import Any, Callable, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -34,6 +34,7 @@ from twisted.web.server import Request
 from emond.api import WRITE, ApiError, Call, Raw, Router
 from emond.config import InputSection
 from emond.context import NodeContext
+from emond.loops import cooperate
 from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
 from emond.queue import encode_group, input_stream, join_groups
 from emond.redis import Redis, RedisUnavailable
@@ -41,7 +42,6 @@ from emond.refusals import Refused
 
 OK = Raw(b"ok")
 FULLJSON_OK = Raw(b'{"success": true}')
-SLICE_SECONDS = 0.01  # the longest a decoder runs before the reactor gets a turn
 T = TypeVar("T")
 
 
@@ -179,20 +179,6 @@ def input_limits(ctx: NodeContext) -> Limits:
     """What one request may carry, and the accepted times: ``[input]`` and ``[engines] window_past``."""
     settings = ctx.config.input
     return Limits(settings.max_frames, settings.max_values, ctx.config.engines.window_past, settings.time_future)
-
-
-async def cooperate(steps: Steps[T], reactor: IReactorTime, budget: float = SLICE_SECONDS) -> T:
-    """Run a decoder, letting the reactor turn whenever it has run for ``budget`` seconds
-    (a small request runs through without a pause)."""
-    began = time.perf_counter()
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-        if time.perf_counter() - began > budget:
-            await task.deferLater(reactor, 0, lambda: None)
-            began = time.perf_counter()
 
 
 def add_input_path_routes(router: Router, ctx: NodeContext, appender: InputAppender, limiter: UserRateLimit, metrics: InputMetrics, clock: Callable[[], float] = time.time) -> None:

@@ -18,7 +18,8 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from emond.api import MAX_INTEGER, ApiError, Call, decode_json, php_number
+from emond.api import MAX_INTEGER, ApiError, Call, decode_json
+from emond.numbers import php_number
 from emond.api_input import processlist_steps
 from emond.feeds import public_flag
 from emond.process import FEEDID, INPUTID, MAX_ID, NONE, PROCESSES, VALUE, Step, parse_processlist

@@ -13,7 +13,8 @@ from twisted.trial import unittest
 
 from emond.api import ApiError
 from emond.engine import DataQuery, Series
-from emond.feeddata import convert_time, number_format, php_int, php_modify, php_numeric, php_round_places
+from emond.feeddata import convert_time, number_format, php_modify, php_round_places
+from emond.numbers import php_int, php_numeric
 
 UTC = zoneinfo.ZoneInfo("UTC")
 NOW = 1_600_000_000  # Sunday 2020-09-13 12:26:40 UTC

@@ -17,7 +17,7 @@ import time
 import zlib
 from urllib.parse import urlencode
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from emond import web

@@ -148,6 +148,7 @@ class InputPathTests(unittest.TestCase):
         self.patch(consumer_module, "PASS_PACKETS", 3)  # several commits for one read
         feed = yield self.feed()
         answer = yield self.post("input/bulk.json", data=json.dumps([[0, "n", 0, 0]]), time=str(T0))
+        self.assertEqual(answer.body, b"ok")
         yield drain(self.node)
         yield self.set_processlist("n", "2", f"1:{feed.id}")
         commits = []

@@ -27,7 +27,6 @@ from twisted.trial import unittest
 from emond.api import ApiError
 from emond.inputparse import (
     FLOAT32_LIMIT,
-    MAX_TIME,
     REASON_MALFORMED_FRAME,
     REASON_NOT_NUMERIC,
     REASON_VALUE_RANGE,

@@ -83,7 +83,7 @@ class StreamTests(unittest.TestCase):
         client.send(encode_json(HELLO, {"version": 1, "name": "node0"}))
         frame = yield client.frame(1)
         self.assertEqual(frame[:1], HELLO_OK)
-        self.assertEqual(json.loads(frame[1:]), {"version": 1, "server": 1})
+        self.assertEqual(json.loads(frame[1:]), {"version": 1, "server": 1, "token": 0})
 
     @defer.inlineCallbacks
     def test_batches_are_applied_then_acknowledged(self):

@@ -57,7 +57,7 @@ class HostileFrameTests(unittest.TestCase):
         client = yield self.storage.connect()
         client.send(GOOD_HELLO)
         frame = yield client.frame(1)
-        self.assertEqual(json.loads(frame[1:]), {"version": 1, "server": 1})
+        self.assertEqual(json.loads(frame[1:]), {"version": 1, "server": 1, "token": self.server.max_token})
         return client
 
     @defer.inlineCallbacks
