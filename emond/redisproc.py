@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 READY = b"ready to accept connections"
+MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path holds 108 with its NUL)
 
 
 class _RedisProtocol(ProcessProtocol):
@@ -66,6 +67,13 @@ class EmbeddedRedis(Service):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("no Redis configured ([redis] url) and no redis-server installed to start one")
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
+            # connect() would fail later with an obscure error, every time
+            raise RuntimeError(
+                f"the private Redis's socket path is {len(os.fsencode(self.socket))} bytes, over the "
+                f"{MAX_SOCKET_PATH} a Unix socket allows: {self.socket}; use a shorter [node] datadir "
+                "or configure [redis] url"
+            )
         os.makedirs(self.directory, exist_ok=True)
         leftover = self._leftover_pid()
         if leftover is not None:
@@ -90,6 +98,13 @@ class EmbeddedRedis(Service):
         self._protocol = _RedisProtocol()
         self._protocol.ready.chainDeferred(self.ready)
         self.ready.addCallback(lambda _: self.log.info("private redis-server ready on {socket}", socket=self.socket))
+        # In a session of its own: a signal to emond's whole process group (Ctrl-C in a
+        # terminal, `timeout`, a service manager) must not stop Redis before emond has
+        # drained into it; emond stops it last, in stopService. ``setsid`` execs in place
+        # (the pid stays redis-server's) since a spawned child never leads its group.
+        setsid = shutil.which("setsid")
+        if setsid is not None:
+            binary, args = setsid, [setsid, *args]
         self._reactor.spawnProcess(self._protocol, binary, args, env=None, path=self.directory)
 
     def _leftover_pid(self) -> int | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 
 import treq
 from twisted.internet import defer
@@ -63,6 +65,31 @@ class DaemonTests(unittest.TestCase):
         self.assertIn(b"Server Shut Down.", daemon.output)
         self.assertIn(b"Redis is now ready to exit", daemon.output)  # the private redis stopped too
         self.assertFalse(os.path.exists(os.path.join(self.dir, "var", "redis", "redis.sock")))
+
+    @defer.inlineCallbacks
+    def test_group_signal_stops_in_order(self):
+        """Ctrl-C in a terminal, `timeout` or a service manager signal emond's whole process
+        group: its private Redis must still outlive the pipeline's drain, not die with it."""
+        require_program("redis-server")
+        setsid = require_program("setsid")
+        port = free_port()
+        # A short data directory: the private Redis's socket path must fit a Unix socket.
+        var = tempfile.mkdtemp(prefix="emond-")
+        self.addCleanup(shutil.rmtree, var, True)
+        text = f'[node]\nhttp = "tcp:{port}:interface=127.0.0.1"\ndatadir = "{var}"\n[database]\nurl = "sqlite:///{var}/emond.db"\n'
+        daemon = start_daemon("emond", self.config("emond.toml", text), self.dir, prefix=[setsid])  # its own group
+        self.addCleanup(daemon.signal, signal.SIGKILL)
+        yield daemon.logged("node API ready")
+        yield daemon.logged("Site starting on")
+        pid = daemon.transport.pid
+        self.assertEqual(os.getpgid(pid), pid)
+        os.killpg(pid, signal.SIGTERM)
+        status = yield daemon.ended
+        self.assertIn(status, STOPPED_CLEANLY)
+        self.assertIn(b"Server Shut Down.", daemon.output)
+        self.assertIn(b"Redis is now ready to exit", daemon.output)  # stopped by emond, last
+        self.assertNotIn(b"Lost connection", daemon.output)  # nothing lost Redis while draining
+        self.assertNotIn(b"no reply within", daemon.output)
 
     @defer.inlineCallbacks
     def test_emond_storage(self):

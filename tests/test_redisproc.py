@@ -35,3 +35,12 @@ class EmbeddedRedisTests(unittest.TestCase):
         info = yield defer.ensureDeferred(client.call("INFO", "persistence"))
         self.assertIn(b"aof_enabled:1", info)
         self.assertTrue(any(name.startswith("appendonly") for name in os.listdir(directory)), os.listdir(directory))
+
+    def test_a_socket_path_too_long_is_refused_clearly(self):
+        directory = os.path.join(os.path.abspath(self.mktemp()), "x" * 120)
+        redis = EmbeddedRedis(directory, reactor)
+        with self.assertRaises(RuntimeError) as raised:
+            redis.startService()
+        self.assertIn("over the 107 a Unix socket allows", str(raised.exception))
+        self.assertIn("[redis] url", str(raised.exception))
+        self.assertFalse(os.path.exists(directory))  # nothing started, nothing made

@@ -74,10 +74,11 @@ class Daemon(ProcessProtocol):
         return self.ended
 
 
-def start_daemon(plugin: str, config: str, cwd: str) -> Daemon:
-    """Start ``twistd -n <plugin> --config <config>`` with this checkout's code."""
+def start_daemon(plugin: str, config: str, cwd: str, prefix: list[str] | None = None) -> Daemon:
+    """Start ``twistd -n <plugin> --config <config>`` with this checkout's code; ``prefix``
+    is a command that execs it (e.g. ``setsid``: a process group of its own)."""
     daemon = Daemon()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", plugin, "--config", config]
-    reactor.spawnProcess(daemon, sys.executable, argv, env=env, path=cwd)
+    argv = [*(prefix or []), sys.executable, "-c", TWISTD, "-n", "--pidfile=", plugin, "--config", config]
+    reactor.spawnProcess(daemon, argv[0], argv, env=env, path=cwd)
     return daemon
