@@ -336,6 +336,7 @@ class InputConsumerService(Service):
                         await slicer.turn()
                     inp = inputs.get((node, name))
                     if inp is None:
+                        await slicer.turn()  # the slow path (a new input, or one refused): every time
                         inp = await self._create_input(user, int(userid), when, node, name, refused)
                         if inp is None:
                             continue
