@@ -39,12 +39,11 @@ from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input, user_version_key
 from emond.loops import Slicer, steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
-from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_groups, input_stream
+from emond.queue import Commit, Lease, LeaseLost, QueueLayout, Scripts, decode_groups, input_stream
 from emond.records import ENGINE_PHPFINA, RECORD
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
 from emond.runner import ProcessState, StepRun, daily_feeds, references, run_steps
-from emond.web import QueueLayout
 
 CONSUMERS = "emond:consumers"
 POISON_AFTER = 5  # failed attempts before an element is set aside

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 from emond.api import ApiError
 from emond.db import Database, Transaction
 from emond.names import valid_input_name
+from emond.numbers import MAX_ID
 from emond.process import FEEDID, PROCESSES, Step, check_steps, load_owned, parse_lenient
 from emond.redis import Redis
 
@@ -21,7 +22,6 @@ COLUMNS = "id, userid, nodeid, name, description, processList"
 MAX_NODE = 16
 MAX_NAME = 64
 MAX_DESCRIPTION = 255
-MAX_ID = 2**31 - 1
 SAVE_CHUNK = 200  # inputs per UPDATE statement (7 parameters each, well under SQLite's limit)
 READ_CHUNK = 500  # ids per SELECT ... IN (...)
 

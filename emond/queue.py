@@ -26,6 +26,7 @@ from typing import Any
 
 import msgpack
 
+from emond.config import InputSection
 from emond.redis import Redis, RedisUnavailable
 
 # Commands a commit may carry (a whitelist: the script runs them verbatim).
@@ -109,6 +110,47 @@ def storage_stream(server: int) -> str:
 
 def storage_seq(server: int) -> str:
     return f"emond:seq:st:{server}"
+
+
+class QueueLayoutError(Exception):
+    """This process's queue layout disagrees with the one recorded in Redis."""
+
+
+@dataclass(frozen=True)
+class QueueLayout:
+    """How users map to input queues: by a hash of the id, or by emoncms.org-style id ranges."""
+
+    queues: int
+    mapping: str
+    ranges: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, section: InputSection) -> "QueueLayout":
+        if section.mapping == "ranges" and len(section.ranges) + 1 != section.queues:
+            raise QueueLayoutError(f"[input] ranges: {len(section.ranges)} bounds make {len(section.ranges) + 1} queues, not {section.queues}")
+        return cls(section.queues, section.mapping, tuple(section.ranges))
+
+    def queue_for(self, userid: int) -> int:
+        if self.mapping == "ranges":
+            for i, bound in enumerate(self.ranges):
+                if userid < bound:
+                    return i
+            return len(self.ranges)
+        return zlib.crc32(str(userid).encode()) % self.queues
+
+    def encode(self) -> str:
+        return json.dumps({"queues": self.queues, "mapping": self.mapping, "ranges": list(self.ranges)}, sort_keys=True)
+
+    async def check(self, redis: Redis) -> None:
+        """Record the layout at first start; refuse to run with a different one."""
+        key = "emond:input:layout"
+        await redis.call("SET", key, self.encode(), "NX")
+        recorded = await redis.call("GET", key)
+        if recorded is None or recorded.decode() != self.encode():
+            raise QueueLayoutError(
+                f"input queue layout in Redis is {recorded!r}, this config says {self.encode()}; "
+                "drain the queues before changing [input] queues/mapping/ranges"
+            )
 
 
 class LeaseLost(Exception):
