@@ -31,21 +31,22 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from emond.api import ApiError
+from emond import keys
 from emond.context import NodeContext
 from emond.feeds import Feed
 from emond.db import is_duplicate
 from emond.engine import FeedError, NoSuchFeed
 from emond.inputparse import frame_node, frame_values
-from emond.inputs import Input, user_version_key
+from emond.inputs import Input
 from emond.loops import Slicer, steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
-from emond.queue import Commit, Lease, LeaseLost, QueueLayout, Scripts, decode_groups, input_stream
+from emond.keys import input_stream
+from emond.queue import Commit, Lease, LeaseLost, QueueLayout, Scripts, decode_groups
 from emond.records import ENGINE_PHPFINA, RECORD
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
 from emond.runner import ProcessState, StepRun, daily_feeds, references, run_steps
 
-CONSUMERS = "emond:consumers"
 POISON_AFTER = 5  # failed attempts before an element is set aside
 # Packets in one pass (one commit). A pass runs on the reactor thread (~4 µs a packet):
 # this bounds how long HTTP requests wait behind it; the awaits between passes let them in.
@@ -147,7 +148,7 @@ class InputConsumerService(Service):
             self._saver.stop()
         await self.save_lastvalues()
         try:
-            await self.ctx.redis.call("ZREM", CONSUMERS, self.owner)
+            await self.ctx.redis.call("ZREM", keys.CONSUMERS, self.owner)
             for tenure in self.tenures.values():
                 await tenure.lease.release()
         except RedisUnavailable:
@@ -195,9 +196,9 @@ class InputConsumerService(Service):
         now_ms = int(self.reactor.seconds() * 1000)
         try:
             _, _, live = await self.ctx.redis.pipeline([
-                ("ZADD", CONSUMERS, now_ms + self.lease_ms, self.owner),
-                ("ZREMRANGEBYSCORE", CONSUMERS, "-inf", now_ms),
-                ("ZCARD", CONSUMERS),
+                ("ZADD", keys.CONSUMERS, now_ms + self.lease_ms, self.owner),
+                ("ZREMRANGEBYSCORE", keys.CONSUMERS, "-inf", now_ms),
+                ("ZCARD", keys.CONSUMERS),
             ])
             self.fair = -(-self.layout.queues // max(1, int(live)))
             for queue in sorted(self.tenures):
@@ -279,7 +280,7 @@ class InputConsumerService(Service):
         entry_id, fields = entry
         fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
         commit = Commit()
-        commit.command("XADD", f"emond:dead:{input_stream(queue)}", "*", "p", fields.get(b"p", b""), "error", str(error)[:500])
+        commit.command("XADD", keys.dead_letters(input_stream(queue)), "*", "p", fields.get(b"p", b""), "error", str(error)[:500])
         await tenure.lease.commit(input_stream(queue), [entry_id], commit)
         tenure.failures = 0
         self.dead.inc()
@@ -433,7 +434,7 @@ class InputConsumerService(Service):
 
     async def _users(self, userids: set[int]) -> dict[int, UserCache]:
         ordered = sorted(userids)
-        versions = await self.ctx.redis.pipeline([("GET", user_version_key(u)) for u in ordered])
+        versions = await self.ctx.redis.pipeline([("GET", keys.user_version(u)) for u in ordered])
         for userid, version in zip(ordered, versions):
             cached = self.users.get(userid)
             if cached is None or cached.version != version:

@@ -26,7 +26,9 @@ from typing import Any
 
 import msgpack
 
+from emond import keys
 from emond.config import InputSection
+from emond.keys import storage_seq, storage_stream
 from emond.redis import Redis, RedisUnavailable
 
 # Commands a commit may carry (a whitelist: the script runs them verbatim).
@@ -100,18 +102,6 @@ return redis.call('XADD', KEYS[1], '*', 's', seq, 'b', ARGV[1])
 """
 
 
-def input_stream(queue: int) -> str:
-    return f"emond:in:{queue}"
-
-
-def storage_stream(server: int) -> str:
-    return f"emond:st:{server}"
-
-
-def storage_seq(server: int) -> str:
-    return f"emond:seq:st:{server}"
-
-
 class QueueLayoutError(Exception):
     """This process's queue layout disagrees with the one recorded in Redis."""
 
@@ -143,9 +133,8 @@ class QueueLayout:
 
     async def check(self, redis: Redis) -> None:
         """Record the layout at first start; refuse to run with a different one."""
-        key = "emond:input:layout"
-        await redis.call("SET", key, self.encode(), "NX")
-        recorded = await redis.call("GET", key)
+        await redis.call("SET", keys.INPUT_LAYOUT, self.encode(), "NX")
+        recorded = await redis.call("GET", keys.INPUT_LAYOUT)
         if recorded is None or recorded.decode() != self.encode():
             raise QueueLayoutError(
                 f"input queue layout in Redis is {recorded!r}, this config says {self.encode()}; "
@@ -206,7 +195,7 @@ class Lease:
 
     @property
     def key(self) -> str:
-        return f"emond:lease:{self.queue}"
+        return keys.lease(self.queue)
 
     @property
     def holder(self) -> str:
@@ -214,7 +203,7 @@ class Lease:
 
     @property
     def fence_key(self) -> str:
-        return f"emond:fence:{self.queue}"
+        return keys.fence(self.queue)
 
     async def acquire_or_renew(self) -> bool:
         """True while we hold the lease (a new token means a new tenure)."""

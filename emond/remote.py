@@ -28,11 +28,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from emond import keys
 from emond.config import RemoteServer, TLSSection
-from emond.queue import Commit, Lease, LeaseLost, Scripts, storage_stream
+from emond.keys import storage_stream
+from emond.queue import Commit, Lease, LeaseLost, Scripts
 from emond.records import RECORD, Refusal
 from emond.redis import Redis, RedisUnavailable
-from emond.sender import RefusalRecorder, disk_key, last_per_feed
+from emond.sender import RefusalRecorder, last_per_feed
 from emond.stream import (
     ACK,
     BINARY,
@@ -335,7 +337,7 @@ class RemoteLink(Service):
     async def _commit(self, entry_id: bytes, batch: np.ndarray, refusals: list[Refusal]) -> None:
         commit = Commit()
         for feed, when, value in last_per_feed(batch, {(r.feed, r.time) for r in refusals}):
-            commit.set_if_newer(disk_key(feed), when, repr(value))
+            commit.set_if_newer(keys.feed_disk(feed), when, repr(value))
         try:
             await self.lease.commit(storage_stream(self.server_id), [entry_id], commit)
             if refusals:

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
+from emond import keys
 from emond.feeds import Feed
 from emond.process import DAILY, PROCESSES, Step
 from emond.queue import Commit
@@ -71,18 +72,6 @@ Record = tuple[int, int, float, int, int]  # feed, time, value, engine, padding
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 REASON_OUT_OF_RANGE = "value_out_of_range"  # NaN, infinite, or beyond what float32 holds
-
-
-def _input_key(inputid: int) -> str:
-    return f"input:lastvalue:{inputid}"
-
-
-def _feed_key(feedid: int) -> str:
-    return f"feed:lastvalue:{feedid}"
-
-
-def _step_key(inputid: int) -> str:
-    return f"emond:step:{inputid}"
 
 
 @dataclass
@@ -118,11 +107,11 @@ class ProcessState:
         commands: list[tuple[Any, ...]] = []
         for kind, key in wanted:
             if kind == "input":
-                commands.append(("HMGET", _input_key(key), "time", "value"))
+                commands.append(("HMGET", keys.input_lastvalue(key), "time", "value"))
             elif kind == "feed":
-                commands.append(("HMGET", _feed_key(key), "time", "value"))
+                commands.append(("HMGET", keys.feed_lastvalue(key), "time", "value"))
             elif kind == "step":
-                commands.append(("HGETALL", _step_key(key)))
+                commands.append(("HGETALL", keys.step_times(key)))
             else:
                 commands.append(("HGETALL", key))
         return commands
@@ -207,15 +196,15 @@ class ProcessState:
     def to_commit(self, commit: Commit) -> None:
         for i in self.dirty_inputs:
             t, v = self.inputs[i]
-            commit.command("HSET", _input_key(i), "time", t, "value", "" if v is None else repr(v))
+            commit.command("HSET", keys.input_lastvalue(i), "time", t, "value", "" if v is None else repr(v))
         for f in self.dirty_feeds:
             t, v = self.feeds[f]
             # Only if newer: feed/insert may have set a later value meanwhile.
-            commit.set_if_newer(_feed_key(f), t, repr(v))
+            commit.set_if_newer(keys.feed_lastvalue(f), t, repr(v))
         for i in self.dirty_steps:
             flat = [x for k, v in self.steps[i].items() for x in (k, v)]
             if flat:
-                commit.command("HSET", _step_key(i), *flat)
+                commit.command("HSET", keys.step_times(i), *flat)
         for key in self.dirty_extra:
             flat = [x for k, v in self.extra[key].items() for x in (k, v)]
             if flat:
@@ -359,10 +348,10 @@ class StepRun:
         return True
 
     def extra(self, name: str, feedid: int) -> Mapping[str, str]:
-        return self.state.extra.get(f"process:{name}:{int(feedid)}", _NO_EXTRA)
+        return self.state.extra.get(keys.process_state(name, feedid), _NO_EXTRA)
 
     def set_extra(self, name: str, feedid: int, values: dict[str, str]) -> None:
-        key = f"process:{name}:{int(feedid)}"
+        key = keys.process_state(name, feedid)
         self.state.extra[key] = values
         self.state.dirty_extra.add(key)
 
@@ -746,5 +735,5 @@ def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: 
         elif input_args(step.process):
             refs.inputs.add(int(step.arg))
         if step.process in EXTRA_STATE:
-            refs.extra.add(f"process:{EXTRA_STATE[step.process]}:{int(step.arg)}")
+            refs.extra.add(keys.process_state(EXTRA_STATE[step.process], step.arg))
     return refs

@@ -22,17 +22,15 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from emond import keys
 from emond.config import EnginesSection
 from emond.engine import TimeWindow
-from emond.queue import APPEND_SEQ, Commit, Lease, LeaseLost, Scripts, storage_seq, storage_stream
+from emond.keys import storage_seq, storage_stream
+from emond.queue import APPEND_SEQ, Commit, Lease, LeaseLost, Scripts
 from emond.records import RECORD, Refusal
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refusals, Refused
 from emond.storage import StorageLocationService
-
-
-def disk_key(feedid: int) -> str:
-    return f"feed:disk:{feedid}"
 
 
 class QueueWriter:
@@ -185,7 +183,7 @@ class LocalSenderService(Service):
         commit = Commit()
         refused_keys = {(r.feed, r.time) for r in refusals}
         for feed, when, value in last_per_feed(batch, refused_keys):
-            commit.set_if_newer(disk_key(feed), when, repr(value))
+            commit.set_if_newer(keys.feed_disk(feed), when, repr(value))
         await self.lease.commit(storage_stream(self.server_id), ids, commit)
         self.points.labels(str(self.server_id)).inc(batch.shape[0] - len(refusals))
         if refusals:

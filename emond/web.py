@@ -33,7 +33,8 @@ from emond.api import WRITE, ApiError, Call, Raw, Router
 from emond.context import NodeContext
 from emond.loops import cooperate
 from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
-from emond.queue import QueueLayout, encode_group, input_stream, join_groups
+from emond.keys import input_stream
+from emond.queue import QueueLayout, encode_group, join_groups
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
 

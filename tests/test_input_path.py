@@ -13,7 +13,7 @@ import numpy as np
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from emond.consumer import user_version_key
+from emond.keys import user_version as user_version_key
 from emond.engine import DataQuery
 from emond.phpfina import PHPFina
 from tests.support.node import NodeHarness, drain
@@ -364,7 +364,8 @@ class PoisonTests(unittest.TestCase):
         node = yield NodeHarness.start(self, "sqlite")
         consumer = node.service.getServiceNamed("pipeline").getServiceNamed("consumer")
         from emond import consumer as consumer_module
-        from emond.queue import encode_groups, input_stream
+        from emond.keys import input_stream
+        from emond.queue import encode_groups
 
         self.patch(consumer_module, "POISON_AFTER", 2)
         waits = []
