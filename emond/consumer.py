@@ -12,7 +12,7 @@ State Redis does not have (it lost its data) is rebuilt before a pass runs:
 feeds' last values from their last points on disk (one read per storage
 server), inputs' from the database, where the consumer writes them at most
 every ``[input] lastvalue_save_interval`` seconds, off the packet path (rules
-in ``emond.runner``). A storage server that cannot be read stops the pass
+in ``emond.process_state``). A storage server that cannot be read stops the pass
 until it can: a total is never restarted from 0.
 """
 
@@ -23,29 +23,26 @@ import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from emond.api import ApiError
 from emond import keys
 from emond.context import NodeContext
 from emond.feeds import Feed
 from emond.db import is_duplicate
-from emond.engine import FeedError, NoSuchFeed
 from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input
 from emond.loops import Slicer, steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.keys import input_stream
 from emond.queue import Commit, Lease, LeaseLost, QueueLayout, Scripts, decode_groups
-from emond.records import ENGINE_PHPFINA, RECORD
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
-from emond.runner import ProcessState, StepRun, daily_feeds, references, run_steps
+from emond.process_state import StateLoader, StorageUnreadable, to_commit
+from emond.runner import ExtraKey, ProcessState, StepRun, daily_feeds, references, run_steps
 
 POISON_AFTER = 5  # failed attempts before an element is set aside
 # Packets in one pass (one commit). A pass runs on the reactor thread (~4 µs a packet):
@@ -76,10 +73,6 @@ def _feed_arg(process: int) -> bool:
 def _input_arg(process: int) -> bool:
     p = PROCESSES.get(process)
     return p is not None and p.argtype == INPUTID
-
-
-class StorageUnreadable(Exception):
-    """A feed's last point on disk is needed and its storage server cannot be read now."""
 
 
 class QueueTenure:
@@ -114,6 +107,8 @@ class InputConsumerService(Service):
         self.block_ms = block_ms
         self.owner = owner or f"{ctx.config.node.name}-{uuid.uuid4().hex[:8]}"
         self.scripts = Scripts(ctx.redis)
+        reachable = set(ctx.config.node.storage) | set(ctx.config.storage_servers)
+        self.loader = StateLoader(ctx.redis, ctx.inputs, ctx.store, reachable)
         self.tenures: dict[int, QueueTenure] = {}
         self.users: dict[int, UserCache] = {}
         self._leases = steady_loop(self._renew, reactor, "input lease loop")
@@ -319,7 +314,7 @@ class InputConsumerService(Service):
         inputids: set[int] = set()
         feedids: set[int] = set()
         read_feeds: dict[int, UserCache] = {}  # feed -> the user whose list computes with its last value
-        extra: set[str] = set()
+        extra: set[ExtraKey] = set()
         packets = 0
         # A pass is bounded by packets, but one packet may carry 100,000 values: the reactor
         # gets a turn every SLICE_SECONDS (the tenure is ours alone, the commit stays one).
@@ -352,15 +347,7 @@ class InputConsumerService(Service):
                             read_feeds.setdefault(feedid, user)
                         inputids |= refs.inputs
                         extra |= refs.extra
-        wanted = state.missing(inputids, feedids, extra)
-        if wanted:
-            absent_inputs, absent_feeds = state.loaded(wanted, await self.ctx.redis.pipeline(ProcessState.load_commands(wanted)))
-            if absent_inputs:
-                state.rebuild_inputs(absent_inputs, await self.ctx.inputs.stored_lastvalues(absent_inputs))
-            # A feed only written (log_to_feed) needs no last value: its first write sets it.
-            rebuild = {f: read_feeds[f] for f in absent_feeds if f in read_feeds}
-            if rebuild:
-                await self._rebuild_feeds(state, rebuild)
+        await self.loader.load(state, inputids, feedids, extra, read_feeds)
         for n, (user, inp, when, value) in enumerate(work):
             if n & SLICE_MASK == 0:
                 await slicer.turn()
@@ -372,10 +359,7 @@ class InputConsumerService(Service):
             self._refused_values(state, work, refused)
         committed_inputs = list(state.dirty_inputs)
         commit = Commit()
-        state.to_commit(commit)
-        for server, records in state.records.items():
-            batch = np.array(records, dtype=RECORD)
-            commit.append_storage(server, batch.tobytes())
+        to_commit(state, commit)
         try:
             await tenure.lease.commit(input_stream(queue), ids, commit)
         finally:
@@ -386,44 +370,6 @@ class InputConsumerService(Service):
         self.packets.inc(packets)
         for userid, items in refused.items():
             await self.ctx.refusals.record(userid, items)
-
-    async def _rebuild_feeds(self, state: ProcessState, absent: dict[int, UserCache]) -> None:
-        """Feeds Redis has no last value for go on from their last point on disk: one
-        ``summaries`` read per storage server for all of them (rules in ``emond.runner``)."""
-        found = {f: user.feeds[f] for f, user in absent.items() if f in user.feeds}
-        reachable = set(self.ctx.config.node.storage) | set(self.ctx.config.storage_servers)
-        readable = [feed for feed in found.values() if feed.server in reachable]
-        summaries = await self.ctx.store.summaries(readable) if readable else {}
-        for feedid, user in absent.items():
-            feed = found.get(feedid)
-            if feed is None:
-                state.rebuild_feed(feedid, None)  # not the user's (deleted): its steps do nothing
-                continue
-            if feed.server not in reachable:
-                # Nothing on this process reads that server: a new feed, or state it cannot rebuild.
-                self.log.warn(
-                    "feed {feed}: no last value in Redis and storage server {server} is not reachable from "
-                    "this process to read its last point; it starts empty (give this process "
-                    "[storage.servers] {server} to rebuild such state from disk)", feed=feedid, server=feed.server,
-                )
-                state.rebuild_feed(feedid, None)
-                continue
-            summary = summaries[feedid]
-            point = summary.last if summary.size is not None else await self._disk_last(feed)
-            slot = feed.interval if feed.engine == ENGINE_PHPFINA else 1
-            state.rebuild_feed(feedid, point, slot, user.tz if feedid in user.daily else None)
-        if readable:
-            self.log.info("{n} feeds had no last value in Redis: rebuilt from their last points on disk", n=len(readable))
-
-    async def _disk_last(self, feed: Feed) -> tuple[int, float | None] | None:
-        """The last point of a feed whose summary failed: None if its files are gone, else
-        ``StorageUnreadable`` (its server is down or failing): never a restart from 0."""
-        try:
-            return await self.ctx.store.lastvalue(feed)
-        except (NoSuchFeed, KeyError):
-            return None
-        except (FeedError, ApiError, OSError) as e:
-            raise StorageUnreadable(f"feed {feed.id}: last point on storage server {feed.server} unreadable ({e})") from e
 
     def _refused_values(self, state: ProcessState, work: list[tuple[UserCache, Input, int, float]], refused: dict[int, list[Refused]]) -> None:
         """Values the process lists refused (not a finite float32), to the refusals recorder."""
