@@ -25,7 +25,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -37,9 +37,8 @@ from emond.inputparse import frame_node, frame_values
 from emond.inputs import Input
 from emond.loops import Slicer, steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
-from emond.keys import input_stream
-from emond.queue import Commit, Lease, LeaseLost, QueueLayout, Scripts, decode_groups
-from emond.redis import Redis, RedisUnavailable
+from emond.queue import Commit, ElementHandler, Entry, FairShare, LeasedReader, QueueLayout, Tenure, decode_groups, input_queue
+from emond.redis import Redis
 from emond.refusals import Refused
 from emond.process_state import StateLoader, StorageUnreadable, to_commit
 from emond.runner import ExtraKey, ProcessState, StepRun, daily_feeds, references, run_steps
@@ -75,17 +74,13 @@ def _input_arg(process: int) -> bool:
     return p is not None and p.argtype == INPUTID
 
 
-class QueueTenure:
-    """A held input queue: its lease and the state cached while it is held."""
+class InputConsumerService(Service, ElementHandler):
+    """Reads a fair share of the input queues (``emond.queue.LeasedReader``) and runs
+    each element's packets through the inputs and process lists."""
 
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.state = ProcessState()
-        self.failures = 0  # consecutive failed attempts at the head of the queue
-
-
-class InputConsumerService(Service):
     log = Logger()
+    doing = "processing an element"
+    retryable = (StorageUnreadable,)  # its storage server is down: wait, never set the element aside
 
     def __init__(
         self,
@@ -97,59 +92,46 @@ class InputConsumerService(Service):
         lease_ms: int = 10_000,
         block_ms: int = 500,
         owner: str | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        """``clock``: the leases' and retries' (tests give a ``task.Clock``); default ``reactor``."""
         self.ctx = ctx
         self.layout = layout
-        self.blocking = blocking  # its own connection: XREAD BLOCK must not hold up other calls
         self.reactor = reactor
-        self.batch = batch
-        self.lease_ms = lease_ms
-        self.block_ms = block_ms
         self.owner = owner or f"{ctx.config.node.name}-{uuid.uuid4().hex[:8]}"
-        self.scripts = Scripts(ctx.redis)
         reachable = set(ctx.config.node.storage) | set(ctx.config.storage_servers)
         self.loader = StateLoader(ctx.redis, ctx.inputs, ctx.store, reachable)
-        self.tenures: dict[int, QueueTenure] = {}
         self.users: dict[int, UserCache] = {}
-        self._leases = steady_loop(self._renew, reactor, "input lease loop")
-        self._loop: defer.Deferred[None] | None = None
-        self._stopping = False
-        self._idle: list[defer.Deferred[None]] = []
-        self._busy = False
-        self.fair = layout.queues
         # Input last values committed since the last write to the database.
         self._unsaved: dict[int, tuple[int, float | None]] = {}
         self._saver = steady_loop(self.save_lastvalues, reactor, "input last values saver")
         self._saved: list[defer.Deferred[None]] = []
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
         self.dead = Counter("emond_input_elements_set_aside", "Queue elements that kept failing, moved aside", registry=ctx.registry)
-        self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
+        held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
+        clock = clock or reactor
+        queues = [input_queue(q) for q in range(layout.queues)]
+        self.share = FairShare(ctx.redis, queues, self.owner, lease_ms, clock, keys.CONSUMERS, held)
+        self.reader = LeasedReader(
+            self.share, self, blocking, clock, "input queues", batch=batch, block_ms=block_ms, poison_after=POISON_AFTER
+        )
+
+    @property
+    def tenures(self) -> dict[int, Tenure]:
+        """The input queues held now, by number."""
+        return self.share.tenures
 
     def startService(self) -> None:
         super().startService()
-        self._stopping = False
-        self._leases.start(self.lease_ms / 3000.0, now=True)
         self._saver.start(self.ctx.config.input.lastvalue_save_interval, now=False)
-        self._loop = defer.ensureDeferred(self._run())
+        self.reader.start()
 
     async def stopService(self) -> None:  # type: ignore[override]
         super().stopService()
-        self._stopping = True
-        if self._leases.running:
-            self._leases.stop()
-        if self._loop is not None:
-            await self._loop  # finish the batch in hand (it commits or is read again later)
+        await self.reader.stop()  # the batch in hand commits (or is read again later), the leases go
         if self._saver.running:
             self._saver.stop()
         await self.save_lastvalues()
-        try:
-            await self.ctx.redis.call("ZREM", keys.CONSUMERS, self.owner)
-            for tenure in self.tenures.values():
-                await tenure.lease.release()
-        except RedisUnavailable:
-            pass  # the leases expire by themselves
-        self.tenures.clear()
-        await self.blocking.disconnect()
 
     def saved(self) -> defer.Deferred[None]:
         """Fires after the next write of input last values to the database has ended (tests)."""
@@ -175,138 +157,32 @@ class InputConsumerService(Service):
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once every input queue has been seen empty after this call (tests, drains)."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(d)
-        return d
+        return self.reader.idle()
 
-    async def _renew(self) -> None:
-        """Renew held leases and take or give queues towards a fair share.
-
-        Live consumers announce themselves in ``emond:consumers`` (score: when
-        the announcement expires). A consumer holding more than its share
-        releases the excess; one holding less takes free queues. A released
-        queue's batch in flight fails its fenced commit and is simply read
-        again by the next holder, so order is kept.
-        """
-        now_ms = int(self.reactor.seconds() * 1000)
-        try:
-            _, _, live = await self.ctx.redis.pipeline([
-                ("ZADD", keys.CONSUMERS, now_ms + self.lease_ms, self.owner),
-                ("ZREMRANGEBYSCORE", keys.CONSUMERS, "-inf", now_ms),
-                ("ZCARD", keys.CONSUMERS),
-            ])
-            self.fair = -(-self.layout.queues // max(1, int(live)))
-            for queue in sorted(self.tenures):
-                lease = self.tenures[queue].lease
-                before = lease.token
-                if not await lease.acquire_or_renew():
-                    del self.tenures[queue]
-                elif lease.token != before:  # it lapsed and is ours again: others may have held it
-                    self.tenures[queue] = QueueTenure(lease)
-            for queue in sorted(self.tenures, reverse=True)[: max(0, len(self.tenures) - self.fair)]:
-                await self.tenures.pop(queue).lease.release()
-                self.log.info("gave input queue {queue} to another consumer", queue=queue)
-            for queue in range(self.layout.queues):
-                if len(self.tenures) >= self.fair:
-                    break
-                if queue in self.tenures:
-                    continue
-                lease = Lease(self.scripts, f"in:{queue}", self.owner, self.lease_ms)
-                if await lease.acquire_or_renew():
-                    self.tenures[queue] = QueueTenure(lease)  # a new tenure: fresh state
-                    self.log.info("consuming input queue {queue} (token {token})", queue=queue, token=lease.token)
-        except RedisUnavailable:
-            return
-        finally:
-            self.held.set(len(self.tenures))
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            queues = sorted(self.tenures)
-            if not queues:
-                await task.deferLater(self.reactor, self.block_ms / 1000.0, lambda: None)
-                continue
-            waiting, self._idle = self._idle, []
-            try:
-                reply = await self.blocking.call(
-                    "XREAD", "COUNT", self.batch, "BLOCK", self.block_ms, "STREAMS",
-                    *[input_stream(q) for q in queues], *["0"] * len(queues),
-                )
-            except RedisUnavailable as e:
-                self._idle += waiting
-                self.log.warn("input queues: {error}", error=str(e))
-                await task.deferLater(self.reactor, 1.0, lambda: None)
-                continue
-            if not reply and len(queues) >= self.fair:
-                if self._busy:
-                    self._busy = False
-                    self.log.info("input queues drained")
-                for d in waiting:  # every queue was empty after they asked
-                    d.callback(None)
-            else:
-                self._idle += waiting
-                self._busy = self._busy or bool(reply)
-            for stream, entries in reply or []:
-                queue = int(stream.decode().rsplit(":", 1)[1])
-                tenure = self.tenures.get(queue)
-                if tenure is None or not entries:
-                    continue
-                try:
-                    await self.process(queue, tenure, entries)
-                except LeaseLost:
-                    self.tenures.pop(queue, None)
-                    self.log.warn("lost input queue {queue} to another consumer", queue=queue)
-                except (RedisUnavailable, StorageUnreadable) as e:
-                    self.log.warn("input queue {queue}: {error}; will retry", queue=queue, error=str(e))
-                    tenure.state = ProcessState()  # nothing was committed: start from Redis again
-                    await task.deferLater(self.reactor, 1.0, lambda: None)
-                except Exception as e:
-                    self.log.failure("processing input queue {queue} failed; will retry", queue=queue)
-                    tenure.state = ProcessState()
-                    tenure.failures += 1
-                    if tenure.failures >= POISON_AFTER:
-                        await self._set_aside(queue, tenure, entries[0], e)
-                    else:
-                        await task.deferLater(self.reactor, 1.0, lambda: None)
-
-    async def _set_aside(self, queue: int, tenure: QueueTenure, entry: Any, error: Exception) -> None:
-        """An element that keeps failing would stop its queue for good: move it, whole,
-        to ``emond:dead:in:<queue>`` for an operator (nothing is dropped), and go on."""
-        entry_id, fields = entry
-        fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
-        commit = Commit()
-        commit.command("XADD", keys.dead_letters(input_stream(queue)), "*", "p", fields.get(b"p", b""), "error", str(error)[:500])
-        await tenure.lease.commit(input_stream(queue), [entry_id], commit)
-        tenure.failures = 0
+    def set_aside(self, tenure: Tenure, entry_id: bytes) -> None:
         self.dead.inc()
-        self.log.error(
-            "input queue {queue}: element {id} failed {n} times; set aside in emond:dead:{stream}",
-            queue=queue, id=entry_id, n=POISON_AFTER, stream=input_stream(queue),
-        )
 
-    async def process(self, queue: int, tenure: QueueTenure, entries: list[Any]) -> None:
-        """``entries`` in order, in passes of about ``PASS_PACKETS`` packets, each one commit.
-        After a failure, one element per pass: the element set aside is the one that fails."""
-        if tenure.failures:
-            entries = entries[:1]
+    async def handle(self, tenure: Tenure, entries: list[Entry]) -> None:
+        """``entries`` in order, in passes of about ``PASS_PACKETS`` packets, each one commit."""
         ids: list[bytes] = []
         groups: list[list[Any]] = []
         size = 0
         for entry_id, fields in entries:
-            fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
             element = decode_groups(fields[b"p"])
             ids.append(entry_id)
             groups.extend(element)
             size += sum(len(group[3]) for group in element)
             if size >= PASS_PACKETS:
-                await self._pass(queue, tenure, ids, groups)
+                await self._pass(tenure, ids, groups)
                 ids, groups, size = [], [], 0
         if ids:
-            await self._pass(queue, tenure, ids, groups)
+            await self._pass(tenure, ids, groups)
 
-    async def _pass(self, queue: int, tenure: QueueTenure, ids: list[bytes], groups: list[list[Any]]) -> None:
+    async def _pass(self, tenure: Tenure, ids: list[bytes], groups: list[list[Any]]) -> None:
         refused: dict[int, list[Refused]] = {}
         users = await self._users({int(g[0]) for g in groups})
+        if tenure.state is None:
+            tenure.state = ProcessState()  # a new tenure, or one whose pass failed: from what Redis has
         state = tenure.state
         # One pass: find (or create) each value's input and what its list reads.
         work: list[tuple[UserCache, Input, int, float]] = []
@@ -361,12 +237,11 @@ class InputConsumerService(Service):
         commit = Commit()
         to_commit(state, commit)
         try:
-            await tenure.lease.commit(input_stream(queue), ids, commit)
+            await tenure.commit(ids, commit)
         finally:
             state.clear_changes()
         for inputid in committed_inputs:
             self._unsaved[inputid] = state.inputs[inputid]
-        tenure.failures = 0
         self.packets.inc(packets)
         for userid, items in refused.items():
             await self.ctx.refusals.record(userid, items)
