@@ -25,6 +25,10 @@ import urllib.request
 from typing import Any, Sequence
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
+
+from emond.keys import input_stream, storage_stream  # noqa: E402  (key names live in one place)
+
 HOST = "127.0.0.1"
 TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 READY_TIMEOUT = 60.0
@@ -138,7 +142,7 @@ class Redis:
 
     def queue_lengths(self, storage_servers: Sequence[int] = (0,)) -> tuple[int, int]:
         """(elements in the input queues, elements in the storage queues)."""
-        streams = [f"emond:in:{q}" for q in range(QUEUES)] + [f"emond:st:{s}" for s in storage_servers]
+        streams = [input_stream(q) for q in range(QUEUES)] + [storage_stream(s) for s in storage_servers]
         lengths = self.pipeline([("XLEN", s) for s in streams])
         return sum(lengths[:QUEUES]), sum(lengths[QUEUES:])
 

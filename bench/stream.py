@@ -31,7 +31,8 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
 from emond.config import RemoteServer, TLSSection  # noqa: E402
-from emond.queue import APPEND_SEQ, Scripts, storage_seq, storage_stream  # noqa: E402
+from emond.keys import lease, storage_queue, storage_seq, storage_stream  # noqa: E402
+from emond.queue import APPEND_SEQ, Scripts  # noqa: E402
 from emond.records import make_records  # noqa: E402
 from emond.redis import Redis  # noqa: E402
 from emond.remote import RemoteLink  # noqa: E402
@@ -89,13 +90,13 @@ async def run(reactor, args) -> None:
             batch=args.window,
         )
         # Hold the sender back until the feeds exist: create them over the stream first.
-        await redis.call("SET", "emond:lease:st:1", "someone-else:999999", "PX", 60_000)
+        await redis.call("SET", lease(storage_queue(1)), "someone-else:999999", "PX", 60_000)
         link.startService()
         await link._ready
         for feedid in feeds.tolist():
             await link.request("create", feedid, 5, 10)
         warm = link.idle()
-        await redis.call("DEL", "emond:lease:st:1")
+        await redis.call("DEL", lease(storage_queue(1)))
         await warm
         total = 0
         idle = link.idle()

@@ -63,7 +63,7 @@ from emond.feeddata import (
     zone_or_utc,
 )
 from emond.feeds import Feed
-from emond.numbers import php_number
+from emond.numbers import MAX_ID, php_number
 from emond.feedstore import DiskSummary
 from emond.phpfina import MIN_INTERVAL
 from emond.records import (
@@ -81,7 +81,6 @@ from emond.refusals import Refused
 
 T = TypeVar("T")
 
-MAX_ID = 2**31 - 1  # feed and user ids (INT columns)
 MAX_TIME = 2**32 - 1  # record times are uint32 seconds
 MAX_INTERVAL = 366 * 86400  # longest PHPFina interval accepted at create
 MAX_FETCH = 1000  # ids per feed/fetch.json

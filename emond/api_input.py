@@ -21,6 +21,7 @@ from emond.engine import FeedError
 from emond.feeds import check_engine, valid_feed_name
 from emond.inputs import Input
 from emond.names import valid_input_name
+from emond.numbers import MAX_ID
 from emond.phpfina import MIN_INTERVAL
 from emond.process import (
     MAX_STEPS,
@@ -42,7 +43,6 @@ from emond.process import (
 )
 from emond.records import ENGINE_PHPFINA
 
-MAX_ID = 2**31 - 1
 MAX_DELETE = 1000  # ids in one input/delete.json?inputids=[...] (a user has at most 1000 inputs)
 MAX_FEED_INTERVAL = 365 * 86400
 DEFAULT_FEED_INTERVAL = 10

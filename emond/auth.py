@@ -11,7 +11,6 @@ secret (a key, a token, a password) is logged or used raw in a key name.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import secrets
 import time
@@ -22,6 +21,7 @@ from twisted.web.server import Request
 
 from emond.api import ApiError, Auth, InvalidApiKey
 from emond.config import UsersSection
+from emond import keys
 from emond.redis import Redis
 from emond.users import Users, apikey_digest
 
@@ -30,7 +30,6 @@ KEY_CACHE_SECONDS = 5.0
 REDIS_KEY_TTL = 3600
 TOO_MANY_ATTEMPTS = "Too many attempts, please try again later"  # current emoncms's words
 TOO_MANY_REGISTRATIONS = "Too many registrations from this address, please try again later"
-_GENERATION_PREFIX = "emond:session:gen:"
 
 # KEYS: the session; ARGV[1]: the generation key prefix. The session's value if it is of
 # the user's current generation; a session of an older generation is deleted.
@@ -124,7 +123,7 @@ class Authenticator:
         cached = self._keys.get(digest)
         if cached is not None and cached[2] > now:
             return cached[0], cached[1]
-        entry = await self.redis.call("GET", b"emond:apikey:" + digest.encode())
+        entry = await self.redis.call("GET", keys.apikey(digest))
         if entry is not None:
             uid, kind = entry.split(b":")
             owner = (int(uid), kind == b"w")
@@ -134,7 +133,7 @@ class Authenticator:
                 return None
             owner = (found.userid, found.write)
             value = f"{owner[0]}:{'w' if owner[1] else 'r'}"
-            await self.redis.call("SET", b"emond:apikey:" + digest.encode(), value, "EX", REDIS_KEY_TTL)
+            await self.redis.call("SET", keys.apikey(digest), value, "EX", REDIS_KEY_TTL)
         if len(self._keys) > 100_000:
             self._keys.clear()  # bounded: a flood of distinct valid keys cannot grow it forever
         self._keys[digest] = (owner[0], owner[1], now + KEY_CACHE_SECONDS)
@@ -143,7 +142,7 @@ class Authenticator:
     async def forget_key(self, digest: str) -> None:
         """A key was replaced: stop accepting it (other processes within seconds)."""
         self._keys.pop(digest, None)
-        await self.redis.call("DEL", b"emond:apikey:" + digest.encode())
+        await self.redis.call("DEL", keys.apikey(digest))
 
     # -- sessions ----------------------------------------------------------
     #
@@ -154,14 +153,14 @@ class Authenticator:
     async def session_generation(self, userid: int) -> int:
         """The user's current generation. A login reads it, then makes sure the password it
         checked is still the user's, then starts the session: a change after the read ends it."""
-        value = await self.redis.call("GET", _generation_key(userid))
+        value = await self.redis.call("GET", keys.session_generation(userid))
         return int(value) if value is not None else 0
 
     async def start_session(self, request: Request, userid: int, remember: bool, generation: int) -> None:
         token = secrets.token_urlsafe(32).encode()
         ttl = self.session_ttl if remember else min(self.session_ttl, 86400)
         value = f"{userid}:{generation}:{1 if remember else 0}"
-        await self.redis.call("SET", _session_key(token), value, "EX", ttl)
+        await self.redis.call("SET", keys.session(token), value, "EX", ttl)
         request.addCookie(
             COOKIE,
             token,
@@ -177,7 +176,7 @@ class Authenticator:
         token = request.getCookie(COOKIE)
         if not token:
             return None
-        value = await self.redis.call("EVAL", _SESSION, 1, _session_key(token), _GENERATION_PREFIX)
+        value = await self.redis.call("EVAL", _SESSION, 1, keys.session(token), keys.SESSION_GENERATION_PREFIX)
         if not value:
             return None
         userid, _generation, remember = (value.decode().split(":") + ["0", "0"])[:3]
@@ -186,12 +185,12 @@ class Authenticator:
     async def end_session(self, request: Request) -> None:
         token = request.getCookie(COOKIE)
         if token:
-            await self.redis.call("DEL", _session_key(token))
+            await self.redis.call("DEL", keys.session(token))
         request.addCookie(COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, sameSite="strict")
 
     async def end_all_sessions(self, userid: int) -> int:
         """End every session of the user (all processes); fires with the new generation."""
-        return int(await self.redis.call("INCR", _generation_key(userid)))
+        return int(await self.redis.call("INCR", keys.session_generation(userid)))
 
     def is_https(self, request: Request) -> bool:
         if request.isSecure():
@@ -251,7 +250,7 @@ class Authenticator:
 
     async def registration_attempt(self, address: str, limits: UsersSection) -> None:
         """Count one registration from the address; ApiError 429 when over the limit."""
-        key = _throttle_key("r", address_bucket(address))
+        key = keys.login_throttle("r", address_bucket(address))
         wait = await self.redis.call("EVAL", _COUNT, 1, key, limits.registration_window, limits.registrations_per_address)
         if int(wait) > 0:
             raise ApiError(TOO_MANY_REGISTRATIONS, 429, {b"Retry-After": str(int(wait)).encode()})
@@ -264,27 +263,15 @@ def _bearer(request: Request) -> str | None:
     return header.decode("ascii", "replace").replace("Bearer ", "").strip() or None
 
 
-def _session_key(token: bytes) -> bytes:
-    return b"emond:session:" + hashlib.sha256(token).hexdigest().encode()
-
-
-def _throttle_key(kind: str, who: str) -> bytes:
-    return f"emond:login:{kind}:{hashlib.sha256(who.encode()).hexdigest()}".encode()
-
-
 def _attempt_keys(username: str, address: str) -> tuple[bytes, bytes, bytes, bytes]:
     # Usernames match case-insensitively at login, so they count so too.
     user, bucket = username.lower(), address_bucket(address)
     return (
-        _throttle_key("c", f"{user}\n{bucket}"),
-        _throttle_key("a", bucket),
-        _throttle_key("u", user),
-        _throttle_key("s", user),
+        keys.login_throttle("c", f"{user}\n{bucket}"),
+        keys.login_throttle("a", bucket),
+        keys.login_throttle("u", user),
+        keys.login_throttle("s", user),
     )
-
-
-def _generation_key(userid: int) -> str:
-    return f"{_GENERATION_PREFIX}{userid}"
 
 
 def address_bucket(address: str) -> str:

@@ -12,7 +12,7 @@ State Redis does not have (it lost its data) is rebuilt before a pass runs:
 feeds' last values from their last points on disk (one read per storage
 server), inputs' from the database, where the consumer writes them at most
 every ``[input] lastvalue_save_interval`` seconds, off the packet path (rules
-in ``emond.runner``). A storage server that cannot be read stops the pass
+in ``emond.process_state``). A storage server that cannot be read stops the pass
 until it can: a total is never restarted from 0.
 """
 
@@ -23,30 +23,26 @@ import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from emond.api import ApiError
+from emond import keys
 from emond.context import NodeContext
 from emond.feeds import Feed
 from emond.db import is_duplicate
-from emond.engine import FeedError, NoSuchFeed
 from emond.inputparse import frame_node, frame_values
-from emond.inputs import Input, user_version_key
+from emond.inputs import Input
 from emond.loops import Slicer, steady_loop
 from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
-from emond.queue import Commit, Lease, LeaseLost, Scripts, decode_groups, input_stream
-from emond.records import ENGINE_PHPFINA, RECORD
-from emond.redis import Redis, RedisUnavailable
+from emond.queue import Commit, ElementHandler, Entry, FairShare, LeasedReader, QueueLayout, Tenure, decode_groups, input_queue
+from emond.redis import Redis
 from emond.refusals import Refused
-from emond.runner import ProcessState, StepRun, daily_feeds, references, run_steps
-from emond.web import QueueLayout
+from emond.process_state import StateLoader, StorageUnreadable, to_commit
+from emond.runner import ExtraKey, ProcessState, StepRun, daily_feeds, references, run_steps
 
-CONSUMERS = "emond:consumers"
 POISON_AFTER = 5  # failed attempts before an element is set aside
 # Packets in one pass (one commit). A pass runs on the reactor thread (~4 µs a packet):
 # this bounds how long HTTP requests wait behind it; the awaits between passes let them in.
@@ -78,21 +74,13 @@ def _input_arg(process: int) -> bool:
     return p is not None and p.argtype == INPUTID
 
 
-class StorageUnreadable(Exception):
-    """A feed's last point on disk is needed and its storage server cannot be read now."""
+class InputConsumerService(Service, ElementHandler):
+    """Reads a fair share of the input queues (``emond.queue.LeasedReader``) and runs
+    each element's packets through the inputs and process lists."""
 
-
-class QueueTenure:
-    """A held input queue: its lease and the state cached while it is held."""
-
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.state = ProcessState()
-        self.failures = 0  # consecutive failed attempts at the head of the queue
-
-
-class InputConsumerService(Service):
     log = Logger()
+    doing = "processing an element"
+    retryable = (StorageUnreadable,)  # its storage server is down: wait, never set the element aside
 
     def __init__(
         self,
@@ -104,57 +92,46 @@ class InputConsumerService(Service):
         lease_ms: int = 10_000,
         block_ms: int = 500,
         owner: str | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        """``clock``: the leases' and retries' (tests give a ``task.Clock``); default ``reactor``."""
         self.ctx = ctx
         self.layout = layout
-        self.blocking = blocking  # its own connection: XREAD BLOCK must not hold up other calls
         self.reactor = reactor
-        self.batch = batch
-        self.lease_ms = lease_ms
-        self.block_ms = block_ms
         self.owner = owner or f"{ctx.config.node.name}-{uuid.uuid4().hex[:8]}"
-        self.scripts = Scripts(ctx.redis)
-        self.tenures: dict[int, QueueTenure] = {}
+        reachable = set(ctx.config.node.storage) | set(ctx.config.storage_servers)
+        self.loader = StateLoader(ctx.redis, ctx.inputs, ctx.store, reachable)
         self.users: dict[int, UserCache] = {}
-        self._leases = steady_loop(self._renew, reactor, "input lease loop")
-        self._loop: defer.Deferred[None] | None = None
-        self._stopping = False
-        self._idle: list[defer.Deferred[None]] = []
-        self._busy = False
-        self.fair = layout.queues
         # Input last values committed since the last write to the database.
         self._unsaved: dict[int, tuple[int, float | None]] = {}
         self._saver = steady_loop(self.save_lastvalues, reactor, "input last values saver")
         self._saved: list[defer.Deferred[None]] = []
         self.packets = Counter("emond_packets_processed", "Input packets processed", registry=ctx.registry)
         self.dead = Counter("emond_input_elements_set_aside", "Queue elements that kept failing, moved aside", registry=ctx.registry)
-        self.held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
+        held = Gauge("emond_input_queues_held", "Input queues this process consumes", registry=ctx.registry)
+        clock = clock or reactor
+        queues = [input_queue(q) for q in range(layout.queues)]
+        self.share = FairShare(ctx.redis, queues, self.owner, lease_ms, clock, keys.CONSUMERS, held)
+        self.reader = LeasedReader(
+            self.share, self, blocking, clock, "input queues", batch=batch, block_ms=block_ms, poison_after=POISON_AFTER
+        )
+
+    @property
+    def tenures(self) -> dict[int, Tenure]:
+        """The input queues held now, by number."""
+        return self.share.tenures
 
     def startService(self) -> None:
         super().startService()
-        self._stopping = False
-        self._leases.start(self.lease_ms / 3000.0, now=True)
         self._saver.start(self.ctx.config.input.lastvalue_save_interval, now=False)
-        self._loop = defer.ensureDeferred(self._run())
+        self.reader.start()
 
     async def stopService(self) -> None:  # type: ignore[override]
         super().stopService()
-        self._stopping = True
-        if self._leases.running:
-            self._leases.stop()
-        if self._loop is not None:
-            await self._loop  # finish the batch in hand (it commits or is read again later)
+        await self.reader.stop()  # the batch in hand commits (or is read again later), the leases go
         if self._saver.running:
             self._saver.stop()
         await self.save_lastvalues()
-        try:
-            await self.ctx.redis.call("ZREM", CONSUMERS, self.owner)
-            for tenure in self.tenures.values():
-                await tenure.lease.release()
-        except RedisUnavailable:
-            pass  # the leases expire by themselves
-        self.tenures.clear()
-        await self.blocking.disconnect()
 
     def saved(self) -> defer.Deferred[None]:
         """Fires after the next write of input last values to the database has ended (tests)."""
@@ -180,138 +157,32 @@ class InputConsumerService(Service):
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once every input queue has been seen empty after this call (tests, drains)."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(d)
-        return d
+        return self.reader.idle()
 
-    async def _renew(self) -> None:
-        """Renew held leases and take or give queues towards a fair share.
-
-        Live consumers announce themselves in ``emond:consumers`` (score: when
-        the announcement expires). A consumer holding more than its share
-        releases the excess; one holding less takes free queues. A released
-        queue's batch in flight fails its fenced commit and is simply read
-        again by the next holder, so order is kept.
-        """
-        now_ms = int(self.reactor.seconds() * 1000)
-        try:
-            _, _, live = await self.ctx.redis.pipeline([
-                ("ZADD", CONSUMERS, now_ms + self.lease_ms, self.owner),
-                ("ZREMRANGEBYSCORE", CONSUMERS, "-inf", now_ms),
-                ("ZCARD", CONSUMERS),
-            ])
-            self.fair = -(-self.layout.queues // max(1, int(live)))
-            for queue in sorted(self.tenures):
-                lease = self.tenures[queue].lease
-                before = lease.token
-                if not await lease.acquire_or_renew():
-                    del self.tenures[queue]
-                elif lease.token != before:  # it lapsed and is ours again: others may have held it
-                    self.tenures[queue] = QueueTenure(lease)
-            for queue in sorted(self.tenures, reverse=True)[: max(0, len(self.tenures) - self.fair)]:
-                await self.tenures.pop(queue).lease.release()
-                self.log.info("gave input queue {queue} to another consumer", queue=queue)
-            for queue in range(self.layout.queues):
-                if len(self.tenures) >= self.fair:
-                    break
-                if queue in self.tenures:
-                    continue
-                lease = Lease(self.scripts, f"in:{queue}", self.owner, self.lease_ms)
-                if await lease.acquire_or_renew():
-                    self.tenures[queue] = QueueTenure(lease)  # a new tenure: fresh state
-                    self.log.info("consuming input queue {queue} (token {token})", queue=queue, token=lease.token)
-        except RedisUnavailable:
-            return
-        finally:
-            self.held.set(len(self.tenures))
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            queues = sorted(self.tenures)
-            if not queues:
-                await task.deferLater(self.reactor, self.block_ms / 1000.0, lambda: None)
-                continue
-            waiting, self._idle = self._idle, []
-            try:
-                reply = await self.blocking.call(
-                    "XREAD", "COUNT", self.batch, "BLOCK", self.block_ms, "STREAMS",
-                    *[input_stream(q) for q in queues], *["0"] * len(queues),
-                )
-            except RedisUnavailable as e:
-                self._idle += waiting
-                self.log.warn("input queues: {error}", error=str(e))
-                await task.deferLater(self.reactor, 1.0, lambda: None)
-                continue
-            if not reply and len(queues) >= self.fair:
-                if self._busy:
-                    self._busy = False
-                    self.log.info("input queues drained")
-                for d in waiting:  # every queue was empty after they asked
-                    d.callback(None)
-            else:
-                self._idle += waiting
-                self._busy = self._busy or bool(reply)
-            for stream, entries in reply or []:
-                queue = int(stream.decode().rsplit(":", 1)[1])
-                tenure = self.tenures.get(queue)
-                if tenure is None or not entries:
-                    continue
-                try:
-                    await self.process(queue, tenure, entries)
-                except LeaseLost:
-                    self.tenures.pop(queue, None)
-                    self.log.warn("lost input queue {queue} to another consumer", queue=queue)
-                except (RedisUnavailable, StorageUnreadable) as e:
-                    self.log.warn("input queue {queue}: {error}; will retry", queue=queue, error=str(e))
-                    tenure.state = ProcessState()  # nothing was committed: start from Redis again
-                    await task.deferLater(self.reactor, 1.0, lambda: None)
-                except Exception as e:
-                    self.log.failure("processing input queue {queue} failed; will retry", queue=queue)
-                    tenure.state = ProcessState()
-                    tenure.failures += 1
-                    if tenure.failures >= POISON_AFTER:
-                        await self._set_aside(queue, tenure, entries[0], e)
-                    else:
-                        await task.deferLater(self.reactor, 1.0, lambda: None)
-
-    async def _set_aside(self, queue: int, tenure: QueueTenure, entry: Any, error: Exception) -> None:
-        """An element that keeps failing would stop its queue for good: move it, whole,
-        to ``emond:dead:in:<queue>`` for an operator (nothing is dropped), and go on."""
-        entry_id, fields = entry
-        fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
-        commit = Commit()
-        commit.command("XADD", f"emond:dead:{input_stream(queue)}", "*", "p", fields.get(b"p", b""), "error", str(error)[:500])
-        await tenure.lease.commit(input_stream(queue), [entry_id], commit)
-        tenure.failures = 0
+    def set_aside(self, tenure: Tenure, entry_id: bytes) -> None:
         self.dead.inc()
-        self.log.error(
-            "input queue {queue}: element {id} failed {n} times; set aside in emond:dead:{stream}",
-            queue=queue, id=entry_id, n=POISON_AFTER, stream=input_stream(queue),
-        )
 
-    async def process(self, queue: int, tenure: QueueTenure, entries: list[Any]) -> None:
-        """``entries`` in order, in passes of about ``PASS_PACKETS`` packets, each one commit.
-        After a failure, one element per pass: the element set aside is the one that fails."""
-        if tenure.failures:
-            entries = entries[:1]
+    async def handle(self, tenure: Tenure, entries: list[Entry]) -> None:
+        """``entries`` in order, in passes of about ``PASS_PACKETS`` packets, each one commit."""
         ids: list[bytes] = []
         groups: list[list[Any]] = []
         size = 0
         for entry_id, fields in entries:
-            fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
             element = decode_groups(fields[b"p"])
             ids.append(entry_id)
             groups.extend(element)
             size += sum(len(group[3]) for group in element)
             if size >= PASS_PACKETS:
-                await self._pass(queue, tenure, ids, groups)
+                await self._pass(tenure, ids, groups)
                 ids, groups, size = [], [], 0
         if ids:
-            await self._pass(queue, tenure, ids, groups)
+            await self._pass(tenure, ids, groups)
 
-    async def _pass(self, queue: int, tenure: QueueTenure, ids: list[bytes], groups: list[list[Any]]) -> None:
+    async def _pass(self, tenure: Tenure, ids: list[bytes], groups: list[list[Any]]) -> None:
         refused: dict[int, list[Refused]] = {}
         users = await self._users({int(g[0]) for g in groups})
+        if tenure.state is None:
+            tenure.state = ProcessState()  # a new tenure, or one whose pass failed: from what Redis has
         state = tenure.state
         # One pass: find (or create) each value's input and what its list reads.
         work: list[tuple[UserCache, Input, int, float]] = []
@@ -319,7 +190,7 @@ class InputConsumerService(Service):
         inputids: set[int] = set()
         feedids: set[int] = set()
         read_feeds: dict[int, UserCache] = {}  # feed -> the user whose list computes with its last value
-        extra: set[str] = set()
+        extra: set[ExtraKey] = set()
         packets = 0
         # A pass is bounded by packets, but one packet may carry 100,000 values: the reactor
         # gets a turn every SLICE_SECONDS (the tenure is ours alone, the commit stays one).
@@ -353,15 +224,7 @@ class InputConsumerService(Service):
                             read_feeds.setdefault(feedid, user)
                         inputids |= refs.inputs
                         extra |= refs.extra
-        wanted = state.missing(inputids, feedids, extra)
-        if wanted:
-            absent_inputs, absent_feeds = state.loaded(wanted, await self.ctx.redis.pipeline(ProcessState.load_commands(wanted)))
-            if absent_inputs:
-                state.rebuild_inputs(absent_inputs, await self.ctx.inputs.stored_lastvalues(absent_inputs))
-            # A feed only written (log_to_feed) needs no last value: its first write sets it.
-            rebuild = {f: read_feeds[f] for f in absent_feeds if f in read_feeds}
-            if rebuild:
-                await self._rebuild_feeds(state, rebuild)
+        await self.loader.load(state, inputids, feedids, extra, read_feeds)
         for n, (user, inp, when, value) in enumerate(work):
             if n & SLICE_MASK == 0:
                 await slicer.turn()
@@ -373,58 +236,16 @@ class InputConsumerService(Service):
             self._refused_values(state, work, refused)
         committed_inputs = list(state.dirty_inputs)
         commit = Commit()
-        state.to_commit(commit)
-        for server, records in state.records.items():
-            batch = np.array(records, dtype=RECORD)
-            commit.append_storage(server, batch.tobytes())
+        to_commit(state, commit)
         try:
-            await tenure.lease.commit(input_stream(queue), ids, commit)
+            await tenure.commit(ids, commit)
         finally:
             state.clear_changes()
         for inputid in committed_inputs:
             self._unsaved[inputid] = state.inputs[inputid]
-        tenure.failures = 0
         self.packets.inc(packets)
         for userid, items in refused.items():
             await self.ctx.refusals.record(userid, items)
-
-    async def _rebuild_feeds(self, state: ProcessState, absent: dict[int, UserCache]) -> None:
-        """Feeds Redis has no last value for go on from their last point on disk: one
-        ``summaries`` read per storage server for all of them (rules in ``emond.runner``)."""
-        found = {f: user.feeds[f] for f, user in absent.items() if f in user.feeds}
-        reachable = set(self.ctx.config.node.storage) | set(self.ctx.config.storage_servers)
-        readable = [feed for feed in found.values() if feed.server in reachable]
-        summaries = await self.ctx.store.summaries(readable) if readable else {}
-        for feedid, user in absent.items():
-            feed = found.get(feedid)
-            if feed is None:
-                state.rebuild_feed(feedid, None)  # not the user's (deleted): its steps do nothing
-                continue
-            if feed.server not in reachable:
-                # Nothing on this process reads that server: a new feed, or state it cannot rebuild.
-                self.log.warn(
-                    "feed {feed}: no last value in Redis and storage server {server} is not reachable from "
-                    "this process to read its last point; it starts empty (give this process "
-                    "[storage.servers] {server} to rebuild such state from disk)", feed=feedid, server=feed.server,
-                )
-                state.rebuild_feed(feedid, None)
-                continue
-            summary = summaries[feedid]
-            point = summary.last if summary.size is not None else await self._disk_last(feed)
-            slot = feed.interval if feed.engine == ENGINE_PHPFINA else 1
-            state.rebuild_feed(feedid, point, slot, user.tz if feedid in user.daily else None)
-        if readable:
-            self.log.info("{n} feeds had no last value in Redis: rebuilt from their last points on disk", n=len(readable))
-
-    async def _disk_last(self, feed: Feed) -> tuple[int, float | None] | None:
-        """The last point of a feed whose summary failed: None if its files are gone, else
-        ``StorageUnreadable`` (its server is down or failing): never a restart from 0."""
-        try:
-            return await self.ctx.store.lastvalue(feed)
-        except (NoSuchFeed, KeyError):
-            return None
-        except (FeedError, ApiError, OSError) as e:
-            raise StorageUnreadable(f"feed {feed.id}: last point on storage server {feed.server} unreadable ({e})") from e
 
     def _refused_values(self, state: ProcessState, work: list[tuple[UserCache, Input, int, float]], refused: dict[int, list[Refused]]) -> None:
         """Values the process lists refused (not a finite float32), to the refusals recorder."""
@@ -435,7 +256,7 @@ class InputConsumerService(Service):
 
     async def _users(self, userids: set[int]) -> dict[int, UserCache]:
         ordered = sorted(userids)
-        versions = await self.ctx.redis.pipeline([("GET", user_version_key(u)) for u in ordered])
+        versions = await self.ctx.redis.pipeline([("GET", keys.user_version(u)) for u in ordered])
         for userid, version in zip(ordered, versions):
             cached = self.users.get(userid)
             if cached is None or cached.version != version:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 from emond.api import MAX_INTEGER, ApiError
+from emond import keys
 from emond.db import Database, is_duplicate
 from emond.numbers import php_number
 from emond.names import valid_feed_name
@@ -183,11 +184,11 @@ class Feeds:
     async def delete(self, feed: Feed) -> None:
         await self.db.execute("DELETE FROM feeds WHERE id = ?", feed.id)
         # the last value accepted, and the last one the storage sender put on disk
-        await self.redis.call("DEL", f"feed:lastvalue:{feed.id}", f"feed:disk:{feed.id}")
+        await self.redis.call("DEL", keys.feed_lastvalue(feed.id), keys.feed_disk(feed.id))
 
     async def lastvalues(self, feedids: list[int]) -> dict[int, tuple[int, float] | None]:
         """The last accepted (time, value) of each feed (what was queued, not what is on disk)."""
-        replies = await self.redis.pipeline([("HMGET", f"feed:lastvalue:{i}", "time", "value") for i in feedids])
+        replies = await self.redis.pipeline([("HMGET", keys.feed_lastvalue(i), "time", "value") for i in feedids])
         out: dict[int, tuple[int, float] | None] = {}
         for feedid, reply in zip(feedids, replies):
             out[feedid] = _timevalue(reply)
@@ -199,18 +200,18 @@ class Feeds:
         """(last accepted, last applied to disk by the storage sender) of each feed, one pipeline."""
         commands: list[tuple[Any, ...]] = []
         for i in feedids:
-            commands += [("HMGET", f"feed:lastvalue:{i}", "time", "value"), ("HMGET", f"feed:disk:{i}", "time", "value")]
+            commands += [("HMGET", keys.feed_lastvalue(i), "time", "value"), ("HMGET", keys.feed_disk(i), "time", "value")]
         replies = await self.redis.pipeline(commands)
         return {
             feedid: (_timevalue(replies[2 * n]), _timevalue(replies[2 * n + 1])) for n, feedid in enumerate(feedids)
         }
 
     async def set_lastvalue(self, feedid: int, when: int, value: float) -> None:
-        await self.redis.call("HSET", f"feed:lastvalue:{feedid}", "time", str(int(when)), "value", repr(float(value)))
+        await self.redis.call("HSET", keys.feed_lastvalue(feedid), "time", str(int(when)), "value", repr(float(value)))
 
     async def advance_lastvalue(self, feedid: int, when: int, value: float) -> bool:
         """Set the last value unless the stored one is newer (atomic); True if set."""
-        done = await self.redis.call("EVAL", _ADVANCE, 1, f"feed:lastvalue:{feedid}", str(int(when)), repr(float(value)))
+        done = await self.redis.call("EVAL", _ADVANCE, 1, keys.feed_lastvalue(feedid), str(int(when)), repr(float(value)))
         return bool(int(done))
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from emond.api import ApiError
+from emond import keys
 from emond.db import Database, Transaction
 from emond.names import valid_input_name
+from emond.numbers import MAX_ID
 from emond.process import FEEDID, PROCESSES, Step, check_steps, load_owned, parse_lenient
 from emond.redis import Redis
 
@@ -21,14 +23,8 @@ COLUMNS = "id, userid, nodeid, name, description, processList"
 MAX_NODE = 16
 MAX_NAME = 64
 MAX_DESCRIPTION = 255
-MAX_ID = 2**31 - 1
 SAVE_CHUNK = 200  # inputs per UPDATE statement (7 parameters each, well under SQLite's limit)
 READ_CHUNK = 500  # ids per SELECT ... IN (...)
-
-
-def user_version_key(userid: int) -> str:
-    """Bumped after a user's inputs or process lists change: input consumers reload what they cached."""
-    return f"emond:user:ver:{userid}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +151,7 @@ class Inputs:
 
     async def changed(self, userid: int) -> None:
         """Tell input consumers that the user's inputs changed (after the change is committed)."""
-        await self.redis.call("INCR", user_version_key(userid))
+        await self.redis.call("INCR", keys.user_version(userid))
 
     async def delete(self, userid: int, inputids: list[int]) -> list[int]:
         """Delete those of ``inputids`` that are the user's; fires with the ids deleted."""
@@ -172,7 +168,7 @@ class Inputs:
 
         deleted = await self.db.transaction(work)
         if deleted:
-            await self.redis.call("DEL", *[f"input:lastvalue:{i}" for i in deleted])
+            await self.redis.call("DEL", *[keys.input_lastvalue(i) for i in deleted])
             await self.changed(userid)
         return deleted
 
@@ -181,7 +177,7 @@ class Inputs:
         has nothing for; None for what is missing or not a finite number."""
         if not inputids:
             return {}
-        replies = await self.redis.pipeline([("HMGET", f"input:lastvalue:{i}", "time", "value") for i in inputids])
+        replies = await self.redis.pipeline([("HMGET", keys.input_lastvalue(i), "time", "value") for i in inputids])
         out: dict[int, tuple[int | None, float | None]] = {}
         absent: list[int] = []
         for inputid, reply in zip(inputids, replies):

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from emond.config import NodeHealthSection
 from emond.loops import steady_loop
-from emond.queue import input_stream, storage_stream
+from emond.keys import input_stream, storage_stream
 from emond.redis import Redis, RedisUnavailable
 
 MAX_PROBLEMS = 5  # queues named in the status; the rest are counted

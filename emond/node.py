@@ -23,6 +23,7 @@ from emond.feeds import Feeds
 from emond.feedstore import FeedStore
 from emond.health import HealthCheck, HealthResource, OperatorAccess, OperatorOnly
 from emond.inputs import Inputs
+from emond.queue import QueueLayout, QueueLayoutError
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refusals
 from emond.schema import migrate
@@ -32,8 +33,6 @@ from emond.users import Users
 from emond.web import (
     InputAppender,
     InputMetrics,
-    QueueLayout,
-    QueueLayoutError,
     UserRateLimit,
     add_input_path_routes,
 )

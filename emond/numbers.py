@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 
+MAX_ID = 2**31 - 1  # the largest database id (users, inputs, feeds are INT columns)
+
 # PHP 8's is_numeric: optional whitespace, a sign, digits with an optional point (or a point
 # and digits), an optional exponent, optional whitespace.
 PHP_NUMERIC = re.compile(r"[ \t\n\r\v\f]*+[+-]?+(?:[0-9]++(?:\.[0-9]*+)?+|\.[0-9]++)(?:[eE][+-]?+[0-9]++)?+[ \t\n\r\v\f]*+")

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from emond.api import ApiError
 from emond.db import Database, Transaction
-from emond.numbers import php_number
+from emond.numbers import MAX_ID, php_number
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 
 # Argument types (emoncms ProcessArg)
@@ -38,7 +38,6 @@ UNDEFINED, REALTIME, DAILY, HISTOGRAM = 0, 1, 2, 3
 
 MAX_STEPS = 50  # emoncms.org runs nothing of a longer list
 MAX_ITEMS = 1000  # items parsed from one request at most: bounded work (a legacy list may exceed MAX_STEPS)
-MAX_ID = 2**31 - 1  # ids are INT columns
 
 FINA, TS = ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 

@@ -13,6 +13,7 @@ from typing import Any, Iterable, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 
+from emond import keys
 from emond.redis import Redis
 
 KEEP = 20  # most recent refusals kept per user
@@ -37,17 +38,17 @@ class Refusals:
         counts: dict[str, int] = {}
         for item in items:
             counts[item.reason] = counts.get(item.reason, 0) + 1
-        commands: list[tuple[Any, ...]] = [("HINCRBY", f"emond:refused:{userid}", r, n) for r, n in counts.items()]
+        commands: list[tuple[Any, ...]] = [("HINCRBY", keys.refused_counts(userid), r, n) for r, n in counts.items()]
         recent = [json.dumps(item._asdict(), separators=(",", ":")) for item in items[-KEEP:]]
-        commands.append(("LPUSH", f"emond:refused:last:{userid}", *recent))
-        commands.append(("LTRIM", f"emond:refused:last:{userid}", 0, KEEP - 1))
+        commands.append(("LPUSH", keys.refused_last(userid), *recent))
+        commands.append(("LTRIM", keys.refused_last(userid), 0, KEEP - 1))
         await self.redis.pipeline(commands)
         for reason, n in counts.items():
             self.total.labels(reason).inc(n)
 
     async def for_user(self, userid: int) -> dict[str, Any]:
         counts, recent = await self.redis.pipeline(
-            [("HGETALL", f"emond:refused:{userid}"), ("LRANGE", f"emond:refused:last:{userid}", 0, KEEP - 1)]
+            [("HGETALL", keys.refused_counts(userid)), ("LRANGE", keys.refused_last(userid), 0, KEEP - 1)]
         )
         if isinstance(counts, list):  # a flat [k, v, ...] reply
             counts = dict(zip(counts[::2], counts[1::2]))

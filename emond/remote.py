@@ -23,16 +23,16 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from emond.config import RemoteServer, TLSSection
-from emond.queue import Commit, Lease, LeaseLost, Scripts, storage_stream
+from emond.queue import ElementHandler, Entry, Lease, LeaseLost, LeasedReader, OneQueue, Scripts, Tenure, Window, storage_queue
 from emond.records import RECORD, Refusal
 from emond.redis import Redis, RedisUnavailable
-from emond.sender import RefusalRecorder, disk_key, last_per_feed
+from emond.sender import RefusalRecorder, disk_values
 from emond.stream import (
     ACK,
     BINARY,
@@ -107,8 +107,12 @@ class _Factory(Factory):
         return StreamClientProtocol(self.link)
 
 
-class RemoteLink(Service):
+class RemoteLink(Service, ElementHandler):
+    """The stream to one remote storage server: its storage queue's sender (a
+    ``emond.queue.LeasedReader`` with a window) and read requests."""
+
     log = Logger()
+    doing = "sending a batch"
 
     def __init__(
         self,
@@ -125,33 +129,29 @@ class RemoteLink(Service):
         batch: int = 16,
         lease_ms: int = 10_000,
         block_ms: int = 500,
+        clock: IReactorTime | None = None,
     ) -> None:
+        """``clock``: the lease's and retries' (tests give a ``task.Clock``); default ``reactor``."""
         self.server_id = server_id
         self.remote = remote
         self.tls = tls
         self.node_name = node_name
-        self.redis = redis
-        self.blocking = blocking
         self.recorder = recorder
         self.reactor = reactor
-        self.window = window
-        self.batch = batch
-        self.block_ms = block_ms
-        self.lease = Lease(Scripts(redis), f"st:{server_id}", f"{node_name}-{uuid.uuid4().hex[:8]}", lease_ms)
-        self.lease_ms = lease_ms
         self.protocol: StreamClientProtocol | None = None
         self.server_token = 0  # the newest fencing token the server has applied (its hello says)
         self._ready: defer.Deferred[None] = defer.Deferred()
-        self._room: defer.Deferred[None] | None = None
-        self.unacked: dict[int, tuple[bytes, np.ndarray, float]] = {}  # seq -> (stream id, batch, sent at)
-        self._sent_after: bytes | None = None
+        clock = clock or reactor
+        self.lease = Lease(Scripts(redis), storage_queue(server_id).name, f"{node_name}-{uuid.uuid4().hex[:8]}", lease_ms)
+        self.queue = OneQueue(self.lease, storage_queue(server_id), clock, floor=lambda: self.server_token)
+        self.window = Window(window)  # seq -> (stream id, batch, sent at)
+        self.reader = LeasedReader(
+            self.queue, self, blocking, clock, f"storage queue {server_id}", batch=batch, block_ms=block_ms, window=self.window
+        )
         self._requests: dict[int, tuple[defer.Deferred[Any], list[bytes]]] = {}
         self._ids = itertools.count(1)
         self._stopping = False
-        self._loop: defer.Deferred[None] | None = None
         self._client: ClientService | None = None
-        self._idle: list[defer.Deferred[None]] = []
-        self._busy = False
         label = [str(server_id)]
         self.m_connected = Gauge("emond_stream_connected", "1 while the stream to a storage server is up", ["server"], registry=registry).labels(*label)
         self.m_sent = Counter("emond_stream_batches_sent", "Batches sent", ["server"], registry=registry).labels(*label)
@@ -181,23 +181,22 @@ class RemoteLink(Service):
         )
         self._client = ClientService(endpoint, _Factory(self), retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0), clock=self.reactor)
         self._client.startService()
-        self._loop = defer.ensureDeferred(self._run())
+        self.reader.start()
 
     async def stopService(self) -> None:  # type: ignore[override]
         super().stopService()
         self._stopping = True
-        self._wake()
+        stopped = defer.ensureDeferred(self.reader.stop())  # the reader stops taking batches first
         if not self._ready.called:
             self._ready.callback(None)
-        if self._loop is not None:
-            await self._loop
+        await stopped
         if self._client is not None:
             await self._client.stopService()
-        try:
-            await self.lease.release()
-        except RedisUnavailable:
-            pass
-        await self.blocking.disconnect()
+
+    @property
+    def unacked(self) -> dict[int, tuple[bytes, np.ndarray, float]]:
+        """Batches sent and not acknowledged: seq -> (stream id, batch, sent at)."""
+        return self.window.pending
 
     def connected(self, protocol: StreamClientProtocol, server_token: int = 0) -> None:
         self.protocol = protocol
@@ -215,106 +214,47 @@ class RemoteLink(Service):
         self.protocol = None
         self.m_connected.set(0)
         self.log.warn("stream to storage {id} down; {n} batches to send again", id=self.server_id, n=len(self.unacked))
-        self.unacked.clear()
-        self._sent_after = None  # resend from the head of the queue
+        self.reader.restart()  # resend from the head of the queue
         self.m_window.set(0)
         self._ready = defer.Deferred()
         for d, _ in self._requests.values():
             d.errback(RemoteUnavailable(f"storage server {self.server_id}: connection lost"))
         self._requests.clear()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._room is not None and not self._room.called:
-            self._room.callback(None)
 
     # -- the sender --------------------------------------------------------------------
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once the queue has been seen empty with nothing unacknowledged."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(d)
-        return d
+        return self.reader.idle()
 
-    async def _run(self) -> None:
-        renewed = 0.0
-        while not self._stopping:
-            try:
-                if self.protocol is None:
-                    await self._ready
-                    continue
-                now = self.reactor.seconds()
-                if not self.lease.token or now - renewed > self.lease_ms / 3000.0:
-                    if not await self.lease.acquire_or_renew():
-                        await task.deferLater(self.reactor, self.lease_ms / 3000.0, lambda: None)
-                        continue
-                    renewed = now
-                if self.lease.token < self.server_token:
-                    # Its batches would all be refused as stale: Redis lost the fence counter.
-                    self.log.warn(
-                        "storage {id}: fencing token {token} is behind the server's {seen}; "
-                        "Redis lost its counter: taking a newer one",
-                        id=self.server_id, token=self.lease.token, seen=self.server_token,
-                    )
-                    await self.lease.catch_up(self.server_token)
-                    renewed = 0.0
-                    continue
-                room = self.window - len(self.unacked)
-                if room <= 0:
-                    self._room = defer.Deferred()
-                    await self._room
-                    continue
-                waiting, self._idle = self._idle, []
-                start = self._sent_after or b"0"
-                reply = await self.blocking.call(
-                    "XREAD", "COUNT", min(room, self.batch), "BLOCK", self.block_ms, "STREAMS", storage_stream(self.server_id), start
-                )
-                if not reply:
-                    if self.unacked:
-                        self._idle = waiting + self._idle
-                    else:
-                        if self._busy:
-                            self._busy = False
-                            self.log.info("storage queue {id} drained", id=self.server_id)
-                        for d in waiting:
-                            d.callback(None)
-                    continue
-                self._idle = waiting + self._idle
-                self._busy = True
-                for _stream, entries in reply:
-                    for entry_id, fields in entries:
-                        self._send(entry_id, fields)
-            except LeaseLost:
-                self.log.warn("storage queue {id} taken over by another sender", id=self.server_id)
-            except RedisUnavailable as e:
-                self.error = f"redis: {e}"
-                await task.deferLater(self.reactor, 1.0, lambda: None)
-            except Exception:
-                self.log.failure("storage {id}: sender failed; will retry", id=self.server_id)
-                await task.deferLater(self.reactor, 1.0, lambda: None)
+    async def ready(self) -> None:
+        """The sender waits while the stream is down (its lease lapses meanwhile, so another
+        node's link may take the queue over)."""
+        while self.protocol is None and not self._stopping:
+            await self._ready
 
-    def _send(self, entry_id: bytes, fields: Any) -> None:
-        fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
-        seq = int(fields[b"s"])
-        records = fields[b"b"]
-        protocol = self.protocol
-        if protocol is None:
-            return
-        self.unacked[seq] = (entry_id, np.frombuffer(records, dtype=RECORD), time.monotonic())
-        self._sent_after = entry_id
-        protocol.send(batch_frame(seq, self.lease.token, records))
-        self.m_sent.inc()
-        self.m_points.inc(len(records) // RECORD.itemsize)
-        if seq in self._ever_sent:
-            self.m_resent.inc()
-        self._ever_sent.add(seq)
-        if len(self._ever_sent) > 100_000:
-            self._ever_sent = {s for s in self._ever_sent if s in self.unacked}
-        self.m_window.set(len(self.unacked))
+    async def handle(self, tenure: Tenure, entries: list[Entry]) -> None:
+        """Send each batch with its sequence number and the lease's fencing token; it is
+        committed when the server acknowledges it (``answered``)."""
+        for entry_id, fields in entries:
+            protocol = self.protocol
+            if protocol is None:
+                return  # the connection went: the reader starts again from the head
+            seq = int(fields[b"s"])
+            records = fields[b"b"]
+            self.window.sent(tenure, entry_id, seq, (entry_id, np.frombuffer(records, dtype=RECORD), time.monotonic()))
+            protocol.send(batch_frame(seq, tenure.lease.token, records))
+            self.m_sent.inc()
+            self.m_points.inc(len(records) // RECORD.itemsize)
+            if seq in self._ever_sent:
+                self.m_resent.inc()
+            self._ever_sent.add(seq)
+            if len(self._ever_sent) > 100_000:
+                self._ever_sent = {s for s in self._ever_sent if s in self.unacked}
+            self.m_window.set(len(self.unacked))
 
     def answered(self, seq: int, applied: bool, result: Any) -> None:
-        sent = self.unacked.get(seq)
-        if sent is None:
+        if seq not in self.unacked:
             return
         if not applied:
             # Not applied (disk error, stale token): nothing is acknowledged; start again later.
@@ -323,21 +263,18 @@ class RemoteLink(Service):
             if self.protocol is not None:
                 self.protocol.transport.loseConnection()
             return
-        entry_id, batch, sent_at = self.unacked.pop(seq)
+        _entry_id, _batch, sent_at = self.unacked[seq]
         self.last_rtt = time.monotonic() - sent_at
         self.m_rtt.set(self.last_rtt)
         self.m_acked.inc()
-        self.m_window.set(len(self.unacked))
         refusals = [Refusal(int(f), int(t), str(r)) for f, t, r in result]
-        defer.ensureDeferred(self._commit(entry_id, batch, refusals))
-        self._wake()
+        self.window.acknowledged(seq, lambda sent: self._commit(sent[0], sent[1], refusals))
+        self.m_window.set(len(self.unacked))
 
     async def _commit(self, entry_id: bytes, batch: np.ndarray, refusals: list[Refusal]) -> None:
-        commit = Commit()
-        for feed, when, value in last_per_feed(batch, {(r.feed, r.time) for r in refusals}):
-            commit.set_if_newer(disk_key(feed), when, repr(value))
+        """Remove an applied batch from the queue and record the feeds' disk values, fenced."""
         try:
-            await self.lease.commit(storage_stream(self.server_id), [entry_id], commit)
+            await self.queue.tenure.commit([entry_id], disk_values(batch, refusals))
             if refusals:
                 await self.recorder.record(refusals)
         except (LeaseLost, RedisUnavailable) as e:
@@ -408,11 +345,12 @@ class RemoteLink(Service):
         return status
 
     def status(self) -> dict[str, object]:
+        error = self.error or self.reader.error  # the stream's, else the queue's (Redis)
         return {
-            "ok": self.protocol is not None and self.error is None,
+            "ok": self.protocol is not None and error is None,
             "connected": self.protocol is not None,
             "holding_queue": bool(self.lease.token),
             "window_in_use": len(self.unacked),
             "rtt": self.last_rtt,
-            "error": self.error,
+            "error": error,
         }

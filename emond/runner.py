@@ -21,34 +21,9 @@ No record leaves a list with a value a feed cannot hold: a step whose result
 is not finite, or a write beyond float32, is refused (counted with
 ``REASON_OUT_OF_RANGE``) and the steps after it get no value.
 
-State Redis has lost (FLUSHALL, a promoted replica, a new disk) is rebuilt,
-never restarted:
-
-- a feed's last value comes from its last point on disk. Its time is the
-  latest a packet counted in that point can have had: a PHPTimeSeries
-  record's own time, the last second of a PHPFina slot. So no packet
-  already counted is counted again (a device's retry after the loss); the
-  price, for PHPFina, is that packets in the rest of that slot count as
-  already counted, and the first increment after the rebuild counts from
-  the slot's end: at most one interval short, once. It is written back to
-  Redis. A NaN point gives the value 0.
-- a feed written by a daily step has its point at a day start: only the day
-  is known, not the time of its last packet (``day_only``). The day's value
-  is kept; the first packet after the rebuild adds no time-based increment
-  (kWh/d, on-time: the baseline restarts, as after a gap); max/min compare
-  with the day's value. This state stays in the tenure, not in Redis (a day
-  start there would read as a packet at midnight); each tenure rebuilds it
-  alike until a packet is applied. Wh increments (kwhinc_to_kwhd) of a
-  packet counted before the loss and sent again count again: nothing on
-  disk tells which packets of the day were counted.
-- a step's last applied times (``emond:step``) need no rebuild: the feed's
-  time (or the extra state's) already refuses what was counted.
-- extra state (``process:<name>:<feed>``) gone: the reference reading
-  restarts (wh_accumulator, kwh_to_kwhd, kwh_to_power, ratechange: the
-  next reading sets it, no increment is counted from it), totals are kept.
-- an input's last value comes from the database (``inputs.time/value``,
-  written by the consumer at most every ``[input] lastvalue_save_interval``
-  seconds): a value at most that old, never a made-up 0.
+State is loaded, rebuilt and committed by ``emond.process_state``; nothing
+here does I/O: a process function reads and changes a ``ProcessState`` and
+emits records.
 """
 
 from __future__ import annotations
@@ -64,126 +39,31 @@ import numpy as np
 
 from emond.feeds import Feed
 from emond.process import DAILY, PROCESSES, Step
-from emond.queue import Commit
 from emond.records import PADDING_JOIN, PADDING_NAN
 
 Record = tuple[int, int, float, int, int]  # feed, time, value, engine, padding
+ExtraKey = tuple[str, int]  # the extra state a process keeps per feed: (its name, the feed)
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 REASON_OUT_OF_RANGE = "value_out_of_range"  # NaN, infinite, or beyond what float32 holds
 
 
-def _input_key(inputid: int) -> str:
-    return f"input:lastvalue:{inputid}"
-
-
-def _feed_key(feedid: int) -> str:
-    return f"feed:lastvalue:{feedid}"
-
-
-def _step_key(inputid: int) -> str:
-    return f"emond:step:{inputid}"
-
-
 @dataclass
 class ProcessState:
-    """Values steps read and write; ``dirty`` keys go into the next commit."""
+    """Values steps read and write (a consumer's, for its tenure of a queue); what is
+    ``dirty`` and the records go into the next commit."""
 
     inputs: dict[int, tuple[int, float | None]] = field(default_factory=dict)
     feeds: dict[int, tuple[int, float]] = field(default_factory=dict)
     steps: dict[int, dict[str, int]] = field(default_factory=dict)
-    extra: dict[str, dict[str, str]] = field(default_factory=dict)
+    extra: dict[ExtraKey, dict[str, str]] = field(default_factory=dict)  # (process name, feed) -> its stored fields
     dirty_inputs: set[int] = field(default_factory=set)
     dirty_feeds: set[int] = field(default_factory=set)
     dirty_steps: set[int] = field(default_factory=set)
-    dirty_extra: set[str] = field(default_factory=set)
+    dirty_extra: set[ExtraKey] = field(default_factory=set)
     records: dict[int, list[Record]] = field(default_factory=dict)  # by storage server
     day_only: set[int] = field(default_factory=set)  # rebuilt daily feeds: the day of their last packet is known, not its time
     refused: list[tuple[int, int, str]] = field(default_factory=list)  # (input, packet time, reason) since the last commit
-
-    def missing(self, inputids: Iterable[int], feedids: Iterable[int], extra: Iterable[str]) -> list[tuple[str, Any]]:
-        """What must be loaded from Redis before running (keys not cached yet)."""
-        wanted: list[tuple[str, Any]] = []
-        for i in inputids:
-            if i not in self.inputs:
-                wanted.append(("input", i))
-            if i not in self.steps:
-                wanted.append(("step", i))
-        wanted += [("feed", f) for f in feedids if f not in self.feeds]
-        wanted += [("extra", k) for k in extra if k not in self.extra]
-        return wanted
-
-    @staticmethod
-    def load_commands(wanted: list[tuple[str, Any]]) -> list[tuple[Any, ...]]:
-        commands: list[tuple[Any, ...]] = []
-        for kind, key in wanted:
-            if kind == "input":
-                commands.append(("HMGET", _input_key(key), "time", "value"))
-            elif kind == "feed":
-                commands.append(("HMGET", _feed_key(key), "time", "value"))
-            elif kind == "step":
-                commands.append(("HGETALL", _step_key(key)))
-            else:
-                commands.append(("HGETALL", key))
-        return commands
-
-    def loaded(self, wanted: list[tuple[str, Any]], replies: list[Any]) -> tuple[list[int], list[int]]:
-        """Cache what Redis answered; returns the (inputs, feeds) it has no last value for, left
-        uncached: their state is rebuilt (``rebuild_inputs``, ``rebuild_feed``), never made up."""
-        absent_inputs: list[int] = []
-        absent_feeds: list[int] = []
-        for (kind, key), reply in zip(wanted, replies):
-            if kind in ("input", "feed"):
-                t, v = reply
-                if t is None and v is None:
-                    (absent_inputs if kind == "input" else absent_feeds).append(key)
-                    continue
-                # an unreadable time (emoncms.org kept date strings for feeds) is no time, not an error:
-                # a total survives it (time 0 counts no increment), and the queue is not stuck on it
-                when, value = _unix(t) or 0, _number(v)
-                if kind == "input":
-                    self.inputs[key] = (when, value)
-                else:
-                    self.feeds[key] = (when, 0.0 if value is None else value)
-            else:
-                pairs = _pairs(reply)
-                if kind == "step":
-                    self.steps[key] = {k.decode(): int(v) for k, v in pairs}
-                else:
-                    self.extra[key] = {k.decode(): v.decode() for k, v in pairs}
-        return absent_inputs, absent_feeds
-
-    def rebuild_inputs(self, inputids: Iterable[int], stored: Mapping[int, tuple[int | None, float | None]]) -> None:
-        """Inputs Redis lost: their last values as the database keeps them, written back."""
-        for i in inputids:
-            when, value = stored.get(i, (None, None))
-            if when is None:
-                self.inputs[i] = (0, None)  # never had a value
-            else:
-                self.inputs[i] = (when, value)
-                self.dirty_inputs.add(i)
-
-    def rebuild_feed(
-        self, feedid: int, point: tuple[int, float | None] | None, slot: int = 1, daily: zoneinfo.ZoneInfo | None = None
-    ) -> None:
-        """A feed Redis lost, from its last point on disk (``None``: an empty feed, nothing to go on from).
-
-        ``slot``: the seconds a point stands for (a PHPFina interval; 1 for
-        PHPTimeSeries). ``daily``: the user's timezone when a daily step writes
-        the feed. The rules are in the module docstring.
-        """
-        if point is None:
-            self.feeds[feedid] = (0, 0.0)
-            return
-        when, value = point
-        latest = when + max(int(slot), 1) - 1  # the latest time a packet counted in the point can have had
-        total = 0.0 if value is None else float(value)
-        if daily is not None:
-            self.feeds[feedid] = (day_start(latest, daily), total)
-            self.day_only.add(feedid)
-        else:
-            self.feeds[feedid] = (latest, total)
-            self.dirty_feeds.add(feedid)
 
     def set_input(self, inputid: int, when: int, value: float) -> None:
         last = self.inputs.get(inputid)
@@ -204,23 +84,6 @@ class ProcessState:
             self.dirty_feeds.add(feed.id)
             self.day_only.discard(feed.id)  # a packet's own time from now on
 
-    def to_commit(self, commit: Commit) -> None:
-        for i in self.dirty_inputs:
-            t, v = self.inputs[i]
-            commit.command("HSET", _input_key(i), "time", t, "value", "" if v is None else repr(v))
-        for f in self.dirty_feeds:
-            t, v = self.feeds[f]
-            # Only if newer: feed/insert may have set a later value meanwhile.
-            commit.set_if_newer(_feed_key(f), t, repr(v))
-        for i in self.dirty_steps:
-            flat = [x for k, v in self.steps[i].items() for x in (k, v)]
-            if flat:
-                commit.command("HSET", _step_key(i), *flat)
-        for key in self.dirty_extra:
-            flat = [x for k, v in self.extra[key].items() for x in (k, v)]
-            if flat:
-                commit.command("HSET", key, *flat)
-
     def clear_changes(self) -> None:
         self.dirty_inputs.clear()
         self.dirty_feeds.clear()
@@ -230,7 +93,7 @@ class ProcessState:
         self.refused = []
 
 
-def _unix(raw: Any) -> int | None:
+def stored_time(raw: Any) -> int | None:
     """A stored time (unix seconds); None when unset or unreadable (e.g. emoncms.org's date strings)."""
     if raw is None or raw in (b"", ""):
         return None
@@ -241,7 +104,7 @@ def _unix(raw: Any) -> int | None:
     return int(number) if math.isfinite(number) else None
 
 
-def _number(raw: Any) -> float | None:
+def stored_number(raw: Any) -> float | None:
     """A stored value; None when unset, empty or not a finite number."""
     if raw is None or raw in (b"", ""):
         return None
@@ -256,13 +119,6 @@ def day_start(when: int, tz: zoneinfo.ZoneInfo) -> int:
     """Local midnight (in ``tz``) of the day holding ``when``."""
     local = datetime.datetime.fromtimestamp(when, tz)
     return int(local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
-
-
-def _pairs(reply: Any) -> list[tuple[bytes, bytes]]:
-    if isinstance(reply, dict):
-        return list(reply.items())
-    reply = reply or []
-    return list(zip(reply[::2], reply[1::2]))
 
 
 _NO_EXTRA: Mapping[str, str] = MappingProxyType({})
@@ -359,17 +215,17 @@ class StepRun:
         return True
 
     def extra(self, name: str, feedid: int) -> Mapping[str, str]:
-        return self.state.extra.get(f"process:{name}:{int(feedid)}", _NO_EXTRA)
+        return self.state.extra.get((name, int(feedid)), _NO_EXTRA)
 
     def set_extra(self, name: str, feedid: int, values: dict[str, str]) -> None:
-        key = f"process:{name}:{int(feedid)}"
+        key = (name, int(feedid))
         self.state.extra[key] = values
         self.state.dirty_extra.add(key)
 
     def extra_timevalue(self, name: str, feedid: int) -> tuple[int, float] | None:
         """The {time, value} a process keeps per feed (emoncms.org's ``process:<name>:<feed>``); None if unset."""
         stored = self.extra(name, feedid)
-        when, value = _unix(stored.get("time")), _number(stored.get("value"))
+        when, value = stored_time(stored.get("time")), stored_number(stored.get("value"))
         return None if when is None or value is None else (when, value)
 
     def set_extra_timevalue(self, name: str, feedid: int, when: int, value: float) -> None:
@@ -732,7 +588,7 @@ class References(NamedTuple):
     feeds: set[int]  # every feed the list names (their last values are loaded)
     read_feeds: set[int]  # those whose last value a step computes with
     inputs: set[int]
-    extra: set[str]
+    extra: set[ExtraKey]
 
 
 def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: Callable[[int], bool]) -> References:
@@ -746,5 +602,5 @@ def references(steps: list[Step], feed_args: Callable[[int], bool], input_args: 
         elif input_args(step.process):
             refs.inputs.add(int(step.arg))
         if step.process in EXTRA_STATE:
-            refs.extra.add(f"process:{EXTRA_STATE[step.process]}:{int(step.arg)}")
+            refs.extra.add((EXTRA_STATE[step.process], int(step.arg)))
     return refs

@@ -18,21 +18,19 @@ from typing import Any, Callable
 import numpy as np
 from prometheus_client import Counter
 from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from emond import keys
 from emond.config import EnginesSection
 from emond.engine import TimeWindow
-from emond.queue import APPEND_SEQ, Commit, Lease, LeaseLost, Scripts, storage_seq, storage_stream
+from emond.keys import storage_seq, storage_stream
+from emond.queue import APPEND_SEQ, Commit, ElementHandler, Entry, Lease, LeasedReader, OneQueue, Scripts, Tenure, storage_queue
 from emond.records import RECORD, Refusal
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refusals, Refused
 from emond.storage import StorageLocationService
-
-
-def disk_key(feedid: int) -> str:
-    return f"feed:disk:{feedid}"
 
 
 class QueueWriter:
@@ -72,10 +70,11 @@ class RefusalRecorder:
             await self.refusals.record(userid, items)
 
 
-class LocalSenderService(Service):
-    """Applies a hosted storage server's queue to its engines, in order."""
+class LocalSenderService(Service, ElementHandler):
+    """Applies a hosted storage server's queue to its engines, in order (``emond.queue.LeasedReader``)."""
 
     log = Logger()
+    doing = "applying a batch"
 
     def __init__(
         self,
@@ -90,109 +89,62 @@ class LocalSenderService(Service):
         batch: int = 64,
         lease_ms: int = 10_000,
         block_ms: int = 500,
+        clock: IReactorTime | None = None,
     ) -> None:
+        """``clock``: the lease's and retries' (tests give a ``task.Clock``); default ``reactor``."""
         self.server_id = server_id
         self.location = location
-        self.redis = redis
-        self.blocking = blocking
         self.recorder = recorder
-        self.reactor = reactor
-        self.batch = batch
-        self.block_ms = block_ms
-        self.lease = Lease(Scripts(redis), f"st:{server_id}", f"{node}-{uuid.uuid4().hex[:8]}", lease_ms)
-        self.lease_ms = lease_ms
-        self._stopping = False
-        self._loop: defer.Deferred[None] | None = None
-        self._idle: list[defer.Deferred[None]] = []
-        self._busy = False
-        self.error: str | None = None
+        clock = clock or reactor
+        self.lease = Lease(Scripts(redis), storage_queue(server_id).name, f"{node}-{uuid.uuid4().hex[:8]}", lease_ms)
+        self.reader = LeasedReader(
+            OneQueue(self.lease, storage_queue(server_id), clock), self, blocking, clock, f"storage queue {server_id}",
+            batch=batch, block_ms=block_ms,
+        )
         self.points = Counter("emond_points_written", "Datapoints applied to feed files", ["server"], registry=registry)
         self.errors = Counter("emond_storage_errors", "Failed attempts to apply a batch", ["server"], registry=registry)
 
     def startService(self) -> None:
         super().startService()
-        self._stopping = False
-        self._loop = defer.ensureDeferred(self._run())
+        self.reader.start()
 
     async def stopService(self) -> None:  # type: ignore[override]
         super().stopService()
-        self._stopping = True
-        if self._loop is not None:
-            await self._loop  # the batch in hand is applied and committed first
-        try:
-            await self.lease.release()
-        except RedisUnavailable:
-            pass
-        await self.blocking.disconnect()
+        await self.reader.stop()  # the batch in hand is applied and committed first
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once the queue has been seen empty after this call (tests, drains)."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle.append(d)
-        return d
+        return self.reader.idle()
 
-    async def _run(self) -> None:
+    async def ready(self) -> None:
         await self.location.opened
-        renewed = 0.0
-        while not self._stopping:
-            try:
-                now = self.reactor.seconds()
-                if not self.lease.token or now - renewed > self.lease_ms / 3000.0:
-                    if not await self.lease.acquire_or_renew():
-                        await task.deferLater(self.reactor, self.lease_ms / 3000.0, lambda: None)
-                        continue
-                    renewed = now
-                waiting, self._idle = self._idle, []
-                try:
-                    reply = await self.blocking.call(
-                        "XREAD", "COUNT", self.batch, "BLOCK", self.block_ms, "STREAMS", storage_stream(self.server_id), "0"
-                    )
-                except Exception:
-                    self._idle = waiting + self._idle
-                    raise
-                if not reply:
-                    if self._busy:
-                        self._busy = False
-                        self.log.info("storage queue {id} drained", id=self.server_id)
-                    for d in waiting:  # the queue was empty after they asked
-                        d.callback(None)
-                else:
-                    self._idle = waiting + self._idle
-                    self._busy = True
-                    for _stream, entries in reply:
-                        if entries:
-                            await self._apply(entries)
-                self.error = None
-            except LeaseLost:
-                self.log.warn("storage queue {id} taken over by another sender", id=self.server_id)
-            except RedisUnavailable as e:
-                self.error = f"redis: {e}"
-                await task.deferLater(self.reactor, 1.0, lambda: None)
-            except Exception as e:  # a disk error: nothing committed, try again
-                self.error = str(e)
-                self.errors.labels(str(self.server_id)).inc()
-                self.log.failure("storage {id}: applying a batch failed; will retry", id=self.server_id)
-                await task.deferLater(self.reactor, 1.0, lambda: None)
 
-    async def _apply(self, entries: list[Any]) -> None:
-        ids = [entry[0] for entry in entries]
-        parts = []
-        for _, fields in entries:
-            fields = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
-            parts.append(np.frombuffer(fields[b"b"], dtype=RECORD))
+    async def handle(self, tenure: Tenure, entries: list[Entry]) -> None:
+        """Apply the batches in a thread, then remove them and record the feeds' disk values, fenced."""
+        ids = [entry_id for entry_id, _fields in entries]
+        parts = [np.frombuffer(fields[b"b"], dtype=RECORD) for _id, fields in entries]
         batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
         refusals = await self.location.apply_batch(batch)
-        commit = Commit()
-        refused_keys = {(r.feed, r.time) for r in refusals}
-        for feed, when, value in last_per_feed(batch, refused_keys):
-            commit.set_if_newer(disk_key(feed), when, repr(value))
-        await self.lease.commit(storage_stream(self.server_id), ids, commit)
+        await tenure.commit(ids, disk_values(batch, refusals))
         self.points.labels(str(self.server_id)).inc(batch.shape[0] - len(refusals))
         if refusals:
             await self.recorder.record(refusals)
 
+    def failed(self, tenure: Tenure | None, error: Exception) -> None:
+        if not isinstance(error, RedisUnavailable):  # a disk error: nothing committed, tried again
+            self.errors.labels(str(self.server_id)).inc()
+
     def status(self) -> dict[str, object]:
-        return {"ok": self.error is None, "holding": bool(self.lease.token), "error": self.error}
+        return {"ok": self.reader.error is None, "holding": bool(self.lease.token), "error": self.reader.error}
+
+
+def disk_values(batch: np.ndarray, refusals: list[Refusal]) -> Commit:
+    """The commit of an applied batch: each feed's last value now on disk (``feed:disk:<id>``),
+    only if newer than the one recorded."""
+    commit = Commit()
+    for feed, when, value in last_per_feed(batch, {(r.feed, r.time) for r in refusals}):
+        commit.set_if_newer(keys.feed_disk(feed), when, repr(value))
+    return commit
 
 
 def last_per_feed(batch: np.ndarray, refused: set[tuple[int, int]]) -> list[tuple[int, int, float]]:

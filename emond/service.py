@@ -27,7 +27,8 @@ from emond.node import NodeAppService, make_api, make_context
 from emond.redis import Redis
 from emond.remote import RemoteLink
 from emond.sender import LocalSenderService, RefusalRecorder
-from emond.web import QueueLayout, limited_request_factory
+from emond.queue import QueueLayout
+from emond.web import limited_request_factory
 from emond.redisproc import EmbeddedRedis
 from emond.storage import StorageLocationService, StreamServer, StreamServerFactory, location_dir
 from emond.stream import server_tls

@@ -18,9 +18,7 @@ import codecs
 import json
 import re
 import time
-import zlib
 from collections import defaultdict
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, TypeVar
 
@@ -32,58 +30,17 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from emond.api import WRITE, ApiError, Call, Raw, Router
-from emond.config import InputSection
 from emond.context import NodeContext
 from emond.loops import cooperate
 from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
-from emond.queue import encode_group, input_stream, join_groups
+from emond.keys import input_stream
+from emond.queue import QueueLayout, encode_group, join_groups
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refused
 
 OK = Raw(b"ok")
 FULLJSON_OK = Raw(b'{"success": true}')
 T = TypeVar("T")
-
-
-class QueueLayoutError(Exception):
-    """This process's queue layout disagrees with the one recorded in Redis."""
-
-
-@dataclass(frozen=True)
-class QueueLayout:
-    """How users map to input queues: by a hash of the id, or by emoncms.org-style id ranges."""
-
-    queues: int
-    mapping: str
-    ranges: tuple[int, ...]
-
-    @classmethod
-    def from_config(cls, section: InputSection) -> "QueueLayout":
-        if section.mapping == "ranges" and len(section.ranges) + 1 != section.queues:
-            raise QueueLayoutError(f"[input] ranges: {len(section.ranges)} bounds make {len(section.ranges) + 1} queues, not {section.queues}")
-        return cls(section.queues, section.mapping, tuple(section.ranges))
-
-    def queue_for(self, userid: int) -> int:
-        if self.mapping == "ranges":
-            for i, bound in enumerate(self.ranges):
-                if userid < bound:
-                    return i
-            return len(self.ranges)
-        return zlib.crc32(str(userid).encode()) % self.queues
-
-    def encode(self) -> str:
-        return json.dumps({"queues": self.queues, "mapping": self.mapping, "ranges": list(self.ranges)}, sort_keys=True)
-
-    async def check(self, redis: Redis) -> None:
-        """Record the layout at first start; refuse to run with a different one."""
-        key = "emond:input:layout"
-        await redis.call("SET", key, self.encode(), "NX")
-        recorded = await redis.call("GET", key)
-        if recorded is None or recorded.decode() != self.encode():
-            raise QueueLayoutError(
-                f"input queue layout in Redis is {recorded!r}, this config says {self.encode()}; "
-                "drain the queues before changing [input] queues/mapping/ranges"
-            )
 
 
 class Unqueueable(ApiError):

@@ -27,7 +27,7 @@ from emond.process import (
     parse_lenient,
     parse_processlist,
 )
-from emond.inputs import user_version_key
+from emond.keys import user_version as user_version_key
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 from emond.refusals import Refused
 from tests.support.node import NodeHarness
@@ -69,13 +69,6 @@ class ProcessTableTests(unittest.TestCase):
             PROCESSES[99] = PROCESSES[1]  # type: ignore[index]
         with self.assertRaises(AttributeError):
             PROCESSES[1].label = "x"  # type: ignore[misc]
-
-
-class VersionKeyTests(unittest.TestCase):
-    def test_consumers_watch_the_key_the_routes_bump(self):
-        from emond import consumer
-
-        self.assertEqual(consumer.user_version_key(42), user_version_key(42))
 
 
 class ParseTests(unittest.TestCase):

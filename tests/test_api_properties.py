@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from emond.api import MAX_INTEGER, ApiError, Call, decode_json
-from emond.numbers import php_number
+from emond.numbers import MAX_ID, php_number
 from emond.api_input import processlist_steps
 from emond.feeds import public_flag
-from emond.process import FEEDID, INPUTID, MAX_ID, NONE, PROCESSES, VALUE, Step, parse_processlist
+from emond.process import FEEDID, INPUTID, NONE, PROCESSES, VALUE, Step, parse_processlist
 from tests.support.properties import DECODER, assert_linear
 
 WHITESPACE = " \t\n\r\x0b\x0c"  # PHP's, around an is_numeric value

@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor
 from twisted.python import log
 from twisted.trial import unittest
 
-from emond.queue import input_stream, storage_stream
+from emond.keys import input_stream, storage_stream
 from emond.redis import Redis
 from tests.support import free_port, redis_server
 from tests.support.daemon import start_daemon

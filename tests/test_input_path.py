@@ -13,7 +13,7 @@ import numpy as np
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from emond.consumer import user_version_key
+from emond.keys import user_version as user_version_key
 from emond.engine import DataQuery
 from emond.phpfina import PHPFina
 from tests.support.node import NodeHarness, drain
@@ -143,7 +143,7 @@ class InputPathTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_elements_are_processed_in_bounded_passes_and_nothing_is_lost(self):
-        from emond import consumer as consumer_module
+        from emond import consumer as consumer_module, queue
 
         self.patch(consumer_module, "PASS_PACKETS", 3)  # several commits for one read
         feed = yield self.feed()
@@ -152,8 +152,8 @@ class InputPathTests(unittest.TestCase):
         yield drain(self.node)
         yield self.set_processlist("n", "2", f"1:{feed.id}")
         commits = []
-        real = consumer_module.Lease.commit
-        self.patch(consumer_module.Lease, "commit", lambda lease, stream, ids, commit: commits.append(len(ids)) or real(lease, stream, ids, commit))
+        real = queue.Lease.commit
+        self.patch(queue.Lease, "commit", lambda lease, stream, ids, commit: commits.append(len(ids)) or real(lease, stream, ids, commit))
         requests = [self.post("input/bulk.json", data=json.dumps([[10 * i, "n", i, i + 0.5]]), time=str(T0)) for i in range(1, 41)]
         answers = yield defer.gatherResults(requests)
         self.assertEqual({a.body for a in answers}, {b"ok"})
@@ -363,17 +363,11 @@ class PoisonTests(unittest.TestCase):
     def test_an_element_that_keeps_failing_is_set_aside_not_lost(self):
         node = yield NodeHarness.start(self, "sqlite")
         consumer = node.service.getServiceNamed("pipeline").getServiceNamed("consumer")
-        from emond import consumer as consumer_module
-        from emond.queue import encode_groups, input_stream
+        from emond.keys import input_stream
+        from emond.queue import encode_groups
 
-        self.patch(consumer_module, "POISON_AFTER", 2)
-        waits = []
-
-        def no_wait(clock, delay, f):  # retries happen at once in this test
-            waits.append(delay)
-            return defer.succeed(f())
-
-        self.patch(consumer_module.task, "deferLater", no_wait)
+        self.patch(consumer.reader, "poison_after", 2)
+        self.patch(consumer.reader, "retry_delay", 0)  # retries happen at once in this test
         bad = b"j[[1, 1700000000, 42, 17]]"  # not a packet: the values are not an object
         good = encode_groups([[1, 0.0, T0, [[0, "n", {"a": 1.0}]]]])
         queue = consumer.layout.queue_for(1)

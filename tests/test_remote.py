@@ -19,7 +19,8 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from emond.queue import input_stream, read_head, storage_stream
+from emond.keys import input_stream, storage_stream
+from emond.queue import read_head
 from emond.records import RECORD
 from emond.redis import Redis
 from tests.support import free_port, redis_server
