@@ -29,7 +29,8 @@ from emond.remote import RemoteLink
 from emond.sender import LocalSenderService, RefusalRecorder
 from emond.web import QueueLayout, limited_request_factory
 from emond.redisproc import EmbeddedRedis
-from emond.storage import StorageLocationService, StreamServer, StreamServerFactory, location_dir
+from emond.storage import StorageLocationService, location_dir
+from emond.storage_server import StreamServer, StreamServerFactory
 from emond.stream import server_tls
 
 
