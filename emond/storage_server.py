@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -122,7 +122,7 @@ class StreamServer:
             if token < self.max_token:
                 return False, f"stale fencing token {token} < {self.max_token}"
             if token > self.max_token:
-                await threads.deferToThread(self._write_token, token)
+                await self.location.writes.run(self._write_token, token)
                 self.max_token = token
             try:
                 refusals = await self.location.apply_batch(batch)
@@ -139,32 +139,36 @@ class StreamServer:
             self.lock.release()
 
     async def read(self, op: str, feed: int, engine: int, args: list[Any]) -> Any:
-        """Answer one read request: the whole read runs here, in a thread, and is
-        answered once (a data query comes back packed, see ``Series``). ``ping`` answers
-        at once, from the reactor, with this server's status (a node's health check)."""
+        """Answer one read request: the whole read runs here, in the location's read
+        threads (creating and deleting files in its write thread), and is answered once
+        (a data query comes back packed, see ``Series``). ``ping`` answers at once, from
+        the reactor, with this server's status (a node's health check)."""
         if op == "ping":
             return self.status()
         engines = self.location.engines
         if engines is None:
             raise RuntimeError("storage not open")
+        reads, writes = self.location.reads, self.location.writes
         if op == "summaries":
             wanted = [(int(f), int(e)) for f, e in args[0]]
-            return await threads.deferToThread(_summaries, engines, wanted)
+            return await reads.run(_summaries, engines, wanted)
         target = engines.engine(engine)
         if op == "query":
             query = DataQuery.from_wire(args[0])
-            series = await threads.deferToThread(target.query, feed, query)
+            series = await reads.run(target.query, feed, query)
             return series.to_bytes()
         if op == "value_at":
-            return await threads.deferToThread(target.value_at, feed, int(args[0]))
+            return await reads.run(target.value_at, feed, int(args[0]))
         if op == "create":
             if engine == ENGINE_PHPFINA:
-                return await threads.deferToThread(target.create, feed, int(args[0]))
-            return await threads.deferToThread(target.create, feed)
-        method = {"value": "lastvalue", "meta": "meta", "delete": "delete", "export": "export"}.get(op)
+                return await writes.run(target.create, feed, int(args[0]))
+            return await writes.run(target.create, feed)
+        if op == "delete":
+            return await writes.run(target.delete, feed)
+        method = {"value": "lastvalue", "meta": "meta", "export": "export"}.get(op)
         if method is None:
             raise ValueError(f"unknown read {op!r}")
-        result = await threads.deferToThread(getattr(target, method), feed, *args)
+        result = await reads.run(getattr(target, method), feed, *args)
         if op == "meta" and result is not None:
             return list(result)
         return result
