@@ -15,7 +15,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -226,9 +226,6 @@ class Router:
 
     def find(self, controller: str, action: str) -> tuple[str, Handler] | None:
         return self._routes.get((controller, action))
-
-    def routes(self) -> Iterable[tuple[str, str]]:
-        return self._routes.keys()
 
 
 def split_path(path: bytes) -> tuple[list[str], str]:

@@ -10,8 +10,8 @@ read (a data query with its DMY days, averages and splits, a value at a time,
 the summaries of many feeds) and answering once. Every call has a timeout: a
 server that does not answer in ``read_timeout`` seconds is a 504, one not
 connected (or not open) a 503, one whose read queue is full a 503 as well.
-``FeedWriter`` takes RECORD batches; ``LocalWriter`` applies them to a
-hosted server's engines directly.
+``FeedWriter`` is what takes RECORD batches (the node's is
+``sender.QueueWriter``: into the storage queue).
 """
 
 from __future__ import annotations
@@ -188,16 +188,3 @@ def _summary(item: Any) -> DiskSummary:
         return DiskSummary(None, None)
     size, last = item
     return DiskSummary(int(size) if isinstance(size, int) else None, _point(last))
-
-
-class LocalWriter:
-    """Applies a batch to a hosted storage server's engines (in a thread)."""
-
-    def __init__(self, locations: dict[int, StorageLocationService]) -> None:
-        self._locations = locations
-
-    async def write(self, server: int, batch: np.ndarray) -> list[Refusal]:
-        location = self._locations.get(server)
-        if location is None:
-            raise ApiError(f"storage server {server} is not available", 503)
-        return await location.apply_batch(batch)
