@@ -13,7 +13,8 @@ With reads of both pending (and held open), ``input/post`` and
 ``user/login`` answer at once, and the writes to a PHPFina feed of location 0
 go on (its write thread is not its read threads); a read beyond location
 0's read threads and read queue is refused at once (503). When storage
-answers again, every pending read is answered.
+answers again, every pending read is answered. A storage server's own full
+read queue is a 503 at the node, at once, as well.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ class StalledStorageTests(unittest.TestCase):
         self.base = os.path.abspath(self.mktemp())
         os.makedirs(self.base)
         subprocess.run([os.path.join(ROOT, "etc", "make-certs"), os.path.join(self.base, "tls"), "node0", "storage1"], check=True, capture_output=True)
-        stream_port, storage_http, self.http = free_port(), free_port(), free_port()
+        stream_port, self.storage_http, self.http = free_port(), free_port(), free_port()
         self.storage_config = os.path.join(self.base, "storage.toml")
         with open(self.storage_config, "w") as f:
             f.write(
                 f'[storage]\nid = 1\nlisten = "tcp:{stream_port}:interface=127.0.0.1"\n'
-                f'http = "tcp:{storage_http}:interface=127.0.0.1"\ndatadir = "remote"\nallow = ["node0"]\n'
+                f'http = "tcp:{self.storage_http}:interface=127.0.0.1"\ndatadir = "remote"\nallow = ["node0"]\n'
                 f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
             )
         self.node_config = os.path.join(self.base, "node.toml")
@@ -101,8 +102,8 @@ class StalledStorageTests(unittest.TestCase):
         return body
 
     @defer.inlineCallbacks
-    def metric(self, name, **labels):
-        response = yield treq.get(f"http://127.0.0.1:{self.http}/metrics", persistent=False)
+    def metric(self, name, port=None, **labels):
+        response = yield treq.get(f"http://127.0.0.1:{port or self.http}/metrics", persistent=False)
         text = (yield response.content()).decode()
         wanted = [f'{k}="{v}"' for k, v in labels.items()]
         for line in text.splitlines():
@@ -111,10 +112,11 @@ class StalledStorageTests(unittest.TestCase):
         return None
 
     @defer.inlineCallbacks
-    def until_metric(self, value, name, **labels):
-        """Ask /metrics again until ``name`` reads ``value`` (each ask is one round trip)."""
+    def until_metric(self, value, name, port=None, **labels):
+        """Ask /metrics (the node's, or ``port``'s) again until ``name`` reads ``value``
+        (each ask is one round trip)."""
         deadline = time.monotonic() + 30
-        while (yield self.metric(name, **labels)) != value:
+        while (yield self.metric(name, port, **labels)) != value:
             self.assertLess(time.monotonic(), deadline, f"{name} {labels} never reached {value}")
 
     @defer.inlineCallbacks
@@ -174,6 +176,34 @@ class StalledStorageTests(unittest.TestCase):
         self.assertEqual((code, rows[0]), (200, [(T0 + 10) * 1000, 1]), rows)
         self.assertEqual(rows, [[(T0 + 10 * k) * 1000, v] for k, v in zip(range(1, 7), [1, 0, 1, 2, 3, 4])])
         self.assertIn((yield node.signal(signal.SIGTERM)), (0, -signal.SIGTERM))  # pools joined: a clean stop
+        yield storage.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_a_remote_servers_full_read_queue_is_a_503_at_once(self):
+        """Storage server 1 runs one read at a time and queues none: while its disk hangs on a
+        read, the next read is refused by the server and answered 503 by the node at once."""
+        with open(self.storage_config, "a") as f:
+            f.write("[engines]\nread_threads = 1\nread_queue = 0\n")
+        storage = yield self.start("emond-storage", self.storage_config, "storage 1 open on", "Site starting on")
+        yield self.start("emond", self.node_config, "node API ready", "stream to storage 1 up")
+        keys = yield self.call("user/register.json", username="busy", password="secret1", email="b@example.org")
+        self.key = keys["apikey_write"]
+        created = yield self.call("feed/create.json", apikey=self.key, name="hung", engine="2", server="1")
+        fifo = os.path.join(self.base, "remote", "phptimeseries", f"feed_{created['feedid']}.MYD")
+        os.remove(fifo)
+        os.mkfifo(fifo)
+        self.addCleanup(self.unblock, fifo)
+        window = dict(apikey=self.key, id=str(created["feedid"]), start=str(T0), end=str(T0 + 100), interval="10")
+        held = self.request("feed/data.json", "GET", **window)
+        yield self.until_metric(1, "emond_pool_busy", port=self.storage_http, pool="storage1-read")
+        code, body, took = yield self.request("feed/data.json", "GET", **window)
+        self.assertEqual((code, body), (503, {"success": False, "message": "storage server 1 is busy, try again shortly"}))
+        self.assertLess(took, QUICK)
+        self.assertEqual((yield self.metric("emond_pool_refused_total", self.storage_http, pool="storage1-read")), 1.0)
+        self.assertFalse(held.called)
+        self.unblock(fifo)
+        code, _, _ = yield held
+        self.assertEqual(code, 200)
         yield storage.signal(signal.SIGTERM)
 
     def unblock(self, fifo: str) -> None:
