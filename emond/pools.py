@@ -47,10 +47,6 @@ class BoundedPool:
         self._pool: ThreadPool | None = None
 
     @property
-    def running(self) -> bool:
-        return self._pool is not None
-
-    @property
     def busy(self) -> int:
         """Threads working now."""
         return len(self._pool.working) if self._pool is not None else 0
