@@ -15,7 +15,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from emond.numbers import php_number
+from emond.pools import PoolBusy
 from emond.redis import RedisUnavailable
 
 PUBLIC, READ, WRITE = "public", "read", "write"
@@ -35,6 +36,7 @@ PUBLIC, READ, WRITE = "public", "read", "write"
 # it. The input routes take values as long as the body (emonhub's 1000-frame bulk is
 # ~135 KB as a form), bounded by their own frame and value limits instead.
 MAX_PARAM = 64 * 1024
+BUSY = "Too busy, try again shortly"  # the answer (503) when a pool's queue is full
 
 
 class ApiError(Exception):
@@ -225,9 +227,6 @@ class Router:
     def find(self, controller: str, action: str) -> tuple[str, Handler] | None:
         return self._routes.get((controller, action))
 
-    def routes(self) -> Iterable[tuple[str, str]]:
-        return self._routes.keys()
-
 
 def split_path(path: bytes) -> tuple[list[str], str]:
     """Path segments and the format suffix of the last segment."""
@@ -316,6 +315,8 @@ class ApiResource(Resource):
         except RedisUnavailable as e:
             self.log.warn("redis unavailable: {error}", error=str(e))
             answer = Raw(json_bytes({"success": False, "message": "Service temporarily unavailable"}), code=503)
+        except PoolBusy:  # a pool's queue is full (a burst of logins, of reads): refused at once, counted in /metrics
+            answer = Raw(json_bytes({"success": False, "message": BUSY}), code=503, headers={b"Retry-After": b"1"})
         if isinstance(answer, Streamed):
             await self._stream(request, answer, gone)
             return

@@ -42,7 +42,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import numpy as np
-from twisted.internet import defer, threads
+from twisted.internet import defer
 
 from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed, decode_json, json_bytes
 from emond.context import NodeContext
@@ -313,8 +313,8 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         series = await defer.gatherResults(
             [defer.ensureDeferred(read_series(request, feed, plan)) for feed, plan in zip(found, plans)], consumeErrors=True
         ).addErrback(lambda failure: failure.value.subFailure.raiseException())
-        # Formatting thousands of rows (dates, CSV) is done off the reactor.
-        return await threads.deferToThread(render_data, request, found, plans, series, accepted)
+        # Formatting thousands of rows (dates, CSV) is done off the reactor, in the render pool.
+        return await ctx.render.run(render_data, request, found, plans, series, accepted)
 
     async def export(call: Call) -> Any:
         # Public or yours, as current emoncms (emoncms.org wanted the owner's write key).

@@ -10,6 +10,7 @@ from typing import Any
 
 from emond.api import PUBLIC, READ, WRITE, ApiError, Call, Router
 from emond.context import NodeContext
+from emond.pools import PoolBusy
 from emond.users import LOGIN_FAILED, Verified, check_new_password
 
 AUTH_FAILED = "Incorrect authentication"  # current emoncms's user/auth answer, for both failures
@@ -38,7 +39,11 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
             raise ApiError("Username or password empty")
         address = auth.client(call.request)
         await auth.password_attempt(username, address, limits)  # counted before it is checked
-        verified = await users.authenticate(username, password, failed)
+        try:
+            verified = await users.authenticate(username, password, failed)
+        except PoolBusy:
+            await auth.password_unchecked(username, address)
+            raise
         await auth.password_accepted(username, address)
         return verified
 
@@ -105,7 +110,11 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
             # before the new password is stored: if Redis fails, nothing has changed
             await auth.end_all_sessions(call.userid)
 
-        await users.change_password(call.userid, old, new, end_sessions)
+        try:
+            await users.change_password(call.userid, old, new, end_sessions)
+        except PoolBusy:
+            await auth.password_unchecked(username, address)
+            raise
         await auth.password_accepted(username, address)
         # ... and after: a login that read the old hash before the change ends with the rest
         generation = await auth.end_all_sessions(call.userid)

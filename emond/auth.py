@@ -73,6 +73,15 @@ end
 return 0
 """
 
+# KEYS: (user, address), address, user. An attempt whose password was never checked (the KDF
+# was too busy) is given back to all three.
+_UNCHECKED = """
+for i = 1, 3 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('DECR', KEYS[i]) <= 0 then redis.call('DEL', KEYS[i]) end
+end
+return 0
+"""
+
 # KEYS[1]: a counter; ARGV: window, limit. 0 if this one is within the limit, else seconds to wait.
 _COUNT = """
 local n = redis.call('INCR', KEYS[1])
@@ -247,6 +256,11 @@ class Authenticator:
         """The checked password was right: forget that pair's failures, give the attempt back."""
         keys = _attempt_keys(username, address)
         await self.redis.call("EVAL", _ACCEPTED, 3, *keys[:3])
+
+    async def password_unchecked(self, username: str, address: str) -> None:
+        """The password was never checked (refused as too busy): the attempt does not count."""
+        keys = _attempt_keys(username, address)
+        await self.redis.call("EVAL", _UNCHECKED, 3, *keys[:3])
 
     async def registration_attempt(self, address: str, limits: UsersSection) -> None:
         """Count one registration from the address; ApiError 429 when over the limit."""

@@ -85,7 +85,10 @@ class FeedsSection:
     default_server: int = 0
     # Rows one feed/data.json read may ask for per feed (current emoncms's max_datapoints).
     max_datapoints: int = MAX_DATAPOINTS
-    read_timeout: float = 30.0  # seconds a remote storage server has to answer a read (then 504)
+    read_timeout: float = 30.0  # seconds a storage server has to answer a read (then 504)
+    # Threads formatting read answers (dates, CSV), and how many answers may wait for one (503 beyond).
+    render_threads: int = 2
+    render_queue: int = 32
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ class UsersSection:
     registrations_per_address: int = 10  # user/register attempts per address per window (429 beyond)
     registration_window: int = 3600
     max_feeds: int = 1000  # per user (403 beyond)
+    # Password hashes (scrypt: 16 MiB and ~0.1 s of CPU each) run in this many threads at once;
+    # this many more may wait, and a login beyond them is answered 503 at once.
+    kdf_threads: int = 2
+    kdf_queue: int = 16
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,10 @@ class EnginesSection:
     max_padding: int = MAX_PADDING
     open_files: int = 4096
     sync: bool = True
+    # Threads reading feed files, per storage location (writes have one of their own: a
+    # location applies one batch at a time); reads that may wait for one (503 beyond).
+    read_threads: int = 4
+    read_queue: int = 100
 
 
 @dataclass(frozen=True)
@@ -367,11 +378,21 @@ def _validate_node(config: NodeConfig) -> None:
             raise ConfigError(f"[users] {name}: must be at least 1, got {getattr(config.users, name)}")
     if not 1 <= config.feeds.max_datapoints <= 1_000_000:
         raise ConfigError(f"[feeds] max_datapoints: must be between 1 and 1000000, got {config.feeds.max_datapoints}")
+    _check_pool("[users] kdf", config.users.kdf_threads, config.users.kdf_queue)
+    _check_pool("[feeds] render", config.feeds.render_threads, config.feeds.render_queue)
+    _check_pool("[engines] read", config.engines.read_threads, config.engines.read_queue)
     if not config.feeds.read_timeout > 0:
         raise ConfigError(f"[feeds] read_timeout: must be more than 0 seconds, got {config.feeds.read_timeout}")
     hosted = set(config.node.storage) | set(config.storage_servers)
     if hosted and config.feeds.default_server not in hosted:
         raise ConfigError(f"[feeds] default_server: server {config.feeds.default_server} is neither hosted nor remote")
+
+
+def _check_pool(prefix: str, threads: int, queue: int) -> None:
+    if threads < 1:
+        raise ConfigError(f"{prefix}_threads: must be at least 1, got {threads}")
+    if queue < 0:
+        raise ConfigError(f"{prefix}_queue: must not be negative, got {queue}")
 
 
 def load_storage_config(path: str) -> StorageConfig:
@@ -382,7 +403,7 @@ def load_storage_config(path: str) -> StorageConfig:
     _unknown_sections(data, {"storage", "engines", "tls", "health"})
     if "storage" not in data:
         raise ConfigError("[storage]: required section missing")
-    return StorageConfig(
+    config = StorageConfig(
         path=path,
         storage=_section(StorageSection, data["storage"], "[storage]", base),
         engines=_section(EnginesSection, data.get("engines", {}), "[engines]", base),
@@ -390,3 +411,5 @@ def load_storage_config(path: str) -> StorageConfig:
         tls=_tls(data, base),
         health=_health(HealthSection, data, base),
     )
+    _check_pool("[engines] read", config.engines.read_threads, config.engines.read_queue)
+    return config

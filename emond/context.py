@@ -12,6 +12,7 @@ from emond.db import Database
 from emond.feeds import Feeds
 from emond.feedstore import FeedStore, FeedWriter
 from emond.inputs import Inputs
+from emond.pools import BoundedPool
 from emond.redis import Redis
 from emond.refusals import Refusals
 from emond.users import Users
@@ -27,6 +28,7 @@ class NodeContext:
     feeds: Feeds
     inputs: Inputs
     store: FeedStore
+    render: BoundedPool  # threads formatting read answers
     writer: FeedWriter
     refusals: Refusals
     registry: CollectorRegistry

@@ -1,14 +1,17 @@
 """Where feed data is read and written: one interface over every storage server.
 
 ``FeedStore`` answers reads and file management (create, delete) for a feed
-on any storage server: a server hosted in this process through its engines
-in a thread; a remote one with ONE read request over the stream per call,
-the storage server doing the whole read (a data query with its DMY days,
-averages and splits, a value at a time, the summaries of many feeds) and
-answering once. Every remote call has a timeout: a server that does not
-answer in ``read_timeout`` seconds is a 504, one not connected a 503.
-``FeedWriter`` takes RECORD batches; ``LocalWriter`` applies them to a
-hosted server's engines directly.
+on any storage server, asynchronously (every method is a coroutine; nothing
+here blocks the reactor or waits on another thread): a server hosted in this
+process through its engines in the location's own threads (reads in its read
+pool, creating and deleting files in its write thread); a remote one with ONE
+read request over the stream per call, the storage server doing the whole
+read (a data query with its DMY days, averages and splits, a value at a time,
+the summaries of many feeds) and answering once. Every call has a timeout: a
+server that does not answer in ``read_timeout`` seconds is a 504, one not
+connected (or not open) a 503, one whose read queue is full a 503 as well.
+``FeedWriter`` is what takes RECORD batches (the node's is
+``sender.QueueWriter``: into the storage queue).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Protocol, TypeVar
 
 import numpy as np
-from twisted.internet import threads
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 
 from emond.api import ApiError
 from emond.engine import DataQuery, FeedError, NoSuchFeed, RowLimit, Series, disk_summary
 from emond.feeds import Feed
 from emond.phpfina import FeedMeta
 from emond.phptimeseries import SeriesMeta
+from emond.pools import BoundedPool, PoolBusy
 from emond.records import ENGINE_PHPFINA, Refusal
 from emond.remote import RemoteReadError, RemoteTimeout, RemoteUnavailable
 from emond.storage import StorageEngines, StorageLocationService
@@ -44,18 +49,33 @@ class FeedWriter(Protocol):
 
 
 class FeedStore:
-    def __init__(self, locations: dict[int, StorageLocationService], read_timeout: float = READ_TIMEOUT) -> None:
+    def __init__(
+        self, locations: dict[int, StorageLocationService], reactor: IReactorTime, read_timeout: float = READ_TIMEOUT
+    ) -> None:
         self._locations = locations
+        self.reactor = reactor
         self.read_timeout = read_timeout
         self.remotes: dict[int, Any] = {}  # storage server id -> RemoteLink (the stream)
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _hosted(self, server: int) -> StorageEngines:
+    def _hosted(self, server: int) -> tuple[StorageLocationService, StorageEngines]:
         location = self._locations.get(server)
         if location is None or location.engines is None:
             raise ApiError(f"storage server {server} is not available", 503)
-        return location.engines
+        return location, location.engines
+
+    async def _in(self, pool: BoundedPool, server: int, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` in a hosted location's pool, answered within ``read_timeout``
+        (a disk that hangs holds its thread, not the request)."""
+        d = pool.run(work, *args)
+        d.addTimeout(self.read_timeout, self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise ApiError(f"storage server {server} did not answer in {self.read_timeout:g} s", 504) from None
+        except PoolBusy:
+            raise ApiError(f"storage server {server} is busy, try again shortly", 503) from None
 
     async def _remote(self, link: Any, op: str, feedid: int, engine: int, *args: Any) -> Any:
         """One read request to a remote storage server; its errors as the API's."""
@@ -66,28 +86,34 @@ class FeedStore:
                 raise NoSuchFeed(feedid)
             if e.kind == "RowLimit":
                 raise RowLimit(int(str(e).rsplit(" ", 1)[-1]))
+            if e.kind == "PoolBusy":
+                raise ApiError(f"storage server {link.server_id} is busy, try again shortly", 503)
             raise FeedError(str(e))
         except RemoteTimeout as e:
             raise ApiError(str(e), 504)
         except RemoteUnavailable as e:
             raise ApiError(str(e), 503)
 
-    async def _read(self, feed: Feed, op: str, args: tuple[Any, ...], local: Callable[[Any], T], decode: Callable[[Any], T]) -> T:
-        """``local(engine)`` in a thread for a hosted feed; one ``op`` request for a remote one."""
+    async def _read(
+        self, feed: Feed, op: str, args: tuple[Any, ...], local: Callable[[Any], T], decode: Callable[[Any], T], write: bool = False
+    ) -> T:
+        """``local(engine)`` in a hosted location's read threads (``write``: its write
+        thread) for a hosted feed; one ``op`` request for a remote one."""
         link = self.remotes.get(feed.server)
         if link is not None:
             return decode(await self._remote(link, op, feed.id, feed.engine, *args))
-        engine = self._hosted(feed.server).engine(feed.engine)
-        return await threads.deferToThread(local, engine)
+        location, engines = self._hosted(feed.server)
+        engine = engines.engine(feed.engine)
+        return await self._in(location.writes if write else location.reads, feed.server, local, engine)
 
     # -- files -----------------------------------------------------------------------
 
     async def create(self, feed: Feed) -> None:
         args = (feed.interval,) if feed.engine == ENGINE_PHPFINA else ()
-        await self._read(feed, "create", args, lambda e: e.create(feed.id, *args), lambda _: None)
+        await self._read(feed, "create", args, lambda e: e.create(feed.id, *args), lambda _: None, write=True)
 
     async def delete(self, feed: Feed) -> None:
-        await self._read(feed, "delete", (), lambda e: e.delete(feed.id), lambda _: None)
+        await self._read(feed, "delete", (), lambda e: e.delete(feed.id), lambda _: None, write=True)
 
     async def meta(self, feed: Feed) -> FeedMeta | SeriesMeta:
         def decode(fields: Any) -> FeedMeta | SeriesMeta:
@@ -113,8 +139,8 @@ class FeedStore:
         return await self._read(feed, "value", (), lambda e: e.lastvalue(feed.id), _point)
 
     async def summaries(self, feeds: list[Feed]) -> dict[int, DiskSummary]:
-        """Size and last point on disk of many feeds: one thread call or one
-        stream request per storage server.
+        """Size and last point on disk of many feeds: one job in a hosted location's
+        read threads or one stream request per storage server.
 
         A feed whose server is not available here, or whose files are
         missing, gets ``DiskSummary(None, None)``.
@@ -130,7 +156,8 @@ class FeedStore:
                     answer = await self._remote(link, "summaries", 0, 0, [[f.id, f.engine] for f in group])
                     out.update({f.id: _summary(item) for f, item in zip(group, answer)})
                 else:
-                    out.update(await threads.deferToThread(_summaries, self._hosted(server), group))
+                    location, engines = self._hosted(server)
+                    out.update(await self._in(location.reads, server, _summaries, engines, group))
             except (ApiError, FeedError):
                 continue  # not reachable now: unknown
         return out
@@ -161,16 +188,3 @@ def _summary(item: Any) -> DiskSummary:
         return DiskSummary(None, None)
     size, last = item
     return DiskSummary(int(size) if isinstance(size, int) else None, _point(last))
-
-
-class LocalWriter:
-    """Applies a batch to a hosted storage server's engines (in a thread)."""
-
-    def __init__(self, locations: dict[int, StorageLocationService]) -> None:
-        self._locations = locations
-
-    async def write(self, server: int, batch: np.ndarray) -> list[Refusal]:
-        location = self._locations.get(server)
-        if location is None:
-            raise ApiError(f"storage server {server} is not available", 503)
-        return await location.apply_batch(batch)

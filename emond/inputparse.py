@@ -406,10 +406,6 @@ def inflate_steps(data: bytes, limit: int) -> Steps[bytes]:
     return b"".join(out)
 
 
-def inflate(data: bytes, limit: int) -> bytes:
-    return run(inflate_steps(data, limit))
-
-
 def bulk_text_steps(params: dict[str, str], body: Callable[[], bytes], limit: int) -> Steps[str]:
     """The JSON text of a bulk request: ``data``, a compressed body (``cb``) or compressed hex (``c``)."""
     if "cb" in params:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,8 +20,9 @@ from emond.context import NodeContext
 from emond.db import Database
 from emond.feeds import Feeds
 from emond.feedstore import FeedStore
-from emond.health import HealthCheck, HealthResource, OperatorAccess, OperatorOnly
+from emond.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
 from emond.inputs import Inputs
+from emond.pools import BoundedPool
 from emond.queue import QueueLayout, QueueLayoutError
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refusals
@@ -43,7 +43,9 @@ def make_context(
 ) -> NodeContext:
     db = Database.from_url(config.database.url, config.sqlite_path)
     redis = Redis.connect(redis_url, config.redis.timeout, reactor)
-    users = Users(db)
+    # Pools of their own (emond.pools), started and stopped by a PoolsService in the tree.
+    users = Users(db, BoundedPool("kdf", config.users.kdf_threads, config.users.kdf_queue, reactor))
+    render = BoundedPool("render", config.feeds.render_threads, config.feeds.render_queue, reactor)
     registry = CollectorRegistry()
     return NodeContext(
         config=config,
@@ -53,7 +55,8 @@ def make_context(
         auth=Authenticator(users, redis, config.users.session_days * 86400, config.users.trusted_proxies),
         feeds=Feeds(db, redis, config.users.max_feeds),
         inputs=Inputs(db, redis),
-        store=FeedStore(locations, config.feeds.read_timeout),
+        store=FeedStore(locations, reactor, config.feeds.read_timeout),
+        render=render,
         writer=QueueWriter(redis, config.engines),
         refusals=Refusals(redis, registry),
         registry=registry,
@@ -137,6 +140,6 @@ def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthChec
     access = OperatorAccess(health, ctx.auth.client)  # X-Forwarded-For only from a trusted proxy
     extra = {
         b"health": HealthResource("emond", checks, access, health.check_timeout, reactor),
-        b"metrics": OperatorOnly(MetricsResource(registry=ctx.registry), access),
+        b"metrics": OperatorOnly(MetricsPage(ctx.registry), access),
     }
     return ApiResource(router, ctx.auth, extra, ready=lambda: app.ready, registry=ctx.registry)

@@ -10,7 +10,6 @@ import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.application.service import MultiService, Service
@@ -20,17 +19,19 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from emond.config import NodeConfig, StorageConfig
-from emond.health import HealthCheck, HealthResource, OperatorAccess, OperatorOnly
+from emond.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
 from emond.consumer import InputConsumerService
 from emond.monitor import QueueMonitor
 from emond.node import NodeAppService, make_api, make_context
+from emond.pools import PoolsService, watch_pools
 from emond.redis import Redis
 from emond.remote import RemoteLink
 from emond.sender import LocalSenderService, RefusalRecorder
 from emond.queue import QueueLayout
 from emond.web import limited_request_factory
 from emond.redisproc import EmbeddedRedis
-from emond.storage import StorageLocationService, StreamServer, StreamServerFactory, location_dir
+from emond.storage import StorageLocationService, location_dir
+from emond.storage_server import StreamServer, StreamServerFactory
 from emond.stream import server_tls
 
 
@@ -106,13 +107,18 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     locations = {}
     for i, server_id in enumerate(config.node.storage):
         location = StorageLocationService(
-            server_id, location_dir(config.node.datadir, server_id, i == 0), config.engines
+            server_id, location_dir(config.node.datadir, server_id, i == 0), config.engines, reactor
         )
         location.setName(str(server_id))
         location.setServiceParent(storage)
         locations[server_id] = location
     checks["storage"] = lambda: _all_ok({str(sid): loc.status() for sid, loc in locations.items()})
     ctx = make_context(config, redis_url, locations, reactor)
+    # The KDF and rendering pools stop (joined) after the API; each location stops its own.
+    pools = PoolsService([ctx.users.kdf, ctx.render])
+    pools.setName("pools")
+    pools.setServiceParent(root)
+    watch_pools(ctx.registry, [*pools.pools, *(p for location in locations.values() for p in location.pools)])
     layout = QueueLayout.from_config(config.input)
     app = NodeAppService(ctx, layout, reactor)
     app.setName("api")
@@ -196,10 +202,11 @@ async def _owners(ctx: Any, feedids: list[int]) -> dict[int, int]:
 def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
     """The tree of a storage server: its storage location, the TLS stream listener, HTTP health."""
     root = OrderedMultiService()
-    location = StorageLocationService(config.storage.id, config.storage.datadir, config.engines)
+    location = StorageLocationService(config.storage.id, config.storage.datadir, config.engines, reactor)
     location.setName("storage")
     location.setServiceParent(root)
     registry = CollectorRegistry()
+    watch_pools(registry, location.pools)
     server = StreamServer(location, config.storage.allow, registry)
     # TLS is applied here, from [tls]: the ssl: endpoint string cannot require client certificates.
     tls = server_tls(config.tls.ca, config.tls.cert)
@@ -213,7 +220,7 @@ def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
     access = OperatorAccess(config.health)
     checks: dict[str, HealthCheck] = {"storage": location.status, "stream": server.status}
     web.putChild(b"health", HealthResource("emond-storage", checks, access, config.health.check_timeout, reactor))
-    web.putChild(b"metrics", OperatorOnly(MetricsResource(registry=registry), access))
+    web.putChild(b"metrics", OperatorOnly(MetricsPage(registry), access))
     _http_service(reactor, config.storage.http, web).setServiceParent(root)
     return root
 

@@ -1,55 +1,29 @@
-"""A storage location: the engines on one data directory, driven from a thread.
+"""A storage location: the engines on one data directory, driven from its own threads.
 
 Every storage location keeps PHPFina files in ``<datadir>/phpfina/`` and
 PHPTimeSeries files in ``<datadir>/phptimeseries/`` (an emoncms server's
-directories can be used as they are). Disk work runs in a thread pool so
-the reactor never waits on the disk.
+directories can be used as they are). Disk work runs in the location's own
+thread pools (``emond.pools``), so the reactor never waits on the disk and a
+slow disk holds up nothing but its own location.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter, Gauge
 from twisted.application.service import Service
-from twisted.internet import defer, threads
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from emond.config import EnginesSection
-from emond.engine import DataQuery, FeedError, disk_summary
 from emond.phpfina import PHPFina
 from emond.phptimeseries import PHPTimeSeries
+from emond.pools import BoundedPool
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, REASON_WRONG_ENGINE, Refusal, refusals_from
-from emond.stream import (
-    ACK,
-    BATCH,
-    BINARY,
-    CHUNK,
-    ERROR,
-    FINAL,
-    HELLO,
-    HELLO_OK,
-    NACK,
-    REQUEST,
-    VERSION,
-    FrameProtocol,
-    ProtocolError,
-    ReadRequest,
-    ack_frame,
-    decode_batch,
-    decode_hello,
-    decode_request,
-    encode_json,
-    peer_names,
-    response_frame,
-)
 
 
 def raise_open_files_limit() -> int:
@@ -99,23 +73,40 @@ class StorageEngines:
 
 
 class StorageLocationService(Service):
-    """Opens a storage location at start (completing interrupted writes) and closes it at stop."""
+    """Opens a storage location at start (completing interrupted writes) and closes it at stop.
+
+    Its disk work runs in two pools of its own, started and stopped with it:
+    ``writes``, one thread (a location applies one batch at a time; opening,
+    closing, creating and deleting files take their turn with the batches), and
+    ``reads``, ``[engines] read_threads`` threads with a bounded queue. A slow
+    read never holds up a write, and neither waits for another location, a
+    login or a rendering.
+    """
 
     log = Logger()
 
-    def __init__(self, server_id: int, datadir: str, settings: EnginesSection) -> None:
+    def __init__(self, server_id: int, datadir: str, settings: EnginesSection, reactor: IReactorFromThreads) -> None:
         self.server_id = server_id
         self.datadir = datadir
         self._settings = settings
         self.engines: StorageEngines | None = None
         self.opened: defer.Deferred[StorageEngines] = defer.Deferred()
+        self._opening: defer.Deferred[None] | None = None
         self._error: str | None = None
+        self.writes = BoundedPool(f"storage{server_id}-write", 1, None, reactor)
+        self.reads = BoundedPool(f"storage{server_id}-read", settings.read_threads, settings.read_queue, reactor)
+
+    @property
+    def pools(self) -> list[BoundedPool]:
+        return [self.reads, self.writes]
 
     def startService(self) -> None:
         super().startService()
         raise_open_files_limit()
-        d = threads.deferToThread(StorageEngines, self.datadir, self._settings)
-        d.addCallbacks(self._opened, self._failed)
+        for pool in self.pools:
+            pool.start()
+        self._opening = self.writes.run(StorageEngines, self.datadir, self._settings)
+        self._opening.addCallbacks(self._opened, self._failed)
 
     def _opened(self, engines: StorageEngines) -> None:
         self.engines = engines
@@ -129,282 +120,33 @@ class StorageLocationService(Service):
         self.opened.addErrback(lambda _: None)  # reported; callers see the health check
 
     def apply_batch(self, batch: np.ndarray) -> defer.Deferred[list[Refusal]]:
-        """Apply a batch in a thread (the engine serialises batches)."""
+        """Apply a batch in the write thread."""
         if self.engines is None:
             return defer.fail(RuntimeError(f"storage {self.server_id} is not open"))
-        return threads.deferToThread(self.engines.apply_batch, batch)
+        return self.writes.run(self.engines.apply_batch, batch)
 
     def status(self) -> dict[str, object]:
         return {"ok": self.engines is not None, "datadir": self.datadir, "error": self._error}
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        if self.engines is None:
-            return defer.succeed(None)
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        """The reads in hand finish, then the writes queued before this; the files are
+        closed after them, in the write thread; then both pools' threads are joined."""
+        if self._opening is not None:
+            await self._opening  # an open still in progress finishes first
+        await self.reads.stop()
         engines, self.engines = self.engines, None
-        return threads.deferToThread(engines.close)
-
-
-def _summaries(engines: StorageEngines, wanted: list[tuple[int, int]]) -> list[Any]:
-    """[size, [time, value]] of each (feed, engine); [null, null] where unknown."""
-    out: list[Any] = []
-    for feedid, engine_id in wanted:
         try:
-            size, last = disk_summary(engines.engine(engine_id), engine_id, feedid)
-        except (KeyError, FeedError, OSError):
-            out.append([None, None])
-            continue
-        out.append([size, list(last) if last is not None else None])
-    return out
+            if engines is not None:
+                await self.writes.run(engines.close)
+        finally:
+            await self.writes.stop()
 
 
 def location_dir(datadir: str, server_id: int, first: bool) -> str:
     """Where a node keeps a hosted storage server: the first in ``datadir`` itself
     (the emoncms layout), others in ``<datadir>/storage<id>``."""
     return datadir if first else os.path.join(datadir, f"storage{server_id}")
-
-
-# -- the storage server's end of the stream ----------------------------------------
-
-
-class StreamServer:
-    """Applies the batches that arrive over the stream, in order, and answers reads.
-
-    One lock orders every batch (whatever connection it came on); a batch
-    carrying an older fencing token than the newest seen is refused, so a
-    stalled former sender cannot write after its successor. The newest
-    token is kept in ``<datadir>/stream.token`` across restarts.
-    """
-
-    log = Logger()
-
-    def __init__(self, location: StorageLocationService, allow: tuple[str, ...], registry: Any) -> None:
-        self.location = location
-        self.allow = set(allow)
-        self.lock = defer.DeferredLock()
-        self.disk_error: str | None = None
-        self._token_path = os.path.join(location.datadir, "stream.token")
-        self.max_token = self._read_token()
-        self.stopping = False
-        self.connections: set[Any] = set()
-        self.batches = Counter("emond_stream_batches_applied", "Batches applied from the stream", registry=registry)
-        self.points = Counter("emond_stream_points_applied", "Datapoints applied from the stream", registry=registry)
-        self.refused_peers = Counter(
-            "emond_stream_tls_refused", "Connections refused before any frame: no TLS, another CA, a name not allowed", registry=registry
-        )
-        self.connected = Gauge("emond_stream_connections", "Stream connections open", registry=registry)
-        self.disk_errors = Counter("emond_storage_disk_errors", "Batches not applied because of a disk error", registry=registry)
-        self.refused_frames = Counter(
-            "emond_stream_frames_refused", "Connections closed for a frame that breaks the protocol, by reason", ["reason"], registry=registry
-        )
-
-    def _read_token(self) -> int:
-        try:
-            with open(self._token_path) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
-    def _write_token(self, token: int) -> None:
-        tmp = self._token_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(token))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._token_path)
-
-    async def apply(self, seq: int, token: int, batch: np.ndarray) -> tuple[bool, Any]:
-        """(True, refusals) once applied; (False, reason) when not applied.
-
-        ``batch`` was decoded and checked (``decode_batch``) before this: nothing,
-        the token included, is persisted for a frame that is not a whole batch."""
-        await self.lock.acquire()
-        try:
-            if self.stopping:
-                return False, "stopping"
-            if token < self.max_token:
-                return False, f"stale fencing token {token} < {self.max_token}"
-            if token > self.max_token:
-                await threads.deferToThread(self._write_token, token)
-                self.max_token = token
-            try:
-                refusals = await self.location.apply_batch(batch)
-            except OSError as e:
-                self.disk_error = f"{e.strerror or e} ({e.filename or self.location.datadir})"
-                self.disk_errors.inc()
-                self.log.error("batch {seq} not applied: {error}", seq=seq, error=self.disk_error)
-                return False, "disk error"
-            self.disk_error = None
-            self.batches.inc()
-            self.points.inc(batch.shape[0] - len(refusals))
-            return True, [list(r) for r in refusals]
-        finally:
-            self.lock.release()
-
-    async def read(self, op: str, feed: int, engine: int, args: list[Any]) -> Any:
-        """Answer one read request: the whole read runs here, in a thread, and is
-        answered once (a data query comes back packed, see ``Series``). ``ping`` answers
-        at once, from the reactor, with this server's status (a node's health check)."""
-        if op == "ping":
-            return self.status()
-        engines = self.location.engines
-        if engines is None:
-            raise RuntimeError("storage not open")
-        if op == "summaries":
-            wanted = [(int(f), int(e)) for f, e in args[0]]
-            return await threads.deferToThread(_summaries, engines, wanted)
-        target = engines.engine(engine)
-        if op == "query":
-            query = DataQuery.from_wire(args[0])
-            series = await threads.deferToThread(target.query, feed, query)
-            return series.to_bytes()
-        if op == "value_at":
-            return await threads.deferToThread(target.value_at, feed, int(args[0]))
-        if op == "create":
-            if engine == ENGINE_PHPFINA:
-                return await threads.deferToThread(target.create, feed, int(args[0]))
-            return await threads.deferToThread(target.create, feed)
-        method = {"value": "lastvalue", "meta": "meta", "delete": "delete", "export": "export"}.get(op)
-        if method is None:
-            raise ValueError(f"unknown read {op!r}")
-        result = await threads.deferToThread(getattr(target, method), feed, *args)
-        if op == "meta" and result is not None:
-            return list(result)
-        return result
-
-    def status(self) -> dict[str, object]:
-        return {
-            "ok": self.disk_error is None and self.location.engines is not None,
-            "disk_error": self.disk_error,
-            "connections": len(self.connections),
-            "fencing_token": self.max_token,
-        }
-
-    async def drain(self) -> None:
-        """Finish the batch in hand; acknowledge nothing after it."""
-        await self.lock.acquire()
-        self.stopping = True
-        self.lock.release()
-        for connection in list(self.connections):
-            connection.transport.loseConnection()
-
-
-@implementer(IHandshakeListener)
-class StorageStreamProtocol(FrameProtocol):
-    """The server end: verify the peer's name, then hello, then batches and reads.
-
-    Every frame is decoded and validated before it has any effect; a frame
-    that breaks the protocol closes this connection (logged with its reason,
-    counted in ``emond_stream_frames_refused``) and nothing of it is applied.
-    Other connections go on.
-    """
-
-    log = Logger()
-
-    def __init__(self, server: StreamServer, server_id: int) -> None:
-        self.server = server
-        self.server_id = server_id
-        self.verified = False
-        self.greeted = False
-        self.refused = False  # a frame broke the protocol: read nothing more
-        self.peer = "?"
-
-    def handshakeCompleted(self) -> None:
-        names = peer_names(self.transport)
-        if not self.server.allow.intersection(names):
-            self.log.warn("stream: refused a client certificate for {names}: not on allow", names=names)
-            self.transport.abortConnection()
-            return
-        self.verified = True
-        self.peer = names[0]
-        self.server.connections.add(self)
-        self.server.connected.set(len(self.server.connections))
-        self.log.info("stream: {peer} connected", peer=self.peer)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        if not self.verified:
-            self.server.refused_peers.inc()  # no TLS (plain TCP), another CA, or a name not allowed
-        self.server.connections.discard(self)
-        self.server.connected.set(len(self.server.connections))
-
-    def stringReceived(self, frame: bytes) -> None:
-        if self.refused:
-            return
-        if not self.verified:
-            self.transport.abortConnection()
-            return
-        try:
-            self._frame(frame)
-        except ProtocolError as e:
-            self._refuse(e)
-
-    def _frame(self, frame: bytes) -> None:
-        kind = frame[:1]
-        if not self.greeted:
-            if kind != HELLO:
-                raise ProtocolError("frame_before_hello", f"a {kind!r} frame before the hello")
-            self._hello(frame)
-        elif kind == BATCH:
-            seq, token, batch = decode_batch(frame)
-            defer.ensureDeferred(self._batch(seq, token, batch))
-        elif kind == REQUEST:
-            request_id, request = decode_request(frame)
-            defer.ensureDeferred(self._request(request_id, request))
-        else:
-            raise ProtocolError("unknown_kind", f"a {kind!r} frame")
-
-    def _hello(self, frame: bytes) -> None:
-        version, name = decode_hello(frame)
-        if version != VERSION:
-            self.send(encode_json(HELLO_OK, {"version": VERSION, "error": "unsupported version"}))
-            raise ProtocolError("hello_version", f"version {version}, this server speaks {VERSION}")
-        self.greeted = True
-        self.log.info("stream: {peer} says hello as {name}", peer=self.peer, name=name)
-        # The newest fencing token applied: a sender whose Redis lost its counter catches up.
-        self.send(encode_json(HELLO_OK, {"version": VERSION, "server": self.server_id, "token": self.server.max_token}))
-
-    def _refuse(self, error: ProtocolError) -> None:
-        self.refused = True
-        self.server.refused_frames.labels(error.reason).inc()
-        self.log.warn(
-            "stream: closing the connection from {peer}: {reason} ({detail})", peer=self.peer, reason=error.reason, detail=error.detail
-        )
-        if error.reason == "hello_version":
-            self.transport.loseConnection()  # the answer saying why goes out first
-        else:
-            self.transport.abortConnection()  # a peer breaking the protocol gets nothing more
-
-    async def _batch(self, seq: int, token: int, batch: np.ndarray) -> None:
-        try:
-            applied, result = await self.server.apply(seq, token, batch)
-        except Exception:
-            self.log.failure("stream: batch {seq} from {peer} failed", seq=seq, peer=self.peer)
-            applied, result = False, "internal error"
-        if self.transport.connected:
-            self.send(ack_frame(ACK if applied else NACK, seq, result))
-
-    async def _request(self, request_id: int, request: ReadRequest) -> None:
-        try:
-            result = await self.server.read(request.op, request.feed, request.engine, request.args)
-        except Exception as e:
-            body = json.dumps({"error": str(e), "type": type(e).__name__}).encode()
-            if self.transport.connected:
-                self.send(response_frame(request_id, FINAL | ERROR, body))
-            return
-        if not self.transport.connected:
-            return
-        if isinstance(result, bytes):
-            for i in range(0, max(len(result), 1), CHUNK):
-                last = i + CHUNK >= len(result)
-                self.send(response_frame(request_id, BINARY | (FINAL if last else 0), result[i : i + CHUNK]))
-        else:
-            self.send(response_frame(request_id, FINAL, json.dumps(result).encode()))
-
-
-class StreamServerFactory(Factory):
-    def __init__(self, server: StreamServer, server_id: int) -> None:
-        self.server = server
-        self.server_id = server_id
-
-    def buildProtocol(self, addr: Any) -> StorageStreamProtocol:
-        return StorageStreamProtocol(self.server, self.server_id)

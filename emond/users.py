@@ -1,6 +1,10 @@
 """Users: accounts, passwords and API keys (the metadata layer, no HTTP here).
 
-Passwords are hashed with scrypt (in a thread: it is deliberately slow). A
+Passwords are hashed with scrypt: deliberately slow (~0.1 s of CPU and 16 MiB
+each), so in a small, bounded pool of its own (``[users] kdf_threads`` and
+``kdf_queue``; a hash beyond them is refused at once with ``PoolBusy``). Few
+threads also bound the memory: glibc keeps the last 16 MiB block in each
+thread's arena, so every KDF thread ever used holds one for good. A
 legacy emoncms hash, ``sha256_hex(salt + sha256_hex(password))``, is accepted
 once and replaced by scrypt at that login. API keys are 32 lowercase hex
 characters from ``secrets``, found by the sha256 digest of the key.
@@ -19,12 +23,11 @@ import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from twisted.internet import threads
-
 from emond.api import ApiError
 from emond.db import Database, is_duplicate
+from emond.pools import BoundedPool, PoolBusy
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # 128 * r * n bytes: 16 MiB per hash
 EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
 APIKEY = re.compile(r"^[0-9a-f]{32}$")
 # Checked for a username that does not exist, so that answering takes as long as a wrong
@@ -109,8 +112,9 @@ class KeyOwner:
 class Users:
     """Account rules and storage; messages are emoncms's."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, kdf: BoundedPool) -> None:
         self.db = db
+        self.kdf = kdf  # every hash and check runs here
 
     async def register(self, username: str, password: str, email: str, timezone: str = "UTC") -> dict[str, Any]:
         if not username or not password or not email:
@@ -124,7 +128,7 @@ class Users:
         check_new_password(password)
         if not valid_timezone(timezone):
             raise ApiError("Invalid timezone")
-        hashed = await threads.deferToThread(hash_password, password)
+        hashed = await self.kdf.run(hash_password, password)
         write, read = new_apikey(), new_apikey()
 
         key = username_key(username)
@@ -169,13 +173,16 @@ class Users:
         exact = [r for r in rows if r[1] == username]
         row = (exact or rows or [None])[0]
         stored, salt = (row[2], row[3]) if row is not None else (DUMMY_HASH, "")
-        correct = await threads.deferToThread(check_password, password, stored, salt)
+        correct = await self.kdf.run(check_password, password, stored, salt)
         if row is None or not correct:
             raise ApiError(failed)
         userid = int(row[0])
         if not stored.startswith("scrypt$"):
-            stored = await threads.deferToThread(hash_password, password)
-            await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", stored, userid)
+            try:
+                stored = await self.kdf.run(hash_password, password)
+                await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", stored, userid)
+            except PoolBusy:
+                pass  # the login stands; the legacy hash is upgraded at a quieter login
         await self.db.execute("UPDATE users SET lastlogin = ? WHERE id = ?", int(time.time()), userid)
         return Verified(userid, stored)
 
@@ -235,9 +242,9 @@ class Users:
         """Check ``old``, then call ``before_update`` (ending sessions) and store ``new``."""
         check_new_password(new)
         row = await self.db.one("SELECT password, salt FROM users WHERE id = ?", userid)
-        if row is None or not await threads.deferToThread(check_password, old, row[0], row[1]):
+        if row is None or not await self.kdf.run(check_password, old, row[0], row[1]):
             raise ApiError("Old password incorrect")
-        hashed = await threads.deferToThread(hash_password, new)
+        hashed = await self.kdf.run(hash_password, new)
         await before_update()
         await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", hashed, userid)
 

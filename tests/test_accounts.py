@@ -323,6 +323,57 @@ class AccountsMixin:
         else:
             self.assertEqual(answer.json()["message"], LOGIN_FAILED)
 
+    # -- 5b. the password KDF has a small pool and a bounded queue ----------
+
+    @defer.inlineCallbacks
+    def test_logins_beyond_the_kdf_queue_are_refused_at_once_and_not_counted(self):
+        node = yield self.start("kdf_threads = 1\nkdf_queue = 1\nlogin_failures_per_client = 1\n")
+        yield self.register(node)
+        entered: defer.Deferred[None] = defer.Deferred()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        real = users_module.check_password
+        first: list[int] = []
+
+        def gated(*args):
+            if not first:
+                first.append(1)
+                reactor.callFromThread(entered.callback, None)
+            release.wait(30)
+            return real(*args)
+
+        self.patch(users_module, "check_password", gated)
+        pool = node.ctx.users.kdf
+        submitted: list[int] = []
+        second_in: defer.Deferred[None] = defer.Deferred()
+        pool_run = pool.run
+
+        def noting(*args):
+            submitted.append(1)
+            if len(submitted) == 2:
+                second_in.callback(None)
+            return pool_run(*args)
+
+        self.patch(pool, "run", noting)
+        running = self.login("alice", "secret1", OWNER, node=node)  # in the KDF's one thread, held
+        yield entered
+        waiting = self.login("alice", "secret1", OTHER, node=node)  # in its queue of one
+        yield second_in
+        began = time.monotonic()
+        refused = yield self.login("alice", "secret1", ATTACKER, node=node)
+        self.assertLess(time.monotonic() - began, 1.0)
+        self.assertEqual((refused.code, refused.json()), (503, {"success": False, "message": "Too busy, try again shortly"}))
+        self.assertEqual(refused.headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertFalse(running.called or waiting.called)
+        release.set()
+        self.assertEqual([(yield running).code, (yield waiting).code], [200, 200])
+        # The refused attempt checked no password: it does not count toward the one failure allowed.
+        again = yield self.login("alice", "secret1", ATTACKER, node=node)
+        self.assertEqual(again.code, 200, again)
+        metrics = (yield node.get("metrics")).body.decode().splitlines()
+        self.assertIn('emond_pool_refused_total{pool="kdf"} 1.0', metrics)
+        self.assertIn('emond_pool_threads{pool="kdf"} 1.0', metrics)
+
     # -- 6. registrations per address ---------------------------------------
 
     @defer.inlineCallbacks

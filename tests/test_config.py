@@ -79,6 +79,21 @@ class NodeConfigTests(ConfigCase):
         self.assertIn("[input] queues:", self.refused(load_node_config, "[input]\nqueues = 0\n"))
         self.assertIn("[feeds] default_server:", self.refused(load_node_config, "[feeds]\ndefault_server = 3\n"))
 
+    def test_pool_sizes(self) -> None:
+        config = load_node_config(self.write(""))
+        self.assertEqual((config.users.kdf_threads, config.users.kdf_queue), (2, 16))
+        self.assertEqual((config.feeds.render_threads, config.feeds.render_queue), (2, 32))
+        self.assertEqual((config.engines.read_threads, config.engines.read_queue), (4, 100))
+        self.assertEqual(
+            self.refused(load_node_config, "[users]\nkdf_threads = 0\n"), "[users] kdf_threads: must be at least 1, got 0"
+        )
+        self.assertEqual(
+            self.refused(load_node_config, "[feeds]\nrender_queue = -1\n"), "[feeds] render_queue: must not be negative, got -1"
+        )
+        self.assertEqual(
+            self.refused(load_node_config, "[engines]\nread_threads = 0\n"), "[engines] read_threads: must be at least 1, got 0"
+        )
+
     def test_not_toml(self) -> None:
         self.assertIn("not valid TOML", self.refused(load_node_config, "[node\n"))
 
