@@ -288,6 +288,11 @@ class ApiResource(Resource):
             else None
         )
 
+    @property
+    def router(self) -> Router:
+        """The routes this resource serves."""
+        return self._router
+
     def render(self, request: Request) -> Any:
         first = request.postpath[0] if request.postpath else b""
         if first in self._extra and len(request.postpath) == 1:

@@ -44,6 +44,7 @@ class NodeSection:
     datadir: str = _path(default="var")
     storage: tuple[int, ...] = (0,)
     access_log: bool = False  # one log line per HTTP request (costs ~15% of a post's CPU)
+    drain_timeout: float = 10.0  # seconds a stop waits for HTTP requests in progress, then cuts them
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class StorageSection:
     http: str = _endpoint(default="tcp:7480:interface=127.0.0.1")
     datadir: str = _path(default="var/storage")
     allow: tuple[str, ...] = ()
+    drain_timeout: float = 10.0  # seconds a stop waits for HTTP requests in progress, then cuts them
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ class InputConsumerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.blocking.open()  # closed again at the end of stopService
         self._stopping = False
         self._leases.start(self.lease_ms / 3000.0, now=True)
         self._saver.start(self.ctx.config.input.lastvalue_save_interval, now=False)

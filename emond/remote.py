@@ -173,6 +173,7 @@ class RemoteLink(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.blocking.open()  # closed again at the end of stopService
         self._stopping = False
         host = self.remote.endpoint.split(":")[1] if self.remote.endpoint.count(":") >= 2 else ""
         name = self.remote.name or host

@@ -111,6 +111,7 @@ class LocalSenderService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.blocking.open()  # closed again at the end of stopService
         self._stopping = False
         self._loop = defer.ensureDeferred(self._run())
 
