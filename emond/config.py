@@ -14,6 +14,7 @@ import os
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Mapping, TypeVar
 from urllib.parse import urlsplit
 
@@ -200,7 +201,7 @@ class StorageConfig:
 Section = TypeVar("Section")
 Health = TypeVar("Health", bound=HealthSection)
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_TYPE_NAMES = MappingProxyType({str: "a string", int: "an integer", float: "a number", bool: "true or false"})
 
 
 def _resolve(base: str, path: str) -> str:
