@@ -15,7 +15,8 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from types import MappingProxyType
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -56,24 +57,26 @@ class InvalidApiKey(ApiError):
         super().__init__("Invalid API key", 401)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Raw:
-    """An answer that is not JSON-encoded (``ok``, a string, a file)."""
+    """An answer that is not JSON-encoded (``ok``, a string, a file). Frozen, with no
+    headers by default that anyone could add to: one may be shared by every request
+    (``emond.web.OK``)."""
 
     body: bytes
     content_type: bytes = b"application/json"
     code: int = 200
-    headers: dict[bytes, bytes] = field(default_factory=dict)
+    headers: Mapping[bytes, bytes] = field(default_factory=lambda: MappingProxyType({}))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Streamed:
     """An answer written chunk by chunk as it is read (exports), never whole in memory;
     the next chunk is read only once the client has taken the previous one."""
 
     chunks: Callable[[], AsyncIterator[bytes]]
     content_type: bytes = b"application/octet-stream"
-    headers: dict[bytes, bytes] = field(default_factory=dict)
+    headers: Mapping[bytes, bytes] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @implementer(IPushProducer)
@@ -286,6 +289,11 @@ class ApiResource(Resource):
             if registry is not None
             else None
         )
+
+    @property
+    def router(self) -> Router:
+        """The routes this resource serves."""
+        return self._router
 
     def render(self, request: Request) -> Any:
         first = request.postpath[0] if request.postpath else b""

@@ -14,6 +14,7 @@ import os
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
 from typing import Any, Mapping, TypeVar
 from urllib.parse import urlsplit
 
@@ -44,6 +45,7 @@ class NodeSection:
     datadir: str = _path(default="var")
     storage: tuple[int, ...] = (0,)
     access_log: bool = False  # one log line per HTTP request (costs ~15% of a post's CPU)
+    drain_timeout: float = 10.0  # seconds a stop waits for HTTP requests in progress, then cuts them
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ class StorageSection:
     http: str = _endpoint(default="tcp:7480:interface=127.0.0.1")
     datadir: str = _path(default="var/storage")
     allow: tuple[str, ...] = ()
+    drain_timeout: float = 10.0  # seconds a stop waits for HTTP requests in progress, then cuts them
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ class StorageConfig:
 Section = TypeVar("Section")
 Health = TypeVar("Health", bound=HealthSection)
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_TYPE_NAMES = MappingProxyType({str: "a string", int: "an integer", float: "a number", bool: "true or false"})
 
 
 def _resolve(base: str, path: str) -> str:

@@ -11,56 +11,69 @@ from __future__ import annotations
 import os
 import sqlite3
 from typing import Any, Callable, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from emond.inflight import InFlight
+
 Row = tuple[Any, ...]
 
 
 class Database:
-    """One connection pool and the dialect it speaks."""
+    """One connection pool and the dialect it speaks. The pool (its threads and connections)
+    exists between ``open()`` and ``close()``: a service opens it in ``startService``."""
 
     log = Logger()
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: str) -> None:
-        self.pool = pool
+    def __init__(self, dialect: str, make_pool: Callable[[], adbapi.ConnectionPool]) -> None:
         self.dialect = dialect  # "sqlite" or "mysql"
+        self._make_pool = make_pool
+        self._pool: adbapi.ConnectionPool | None = None
+        self._busy = InFlight()  # statements in progress: a close lets them end first
+        self._closed: defer.Deferred[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, sqlite_path: str | None = None) -> "Database":
-        """``sqlite:///relative/or//absolute.db`` or ``mysql://user:pw@host:port/db``."""
+        """``sqlite:///relative/or//absolute.db`` or ``mysql://user:pw@host:port/db``, not open yet."""
         parts = urlsplit(url)
         if parts.scheme == "sqlite":
             path = sqlite_path or parts.path[1:]
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            pool = adbapi.ConnectionPool(
-                "sqlite3",
-                path,
-                timeout=10.0,  # busy timeout, seconds
-                check_same_thread=False,
-                cp_min=1,
-                cp_max=1,
-                cp_openfun=_sqlite_open,
-            )
-            return cls(pool, "sqlite")
+            return cls("sqlite", lambda: _sqlite_pool(path))
         if parts.scheme == "mysql":
-            pool = adbapi.ConnectionPool(
-                "pymysql",
-                host=parts.hostname or "127.0.0.1",
-                port=parts.port or 3306,
-                user=unquote(parts.username or "root"),
-                password=unquote(parts.password or ""),
-                database=parts.path.lstrip("/"),
-                charset="utf8mb4",
-                cp_min=1,
-                cp_max=8,
-                cp_reconnect=True,
-            )
-            return cls(pool, "mysql")
+            return cls("mysql", lambda: _mysql_pool(parts))
         raise ValueError(f"unsupported database url: {url!r}")
+
+    @classmethod
+    def connect(cls, url: str, sqlite_path: str | None = None) -> "Database":
+        """``from_url``, opened now (tools and tests)."""
+        db = cls.from_url(url, sqlite_path)
+        db.open()
+        return db
+
+    def open(self) -> None:
+        """Create the pool (its threads start with the reactor). Opening an open pool does nothing."""
+        if self._pool is None:
+            self._pool = self._make_pool()
+            self._closed = None
+
+    def close(self) -> defer.Deferred[None]:
+        """Take no more statements, let those in progress end, then close the connections and
+        stop the pool's threads. Closing a closed pool does nothing."""
+        if self._pool is None:
+            return self._closed or defer.succeed(None)
+        pool, self._pool = self._pool, None
+        # The threads are idle by then: stopping them (a join) does not hold up the reactor.
+        self._closed = self._busy.drained().addCallback(lambda _: pool.close())
+        return self._closed
+
+    def _run(self, method: str, *args: Any) -> defer.Deferred[Any]:
+        """``pool.<method>(*args)`` (runQuery, runInteraction), counted while in progress."""
+        if self._pool is None:
+            return defer.fail(DatabaseClosed("the database is not open (not started, or stopping)"))
+        return self._busy.track(getattr(self._pool, method)(*args))
 
     def sql(self, statement: str) -> str:
         """The statement in this driver's placeholder style."""
@@ -69,7 +82,7 @@ class Database:
         return statement
 
     def query(self, statement: str, *args: Any) -> defer.Deferred[list[Row]]:
-        return self.pool.runQuery(self.sql(statement), args)
+        return self._run("runQuery", self.sql(statement), args)
 
     async def one(self, statement: str, *args: Any) -> Row | None:
         rows = await self.query(statement, *args)
@@ -77,18 +90,19 @@ class Database:
 
     def execute(self, statement: str, *args: Any) -> defer.Deferred[int]:
         """Run a write; fires with the number of rows it changed."""
-        return self.pool.runInteraction(_execute, self.sql(statement), args)
+        return self._run("runInteraction", _execute, self.sql(statement), args)
 
     def insert(self, statement: str, *args: Any) -> defer.Deferred[int]:
         """Run an INSERT; fires with the new row's id."""
-        return self.pool.runInteraction(_insert, self.sql(statement), args)
+        return self._run("runInteraction", _insert, self.sql(statement), args)
 
     def transaction(self, work: Callable[["Transaction"], Any]) -> defer.Deferred[Any]:
         """Run ``work(Transaction)`` in one database transaction, in a thread."""
-        return self.pool.runInteraction(lambda cursor: work(Transaction(self, cursor)))
+        return self._run("runInteraction", lambda cursor: work(Transaction(self, cursor)))
 
-    def close(self) -> None:
-        self.pool.close()
+
+class DatabaseClosed(Exception):
+    """A statement when the pool is not open."""
 
 
 class Transaction:
@@ -118,6 +132,34 @@ def is_duplicate(error: Exception) -> bool:
     """Did a write fail on a unique index (SQLite's IntegrityError or MariaDB's 1062)?"""
     text = str(error).upper()
     return "UNIQUE" in text or "DUPLICATE" in text
+
+
+def _sqlite_pool(path: str) -> adbapi.ConnectionPool:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        path,
+        timeout=10.0,  # busy timeout, seconds
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_openfun=_sqlite_open,
+    )
+
+
+def _mysql_pool(parts: SplitResult) -> adbapi.ConnectionPool:
+    return adbapi.ConnectionPool(
+        "pymysql",
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=unquote(parts.username or "root"),
+        password=unquote(parts.password or ""),
+        database=parts.path.lstrip("/"),
+        charset="utf8mb4",
+        cp_min=1,
+        cp_max=8,
+        cp_reconnect=True,
+    )
 
 
 def _sqlite_open(connection: sqlite3.Connection) -> None:

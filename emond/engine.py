@@ -23,6 +23,7 @@ import time
 import zoneinfo
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
+from types import MappingProxyType
 from typing import Any, Callable
 
 import numpy as np
@@ -110,7 +111,7 @@ def last_per_slot(feeds: np.ndarray, slots: np.ndarray) -> np.ndarray:
 
 DMY_INTERVALS = ("daily", "weekly", "monthly", "annual")
 # A rough length of each, only to tell how many rows a refused request asked for.
-NOMINAL_SECONDS = {"daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400, "annual": 365 * 86400}
+NOMINAL_SECONDS = MappingProxyType({"daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400, "annual": 365 * 86400})
 MAX_DATAPOINTS = 20000  # default of [feeds] max_datapoints
 MAX_SPLIT = 48  # hours of a time-of-day split (emoncms)
 MAX_QUERY_ROWS = 10_000_000  # the most rows a query may ever ask an engine for (CSV included)

@@ -46,7 +46,8 @@ import time
 import zoneinfo
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone as dt_timezone, tzinfo
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -109,7 +110,7 @@ def number_texts(values: np.ndarray, decimals: int = CSV_DECIMALS) -> list[str]:
 
 # -- PHP date strings (DateTime::modify) ---------------------------------------------------
 
-_UNITS = {
+_UNITS: Mapping[str, str] = MappingProxyType({
     "sec": "s", "secs": "s", "second": "s", "seconds": "s",
     "min": "i", "mins": "i", "minute": "i", "minutes": "i",
     "hour": "h", "hours": "h",
@@ -118,16 +119,16 @@ _UNITS = {
     "fortnight": "f", "fortnights": "f",
     "month": "m", "months": "m",
     "year": "y", "years": "y",
-}
-_WEEKDAYS = {
+})
+_WEEKDAYS: Mapping[str, int] = MappingProxyType({
     "sunday": 0, "sun": 0, "monday": 1, "mon": 1, "tuesday": 2, "tue": 2, "tues": 2, "wednesday": 3, "wed": 3,
     "thursday": 4, "thu": 4, "thur": 4, "thurs": 4, "friday": 5, "fri": 5, "saturday": 6, "sat": 6,
-}
+})
 _UNIT = "|".join(sorted(_UNITS, key=len, reverse=True))
 _WEEKDAY = "|".join(sorted(_WEEKDAYS, key=len, reverse=True))
 _ZONE = r"(?:\s*(?:z|utc|gmt|[+-][0-9]{2}:?[0-9]{2}))?"
 _TIME = r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2})(?:\.[0-9]+)?)?"
-_TOKENS = [
+_TOKENS = (
     ("epoch", re.compile(r"@(-?[0-9]{1,12})")),
     ("ymd", re.compile(r"([0-9]{4})[-/]([0-9]{1,2})[-/]([0-9]{1,2})(?:(?:t|\s+)" + _TIME + r")?" + _ZONE)),
     ("mdy", re.compile(r"([0-9]{1,2})/([0-9]{1,2})/([0-9]{4})(?:\s+" + _TIME + r")?")),
@@ -140,7 +141,7 @@ _TOKENS = [
     ("relnum", re.compile(r"([+-]?)\s*([0-9]{1,9})\s*(" + _UNIT + r")\b")),
     ("weekday", re.compile(r"(" + _WEEKDAY + r")\b")),
     ("word", re.compile(r"(now|today|midnight|noon|tomorrow|yesterday|ago)\b")),
-]
+)
 
 
 @dataclass

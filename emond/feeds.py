@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
 
 from emond.api import MAX_INTEGER, ApiError
 from emond import keys
@@ -16,13 +17,13 @@ from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 from emond.redis import Redis
 
 COLUMNS = "id, userid, name, tag, datatype, public, engine, server, feed_interval, unit"
-ENGINE_UNAVAILABLE = {
+ENGINE_UNAVAILABLE: Mapping[int, str] = MappingProxyType({
     0: "mysql feed engine is not available",
     1: "timestore feed engine is not available",
     3: "graphite feed engine is not available",
     4: "phptimestore feed engine is not available",
     6: "PHPFiwa feed engine is not available",
-}
+})
 MAX_NAME = 64
 MAX_UNIT = 16
 DATATYPES = (1, 2)  # realtime, daily (emoncms.org refuses histogram, 3)

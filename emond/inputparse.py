@@ -40,9 +40,9 @@ from emond.records import REASON_TOO_NEW, REASON_TOO_OLD
 T = TypeVar("T")
 Steps = Generator[None, None, T]  # a decoder: yields between slices of work, returns its result
 
-POSITIONS = [str(i) for i in range(256)]  # CSV position names, made once
+POSITIONS = tuple(str(i) for i in range(256))  # CSV position names, made once
 MAX_POSITION = len(POSITIONS)
-_POSITION_NAMES = tuple(POSITIONS[1:])  # the names of positional values, in order
+_POSITION_NAMES = POSITIONS[1:]  # the names of positional values, in order
 NUMERIC = PHP_NUMERIC  # PHP is_numeric, ASCII only, linear time (emond.numbers)
 _LEGACY_DROPPED = re.compile(r"[^\w\s.:,-]")  # emoncms strips all but [\p{N}\p{L}_\s\-.:,]
 _LEGACY_DROPPED_ASCII = bytes(c for c in range(128) if not (chr(c).isalnum() or chr(c).isspace() or chr(c) in "_.:,-"))
@@ -62,7 +62,7 @@ PIECE = 128 * 1024  # characters of JSON (or of a legacy post) decoded in one sl
 VALUES_PER_SLICE = 2048  # values checked one by one in one slice
 INFLATE_SLICE = 1 << 20  # bytes inflated (and compressed bytes read) in one slice
 MAX_MEMBERS = 1000  # zlib/gzip members in one compressed body
-_LIST, _INT, _NUMBERS = {list}, {int}, frozenset((int, float))
+_LIST, _INT, _NUMBERS = frozenset((list,)), frozenset((int,)), frozenset((int, float))
 _OFFSET, _NODE, _VALUES = itemgetter(0), itemgetter(1), itemgetter(slice(2, None))
 
 

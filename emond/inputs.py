@@ -3,6 +3,9 @@
 The consumer keeps input last values in Redis and copies them to the
 database (``inputs.time``/``value``, as emoncms does) at a bounded rate;
 where Redis has none (it lost its data), the database's are used.
+
+The SQL behind process lists is here too: ``load_owned`` reads what a user
+owns, and ``emond.process.check_steps`` (pure) judges a change against it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from emond import keys
 from emond.db import Database, Transaction
 from emond.names import valid_input_name
 from emond.numbers import MAX_ID
-from emond.process import FEEDID, PROCESSES, Step, check_steps, load_owned, parse_lenient
+from emond.process import FEEDID, PROCESSES, Owned, Step, check_steps, parse_lenient, parse_processlist
 from emond.redis import Redis
 
 COLUMNS = "id, userid, nodeid, name, description, processList"
@@ -127,6 +130,23 @@ class Inputs:
         await self.changed(userid)  # also when unchanged: a retry after a lost bump must still bump
         return text
 
+    async def validate_processlist(self, userid: int, inputid: int, text: str) -> list[Step]:
+        """Parse and judge ``text`` as the new list of the user's input ``inputid`` (nothing is written).
+
+        ``change_processlist`` does the same inside the transaction that
+        writes the list; this is the check on its own.
+        """
+        steps = parse_processlist(text)
+
+        def check(txn: Transaction) -> None:
+            owned, current = load_owned(txn, userid, inputid)
+            if current is None:
+                raise ApiError("Input does not exist")
+            check_steps(steps, owned, parse_lenient(current))
+
+        await self.db.transaction(check)
+        return steps
+
     async def forget_feed(self, userid: int, feedid: int) -> int:
         """Remove the steps that name feed ``feedid`` from all the user's lists (the feed is being
         deleted, as emoncms.org does); fires with the number of lists changed."""
@@ -216,6 +236,27 @@ class Inputs:
 
         if items:
             await self.db.transaction(work)
+
+
+def load_owned(txn: Transaction, userid: int, inputid: int, lock: bool = False) -> tuple[Owned, str | None]:
+    """The user's feeds, inputs and feed writers (other than ``inputid``), and ``inputid``'s stored list.
+
+    Runs in a transaction; ``lock`` (MariaDB) takes the user's input rows
+    ``FOR UPDATE`` so that concurrent changes of the user's lists are serialised.
+    """
+    suffix = " FOR UPDATE" if lock else ""
+    rows = txn.query(f"SELECT id, processList FROM inputs WHERE userid = ? ORDER BY id{suffix}", userid)
+    feeds = frozenset(int(row[0]) for row in txn.query("SELECT id FROM feeds WHERE userid = ?", userid))
+    writers: dict[int, int] = {}
+    current: str | None = None
+    for rowid, text in rows:
+        if int(rowid) == inputid:
+            current = text or ""
+            continue
+        for step in parse_lenient(text):
+            if PROCESSES[step.process].writes:
+                writers.setdefault(int(step.arg), int(rowid))
+    return Owned(feeds, frozenset(int(row[0]) for row in rows), writers), current
 
 
 def _save_statement(items: list[tuple[int, tuple[int, float | None]]]) -> tuple[str, list[Any]]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from types import MappingProxyType
 
-_ASCII_OK = {extra: re.compile(r"^[A-Za-z0-9\s" + re.escape(extra) + r"]*$") for extra in ("_-:", "_-.")}
+_ASCII_OK = MappingProxyType({extra: re.compile(r"^[A-Za-z0-9\s" + re.escape(extra) + r"]*$") for extra in ("_-:", "_-.")})
 
 
 def _letter_or_number(c: str) -> bool:

@@ -1,5 +1,6 @@
 """A node's API: its context (database, Redis, models) built from config, and the
-service that prepares it at start (schema migrations) and releases it at stop."""
+service that opens its connections at start (then migrates the schema) and closes
+them at stop. Building either opens nothing."""
 
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ from emond.web import (
 def make_context(
     config: NodeConfig, redis_url: str, locations: dict[int, StorageLocationService], reactor: Any
 ) -> NodeContext:
+    """The node's models over its database and Redis, neither open yet (``NodeAppService`` opens them)."""
     db = Database.from_url(config.database.url, config.sqlite_path)
-    redis = Redis.connect(redis_url, config.redis.timeout, reactor)
+    redis = Redis(redis_url, config.redis.timeout, reactor)
     # Pools of their own (emond.pools), started and stopped by a PoolsService in the tree.
     users = Users(db, BoundedPool("kdf", config.users.kdf_threads, config.users.kdf_queue, reactor))
     render = BoundedPool("render", config.feeds.render_threads, config.feeds.render_queue, reactor)
@@ -64,7 +66,9 @@ def make_context(
 
 
 class NodeAppService(Service):
-    """Migrates the schema at start; the API answers 503 until that is done."""
+    """Opens the context's Redis and database at start and migrates the schema (the API answers
+    503 until that is done); at stop, once the services after it have stopped, lets the work
+    in progress on them end and closes them."""
 
     log = Logger()
 
@@ -75,10 +79,19 @@ class NodeAppService(Service):
         self.ready = False
         self.prepared: defer.Deferred[None] = defer.Deferred()  # fires when the API can answer
         self._error: str | None = None
+        self._preparing: defer.Deferred[None] | None = None
+        self._retry: Any = None  # the next attempt while Redis does not answer
 
     def startService(self) -> None:
         super().startService()
-        defer.ensureDeferred(self._prepare())
+        self.ctx.redis.open()
+        self.ctx.db.open()
+        self._attempt()
+
+    def _attempt(self) -> None:
+        self._retry = None
+        self._preparing = defer.ensureDeferred(self._prepare())
+        self._preparing.addErrback(lambda failure: self.log.failure("preparing the node API failed", failure))
 
     async def _prepare(self) -> None:
         try:
@@ -90,7 +103,7 @@ class NodeAppService(Service):
             return
         except RedisUnavailable as e:
             self.log.warn("Redis not answering yet ({error}); trying again", error=str(e))
-            self.reactor.callLater(1.0, lambda: defer.ensureDeferred(self._prepare()))
+            self._retry = self.reactor.callLater(1.0, self._attempt)
             return
         try:
             version = await migrate(self.ctx.db)
@@ -118,8 +131,16 @@ class NodeAppService(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        self.ctx.db.close()
-        return self.ctx.redis.disconnect()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._preparing is not None:
+            await self._preparing  # a migration is not cut in the middle
+        self.ready = False
+        await defer.gatherResults([self.ctx.db.close(), self.ctx.redis.disconnect()], consumeErrors=True)
 
 
 def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) -> ApiResource:

@@ -14,8 +14,10 @@ INPUTID, 0 for NONE); ``format_processlist`` writes the canonical text back.
 a change brings in (a step already in the list is kept as it is), so that
 removing or moving steps always works, even in a list emoncms.org let go bad.
 
-This module is plain data and pure functions; the functions that run each
-process belong next to the table (a later change).
+This module is plain data and pure functions (no SQL, no Redis): the
+metadata layer (``emond.inputs``) loads what a user owns and judges a change
+with ``check_steps``; the functions that run each process are in
+``emond.runner``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from emond.api import ApiError
-from emond.db import Database, Transaction
 from emond.numbers import MAX_ID, php_number
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 
@@ -367,48 +368,9 @@ def check_steps(steps: Sequence[Step], owned: Owned, previous: Sequence[Step] = 
             written[feed] = written.get(feed, False) or new
 
 
-def load_owned(txn: Transaction, userid: int, inputid: int, lock: bool = False) -> tuple[Owned, str | None]:
-    """The user's feeds, inputs and feed writers (other than ``inputid``), and ``inputid``'s stored list.
-
-    Runs in a transaction; ``lock`` (MariaDB) takes the user's input rows
-    ``FOR UPDATE`` so that concurrent changes of the user's lists are serialised.
-    """
-    suffix = " FOR UPDATE" if lock else ""
-    rows = txn.query(f"SELECT id, processList FROM inputs WHERE userid = ? ORDER BY id{suffix}", userid)
-    feeds = frozenset(int(row[0]) for row in txn.query("SELECT id FROM feeds WHERE userid = ?", userid))
-    writers: dict[int, int] = {}
-    current: str | None = None
-    for rowid, text in rows:
-        if int(rowid) == inputid:
-            current = text or ""
-            continue
-        for step in parse_lenient(text):
-            if PROCESSES[step.process].writes:
-                writers.setdefault(int(step.arg), int(rowid))
-    return Owned(feeds, frozenset(int(row[0]) for row in rows), writers), current
-
-
-async def validate_processlist(db: Database, userid: int, inputid: int, text: str) -> list[Step]:
-    """Parse and judge ``text`` as the new list of the user's input ``inputid`` (nothing is written).
-
-    ``Inputs.change_processlist`` does the same inside the transaction that
-    writes the list; this is the check on its own.
-    """
-    steps = parse_processlist(text)
-
-    def check(txn: Transaction) -> None:
-        owned, current = load_owned(txn, userid, inputid)
-        if current is None:
-            raise ApiError("Input does not exist")
-        check_steps(steps, owned, parse_lenient(current))
-
-    await db.transaction(check)
-    return steps
-
-
 __all__ = [
     "VALUE", "INPUTID", "FEEDID", "NONE", "UNDEFINED", "REALTIME", "DAILY", "HISTOGRAM", "MAX_STEPS",
     "Process", "PROCESSES", "BY_FUNCTION", "Step", "ProcessListError", "Owned", "processes_json",
     "process_id", "make_step", "parse_processlist", "parse_processlist_json", "parse_lenient", "format_processlist", "format_step",
-    "check_steps", "load_owned", "validate_processlist",
+    "check_steps",
 ]

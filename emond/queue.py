@@ -609,6 +609,7 @@ class LeasedReader:
 
     def start(self) -> None:
         self._stopping = False
+        self.blocking.open()  # its own connection, closed again at the end of stop()
         self.holding.start()
         self._loop = defer.ensureDeferred(self._run())
 

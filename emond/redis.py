@@ -17,51 +17,78 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from emond.inflight import InFlight
+
 
 class RedisUnavailable(Exception):
     """Redis did not answer in time, or the connection is down: outcome unknown."""
 
 
 class Redis:
+    """One pool of connections to Redis, opened by ``open()`` (a service's ``startService``)
+    and closed by ``disconnect()``; until it is open, or once it is closing, calls fail with
+    ``RedisUnavailable`` at once."""
+
     log = Logger()
 
-    def __init__(self, pool: Any, timeout: float, reactor: IReactorTime) -> None:
-        self._pool = pool
+    def __init__(self, url: str, timeout: float, reactor: IReactorTime, poolsize: int = 4) -> None:
+        self.url = url
         self.timeout = timeout
+        self.poolsize = poolsize
         self._reactor = reactor
+        self._pool: Any = None
+        self._busy = InFlight()  # calls in progress: a disconnect lets them end first
+        self._closed: defer.Deferred[None] | None = None
 
     @classmethod
     def connect(cls, url: str, timeout: float, reactor: IReactorTime, poolsize: int = 4) -> "Redis":
-        """A pool that (re)connects in the background; calls fail fast while it is down."""
-        parts = urlsplit(url)
+        """A pool opened now (tools and tests; a service opens its own in ``startService``)."""
+        redis = cls(url, timeout, reactor, poolsize)
+        redis.open()
+        return redis
+
+    def open(self) -> None:
+        """Start (re)connecting in the background; calls fail fast while Redis is down. Opening
+        an open pool does nothing."""
+        if self._pool is not None:
+            return
+        parts = urlsplit(self.url)
         common = dict(
-            poolsize=poolsize,
+            poolsize=self.poolsize,
             reconnect=True,
             charset=None,
             convertNumbers=False,
-            connectTimeout=timeout,
+            connectTimeout=self.timeout,
             replyTimeout=None,  # enforced per call instead, see call()
         )
         if parts.scheme == "unix":
             db = int(parse_qs(parts.query).get("db", ["0"])[0])
-            pool = txredisapi.lazyUnixConnectionPool(parts.path, dbid=db, **common)
+            self._pool = txredisapi.lazyUnixConnectionPool(parts.path, dbid=db, **common)
         else:
             db = int(parts.path.lstrip("/") or 0)
-            pool = txredisapi.lazyConnectionPool(
+            self._pool = txredisapi.lazyConnectionPool(
                 parts.hostname or "127.0.0.1", parts.port or 6379, dbid=db, password=parts.password, **common
             )
-        return cls(pool, timeout, reactor)
+        self._closed = None
+
+    def _open_pool(self, what: str) -> Any:
+        if self._pool is None:
+            raise RedisUnavailable(f"redis {what}: not connected (not started, or stopping)")
+        return self._pool
 
     async def call(self, command: str, *args: Any) -> Any:
         """Run one command with the timeout."""
-        d = self._pool.execute_command(command, *args)
+        d = self._open_pool(command).execute_command(command, *args)
         d.addTimeout(self.timeout, self._reactor)
+        self._busy.enter()
         try:
             return await d
         except (defer.TimeoutError, defer.CancelledError) as e:
             raise RedisUnavailable(f"redis {command}: no reply within {self.timeout}s") from e
         except (txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone) as e:
             raise RedisUnavailable(f"redis {command}: {e}") from e
+        finally:
+            self._busy.leave()
 
     async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands in one round trip (MULTI/EXEC is not implied).
@@ -70,8 +97,9 @@ class Redis:
         Redis is down) as well as the replies."""
         if not commands:
             return []
-        d = defer.ensureDeferred(self._pipeline(commands))
+        d = defer.ensureDeferred(self._pipeline(self._open_pool("pipeline"), commands))
         d.addTimeout(self.timeout, self._reactor)
+        self._busy.enter()
         try:
             try:
                 return await d
@@ -83,9 +111,11 @@ class Redis:
             raise RedisUnavailable(f"redis pipeline: no reply within {self.timeout}s") from e
         except (txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone) as e:
             raise RedisUnavailable(f"redis pipeline: {e}") from e
+        finally:
+            self._busy.leave()
 
-    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = await self._pool.pipeline()
+    async def _pipeline(self, pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = await pool.pipeline()
         for command in commands:
             pipe.execute_command(*command)
         return list(await pipe.execute_pipeline())
@@ -97,4 +127,11 @@ class Redis:
             return False
 
     def disconnect(self) -> defer.Deferred[None]:
-        return self._pool.disconnect()
+        """Take no more calls, let those in progress end (each within its timeout), then close
+        every connection and stop reconnecting; fires when the connections are closed. Closing
+        a closed pool does nothing."""
+        if self._pool is None:
+            return self._closed or defer.succeed(None)
+        pool, self._pool = self._pool, None
+        self._closed = self._busy.drained().addCallback(lambda _: pool.disconnect()).addCallback(lambda _: None)
+        return self._closed

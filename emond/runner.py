@@ -237,7 +237,7 @@ _NO_STEPS: Mapping[str, int] = MappingProxyType({})
 ProcessFunction = Callable[[StepRun, Any, float], "float | None"]
 
 # Extra per-feed state keys processes read (loaded before running).
-EXTRA_STATE = {15: "ratechange", 21: "kwhtopower", 23: "kwhtokwhd", 34: "whaccumulator"}
+EXTRA_STATE: Mapping[int, str] = MappingProxyType({15: "ratechange", 21: "kwhtopower", 23: "kwhtokwhd", 34: "whaccumulator"})
 
 KWH_MAX_GAP = 7200  # s: a longer gap between packets adds no energy (emoncms.org)
 WH_MAX_POWER = 25000.0  # W: a Wh increment implying this much or more is an error (emoncms.org)
@@ -516,7 +516,7 @@ def wh_accumulator(run: StepRun, feedid: Any, value: float) -> float | None:
 
 
 # id -> function; processes emoncms.org kept as no-ops pass the value through.
-FUNCTIONS: dict[int, ProcessFunction] = {
+FUNCTIONS: Mapping[int, ProcessFunction] = MappingProxyType({
     1: log_to_feed,
     2: scale,
     3: offset,
@@ -551,7 +551,7 @@ FUNCTIONS: dict[int, ProcessFunction] = {
     32: divide_by_feed,
     33: reset2zero,
     34: wh_accumulator,
-}
+})
 
 
 def run_steps(steps: list[Step], run: StepRun, value: float) -> None:

@@ -6,6 +6,7 @@ a late write for a deleted feed can never land in a new one.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Callable, Union
 
 from twisted.logger import Logger
@@ -15,13 +16,13 @@ from emond.db import Database, Transaction
 log = Logger()
 Step = Union[str, Callable[[Transaction], None]]
 
-_TYPES = {
-    "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "engine": ""},
-    "mysql": {
+_TYPES = MappingProxyType({
+    "sqlite": MappingProxyType({"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "engine": ""}),
+    "mysql": MappingProxyType({
         "pk": "INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY",
         "engine": " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
-    },
-}
+    }),
+})
 
 
 def _report_username_twins(txn: Transaction) -> None:
@@ -42,19 +43,19 @@ def _report_username_twins(txn: Transaction) -> None:
 # Usernames are unique whatever their case (``ALICE`` and ``alice`` cannot both register): a
 # unique index on ``username_key`` (the lowercased name; a function index would not work on
 # MariaDB). Twins already in the database are kept: the oldest gets the key, the others none.
-CASE_INSENSITIVE_USERNAMES: list[Step] = [
+CASE_INSENSITIVE_USERNAMES: tuple[Step, ...] = (
     "ALTER TABLE users ADD COLUMN username_key VARCHAR(30)",
     # the derived table: MariaDB cannot read the table an UPDATE changes in its own subquery
     "UPDATE users SET username_key = LOWER(username) WHERE id IN "
     "(SELECT id FROM (SELECT MIN(id) AS id FROM users GROUP BY LOWER(username)) AS oldest)",
     "CREATE UNIQUE INDEX users_username_key ON users (username_key)",
     _report_username_twins,
-]
+)
 
-# Each migration is a list of steps: SQL statements ({pk} and {engine} are filled per
+# Each migration is a tuple of steps: SQL statements ({pk} and {engine} are filled per
 # dialect) or functions of the transaction (for what SQL alone cannot do, e.g. reporting).
-MIGRATIONS: list[list[Step]] = [
-    [
+MIGRATIONS: tuple[tuple[Step, ...], ...] = (
+    (
         """CREATE TABLE users (
             id {pk},
             username VARCHAR(30) NOT NULL,
@@ -103,19 +104,19 @@ MIGRATIONS: list[list[Step]] = [
             created BIGINT NOT NULL
         ){engine}""",
         "CREATE INDEX feeds_user ON feeds (userid)",
-    ],
-    [
+    ),
+    (
         # Two feed/create calls at the same moment must not make twins.
         "CREATE UNIQUE INDEX feeds_name ON feeds (userid, tag, name)",
-    ],
+    ),
     CASE_INSENSITIVE_USERNAMES,
-    [
+    (
         # Input last values (as emoncms's input table): the consumer copies them here at a
         # bounded rate, so that they survive Redis losing its data.
         "ALTER TABLE inputs ADD COLUMN time BIGINT",
         "ALTER TABLE inputs ADD COLUMN value DOUBLE",
-    ],
-]
+    ),
+)
 
 
 def _version(txn: Transaction) -> int:

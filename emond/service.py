@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import StreamServerEndpointService
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -19,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from emond.config import NodeConfig, StorageConfig
+from emond.inflight import InFlight
 from emond.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
 from emond.consumer import InputConsumerService
 from emond.monitor import QueueMonitor
@@ -56,11 +58,112 @@ class OrderedMultiService(MultiService):
 log = Logger()
 
 
-class QuietSite(Site):
-    """A site without the per-request access log line."""
+class DrainingSite(Site):
+    """A site that knows its connections and the requests in progress on each, so that a
+    stop can let those requests finish, then close every connection: an idle keep-alive
+    connection at once, a busy one when its last request has been answered, and whatever
+    is left when the drain timeout has passed."""
+
+    def __init__(self, resource: Resource, request_factory: type[Request], reactor: Any, access_log: bool = True) -> None:
+        super().__init__(resource, requestFactory=self._request, reactor=reactor)
+        self._make_request = request_factory
+        self._access_log = access_log
+        self._connections: set[Any] = set()  # their transports
+        self._busy: dict[Any, int] = {}  # a connection's transport -> its requests in progress
+        self._open = InFlight()  # connections: drained() fires once all are closed
+        self._draining = False
 
     def log(self, request: Any) -> None:
-        pass
+        if self._access_log:
+            super().log(request)
+
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    def connection_made(self, transport: Any) -> None:
+        self._connections.add(transport)
+        self._open.enter()
+
+    def connection_lost(self, transport: Any) -> None:
+        self._connections.discard(transport)
+        self._busy.pop(transport, None)
+        self._open.leave()
+
+    def _request(self, channel: Any, *args: Any, **kwargs: Any) -> Request:
+        """The request factory the channels use: counts each request until it has been
+        answered or its client has gone."""
+        request = self._make_request(channel, *args, **kwargs)
+        transport = channel.transport
+        self._busy[transport] = self._busy.get(transport, 0) + 1
+        request.notifyFinish().addBoth(self._request_ended, transport)
+        return request
+
+    def _request_ended(self, _: Any, transport: Any) -> None:
+        if transport not in self._connections:
+            return  # the connection is gone (that ended the request)
+        left = self._busy.get(transport, 1) - 1
+        if left > 0:
+            self._busy[transport] = left
+            return
+        self._busy.pop(transport, None)
+        if self._draining:
+            transport.loseConnection()  # after the answer has been written out
+
+    async def drain(self, timeout: float) -> None:
+        """Close every connection once its requests in progress are answered; after
+        ``timeout`` seconds cut those that are left. Call it after listening has stopped."""
+        self._draining = True
+        for transport in list(self._connections):
+            if not self._busy.get(transport):
+                transport.loseConnection()
+        busy = len(self._busy)
+        if busy:
+            log.info("HTTP stopping: waiting for the requests in progress on {busy} connections", busy=busy)
+        cut = self.reactor.callLater(timeout, self._cut)
+        try:
+            await self._open.drained()
+        finally:
+            if cut.active():
+                cut.cancel()
+            self._draining = False
+
+    def _cut(self) -> None:
+        if self._connections:
+            log.warn("{n} HTTP connections still busy after the drain timeout: closing them", n=len(self._connections))
+        for transport in list(self._connections):
+            transport.abortConnection()
+
+
+class _WatchedConnections(WrappingFactory):
+    """Tells the site of each connection that opens and closes."""
+
+    def logPrefix(self) -> str:
+        return self.wrappedFactory.logPrefix()  # "DrainingSite starting on <port>", as before
+
+    def registerProtocol(self, p: Any) -> None:
+        super().registerProtocol(p)
+        self.wrappedFactory.connection_made(p)
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        self.wrappedFactory.connection_lost(p)
+
+
+class DrainingHTTPService(StreamServerEndpointService):
+    """Listens from ``startService``; ``stopService`` stops listening, lets the requests in
+    progress be answered (at most ``drain_timeout`` seconds) and closes every connection."""
+
+    def __init__(self, endpoint: Any, site: DrainingSite, drain_timeout: float) -> None:
+        super().__init__(endpoint, _WatchedConnections(site))
+        self.site = site
+        self.drain_timeout = drain_timeout
+
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()  # the port is closed: no new connection
+        await self.site.drain(self.drain_timeout)
 
 
 def anonymous_request_factory(max_body: int) -> type[Request]:
@@ -77,20 +180,29 @@ def anonymous_request_factory(max_body: int) -> type[Request]:
 
 
 def _http_service(
-    reactor: Any, description: str, root: Resource, max_body: int = 1 << 20, access_log: bool = True
-) -> StreamServerEndpointService:
-    site = (Site if access_log else QuietSite)(root, requestFactory=anonymous_request_factory(max_body))
+    reactor: Any,
+    description: str,
+    root: Resource,
+    drain_timeout: float,
+    max_body: int = 1 << 20,
+    access_log: bool = True,
+) -> DrainingHTTPService:
+    site = DrainingSite(root, anonymous_request_factory(max_body), reactor, access_log)
     site.displayTracebacks = False  # no stack trace reaches a client
-    service = StreamServerEndpointService(endpoints.serverFromString(reactor, description), site)
+    service = DrainingHTTPService(endpoints.serverFromString(reactor, description), site, drain_timeout)
     service.setName("http")
     return service
 
 
 def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
-    """The tree of a node: private Redis (if none configured), hosted storage, the API, HTTP.
+    """The tree of a node: private Redis (if none configured), hosted storage, the API, the
+    pipeline (consumer, senders, monitor), HTTP.
 
-    Children start in this order and stop in the reverse one: HTTP stops
-    taking requests before the API, storage and Redis go away.
+    Building it opens nothing (no socket, no thread): each service opens its connections
+    in ``startService``. Children start in this order and stop in the reverse one, each
+    waiting for its work in progress: HTTP stops taking requests and answers those it
+    has, the pipeline finishes its passes, then the API closes Redis and the database,
+    and storage and Redis go away.
     """
     root = OrderedMultiService()
     checks: dict[str, HealthCheck] = {}
@@ -123,14 +235,14 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     app = NodeAppService(ctx, layout, reactor)
     app.setName("api")
     app.setServiceParent(root)
-    # Blocking reads (XREAD BLOCK) get connections of their own.
+    # Blocking reads (XREAD BLOCK) get connections of their own, opened by their reader at start.
     blocking_timeout = config.redis.timeout + 1.0
     pipeline = OrderedMultiService()
     pipeline.setName("pipeline")
     pipeline.setServiceParent(root)
     if config.input.consume:
         consumer = InputConsumerService(
-            ctx, layout, Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1), reactor, lease_ms=config.input.lease_ms
+            ctx, layout, Redis(redis_url, blocking_timeout, reactor, poolsize=1), reactor, lease_ms=config.input.lease_ms
         )
         consumer.setName("consumer")
         consumer.setServiceParent(pipeline)
@@ -141,7 +253,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
             server_id,
             location,
             ctx.redis,
-            Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1),
+            Redis(redis_url, blocking_timeout, reactor, poolsize=1),
             recorder,
             reactor,
             config.node.name,
@@ -159,7 +271,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
             config.tls,
             config.node.name,
             ctx.redis,
-            Redis.connect(redis_url, blocking_timeout, reactor, poolsize=1),
+            Redis(redis_url, blocking_timeout, reactor, poolsize=1),
             recorder,
             ctx.registry,
             reactor,
@@ -186,7 +298,8 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     monitor.setServiceParent(pipeline)
     checks["queues"] = monitor.status
     api = make_api(ctx, app, checks, reactor)
-    _http_service(reactor, config.node.http, api, config.input.max_body, config.node.access_log).setServiceParent(root)
+    http = _http_service(reactor, config.node.http, api, config.node.drain_timeout, config.input.max_body, config.node.access_log)
+    http.setServiceParent(root)
     return root
 
 
@@ -221,7 +334,7 @@ def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
     checks: dict[str, HealthCheck] = {"storage": location.status, "stream": server.status}
     web.putChild(b"health", HealthResource("emond-storage", checks, access, config.health.check_timeout, reactor))
     web.putChild(b"metrics", OperatorOnly(MetricsPage(registry), access))
-    _http_service(reactor, config.storage.http, web).setServiceParent(root)
+    _http_service(reactor, config.storage.http, web, config.storage.drain_timeout).setServiceParent(root)
     return root
 
 

@@ -230,7 +230,7 @@ class AccountsMixin:
     @defer.inlineCallbacks
     def test_migration_keeps_existing_twins_and_reports_them(self):
         node = NodeHarness(self, self.database, TRUST_LOOPBACK)
-        db = Database.from_url(node.config.database.url, node.config.sqlite_path)
+        db = Database.connect(node.config.database.url, node.config.sqlite_path)
         # a database from before case-insensitive usernames, holding twins
         before = self.patch(schema, "MIGRATIONS", schema.MIGRATIONS[: schema.MIGRATIONS.index(schema.CASE_INSENSITIVE_USERNAMES)])
         yield wait(migrate(db))
@@ -241,7 +241,7 @@ class AccountsMixin:
                 "apikey_read_hash, uuid, created) VALUES (?, 'd@example.org', ?, '', ?, ?, ?, ?, 'u', 0)",
                 name, hashed, f"w{n}", f"r{n}", f"wh{n}", f"rh{n}",
             ))
-        db.close()
+        yield db.close()
         before.restore()
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)

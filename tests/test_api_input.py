@@ -412,14 +412,14 @@ class InputApiMixin:
     def test_validate_processlist_on_its_own(self):
         inp = yield self.make_input(self.uid, "emontx", "power1")
         feed = yield self.make_feed(self.uid, "power1")
-        steps = yield wait(process.validate_processlist(self.ctx.db, self.uid, inp.id, f"1:{feed},2:2"))
+        steps = yield wait(self.ctx.inputs.validate_processlist(self.uid, inp.id, f"1:{feed},2:2"))
         self.assertEqual(steps, [Step(1, feed), Step(2, 2.0)])
         self.assertEqual((yield self.stored(inp.id)), "")  # nothing written
         with self.assertRaises(ApiError) as caught:
-            yield wait(process.validate_processlist(self.ctx.db, self.bob["userid"], inp.id, "2:2"))
+            yield wait(self.ctx.inputs.validate_processlist(self.bob["userid"], inp.id, "2:2"))
         self.assertEqual(caught.exception.message, "Input does not exist")  # not bob's input
         with self.assertRaises(ProcessListError) as caught:
-            yield wait(process.validate_processlist(self.ctx.db, self.uid, inp.id, "8:1"))
+            yield wait(self.ctx.inputs.validate_processlist(self.uid, inp.id, "8:1"))
         self.assertEqual(caught.exception.message, MSG_DELETED)
 
     @defer.inlineCallbacks

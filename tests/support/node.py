@@ -47,9 +47,11 @@ class NodeHarness:
         redis: RedisServer | None = None,
         mariadb: MariaDBServer | None = None,
         host: str = "127.0.0.1",
+        node_config: str = "",
     ) -> None:
         """``redis``/``mariadb``: a test's private server instead of the run's shared one;
-        ``host``: the address the node listens on."""
+        ``host``: the address the node listens on; ``node_config``: more lines of ``[node]``.
+        Builds the node's service tree (which opens nothing until started)."""
         self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
         redis = redis or redis_server()
@@ -61,7 +63,7 @@ class NodeHarness:
             db_url = "sqlite:///emond.db"
         self.port = free_port()
         text = (
-            f'[node]\nhttp = "tcp:{self.port}:interface={host}"\ndatadir = "var"\n'
+            f'[node]\nhttp = "tcp:{self.port}:interface={host}"\ndatadir = "var"\n{node_config}'
             f'[redis]\nurl = "{redis.url}"\ntimeout = {redis_timeout}\n[database]\nurl = "{db_url}"\n{extra_config}'
         )
         self.config_path = os.path.join(self.dir, "emond.toml")
@@ -77,12 +79,16 @@ class NodeHarness:
     def start(cls, test: unittest.TestCase, database: str = "sqlite", extra_config: str = "", redis_timeout: float = 5.0, **servers: Any):
         harness = cls(test, database, extra_config, redis_timeout, **servers)
         harness.service.startService()
-        test.addCleanup(harness.service.stopService)
+        test.addCleanup(harness.stop)
         yield harness.app.prepared
         storage = harness.service.getServiceNamed("storage")
         for location in storage:
             yield location.opened
         return harness
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop the tree unless the test did already."""
+        return self.service.stopService() if self.service.running else defer.succeed(None)
 
     @property
     def ctx(self):
