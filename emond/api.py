@@ -3,10 +3,12 @@
 Paths are routed as emoncms does: ``controller/action/sub...`` with the
 format suffix on the last segment (``feed/list.json`` and ``feed/list`` are
 the same route); parameters are GET merged with POST, POST winning; unknown
-parameters are ignored. Handlers are ``async def handler(call) -> answer``;
-an ``ApiError`` becomes ``{"success": false, "message": ...}`` with its
-status, and nothing else a handler raises reaches the client (500 with a
-generic message, the details in the log).
+parameters are ignored. Handlers are ``async def handler(call) -> answer``.
+Errors are answered here, at the edge: a domain error (``emond.errors``) or
+an unavailable Redis or full pool becomes the status, body and headers of its
+row in ``ERROR_ANSWERS`` (``{"success": false, "message": ...}`` for most),
+and nothing else a handler raises reaches the client (500 with a generic
+message, the details in the log).
 """
 
 from __future__ import annotations
@@ -27,7 +29,23 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from emond.numbers import php_number
+from emond.auth import Auth
+from emond.errors import (
+    EmondError,
+    Failed,
+    Forbidden,
+    Invalid,
+    InvalidApiKey,
+    LimitReached,
+    NotFound,
+    TimedOut,
+    TooLarge,
+    TooMany,
+    Unauthenticated,
+    Unavailable,
+    UnknownFeeds,
+)
+from emond.numbers import MAX_INTEGER, php_number
 from emond.pools import PoolBusy
 from emond.redis import RedisUnavailable
 
@@ -40,21 +58,13 @@ MAX_PARAM = 64 * 1024
 BUSY = "Too busy, try again shortly"  # the answer (503) when a pool's queue is full
 
 
-class ApiError(Exception):
-    """An answer other than success: ``{"success": false, "message": ...}``."""
+class ApiError(EmondError):
+    """Legacy: an answer with its own status (being replaced by ``emond.errors``)."""
 
     def __init__(self, message: str, code: int = 400, headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.code = code
         self.headers = headers or {}
-
-
-class InvalidApiKey(ApiError):
-    """401 with emoncms's plain ``Invalid API key`` body and its WWW-Authenticate header."""
-
-    def __init__(self) -> None:
-        super().__init__("Invalid API key", 401)
 
 
 @dataclass(frozen=True)
@@ -108,13 +118,6 @@ class _Pacer:
 
 
 @dataclass
-class Auth:
-    userid: int
-    write: bool
-    via: str  # "apikey" or "session"
-
-
-@dataclass
 class Call:
     """One API request, as handlers see it."""
 
@@ -137,7 +140,7 @@ class Call:
     def require(self, name: str, message: str | None = None) -> str:
         value = self.params.get(name)
         if value is None or value == "":
-            raise ApiError(message or f"missing parameter: {name}")
+            raise Invalid(message or f"missing parameter: {name}")
         return value
 
     def integer(self, name: str, default: int | None = None, message: str | None = None) -> int:
@@ -146,20 +149,20 @@ class Call:
         if value is None or value == "":
             if default is not None:
                 return default
-            raise ApiError(message or f"missing parameter: {name}")
+            raise Invalid(message or f"missing parameter: {name}")
         number = php_number(value)
         if number is None:
-            raise ApiError(message or f"{name} must be a number")
+            raise Invalid(message or f"{name} must be a number")
         whole = int(value) if PLAIN_INTEGER.fullmatch(value) else int(number)  # digits exactly, else (int)
         if abs(whole) > MAX_INTEGER:
-            raise ApiError(message or f"{name} is out of range")
+            raise Invalid(message or f"{name} is out of range")
         return whole
 
     def number(self, name: str, message: str | None = None) -> float:
         """A finite number written as emoncms's ``is_numeric`` accepts it (ASCII digits only)."""
         number = php_number(self.params.get(name) or "")
         if number is None:
-            raise ApiError(message or f"{name} must be a number")
+            raise Invalid(message or f"{name} must be a number")
         return number
 
     def flag(self, name: str, default: bool) -> bool:
@@ -170,7 +173,7 @@ class Call:
             return default
         number = php_number(value)
         if number is None:
-            raise ApiError(f"{name} must be 0 or 1")
+            raise Invalid(f"{name} must be 0 or 1")
         return int(number) != 0
 
     def json_param(self, name: str, message: str) -> Any:
@@ -178,7 +181,6 @@ class Call:
 
 
 PLAIN_INTEGER = re.compile(r"[+-]?+[0-9]{1,16}+")
-MAX_INTEGER = 2**53  # larger whole numbers are refused: beyond it a float no longer holds every integer
 JSON_INT_DIGITS = 18  # a longer JSON integer becomes a float, as PHP's json_decode makes it
 
 
@@ -201,11 +203,11 @@ def _json_constant(name: str) -> Any:
 
 def decode_json(text: str, message: str) -> Any:
     """A JSON parameter whose every number is finite and every integer fits in 64 bits;
-    anything else (bad syntax, NaN/Infinity, 1e400, absurd nesting) is ``ApiError(message)``."""
+    anything else (bad syntax, NaN/Infinity, 1e400, absurd nesting) is ``Invalid(message)``."""
     try:
         return json.loads(text, parse_float=_json_float, parse_int=_json_int, parse_constant=_json_constant)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise ApiError(message)
+        raise Invalid(message)
 
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -255,13 +257,98 @@ def request_params(request: Request, max_param: int = MAX_PARAM) -> dict[str, st
             continue
         name = key.decode("utf-8", "replace")
         if len(values[0]) > max_param:
-            raise ApiError(f"parameter {name[:32]} is too long", 413)
+            raise TooLarge(f"parameter {name[:32]} is too long")
         params[name] = values[0].decode("utf-8", "replace")
     return params
 
 
 def json_bytes(payload: Any) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+# -- errors, answered at the edge ------------------------------------------------------------
+
+JSON = b"application/json"
+NO_HEADERS: Mapping[bytes, bytes] = MappingProxyType({})
+WWW_AUTHENTICATE: Mapping[bytes, bytes] = MappingProxyType(
+    {b"WWW-Authenticate": b'Bearer realm="API KEY", error="invalid_apikey", error_description="Invalid API key"'}
+)
+
+
+def message_body(error: BaseException) -> bytes:
+    """emoncms's refusal: ``{"success":false,"message":...}``."""
+    return json_bytes({"success": False, "message": getattr(error, "message", "")})
+
+
+def feeds_body(error: BaseException) -> bytes:
+    """A refusal that lists the feeds that do not exist, as emoncms's data requests do."""
+    assert isinstance(error, UnknownFeeds)
+    return json_bytes({"success": False, "message": error.message, "feeds": error.feeds})
+
+
+def plain_body(error: BaseException) -> bytes:
+    """The message alone, as text (emoncms's ``Invalid API key``)."""
+    return getattr(error, "message", "").encode()
+
+
+def fixed_body(message: str) -> Callable[[BaseException], bytes]:
+    """A refusal whose message is not the error's (that one is for the log, not the client)."""
+    body = json_bytes({"success": False, "message": message})
+    return lambda error: body
+
+
+def retry_after(error: BaseException) -> Mapping[bytes, bytes]:
+    assert isinstance(error, TooMany)
+    return {b"Retry-After": str(error.retry_after).encode()}
+
+
+def legacy_headers(error: BaseException) -> Mapping[bytes, bytes]:
+    assert isinstance(error, ApiError)
+    return error.headers
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """How the API answers one kind of error."""
+
+    status: int
+    body: Callable[[BaseException], bytes] = message_body
+    headers: Callable[[BaseException], Mapping[bytes, bytes]] = lambda error: NO_HEADERS
+    content_type: bytes = JSON
+
+
+# The one table: error class -> status, body and headers. A class not listed is answered
+# by its nearest listed base class; an error of no listed class is a 500 (logged).
+ERROR_ANSWERS: Mapping[type[BaseException], ErrorAnswer] = MappingProxyType({
+    Invalid: ErrorAnswer(400),
+    UnknownFeeds: ErrorAnswer(400, feeds_body),
+    Unauthenticated: ErrorAnswer(401),
+    InvalidApiKey: ErrorAnswer(401, plain_body, lambda error: WWW_AUTHENTICATE, b"text/plain; charset=utf-8"),
+    Forbidden: ErrorAnswer(403),
+    LimitReached: ErrorAnswer(403),
+    NotFound: ErrorAnswer(404),
+    TooLarge: ErrorAnswer(413),
+    TooMany: ErrorAnswer(429, headers=retry_after),
+    Failed: ErrorAnswer(500),
+    Unavailable: ErrorAnswer(503),
+    TimedOut: ErrorAnswer(504),
+    # not domain errors, but what any route may meet: Redis down (its words are for the log),
+    # a pool's queue full (a burst of logins, of reads: refused at once, counted in /metrics)
+    RedisUnavailable: ErrorAnswer(503, fixed_body("Service temporarily unavailable")),
+    PoolBusy: ErrorAnswer(503, fixed_body(BUSY), lambda error: {b"Retry-After": b"1"}),
+    ApiError: ErrorAnswer(400, headers=legacy_headers),
+})
+ANSWERED = tuple(ERROR_ANSWERS)
+
+
+def error_answer(error: BaseException) -> Raw:
+    """The answer to an error of a class in ``ERROR_ANSWERS`` (or of a subclass)."""
+    for kind in type(error).__mro__:
+        row = ERROR_ANSWERS.get(kind)
+        if row is not None:
+            status = error.code if isinstance(error, ApiError) else row.status
+            return Raw(row.body(error), row.content_type, status, row.headers(error))
+    raise TypeError(f"no answer for {type(error).__name__}")  # only ANSWERED errors come here
 
 
 class ApiResource(Resource):
@@ -308,23 +395,10 @@ class ApiResource(Resource):
         request.notifyFinish().addBoth(lambda _: gone.append(True))
         try:
             answer = await self._answer(request)
-        except InvalidApiKey:
-            answer = Raw(
-                b"Invalid API key",
-                content_type=b"text/plain; charset=utf-8",
-                code=401,
-                headers={
-                    b"WWW-Authenticate": b'Bearer realm="API KEY", error="invalid_apikey", '
-                    b'error_description="Invalid API key"'
-                },
-            )
-        except ApiError as e:
-            answer = Raw(json_bytes({"success": False, "message": e.message}), code=e.code, headers=e.headers)
-        except RedisUnavailable as e:
-            self.log.warn("redis unavailable: {error}", error=str(e))
-            answer = Raw(json_bytes({"success": False, "message": "Service temporarily unavailable"}), code=503)
-        except PoolBusy:  # a pool's queue is full (a burst of logins, of reads): refused at once, counted in /metrics
-            answer = Raw(json_bytes({"success": False, "message": BUSY}), code=503, headers={b"Retry-After": b"1"})
+        except ANSWERED as e:
+            if isinstance(e, RedisUnavailable):
+                self.log.warn("redis unavailable: {error}", error=str(e))
+            answer = error_answer(e)
         if isinstance(answer, Streamed):
             await self._stream(request, answer, gone)
             return
@@ -343,10 +417,10 @@ class ApiResource(Resource):
 
     async def _answer(self, request: Request) -> Any:
         if not self._ready():
-            raise ApiError("Starting, try again shortly", 503)
+            raise Unavailable("Starting, try again shortly")
         segments, fmt = split_path(request.path)
         if len(segments) < 2:
-            raise ApiError("Unknown route", 404)
+            raise NotFound("Unknown route")
         controller, action = segments[0], segments[1]
         subactions = segments[2:]
         route = self._router.find(controller, action)
@@ -356,16 +430,16 @@ class ApiResource(Resource):
             if route is not None:
                 action, subactions = f"{action}/{segments[2]}", segments[3:]
         if route is None:
-            raise ApiError("Unknown route", 404)
+            raise NotFound("Unknown route")
         request.emond_route = f"{controller}/{action}"  # the metrics label: known routes only
         access, handler = route
         params = request_params(request, self._router.param_limit(controller, action))
         auth = await self._authenticate(request, params)
         if access != PUBLIC:
             if auth is None:
-                raise ApiError("Authentication required", 401)
+                raise Unauthenticated("Authentication required")
             if access == WRITE and not auth.write:
-                raise ApiError("Write access required, this is a read only API key", 403)
+                raise Forbidden("Write access required, this is a read only API key")
         call = Call(request, controller, action, subactions, fmt, params, auth)
         return await handler(call)
 

@@ -19,8 +19,8 @@ from typing import Callable
 
 from twisted.web.server import Request
 
-from emond.api import ApiError, Auth, InvalidApiKey
 from emond.config import UsersSection
+from emond.errors import InvalidApiKey, TooMany
 from emond import keys
 from emond.redis import Redis
 from emond.users import Users, apikey_digest
@@ -30,6 +30,15 @@ KEY_CACHE_SECONDS = 5.0
 REDIS_KEY_TTL = 3600
 TOO_MANY_ATTEMPTS = "Too many attempts, please try again later"  # current emoncms's words
 TOO_MANY_REGISTRATIONS = "Too many registrations from this address, please try again later"
+
+
+@dataclass
+class Auth:
+    """Who is calling, as the API's routes see it."""
+
+    userid: int
+    write: bool
+    via: str  # "apikey" or "session"
 
 # KEYS: the session; ARGV[1]: the generation key prefix. The session's value if it is of
 # the user's current generation; a session of an older generation is deleted.
@@ -242,7 +251,7 @@ class Authenticator:
     # A refusal is not logged: a guesser could otherwise fill the log at will.
 
     async def password_attempt(self, username: str, address: str, limits: UsersSection) -> None:
-        """Count one password check; ApiError 429 (with Retry-After) when over a limit."""
+        """Count one password check; TooMany (with the seconds to wait) when over a limit."""
         keys = _attempt_keys(username, address)
         wait = await self.redis.call(
             "EVAL", _ATTEMPT, len(keys), *keys,
@@ -250,7 +259,7 @@ class Authenticator:
             limits.login_failures_per_user, limits.login_slow_seconds,
         )
         if int(wait) > 0:
-            raise ApiError(TOO_MANY_ATTEMPTS, 429, {b"Retry-After": str(int(wait)).encode()})
+            raise TooMany(TOO_MANY_ATTEMPTS, int(wait))
 
     async def password_accepted(self, username: str, address: str) -> None:
         """The checked password was right: forget that pair's failures, give the attempt back."""
@@ -263,11 +272,11 @@ class Authenticator:
         await self.redis.call("EVAL", _UNCHECKED, 3, *keys[:3])
 
     async def registration_attempt(self, address: str, limits: UsersSection) -> None:
-        """Count one registration from the address; ApiError 429 when over the limit."""
+        """Count one registration from the address; TooMany when over the limit."""
         key = keys.login_throttle("r", address_bucket(address))
         wait = await self.redis.call("EVAL", _COUNT, 1, key, limits.registration_window, limits.registrations_per_address)
         if int(wait) > 0:
-            raise ApiError(TOO_MANY_REGISTRATIONS, 429, {b"Retry-After": str(int(wait)).encode()})
+            raise TooMany(TOO_MANY_REGISTRATIONS, int(wait))
 
 
 def _bearer(request: Request) -> str | None:

@@ -11,6 +11,7 @@ import math
 import re
 
 MAX_ID = 2**31 - 1  # the largest database id (users, inputs, feeds are INT columns)
+MAX_INTEGER = 2**53  # larger whole numbers are refused: beyond it a float no longer holds every integer
 
 # PHP 8's is_numeric: optional whitespace, a sign, digits with an optional point (or a point
 # and digits), an optional exponent, optional whitespace.

@@ -23,8 +23,8 @@ import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from emond.api import ApiError
 from emond.db import Database, is_duplicate
+from emond.errors import Invalid, NotFound
 from emond.pools import BoundedPool, PoolBusy
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # 128 * r * n bytes: 16 MiB per hash
@@ -79,7 +79,7 @@ def _scrypt_matches(password: str, stored: str) -> bool:
 
 def check_new_password(password: str) -> None:
     if not 4 <= len(password) <= 250:
-        raise ApiError("Password length error")
+        raise Invalid("Password length error")
 
 
 def username_key(username: str) -> str:
@@ -118,16 +118,16 @@ class Users:
 
     async def register(self, username: str, password: str, email: str, timezone: str = "UTC") -> dict[str, Any]:
         if not username or not password or not email:
-            raise ApiError("Missing username, password or email parameter")
+            raise Invalid("Missing username, password or email parameter")
         if not username.isascii() or not username.isalnum():
-            raise ApiError("Username must only contain a-z and 0-9 characters")
+            raise Invalid("Username must only contain a-z and 0-9 characters")
         if not 3 <= len(username) <= 30:
-            raise ApiError("Username length error")
+            raise Invalid("Username length error")
         if len(email) > 128 or not EMAIL.match(email):
-            raise ApiError("Email address format error")
+            raise Invalid("Email address format error")
         check_new_password(password)
         if not valid_timezone(timezone):
-            raise ApiError("Invalid timezone")
+            raise Invalid("Invalid timezone")
         hashed = await self.kdf.run(hash_password, password)
         write, read = new_apikey(), new_apikey()
 
@@ -135,7 +135,7 @@ class Users:
 
         def insert(txn: Any) -> int:
             if txn.query("SELECT id FROM users WHERE username_key = ? OR username = ?", key, username):
-                raise ApiError("Username already exists")
+                raise Invalid("Username already exists")
             first = not txn.query("SELECT id FROM users LIMIT 1")
             return txn.insert(
                 "INSERT INTO users (username, username_key, email, password, salt, apikey_write, apikey_read, "
@@ -147,11 +147,11 @@ class Users:
 
         try:
             userid = await self.db.transaction(insert)
-        except ApiError:
+        except Invalid:
             raise
         except Exception as e:  # the unique indexes, when two registrations race
             if is_duplicate(e):
-                raise ApiError("Username already exists")
+                raise Invalid("Username already exists")
             raise
         return {"success": True, "verifyemail": False, "userid": userid, "apikey_read": read, "apikey_write": write}
 
@@ -165,7 +165,7 @@ class Users:
         matches the oldest.
         """
         if not username or not password:
-            raise ApiError("Username or password empty")
+            raise Invalid("Username or password empty")
         rows = await self.db.query(
             "SELECT id, username, password, salt FROM users WHERE username_key = ? OR username = ? ORDER BY id",
             username_key(username), username,
@@ -175,7 +175,7 @@ class Users:
         stored, salt = (row[2], row[3]) if row is not None else (DUMMY_HASH, "")
         correct = await self.kdf.run(check_password, password, stored, salt)
         if row is None or not correct:
-            raise ApiError(failed)
+            raise Invalid(failed)
         userid = int(row[0])
         if not stored.startswith("scrypt$"):
             try:
@@ -206,7 +206,7 @@ class Users:
     async def get(self, userid: int) -> dict[str, Any]:
         row = await self.db.one(f"SELECT {USER_COLUMNS} FROM users WHERE id = ?", userid)
         if row is None:
-            raise ApiError("User does not exist", 404)
+            raise NotFound("User does not exist")
         names = [c.strip() for c in USER_COLUMNS.split(",")]
         user = dict(zip(names, row))
         user["bio"] = user["bio"] or ""
@@ -223,14 +223,14 @@ class Users:
                 continue  # unknown fields are ignored, as emoncms
             value = "" if value is None else str(value)
             if name == "email" and not EMAIL.match(value):
-                raise ApiError("Email address format error")
+                raise Invalid("Email address format error")
             if name == "timezone" and not valid_timezone(value):
-                raise ApiError("Invalid timezone")
+                raise Invalid("Invalid timezone")
             limit = 5 if name == "language" else 64 if name != "bio" else 4096
             if len(value) > limit:
-                raise ApiError(f"{name} is too long")
+                raise Invalid(f"{name} is too long")
             if name != "bio" and any(unicodedata.category(c).startswith("C") for c in value):
-                raise ApiError(f"invalid characters in {name}")
+                raise Invalid(f"invalid characters in {name}")
             updates[name] = value
         if updates:
             assignments = ", ".join(f"{name} = ?" for name in updates)  # names from PROFILE_FIELDS only
@@ -243,7 +243,7 @@ class Users:
         check_new_password(new)
         row = await self.db.one("SELECT password, salt FROM users WHERE id = ?", userid)
         if row is None or not await self.kdf.run(check_password, old, row[0], row[1]):
-            raise ApiError("Old password incorrect")
+            raise Invalid("Old password incorrect")
         hashed = await self.kdf.run(hash_password, new)
         await before_update()
         await self.db.execute("UPDATE users SET password = ?, salt = '' WHERE id = ?", hashed, userid)
@@ -251,7 +251,7 @@ class Users:
     async def username(self, userid: int) -> str:
         row = await self.db.one("SELECT username FROM users WHERE id = ?", userid)
         if row is None:
-            raise ApiError("User does not exist", 404)
+            raise NotFound("User does not exist")
         return str(row[0])
 
     async def new_apikey(self, userid: int, kind: str) -> tuple[str, str]:
@@ -259,7 +259,7 @@ class Users:
         assert kind in ("write", "read")
         row = await self.db.one(f"SELECT apikey_{kind}_hash FROM users WHERE id = ?", userid)
         if row is None:
-            raise ApiError("User does not exist", 404)
+            raise NotFound("User does not exist")
         key = new_apikey()
         await self.db.execute(
             f"UPDATE users SET apikey_{kind} = ?, apikey_{kind}_hash = ? WHERE id = ?", key, apikey_digest(key), userid

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) of the API's decoders, as pure units: numbers, flags and
 JSON parameters (``Call`` with a fake request), feed/set's ``public``, and process lists in
-their text and JSON forms. Whatever the input, each gives a clear refusal (``ApiError``, 4xx)
+their text and JSON forms. Whatever the input, each gives a clear refusal (an ``emond.errors`` error the API answers 4xx)
 or a finite value, never another exception, in time linear in the input's length.
 
 Where a value is expected, it comes from a model of the format (emoncms's ``is_numeric``
@@ -18,7 +18,8 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from emond.api import MAX_INTEGER, ApiError, Call, decode_json
+from emond.api import MAX_INTEGER, Call, decode_json, error_answer
+from emond.errors import EmondError
 from emond.numbers import MAX_ID, php_number
 from emond.api_input import processlist_steps
 from emond.feeds import public_flag
@@ -39,12 +40,12 @@ def call(**params: str) -> Call:
 
 
 def outcome(test: unittest.TestCase, decode: Callable[[], Any]) -> Any:
-    """The decoded value, or None after checking a refusal is a clean 4xx ApiError.
+    """The decoded value, or None after checking a refusal is a domain error answered 4xx.
     Any other exception propagates: hypothesis reports it with the input."""
     try:
         return decode()
-    except ApiError as e:
-        test.assertTrue(400 <= e.code < 500, e.code)
+    except EmondError as e:
+        test.assertTrue(400 <= error_answer(e).code < 500, error_answer(e).code)
         test.assertTrue(e.message)
         return None
 
