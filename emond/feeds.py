@@ -8,10 +8,10 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
-from emond.api import MAX_INTEGER, ApiError
 from emond import keys
 from emond.db import Database, is_duplicate
-from emond.numbers import php_number
+from emond.errors import Invalid, LimitReached
+from emond.numbers import MAX_INTEGER, php_number
 from emond.names import valid_feed_name
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 from emond.redis import Redis
@@ -59,23 +59,23 @@ class Feed:
 
 def check_name(name: str, what: str = "feed name") -> None:
     if len(name) > MAX_NAME:
-        raise ApiError(f"{what} must be {MAX_NAME} characters or less")
+        raise Invalid(f"{what} must be {MAX_NAME} characters or less")
     if not valid_feed_name(name):
-        raise ApiError(f"invalid characters in {what}")
+        raise Invalid(f"invalid characters in {what}")
 
 
 def check_unit(unit: str) -> None:
     if len(unit) > MAX_UNIT:
-        raise ApiError(f"unit must be {MAX_UNIT} characters or less")
+        raise Invalid(f"unit must be {MAX_UNIT} characters or less")
     if any(ord(c) < 32 or ord(c) == 127 for c in unit):
-        raise ApiError("invalid characters in unit")
+        raise Invalid("invalid characters in unit")
 
 
 def check_engine(engine: int) -> None:
     if engine in ENGINE_UNAVAILABLE:
-        raise ApiError(ENGINE_UNAVAILABLE[engine])
+        raise Invalid(ENGINE_UNAVAILABLE[engine])
     if engine not in (ENGINE_PHPFINA, ENGINE_PHPTIMESERIES):
-        raise ApiError("Engine id not valid")
+        raise Invalid("Engine id not valid")
 
 
 def public_flag(value: Any) -> int:
@@ -91,7 +91,7 @@ def public_flag(value: Any) -> int:
     elif isinstance(value, float) and math.isfinite(value):
         number = value
     if number is None or abs(number) > MAX_INTEGER:
-        raise ApiError("public must be 0 or 1")
+        raise Invalid("public must be 0 or 1")
     return 1 if int(number) else 0
 
 
@@ -108,7 +108,7 @@ class Feeds:
         check_name(tag, "feed tag")
         check_unit(unit)
         if datatype not in DATATYPES:
-            raise ApiError("missing datatype: 1: realtime, 2: daily")
+            raise Invalid("missing datatype: 1: realtime, 2: daily")
         check_engine(engine)
         lock = " FOR UPDATE" if self.db.dialect == "mysql" else ""  # SQLite: one connection, serial
 
@@ -116,9 +116,9 @@ class Feeds:
             # The user's row is locked so that concurrent creates count one after another.
             txn.query(f"SELECT id FROM users WHERE id = ?{lock}", userid)
             if txn.query("SELECT id FROM feeds WHERE userid = ? AND tag = ? AND name = ?", userid, tag, name):
-                raise ApiError("feed already exists")
+                raise Invalid("feed already exists")
             if txn.query("SELECT COUNT(*) FROM feeds WHERE userid = ?", userid)[0][0] >= self.max_feeds:
-                raise ApiError(f"Feed limit reached: at most {self.max_feeds} feeds per user", 403)
+                raise LimitReached(f"Feed limit reached: at most {self.max_feeds} feeds per user")
             return txn.insert(
                 "INSERT INTO feeds (userid, name, tag, datatype, public, engine, server, feed_interval, unit, created) "
                 "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
@@ -127,11 +127,11 @@ class Feeds:
 
         try:
             feedid = await self.db.transaction(insert)
-        except ApiError:
+        except (Invalid, LimitReached):
             raise
         except Exception as e:  # the unique index, when two creates race
             if is_duplicate(e):
-                raise ApiError("feed already exists")
+                raise Invalid("feed already exists")
             raise
         return Feed(feedid, userid, name, tag, datatype, 0, engine, server, interval, unit)
 
@@ -168,7 +168,7 @@ class Feeds:
             changes["unit"] = str(fields["unit"])
             check_unit(changes["unit"])
         if not changes:
-            raise ApiError("Field could not be updated")
+            raise Invalid("Field could not be updated")
         assignments = ", ".join(f"{name} = ?" for name in changes)  # fixed names above
         name, tag = changes.get("name", feed.name), changes.get("tag", feed.tag)
 
@@ -176,7 +176,7 @@ class Feeds:
             if (name, tag) != (feed.name, feed.tag) and txn.query(
                 "SELECT id FROM feeds WHERE userid = ? AND tag = ? AND name = ? AND id <> ?", feed.userid, tag, name, feed.id
             ):
-                raise ApiError("fields tag:name must be unique")
+                raise Invalid("fields tag:name must be unique")
             txn.execute(f"UPDATE feeds SET {assignments} WHERE id = ?", *changes.values(), feed.id)
 
         await self.db.transaction(update)

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from emond.api import ApiError
 from emond import keys
 from emond.db import Database, Transaction
+from emond.errors import Invalid
 from emond.names import valid_input_name
 from emond.numbers import MAX_ID
 from emond.process import FEEDID, PROCESSES, Owned, Step, check_steps, parse_lenient, parse_processlist
@@ -47,16 +47,16 @@ class Input:
 
 def check_node(node: str) -> None:
     if not valid_input_name(node):
-        raise ApiError("Error: invalid node name")
+        raise Invalid("Error: invalid node name")
     if len(node) > MAX_NODE:
-        raise ApiError(f"Error: node name must be {MAX_NODE} characters or less")
+        raise Invalid(f"Error: node name must be {MAX_NODE} characters or less")
 
 
 def check_input_name(name: str) -> None:
     if not name or not valid_input_name(name):
-        raise ApiError("Error: Format error, json key missing or invalid character")
+        raise Invalid("Error: Format error, json key missing or invalid character")
     if len(name) > MAX_NAME:
-        raise ApiError(f"Error: input name must be {MAX_NAME} characters or less")
+        raise Invalid(f"Error: input name must be {MAX_NAME} characters or less")
 
 
 class Inputs:
@@ -85,7 +85,7 @@ class Inputs:
     async def owned(self, userid: int, inputid: int) -> Input:
         found = await self.get(inputid)
         if found is None or found.userid != userid:
-            raise ApiError("Input does not exist")
+            raise Invalid("Input does not exist")
         return found
 
     async def list(self, userid: int) -> list[Input]:
@@ -94,9 +94,9 @@ class Inputs:
 
     async def set_description(self, inp: Input, description: str) -> None:
         if len(description) > MAX_DESCRIPTION:
-            raise ApiError(f"description must be {MAX_DESCRIPTION} characters or less")
+            raise Invalid(f"description must be {MAX_DESCRIPTION} characters or less")
         if not valid_input_name(description):
-            raise ApiError("invalid characters in input description")
+            raise Invalid("invalid characters in input description")
         await self.db.execute("UPDATE inputs SET description = ? WHERE id = ?", description, inp.id)
         await self.changed(inp.userid)
 
@@ -118,7 +118,7 @@ class Inputs:
         def work(txn: Transaction) -> str:
             owned, current = load_owned(txn, userid, inputid, lock)
             if current is None:
-                raise ApiError("Input does not exist")
+                raise Invalid("Input does not exist")
             steps, text = change(current)
             if steps is not None:
                 check_steps(steps, owned, parse_lenient(current))
@@ -141,7 +141,7 @@ class Inputs:
         def check(txn: Transaction) -> None:
             owned, current = load_owned(txn, userid, inputid)
             if current is None:
-                raise ApiError("Input does not exist")
+                raise Invalid("Input does not exist")
             check_steps(steps, owned, parse_lenient(current))
 
         await self.db.transaction(check)

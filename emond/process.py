@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
-from emond.api import ApiError
+from emond.errors import Invalid
 from emond.numbers import MAX_ID, php_number
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 
@@ -186,8 +186,8 @@ class Step(NamedTuple):
     arg: float | int  # VALUE: a float; FEEDID/INPUTID: an id; NONE: 0
 
 
-class ProcessListError(ApiError):
-    """A process list, or one step of it, that cannot be accepted (HTTP 400)."""
+class ProcessListError(Invalid):
+    """A process list, or one step of it, that cannot be accepted."""
 
 
 _DIGITS = re.compile(r"[0-9]{1,12}")

@@ -9,8 +9,8 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from emond import process
-from emond.api import ApiError
 from emond.engine import FeedError
+from emond.errors import Invalid
 from emond.process import (
     DAILY,
     FEEDID,
@@ -415,7 +415,7 @@ class InputApiMixin:
         steps = yield wait(self.ctx.inputs.validate_processlist(self.uid, inp.id, f"1:{feed},2:2"))
         self.assertEqual(steps, [Step(1, feed), Step(2, 2.0)])
         self.assertEqual((yield self.stored(inp.id)), "")  # nothing written
-        with self.assertRaises(ApiError) as caught:
+        with self.assertRaises(Invalid) as caught:
             yield wait(self.ctx.inputs.validate_processlist(self.bob["userid"], inp.id, "2:2"))
         self.assertEqual(caught.exception.message, "Input does not exist")  # not bob's input
         with self.assertRaises(ProcessListError) as caught:
@@ -553,7 +553,7 @@ class InputApiMixin:
             await real_delete(feed)
 
         async def refused(userid, inputid, change):
-            raise ApiError(MSG_WRITTEN)  # as if a concurrent change took the list first
+            raise ProcessListError(MSG_WRITTEN)  # as if a concurrent change took the list first
 
         self.patch(self.ctx.store, "delete", delete)
         self.patch(self.ctx.inputs, "change_processlist", refused)
