@@ -39,16 +39,17 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator
 
 import numpy as np
 from twisted.internet import defer
 
-from emond.api import PUBLIC, WRITE, ApiError, Call, Raw, Router, Streamed, decode_json, json_bytes
+from emond.api import PUBLIC, WRITE, Call, Raw, Router, Streamed, decode_json, json_bytes
 from emond.context import NodeContext
 from emond.engine import MAX_TIME as MAX_READ_TIME
 from emond.engine import MIN_TIME as MIN_READ_TIME
 from emond.engine import FeedError, RowLimit, Series
+from emond.errors import EmondError, Failed, Forbidden, Invalid, Unauthenticated, UnknownFeeds
 from emond.feeddata import (
     DataRequest,
     FeedPlan,
@@ -79,8 +80,6 @@ from emond.records import (
 )
 from emond.refusals import Refused
 
-T = TypeVar("T")
-
 MAX_TIME = 2**32 - 1  # record times are uint32 seconds
 MAX_INTERVAL = 366 * 86400  # longest PHPFina interval accepted at create
 MAX_FETCH = 1000  # ids per feed/fetch.json
@@ -99,22 +98,22 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
     async def load(call: Call) -> Feed:
         feed = await feeds.get(parse_id(call.get("id"), "id"))
         if feed is None:
-            raise ApiError("Feed does not exist")
+            raise Invalid("Feed does not exist")
         return feed
 
     async def readable(call: Call) -> Feed:
         feed = await load(call)
         if not can_read(call, feed):
             if call.auth is None:
-                raise ApiError("Authentication required", 401)
-            raise ApiError("Permission denied", 403)
+                raise Unauthenticated("Authentication required")
+            raise Forbidden("Permission denied")
         return feed
 
     async def owned(call: Call) -> Feed:
         """A feed the caller may write (the route itself requires write access)."""
         feed = await load(call)
         if feed.userid != call.userid:
-            raise ApiError("Permission denied", 403)
+            raise Forbidden("Permission denied")
         return feed
 
     # -- feed objects --------------------------------------------------------
@@ -140,7 +139,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
     async def disk_last(feed: Feed) -> tuple[int, float | None] | None:
         try:
             return await store.lastvalue(feed)
-        except (FeedError, ApiError):
+        except EmondError:
             return None  # files missing, or the server not reachable from here
 
     # -- create, list, get, set, delete -----------------------------------
@@ -154,7 +153,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         server = small_int(call.get("server"), ctx.config.feeds.default_server, "server must be a number")
         servers = sorted(set(ctx.config.node.storage) | set(ctx.config.storage_servers))
         if server not in servers:
-            raise ApiError(f"server must be {or_list(servers)}")
+            raise Invalid(f"server must be {or_list(servers)}")
         interval = 0
         if engine == ENGINE_PHPFINA:
             interval = max(phpfina_interval(call.get("options")), MIN_INTERVAL)
@@ -163,18 +162,16 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
             await store.create(feed)
         except Exception as e:
             await feeds.delete(feed)
-            if isinstance(e, ApiError):
-                raise
             if isinstance(e, (FeedError, OSError)):
-                raise ApiError("the feed engine could not create the feed", 500)
-            raise
+                raise Failed("the feed engine could not create the feed") from e
+            raise  # the storage server unavailable or slow: answered as such
         return {"success": True, "feedid": feed.id, "result": True}
 
     async def list_feeds(call: Call) -> Any:
         wanted = call.get("userid")
         if wanted is None or wanted == "":
             if call.auth is None:
-                raise ApiError("Authentication required", 401)
+                raise Unauthenticated("Authentication required")
             found = await feeds.list(call.userid)
         else:
             userid = parse_id(wanted, "userid")
@@ -186,9 +183,9 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         feed = await readable(call)
         name = call.get("field")
         if not name:
-            raise ApiError("Missing field parameter")
+            raise Invalid("Missing field parameter")
         if name not in FIELDS + ("time", "value", "disk_time", "disk_value"):
-            raise ApiError("Invalid field")
+            raise Invalid("Invalid field")
         (item,) = await entries([feed])
         return item[name]
 
@@ -199,7 +196,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
 
     async def getmeta(call: Call) -> Any:
         feed = await readable(call)
-        meta = await engine_call(store.meta(feed))
+        meta = await store.meta(feed)
         if feed.engine == ENGINE_PHPFINA:
             return {"interval": meta.interval, "start_time": meta.start_time, "npoints": meta.npoints, "end_time": meta.end_time}
         return {"start_time": meta.start_time, "end_time": meta.end_time, "npoints": meta.npoints}
@@ -212,7 +209,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
 
     async def delete(call: Call) -> Any:
         feed = await owned(call)
-        await engine_call(store.delete(feed))  # the files first: a row left behind can be deleted again
+        await store.delete(feed)  # the files first: a row left behind can be deleted again
         await feeds.delete(feed)  # the row and its Redis last value
         await ctx.inputs.forget_feed(feed.userid, feed.id)  # its steps leave every process list
         # emoncms.org answered null; current emoncms answers this.
@@ -226,8 +223,8 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         if php_truthy(when):  # emoncms: the value at a time (the nearest slot, or the next record)
             number = php_numeric(when)
             if number is None or not MIN_READ_TIME <= number <= MAX_READ_TIME:
-                raise ApiError("time must be a unix time in seconds")
-            return await engine_call(store.value_at(feed, math.trunc(number)))
+                raise Invalid("time must be a unix time in seconds")
+            return await store.value_at(feed, math.trunc(number))
         last = (await feeds.lastvalues([feed.id]))[feed.id]
         if last is not None:
             return accepted_number(last[1])
@@ -242,12 +239,12 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
     async def fetch(call: Call) -> Any:
         texts = (call.get("ids") or "").split(",")
         if len(texts) > MAX_FETCH:
-            raise ApiError(f"at most {MAX_FETCH} ids per request")
+            raise Invalid(f"at most {MAX_FETCH} ids per request")
         ids: list[int | None] = []
         for text in texts:
             try:
                 ids.append(parse_id(text, "ids"))
-            except ApiError:
+            except Invalid:
                 ids.append(None)
         found = await feeds.get_many(i for i in ids if i is not None)
         allowed = [f for f in found.values() if can_read(call, f)]
@@ -281,30 +278,25 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         missing = [n for n in numbers if n not in found]
         if missing:
             message = f"feed {missing[0]} does not exist" if len(missing) == 1 else f"{len(missing)} feeds do not exist"
-            raise DataError({"success": False, "message": message, "feeds": missing})
+            raise UnknownFeeds(message, missing)
         out = [found[n] for n in numbers]
         for feed in out:
             if not can_read(call, feed):
                 if call.auth is None:
-                    raise ApiError("Authentication required", 401)
-                raise ApiError("Permission denied", 403)
+                    raise Unauthenticated("Authentication required")
+                raise Forbidden("Permission denied")
         return out
 
     async def read_series(request: DataRequest, feed: Feed, plan: FeedPlan) -> Series:
         try:
             return await store.query(feed, plan.query)
-        except RowLimit as e:
-            raise ApiError(request.csv_limit_message(e.requested) if plan.csv else request.limit_message(e.requested))
-        except FeedError as e:
-            raise ApiError(str(e))
+        except RowLimit as e:  # the engine's words are replaced by emoncms's limit message
+            raise Invalid(request.csv_limit_message(e.requested) if plan.csv else request.limit_message(e.requested))
 
     async def data(call: Call) -> Any:
         """feed/data.json, datanew, average.json and csvexport.json (current emoncms)."""
         # As emoncms: the feeds first (missing, not readable), then the request's parameters.
-        try:
-            found = await data_feeds(call, request_ids(call.params)[0])
-        except DataError as e:
-            return Raw(json_bytes(e.body), code=400)
+        found = await data_feeds(call, request_ids(call.params)[0])
         timezone = await caller_timezone(call)
         request = DataRequest.parse(call.params, call.action, timezone, ctx.config.feeds.max_datapoints)
         plans = [request.plan(feed, average, delta) for feed, (average, delta) in zip(found, request.flags())]
@@ -320,7 +312,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         # Public or yours, as current emoncms (emoncms.org wanted the owner's write key).
         feed = await readable(call)
         start = max(call.integer("start", 0, "start must be a byte offset"), 0)
-        first = await engine_call(store.export(feed, start, EXPORT_CHUNK))
+        first = await store.export(feed, start, EXPORT_CHUNK)
         fina = feed.engine == ENGINE_PHPFINA
         # Where the first chunk began: PHPFina starts one slot early (emoncms), PHPTimeSeries on a record.
         offset = (start // 4 * 4 - 4 if start // 4 * 4 >= 4 else 0) if fina else start // 9 * 9
@@ -333,7 +325,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
                 if len(data) < EXPORT_CHUNK:
                     return
                 # ask for the next byte range, undoing the engine's own start adjustment
-                data = await engine_call(store.export(feed, offset + sent + (4 if fina else 0), EXPORT_CHUNK))
+                data = await store.export(feed, offset + sent + (4 if fina else 0), EXPORT_CHUNK)
 
         filename = f"{feed.id}.dat" if fina else f"feed_{feed.id}.MYD"
         return Streamed(
@@ -359,7 +351,7 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
         if refusals:
             reason = refusals[0].reason
             await ctx.refusals.record(call.userid, [Refused(when, "", f"feed:{feed.id}", reason)])
-            raise ApiError(refusal_message(reason, ctx))
+            raise Invalid(refusal_message(reason, ctx))
         await feeds.advance_lastvalue(feed.id, when, number)
         return number
 
@@ -392,14 +384,6 @@ def add_feed_routes(router: Router, ctx: NodeContext) -> None:
 
 def can_read(call: Call, feed: Feed) -> bool:
     return bool(feed.public) or (call.auth is not None and call.auth.userid == feed.userid)
-
-
-async def engine_call(work: Awaitable[T]) -> T:
-    """An engine's refusal of a request (FeedError) is the client's 400."""
-    try:
-        return await work
-    except FeedError as e:
-        raise ApiError(str(e))
 
 
 def entry(feed: Feed, last: tuple[int, float] | None, disk: DiskSummary) -> dict[str, Any]:
@@ -458,14 +442,6 @@ def disk_number(value: float | None) -> float | None:
     return float(np.float32(value))
 
 
-class DataError(Exception):
-    """A data request refused with a body beyond the message (emoncms's ``feeds`` list)."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        super().__init__(body["message"])
-        self.body = body
-
-
 def render_data(
     request: DataRequest, found: list[Feed], plans: list[FeedPlan], series: list[Series], accepted: dict[int, Any]
 ) -> Raw:
@@ -497,24 +473,24 @@ def csv_answer(body: bytes, name: str) -> Raw:
 
 def parse_id(text: str | None, name: str) -> int:
     if text is None or text.strip() == "":
-        raise ApiError(f"missing parameter: {name}")
+        raise Invalid(f"missing parameter: {name}")
     text = text.strip()
     if not ID.fullmatch(text):
-        raise ApiError(f"{name} must be a whole number")
+        raise Invalid(f"{name} must be a whole number")
     number = int(text)
     if number > MAX_ID:
-        raise ApiError("Feed does not exist" if name == "id" else f"{name} out of range")
+        raise Invalid("Feed does not exist" if name == "id" else f"{name} out of range")
     return number
 
 
 def small_int(text: str | None, default: int | None, invalid: str, missing: str | None = None) -> int:
     if text is None or text.strip() == "":
         if default is None:
-            raise ApiError(missing or invalid)
+            raise Invalid(missing or invalid)
         return default
     text = text.strip()
     if not re.fullmatch(r"-?[0-9]{1,9}", text):
-        raise ApiError(invalid)
+        raise Invalid(invalid)
     return int(text)
 
 
@@ -525,10 +501,10 @@ def or_list(items: list[int]) -> str:
 
 def json_object(text: str | None, message: str) -> dict[str, Any]:
     if not text:
-        raise ApiError(message)
+        raise Invalid(message)
     value = decode_json(text, message)  # finite numbers, 64-bit integers, bounded nesting
     if not isinstance(value, dict):
-        raise ApiError(message)
+        raise Invalid(message)
     return value
 
 
@@ -537,16 +513,16 @@ def phpfina_interval(options: str | None) -> int:
     fields = json_object(options, 'options must be a JSON object such as {"interval":10}')
     raw = fields.get("interval")
     if isinstance(raw, bool) or raw is None:
-        raise ApiError("interval must be an integer")
+        raise Invalid("interval must be an integer")
     if isinstance(raw, str):
         number = php_number(raw)  # ASCII digits only, as emoncms's is_numeric
     else:
         number = float(raw) if isinstance(raw, (int, float)) else None  # decode_json: finite, 64-bit
     if number is None or number != int(number):
-        raise ApiError("interval must be an integer")
+        raise Invalid("interval must be an integer")
     interval = int(number)
     if interval > MAX_INTERVAL:
-        raise ApiError(f"interval must be at most {MAX_INTERVAL} seconds")
+        raise Invalid(f"interval must be at most {MAX_INTERVAL} seconds")
     return interval
 
 
@@ -556,7 +532,7 @@ def time_param(call: Call) -> int:
         return int(time.time())
     number = php_number(text)  # ASCII digits only, finite
     if number is None:
-        raise ApiError("time must be a unix time in seconds")
+        raise Invalid("time must be a unix time in seconds")
     return int(number)
 
 
@@ -564,9 +540,9 @@ def value_param(call: Call) -> float:
     text = call.get("value")
     number = php_number(text) if text is not None else None  # ASCII digits only, finite
     if number is None:
-        raise ApiError("Value must be numeric")
+        raise Invalid("Value must be numeric")
     if abs(number) > FLOAT32_MAX:
-        raise ApiError("Value out of range (a feed stores 32-bit floats)")
+        raise Invalid("Value out of range (a feed stores 32-bit floats)")
     return number
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from emond.errors import Invalid
 from emond.records import ENGINE_PHPFINA, REASON_TOO_NEW, REASON_TOO_OLD, REASON_WRONG_ENGINE, Refusal, refusals_from
 
 FIVE_YEARS = 3600 * 24 * 365 * 5
@@ -46,7 +47,7 @@ def pwrite_all(fd: int, data: "bytes | memoryview", offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-class FeedError(Exception):
+class FeedError(Invalid):
     """A request an engine refuses; ``str(error)`` is the emoncms message."""
 
 

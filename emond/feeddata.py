@@ -51,7 +51,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from emond.api import ApiError
+from emond.errors import Invalid
 from emond.engine import (
     DMY_INTERVALS,
     MAX_QUERY_ROWS,
@@ -369,7 +369,7 @@ class DataRequest:
         ids, singular = request_ids(params)
         timezone = params.get("timezone", user_timezone)
         if not valid_zone(timezone):
-            raise ApiError("Invalid timezone")
+            raise Invalid("Invalid timezone")
         zone = zoneinfo.ZoneInfo(timezone)
         now = time.time() if now is None else now
         raw_interval = params["mode"] if "mode" in params else params.get("interval", "0")
@@ -422,14 +422,14 @@ class DataRequest:
         """emoncms's ``get_data`` (or ``get_data_DMY_time_of_day`` with a split) up to the engine call."""
         start, end = self.start, self.end
         if end <= start:
-            raise ApiError("Request end time before start time")
+            raise Invalid("Request end time before start time")
         if self.split is not None:
             if self.timeformat not in TIMEFORMATS:
-                raise ApiError("Invalid time format")
+                raise Invalid("Invalid time format")
             if feed.engine != ENGINE_PHPFINA:
-                raise ApiError("This request is only supported by PHPFina AND MySQLTimeseries")
+                raise Invalid("This request is only supported by PHPFina AND MySQLTimeseries")
             if self.interval not in ("daily", "weekly", "monthly"):
-                raise ApiError("split needs interval daily, weekly or monthly")
+                raise Invalid("split needs interval daily, weekly or monthly")
             query = DataQuery(
                 start=math.trunc(start), end=math.trunc(end), interval=str(self.interval), timezone=self.timezone,
                 split=self.split, max_rows=self.max_datapoints,
@@ -446,10 +446,10 @@ class DataRequest:
         if isinstance(interval, float):
             if not csv:
                 if interval < 1:
-                    raise ApiError("Invalid interval")
+                    raise Invalid("Invalid interval")
                 requested = int(php_round((end - start) / interval))
                 if requested > self.max_datapoints:
-                    raise ApiError(self.limit_message(requested))
+                    raise Invalid(self.limit_message(requested))
                 # Checked as emoncms does; the engine's step is the whole seconds of it, so
                 # it may give up to twice as many rows (an interval of 1.9 is stepped by 1).
                 max_rows = 2 * self.max_datapoints + 2
@@ -457,7 +457,7 @@ class DataRequest:
         else:
             engine_interval = interval
         if self.timeformat not in TIMEFORMATS:
-            raise ApiError("Invalid time format")
+            raise Invalid("Invalid time format")
         if csv:
             max_rows = CSV_LIMIT // CSV_BYTES_PER_ROW
         query = DataQuery(
@@ -500,26 +500,26 @@ def request_ids(params: dict[str, str]) -> tuple[list[str], bool]:
     elif "ids" in params:
         ids, singular = params["ids"].split(","), False
     else:
-        raise ApiError("no ids given")
+        raise Invalid("no ids given")
     if len(ids) > MAX_IDS:
-        raise ApiError(f"at most {MAX_IDS} ids per request")
+        raise Invalid(f"at most {MAX_IDS} ids per request")
     return ids, singular
 
 
 def convert_time(text: str | None, name: str, zone: tzinfo, now: float) -> float:
     """emoncms's ``convert_time``: seconds, milliseconds (above 1e11) or a date string."""
     if text is None or text.strip() == "":
-        raise ApiError(f"missing {name} parameter")
+        raise Invalid(f"missing {name} parameter")
     number = php_numeric(text)
     if number is None:
         try:
             number = float(php_modify(text, zone, now))
         except (ValueError, OverflowError, OSError):
-            raise ApiError(f"{name} must be a unix time (seconds or milliseconds) or a date such as 2021-12-01 10:00 or -1 week")
+            raise Invalid(f"{name} must be a unix time (seconds or milliseconds) or a date such as 2021-12-01 10:00 or -1 week")
     if number / 1e9 > 100:
         number *= 0.001  # milliseconds
     if not MIN_TIME <= number <= MAX_TIME:
-        raise ApiError(f"{name} is out of range")
+        raise Invalid(f"{name} is out of range")
     return number
 
 
@@ -529,7 +529,7 @@ def parse_interval(text: str) -> float | str:
         return text
     number = php_numeric(text)
     if number is None or not math.isfinite(number):
-        raise ApiError("Invalid interval")
+        raise Invalid("Invalid interval")
     return number
 
 
@@ -549,14 +549,14 @@ def parse_split(text: str) -> tuple[float, ...]:
     try:
         hours = json.loads(text)
     except (ValueError, RecursionError):
-        raise ApiError(message)
+        raise Invalid(message)
     if not isinstance(hours, list) or len(hours) > MAX_SPLIT:
-        raise ApiError(message)
+        raise Invalid(message)
     out = []
     for hour in hours:
         number = hour if isinstance(hour, (int, float)) and not isinstance(hour, bool) else php_numeric(hour) if isinstance(hour, str) else None
         if number is None or not math.isfinite(number) or abs(number) > 24 * 366:
-            raise ApiError(message)
+            raise Invalid(message)
         out.append(float(number))
     return tuple(out)
 

@@ -22,8 +22,8 @@ import numpy as np
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from emond.api import ApiError
 from emond.engine import DataQuery, FeedError, NoSuchFeed, RowLimit, Series, disk_summary
+from emond.errors import EmondError, TimedOut, Unavailable
 from emond.feeds import Feed
 from emond.phpfina import FeedMeta
 from emond.phptimeseries import SeriesMeta
@@ -62,7 +62,7 @@ class FeedStore:
     def _hosted(self, server: int) -> tuple[StorageLocationService, StorageEngines]:
         location = self._locations.get(server)
         if location is None or location.engines is None:
-            raise ApiError(f"storage server {server} is not available", 503)
+            raise Unavailable(f"storage server {server} is not available")
         return location, location.engines
 
     async def _in(self, pool: BoundedPool, server: int, work: Callable[..., T], *args: Any) -> T:
@@ -73,12 +73,12 @@ class FeedStore:
         try:
             return await d
         except defer.TimeoutError:
-            raise ApiError(f"storage server {server} did not answer in {self.read_timeout:g} s", 504) from None
+            raise TimedOut(f"storage server {server} did not answer in {self.read_timeout:g} s") from None
         except PoolBusy:
-            raise ApiError(f"storage server {server} is busy, try again shortly", 503) from None
+            raise Unavailable(f"storage server {server} is busy, try again shortly") from None
 
     async def _remote(self, link: Any, op: str, feedid: int, engine: int, *args: Any) -> Any:
-        """One read request to a remote storage server; its errors as the API's."""
+        """One read request to a remote storage server; its errors as domain errors."""
         try:
             return await link.request(op, feedid, engine, *args, timeout=self.read_timeout)
         except RemoteReadError as e:
@@ -87,12 +87,12 @@ class FeedStore:
             if e.kind == "RowLimit":
                 raise RowLimit(int(str(e).rsplit(" ", 1)[-1]))
             if e.kind == "PoolBusy":
-                raise ApiError(f"storage server {link.server_id} is busy, try again shortly", 503)
+                raise Unavailable(f"storage server {link.server_id} is busy, try again shortly")
             raise FeedError(str(e))
         except RemoteTimeout as e:
-            raise ApiError(str(e), 504)
+            raise TimedOut(str(e))
         except RemoteUnavailable as e:
-            raise ApiError(str(e), 503)
+            raise Unavailable(str(e))
 
     async def _read(
         self, feed: Feed, op: str, args: tuple[Any, ...], local: Callable[[Any], T], decode: Callable[[Any], T], write: bool = False
@@ -158,7 +158,7 @@ class FeedStore:
                 else:
                     location, engines = self._hosted(server)
                     out.update(await self._in(location.reads, server, _summaries, engines, group))
-            except (ApiError, FeedError):
+            except EmondError:  # unavailable, timed out, or the engine refused
                 continue  # not reachable now: unknown
         return out
 

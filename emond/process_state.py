@@ -49,8 +49,8 @@ import numpy as np
 from twisted.logger import Logger
 
 from emond import keys
-from emond.api import ApiError
-from emond.engine import FeedError, NoSuchFeed
+from emond.engine import NoSuchFeed
+from emond.errors import EmondError
 from emond.feeds import Feed
 from emond.feedstore import FeedStore
 from emond.inputs import Inputs
@@ -240,7 +240,7 @@ class StateLoader:
             return await self.store.lastvalue(feed)
         except (NoSuchFeed, KeyError):
             return None
-        except (FeedError, ApiError, OSError) as e:
+        except (EmondError, OSError) as e:  # the engine refused, or the server is unavailable or slow
             raise StorageUnreadable(f"feed {feed.id}: last point on storage server {feed.server} unreadable ({e})") from e
 
 

@@ -11,7 +11,7 @@ import zoneinfo
 import numpy as np
 from twisted.trial import unittest
 
-from emond.api import ApiError
+from emond.errors import Invalid
 from emond.engine import DataQuery, Series
 from emond.feeddata import convert_time, number_format, php_modify, php_round_places
 from emond.numbers import php_int, php_numeric
@@ -109,7 +109,7 @@ class ModifyTests(unittest.TestCase):
             ("1e400", "start is out of range"),
             ("someday", "start must be a unix time (seconds or milliseconds) or a date such as 2021-12-01 10:00 or -1 week"),
         ):
-            error = self.assertRaises(ApiError, convert_time, text, "start", UTC, NOW)
+            error = self.assertRaises(Invalid, convert_time, text, "start", UTC, NOW)
             self.assertEqual(error.message, message)
 
 
