@@ -6,7 +6,7 @@ work (a piece of JSON text, a few hundred values, a megabyte inflated), so
 the web layer can let the reactor run between slices; ``parse_post``,
 ``parse_bulk`` and ``bulk_text`` run them to the end in one go.
 
-A request that cannot be parsed at all raises ``ApiError`` (400; 413 past a
+A request that cannot be parsed at all raises ``Invalid`` (``TooLarge`` past a
 size limit). What parses but cannot be stored is returned as refusals and the
 rest is kept: in a bulk, a malformed frame or a frame whose time is outside
 the accepted window; anywhere, a value that is not finite in float32 (NaN,
@@ -31,7 +31,7 @@ from math import isfinite
 from operator import itemgetter
 from typing import Any, Callable, Generator, Iterable, NamedTuple, TypeVar
 
-from emond.api import ApiError
+from emond.errors import Invalid, TooLarge
 from emond.inputs import MAX_NAME, MAX_NODE
 from emond.names import valid_input_name
 from emond.numbers import PHP_NUMERIC
@@ -122,8 +122,8 @@ class Bulk(NamedTuple):
     refused: list[FrameRefusal]
 
 
-class TimeRefused(ApiError):
-    """A post whose time is outside the accepted window: 400, and counted."""
+class TimeRefused(Invalid):
+    """A post whose time is outside the accepted window: refused, and counted."""
 
     def __init__(self, message: str, refusal: FrameRefusal) -> None:
         super().__init__(message)
@@ -182,19 +182,19 @@ def node_name(raw: Any) -> str:
     # a long non-ASCII name is refused for its length before its characters are looked at
     # one by one (unicodedata per character: a megabyte of them would hold the reactor)
     if len(node) > MAX_NODE and (not node.isascii() or valid_input_name(node)):
-        raise ApiError(f"Error: node name must be {MAX_NODE} characters or less")
+        raise Invalid(f"Error: node name must be {MAX_NODE} characters or less")
     if not valid_input_name(node):
-        raise ApiError("Error: invalid node name")
+        raise Invalid("Error: invalid node name")
     return node
 
 
 def input_name(name: str) -> str:
     if name == "":
-        raise ApiError("Error: Format error, json key missing or invalid character")
+        raise Invalid("Error: Format error, json key missing or invalid character")
     if len(name) > MAX_NAME and (not name.isascii() or valid_input_name(name)):
-        raise ApiError(f"Error: input name must be {MAX_NAME} characters or less")
+        raise Invalid(f"Error: input name must be {MAX_NAME} characters or less")
     if not valid_input_name(name):
-        raise ApiError("Error: Format error, json key missing or invalid character")
+        raise Invalid("Error: Format error, json key missing or invalid character")
     return name
 
 
@@ -203,12 +203,12 @@ def parse_time(raw: str) -> int:
     if NUMERIC.fullmatch(raw):
         number = float(raw)
         if not isfinite(number):
-            raise ApiError("Error: time out of range")
+            raise Invalid("Error: time out of range")
         return int(number)
     try:
         when = datetime.datetime.fromisoformat(raw.strip())
     except ValueError:
-        raise ApiError("Error: time is not a unix timestamp or an ISO 8601 date-time")
+        raise Invalid("Error: time is not a unix timestamp or an ISO 8601 date-time")
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
     return int(when.timestamp())
@@ -231,7 +231,7 @@ def _time_message(reason: str, limits: Limits) -> str:
 
 
 def check_items(text: str, limits: Limits) -> None:
-    """413 if ``text`` may hold more JSON values than a request may carry (``count_items``)."""
+    """TooLarge if ``text`` may hold more JSON values than a request may carry (``count_items``)."""
     if len(text) > limits.max_items() and count_items(text, 0, len(text)) > limits.max_items():
         raise too_many_values(limits)
 
@@ -243,12 +243,12 @@ def count_items(text: str, start: int, end: int) -> int:
     return text.count(",", start, end) + text.count("[", start, end) + text.count("{", start, end)
 
 
-def too_many_values(limits: Limits) -> ApiError:
-    return ApiError(f"Too many values in one request (more than {limits.max_values}): send them in smaller requests", 413)
+def too_many_values(limits: Limits) -> TooLarge:
+    return TooLarge(f"Too many values in one request (more than {limits.max_values}): send them in smaller requests")
 
 
-def too_many_frames(limits: Limits) -> ApiError:
-    return ApiError(f"Too many frames in one request (more than {limits.max_frames}): send them in requests of at most {limits.max_frames} frames", 413)
+def too_many_frames(limits: Limits) -> TooLarge:
+    return TooLarge(f"Too many frames in one request (more than {limits.max_frames}): send them in requests of at most {limits.max_frames} frames")
 
 
 # --- input/post ----------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def post_steps(params: dict[str, str], subactions: list[str], now: int, limits: 
     else:
         source, text = "", ""
     if text == "":
-        raise ApiError("Request contains no data via csv, json or data tag")
+        raise Invalid("Request contains no data via csv, json or data tag")
     if len(text) > limits.max_values and text.count(",") > limits.max_values:
         raise too_many_values(limits)
     if source == "fulljson":
@@ -294,8 +294,8 @@ def _full_json(text: str, limits: Limits) -> Steps[tuple[dict[str, float], list[
     else:
         check_items(text, limits)
         if _decode(text) is None:
-            raise ApiError(invalid)
-        raise ApiError("Input must be a JSON object")
+            raise Invalid(invalid)
+        raise Invalid("Input must be a JSON object")
     values: dict[str, float] = {}
     refused: list[tuple[str, str]] = []
     json_time = None
@@ -331,7 +331,7 @@ def _legacy(text: str) -> Steps[tuple[dict[str, float], list[tuple[str, str]]]]:
             name, _, raw = item.partition(":")
             name = name.strip()
             if name == "":
-                raise ApiError("Format error, json key missing or invalid character")
+                raise Invalid("Format error, json key missing or invalid character")
             message = "Format error, json value is not numeric"
         else:
             position += 1
@@ -340,7 +340,7 @@ def _legacy(text: str) -> Steps[tuple[dict[str, float], list[tuple[str, str]]]]:
         try:
             number = numeric(raw.strip())
         except NotNumeric:
-            raise ApiError(message)
+            raise Invalid(message)
         except OutOfRange:
             refused.append((input_name(name), REASON_VALUE_RANGE))
             continue
@@ -370,7 +370,7 @@ def _legacy_clean(text: str) -> str:
 
 def inflate_steps(data: bytes, limit: int) -> Steps[bytes]:
     """Every member of a zlib or gzip body (members one after another, as ``gzip`` and
-    ``pigz`` write them), inflated a slice at a time; 413 beyond ``limit`` bytes, 400
+    ``pigz`` write them), inflated a slice at a time; TooLarge beyond ``limit`` bytes, Invalid
     for anything that is not a whole member (trailing bytes included) or for more than
     ``MAX_MEMBERS`` members. The input goes in by slices too: a member's ``unused_data``
     (the bytes after it) is then at most a slice, never the rest of an 8 MiB body."""
@@ -386,15 +386,15 @@ def inflate_steps(data: bytes, limit: int) -> Steps[bytes]:
         if inflater is None:
             members += 1
             if members > MAX_MEMBERS:
-                raise ApiError(f"Format error, compressed data not valid (more than {MAX_MEMBERS} members)")
+                raise Invalid(f"Format error, compressed data not valid (more than {MAX_MEMBERS} members)")
             inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
         try:
             chunk = inflater.decompress(pending, min(INFLATE_SLICE, limit - size + 1))
         except zlib.error:
-            raise ApiError("Format error, compressed data not valid")
+            raise Invalid("Format error, compressed data not valid")
         size += len(chunk)
         if size > limit:
-            raise ApiError(f"Compressed data inflates beyond {limit} bytes", 413)
+            raise TooLarge(f"Compressed data inflates beyond {limit} bytes")
         out.append(chunk)
         if inflater.eof:
             pending, inflater = inflater.unused_data, None
@@ -402,7 +402,7 @@ def inflate_steps(data: bytes, limit: int) -> Steps[bytes]:
             pending = inflater.unconsumed_tail
         yield
     if inflater is not None or members == 0:  # the last member ends early, or nothing at all
-        raise ApiError("Format error, compressed data not valid")
+        raise Invalid("Format error, compressed data not valid")
     return b"".join(out)
 
 
@@ -414,7 +414,7 @@ def bulk_text_steps(params: dict[str, str], body: Callable[[], bytes], limit: in
         try:
             packed = bytes.fromhex(params.get("data", ""))
         except ValueError:
-            raise ApiError("Format error, compressed hex not valid")
+            raise Invalid("Format error, compressed hex not valid")
         yield
         raw = yield from inflate_steps(packed, limit)
     else:
@@ -427,7 +427,7 @@ def bulk_text_steps(params: dict[str, str], body: Callable[[], bytes], limit: in
             yield
         parts.append(decoder.decode(b"", final=True))
     except UnicodeDecodeError:
-        raise ApiError("Format error, json string supplied is not valid")
+        raise Invalid("Format error, json string supplied is not valid")
     return "".join(parts)
 
 
@@ -449,10 +449,10 @@ def bulk_steps(params: dict[str, str], text: str, now: int, limits: Limits = Lim
     pieces = yield from _frames(text, limits)
     frames = pieces[0] if len(pieces) == 1 else list(chain.from_iterable(pieces))
     if not frames:
-        raise ApiError("Format error, json string supplied is not valid")
+        raise Invalid("Format error, json string supplied is not valid")
     last = frames[-1]
     if not isinstance(last, list) or not last:
-        raise ApiError("Format error, last item in bulk data does not contain any data")
+        raise Invalid("Format error, last item in bulk data does not contain any data")
     time_ref = _time_reference(params, last[0], now)
     earliest, latest = limits.window(now)
     plain = True
@@ -476,20 +476,20 @@ def _pieces(text: str, limits: Limits, brackets: str, separator: re.Pattern[str]
     to decode (a string or a bracket left open), so a piece that decodes holds exactly
     what it seems to. When one fails the rest is decoded in one call: bounded as well, by
     ``check_items``. ``invalid`` is the message for text that is not such a JSON value;
-    past ``max_elements`` elements decoding stops with 413 (``too_many_frames``)."""
+    past ``max_elements`` elements decoding stops with TooLarge (``too_many_frames``)."""
     opening, closing = brackets
     if len(text) <= PIECE:  # the common case: one piece, decoded as it is
         check_items(text, limits)
         whole = _decode(text)
         if type(whole) is not (list if opening == "[" else dict):
-            raise ApiError(invalid)
+            raise Invalid(invalid)
         if max_elements is not None and len(whole) > max_elements:
             raise too_many_frames(limits)
         return [whole] if whole else []
     start = len(text) - len(text.lstrip(" \t\n\r"))
     end = len(text.rstrip(" \t\n\r"))
     if end - start < 2 or text[start] != opening or text[end - 1] != closing:
-        raise ApiError(invalid)
+        raise Invalid(invalid)
     start, end = start + 1, end - 1  # inside the outer brackets
     pieces: list[Any] = []
     items = elements = 0
@@ -502,7 +502,7 @@ def _pieces(text: str, limits: Limits, brackets: str, separator: re.Pattern[str]
             items += _count_items(text, limits, items, stop, end)
             piece, cut = _decode(opening + text[start:end] + closing), None
         if piece is None:
-            raise ApiError(invalid)
+            raise Invalid(invalid)
         elements += len(piece)
         if max_elements is not None and elements > max_elements:
             raise too_many_frames(limits)
@@ -513,7 +513,7 @@ def _pieces(text: str, limits: Limits, brackets: str, separator: re.Pattern[str]
 
 
 def _frames(text: str, limits: Limits) -> Steps[list[list[Any]]]:
-    """The frames of a bulk, a piece at a time; 413 past ``max_frames``."""
+    """The frames of a bulk, a piece at a time; TooLarge past ``max_frames``."""
     return (yield from _pieces(text, limits, "[]", _FRAME_SEPARATOR, "Format error, json string supplied is not valid", limits.max_frames))
 
 
@@ -574,9 +574,9 @@ def _number_param(params: dict[str, str], key: str) -> int:
     raw = params[key]
     number = float(raw) if NUMERIC.fullmatch(raw) else float("nan")
     if not isfinite(number):
-        raise ApiError(f"Error: {key} must be a number")
+        raise Invalid(f"Error: {key} must be a number")
     if abs(number) > TIME_REF_LIMIT:
-        raise ApiError(f"Error: {key} out of range")
+        raise Invalid(f"Error: {key} out of range")
     return int(number)
 
 
@@ -588,11 +588,11 @@ def _time_reference(params: dict[str, str], last_offset: Any, now: int) -> int:
     try:
         offset = _offset(last_offset)
     except NotNumeric:
-        raise ApiError("Format error, last item in bulk data does not contain any data")
+        raise Invalid("Format error, last item in bulk data does not contain any data")
     if offset is None:
         return now
     if abs(offset) > TIME_REF_LIMIT:
-        raise ApiError("Format error, the last frame's time is out of range")
+        raise Invalid("Format error, the last frame's time is out of range")
     return now - offset
 
 
@@ -642,7 +642,7 @@ def _careful(frames: list[Any], time_ref: int, earliest: int, latest: int) -> St
                     continue
                 position += 1  # empty values still use up a positional name
                 _add(values, frame_refused, when, node, POSITIONS[position] if position < MAX_POSITION else str(position), item)
-        except (ApiError, NotNumeric):  # a bad name or a value that is not a number: the frame
+        except (Invalid, NotNumeric):  # a bad name or a value that is not a number: the frame
             refused.append(FrameRefusal(when, node, REASON_MALFORMED_FRAME))
             continue
         refused += frame_refused
@@ -679,7 +679,7 @@ def _frame_head(frame: Any, time_ref: int, earliest: int, latest: int, nodes: di
     if node is None:
         try:
             node = node_name(raw if type(raw) is not float else int(raw))
-        except (ApiError, ValueError, OverflowError):
+        except (Invalid, ValueError, OverflowError):
             node = ""  # remembered as refused
         nodes[raw] = node
     if not node:

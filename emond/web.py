@@ -29,8 +29,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from emond.api import WRITE, ApiError, Call, Raw, Router
+from emond.api import WRITE, Call, Raw, Router
 from emond.context import NodeContext
+from emond.errors import Invalid, TooMany
 from emond.loops import cooperate
 from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
 from emond.keys import input_stream
@@ -43,7 +44,7 @@ FULLJSON_OK = Raw(b'{"success": true}')
 T = TypeVar("T")
 
 
-class Unqueueable(ApiError):
+class Unqueueable(Invalid):
     """What a request carries cannot be packed into a queue element (its values are
     validated where they are parsed, so this is a decoder's miss): that request alone fails."""
 
@@ -180,10 +181,11 @@ def add_input_path_routes(router: Router, ctx: NodeContext, appender: InputAppen
     router.add("input", "bulk", WRITE, bulk, max_param=settings.max_body)
 
 
-class RateLimited(ApiError):
+class RateLimited(TooMany):
+    """Over the user's request rate: try again in ``wait`` seconds (rounded up, at least 1)."""
+
     def __init__(self, wait: float) -> None:
-        seconds = max(1, int(wait + 0.999))
-        super().__init__("Too many requests, slow down", 429, {b"Retry-After": str(seconds).encode()})
+        super().__init__("Too many requests, slow down", max(1, int(wait + 0.999)))
 
 
 def _body(request: Request) -> bytes:

@@ -1,6 +1,6 @@
 """Property-based tests of every input-path decoder (hypothesis).
 
-For any input, each decoder either refuses clearly (``ApiError`` with a 4xx code,
+For any input, each decoder either refuses clearly (an ``emond.errors`` error the API answers 4xx,
 ``FormError`` for form bodies) or returns what can be stored: finite float32
 values, times in the accepted window, frames msgpack can pack. Never another
 exception. And its time is linear in the input's length: decoding a hostile
@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from emond.api import ApiError
+from emond.api import error_answer
+from emond.errors import EmondError
 from emond.inputparse import (
     FLOAT32_LIMIT,
     REASON_MALFORMED_FRAME,
@@ -106,11 +107,11 @@ def storable(test: unittest.TestCase, value: float) -> None:
 
 
 def refused_clearly(test: unittest.TestCase, decode: Callable[[], Any]) -> Any:
-    """The decoder's result, or None when it refused with a 4xx ApiError (never another exception)."""
+    """The decoder's result, or None when it refused with an error answered 4xx (never another exception)."""
     try:
         return decode()
-    except ApiError as e:
-        test.assertTrue(400 <= e.code < 500, (e.code, e.message))
+    except EmondError as e:
+        test.assertTrue(400 <= error_answer(e).code < 500, (error_answer(e).code, e.message))
         test.assertTrue(e.message)
         return None
 
@@ -247,7 +248,7 @@ def seconds(decode: Callable[[], Any], repeat: int = 5) -> float:
         began = time.perf_counter()
         try:
             decode()
-        except (ApiError, FormError):
+        except (EmondError, FormError):
             pass
         best = min(best, time.perf_counter() - began)
         if best > 0.5:

@@ -6,7 +6,7 @@ import json
 
 from twisted.trial import unittest
 
-from emond.api import ApiError
+from emond.errors import Invalid
 from emond.inputparse import Bulk, FrameRefusal, Limits, Packet, TimeRefused, frame_node, frame_values, parse_bulk, parse_post
 
 NOW = 1_700_000_600
@@ -53,7 +53,7 @@ class BulkTimingTests(unittest.TestCase):
 
     def test_not_json_or_empty_is_refused_whole(self) -> None:
         for text in ("", "[", "{}", "[]", "5"):
-            self.assertRaises(ApiError, parse_bulk, {}, text, NOW)
+            self.assertRaises(Invalid, parse_bulk, {}, text, NOW)
 
     def test_malformed_frames_are_refused_alone(self) -> None:
         text = json.dumps([[0, "a", 1], [1, {"x": 1}, 2], [2, "b", "abc"], [3, "c"], [4, "d", 4]])
@@ -110,7 +110,7 @@ class BulkTimingTests(unittest.TestCase):
         self.assertEqual([p.time for p in packets(bulk)], [0, 2**32 - 1])
         self.assertEqual([r.reason for r in bulk.refused], ["time_too_old", "time_too_new", "time_too_new"])
         for params in ({"time": "1e400"}, {"sentat": "-1e999"}, {"offset": "nan"}):
-            self.assertRaises(ApiError, parse_bulk, params, "[[0,1,2]]", NOW)
+            self.assertRaises(Invalid, parse_bulk, params, "[[0,1,2]]", NOW)
 
 
 class PostTests(unittest.TestCase):
@@ -129,19 +129,19 @@ class PostTests(unittest.TestCase):
     def test_unicode_names_allowed_punctuation_not(self) -> None:
         packet, _, _ = parse_post({"node": "küche", "json": "température:1"}, [], NOW)
         self.assertEqual(packet.values, {"température": 1.0})
-        self.assertRaises(ApiError, parse_post, {"node": "a/b", "csv": "1"}, [], NOW)
+        self.assertRaises(Invalid, parse_post, {"node": "a/b", "csv": "1"}, [], NOW)
 
     def test_non_finite_values_refused(self) -> None:
         # "nan" and "inf" are not numeric for PHP's is_numeric: the request is refused
         for value in ("nan", "inf", "1_000", "٣"):
-            self.assertRaises(ApiError, parse_post, {"node": "x", "csv": value}, [], NOW)
+            self.assertRaises(Invalid, parse_post, {"node": "x", "csv": value}, [], NOW)
         # a numeric text beyond float32 is refused alone (it used to refuse the request)
         post = parse_post({"node": "x", "csv": "1e999,2,-3.5e38"}, [], NOW)
         self.assertEqual((post.packet.values, post.refused), ({"2": 2.0}, [FrameRefusal(NOW, "x", "value_out_of_range", "1"), FrameRefusal(NOW, "x", "value_out_of_range", "3")]))
 
     def test_times_outside_unsigned_32_bits_are_refused(self) -> None:
         for when in ("-1", "4294967296", "1e400", "1e30"):
-            self.assertRaises(ApiError, parse_post, {"node": "x", "csv": "1", "time": when}, [], NOW)
+            self.assertRaises(Invalid, parse_post, {"node": "x", "csv": "1", "time": when}, [], NOW)
         self.assertEqual(parse_post({"node": "x", "csv": "1", "time": "4294967295"}, [], NOW)[0].time, 2**32 - 1)
 
     def test_times_outside_the_window(self) -> None:
