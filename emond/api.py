@@ -31,7 +31,6 @@ from zope.interface import implementer
 
 from emond.auth import Auth
 from emond.errors import (
-    EmondError,
     Failed,
     Forbidden,
     Invalid,
@@ -56,15 +55,6 @@ PUBLIC, READ, WRITE = "public", "read", "write"
 # ~135 KB as a form), bounded by their own frame and value limits instead.
 MAX_PARAM = 64 * 1024
 BUSY = "Too busy, try again shortly"  # the answer (503) when a pool's queue is full
-
-
-class ApiError(EmondError):
-    """Legacy: an answer with its own status (being replaced by ``emond.errors``)."""
-
-    def __init__(self, message: str, code: int = 400, headers: dict[bytes, bytes] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
@@ -302,11 +292,6 @@ def retry_after(error: BaseException) -> Mapping[bytes, bytes]:
     return {b"Retry-After": str(error.retry_after).encode()}
 
 
-def legacy_headers(error: BaseException) -> Mapping[bytes, bytes]:
-    assert isinstance(error, ApiError)
-    return error.headers
-
-
 @dataclass(frozen=True)
 class ErrorAnswer:
     """How the API answers one kind of error."""
@@ -336,7 +321,6 @@ ERROR_ANSWERS: Mapping[type[BaseException], ErrorAnswer] = MappingProxyType({
     # a pool's queue full (a burst of logins, of reads: refused at once, counted in /metrics)
     RedisUnavailable: ErrorAnswer(503, fixed_body("Service temporarily unavailable")),
     PoolBusy: ErrorAnswer(503, fixed_body(BUSY), lambda error: {b"Retry-After": b"1"}),
-    ApiError: ErrorAnswer(400, headers=legacy_headers),
 })
 ANSWERED = tuple(ERROR_ANSWERS)
 
@@ -346,8 +330,7 @@ def error_answer(error: BaseException) -> Raw:
     for kind in type(error).__mro__:
         row = ERROR_ANSWERS.get(kind)
         if row is not None:
-            status = error.code if isinstance(error, ApiError) else row.status
-            return Raw(row.body(error), row.content_type, status, row.headers(error))
+            return Raw(row.body(error), row.content_type, row.status, row.headers(error))
     raise TypeError(f"no answer for {type(error).__name__}")  # only ANSWERED errors come here
 
 

@@ -15,9 +15,10 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from emond.api import READ, WRITE, ApiError, Call, Raw, Router, decode_json, json_bytes
+from emond.api import READ, WRITE, Call, Raw, Router, decode_json, json_bytes
 from emond.context import NodeContext
 from emond.engine import FeedError
+from emond.errors import Failed, Invalid
 from emond.feeds import check_engine, valid_feed_name
 from emond.inputs import Input
 from emond.names import valid_input_name
@@ -93,10 +94,10 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
     async def owned_input(call: Call) -> Input:
         raw = call.get("inputid")
         if raw is None or raw == "":
-            raise ApiError("missing parameter: inputid")
+            raise Invalid("missing parameter: inputid")
         inputid = _ident(raw)
         if inputid is None:
-            raise ApiError(NO_INPUT)
+            raise Invalid(NO_INPUT)
         return await inputs.owned(call.userid, inputid)
 
     async def with_lastvalues(userid: int) -> list[tuple[Input, int | None, float | None]]:
@@ -166,16 +167,16 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
         inp = await owned_input(call)
         fields = call.json_param("fields", "Invalid fields, expected a JSON object")
         if not isinstance(fields, dict):
-            raise ApiError("Invalid fields, expected a JSON object")
+            raise Invalid("Invalid fields, expected a JSON object")
         if "name" in fields:
-            raise ApiError("Input names cannot be changed: the device names its inputs")
+            raise Invalid("Input names cannot be changed: the device names its inputs")
         if "description" not in fields:
-            raise ApiError("Field could not be updated")
+            raise Invalid("Field could not be updated")
         description = fields["description"]
         if isinstance(description, (int, float)) and not isinstance(description, bool):
             description = str(description)
         if not isinstance(description, str):
-            raise ApiError("invalid characters in input description")
+            raise Invalid("invalid characters in input description")
         await inputs.set_description(inp, description)
         return {"success": True, "message": "Field updated"}
 
@@ -185,22 +186,22 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
             await inputs.delete(call.userid, [inp.id])
             return {"success": True, "message": "Input deleted"}
         if call.get("inputids") in (None, ""):
-            raise ApiError("missing parameter: inputid or inputids")
+            raise Invalid("missing parameter: inputid or inputids")
         wanted = call.json_param("inputids", "inputids must be a JSON array of input ids")
         if not isinstance(wanted, list):
-            raise ApiError("inputids must be a JSON array of input ids")
+            raise Invalid("inputids must be a JSON array of input ids")
         if len(wanted) > MAX_DELETE:
-            raise ApiError(f"at most {MAX_DELETE} inputs can be deleted at once")
+            raise Invalid(f"at most {MAX_DELETE} inputs can be deleted at once")
         ids = [_ident(item) for item in wanted]
         if any(i is None for i in ids):
-            raise ApiError("inputids must be a JSON array of input ids")
+            raise Invalid("inputids must be a JSON array of input ids")
         deleted = await inputs.delete(call.userid, [i for i in ids if i is not None])
         return {"success": True, "message": "Inputs deleted", "deleted": len(deleted)}
 
     async def process_set(call: Call) -> Any:
         inp = await owned_input(call)
         if "processlist" not in call.params:
-            raise ApiError("missing parameter: processlist")
+            raise Invalid("missing parameter: processlist")
         steps = processlist_steps(call.params["processlist"])
         await inputs.change_processlist(call.userid, inp.id, lambda current: (steps, format_processlist(steps)))
         return {"success": True, "message": "Input processlist updated"}
@@ -224,7 +225,7 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
         if proc.deleted:
             raise ProcessListError(MSG_DELETED)
         if not proc.writes:
-            raise ApiError("This process does not write to a feed")
+            raise Invalid("This process does not write to a feed")
         if len(parse_lenient(inp.processlist)) >= MAX_STEPS:
             raise ProcessListError(MSG_TOO_MANY)
         name = call.get("newfeedname") or ""
@@ -237,15 +238,15 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
         else:
             parsed = _strict_int(raw_engine)
             if parsed is None:
-                raise ApiError("Engine id not valid")
+                raise Invalid("Engine id not valid")
             engine = parsed
             check_engine(engine)
             if engine not in proc.engines:
-                raise ApiError("This process cannot write to a feed of this engine")
+                raise Invalid("This process cannot write to a feed of this engine")
         raw_interval = call.get("newfeedinterval")
         interval = DEFAULT_FEED_INTERVAL if raw_interval in (None, "") else _strict_int(raw_interval)
         if interval is None or not 0 < interval <= MAX_FEED_INTERVAL:
-            raise ApiError(f"newfeedinterval must be a whole number of seconds, at most {MAX_FEED_INTERVAL}")
+            raise Invalid(f"newfeedinterval must be a whole number of seconds, at most {MAX_FEED_INTERVAL}")
         interval = max(interval, MIN_INTERVAL) if engine == ENGINE_PHPFINA else 0
         feed = await ctx.feeds.create(
             call.userid, name, tag, proc.datatype, engine, interval, ctx.config.feeds.default_server
@@ -255,7 +256,7 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
         except BaseException as e:
             await ctx.feeds.delete(feed)
             if isinstance(e, (FeedError, OSError)):
-                raise ApiError("the feed engine could not create the feed", 500)
+                raise Failed("the feed engine could not create the feed") from e
             raise
         return feed
 
@@ -288,7 +289,7 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
     def position(call: Call, items: list[str]) -> int:
         index = _strict_int(call.get("processid"))
         if index is None or not 0 < index <= len(items):
-            raise ApiError("There is no process at this position")
+            raise Invalid("There is no process at this position")
         return index - 1
 
     async def process_delete(call: Call) -> Any:
@@ -306,7 +307,7 @@ def add_input_routes(router: Router, ctx: NodeContext) -> None:
         inp = await owned_input(call)
         moveby = _strict_int(call.get("moveby"))
         if moveby not in (-1, 0, 1):
-            raise ApiError("moveby must be -1 or 1")
+            raise Invalid("moveby must be -1 or 1")
 
         def change(current: str) -> tuple[None, str]:
             items = current.split(",") if current else []

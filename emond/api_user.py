@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from emond.api import PUBLIC, READ, WRITE, ApiError, Call, Router
+from emond.api import PUBLIC, READ, WRITE, Call, Router
 from emond.context import NodeContext
+from emond.errors import Forbidden, Invalid
 from emond.pools import PoolBusy
 from emond.users import LOGIN_FAILED, Verified, check_new_password
 
@@ -21,7 +22,7 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
 
     async def register(call: Call) -> Any:
         if not limits.registration:
-            raise ApiError("Registration is disabled", 403)
+            raise Forbidden("Registration is disabled")
         # Every attempt counts (not only successes): "Username already exists" tells who has an
         # account, so probing through registration is slowed down as well.
         await auth.registration_attempt(auth.client(call.request), limits)
@@ -36,7 +37,7 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
         username = call.get("username", "") or ""
         password = call.get("password", "") or ""
         if not username or not password:
-            raise ApiError("Username or password empty")
+            raise Invalid("Username or password empty")
         address = auth.client(call.request)
         await auth.password_attempt(username, address, limits)  # counted before it is checked
         try:
@@ -55,7 +56,7 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
         # that read bumps the generation, which ends this session.
         generation = await auth.session_generation(verified.userid)
         if not await users.still_current(verified):
-            raise ApiError(LOGIN_FAILED)
+            raise Invalid(LOGIN_FAILED)
         await auth.start_session(call.request, verified.userid, remember, generation)
         user = await users.get(verified.userid)
         return {"success": True, "message": "Login successful", "startingpage": user["startingpage"]}
@@ -78,7 +79,7 @@ def add_user_routes(router: Router, ctx: NodeContext) -> None:
     async def set_route(call: Call) -> Any:
         fields = call.json_param("data", "Invalid data, expected a JSON object")
         if not isinstance(fields, dict):
-            raise ApiError("Invalid data, expected a JSON object")
+            raise Invalid("Invalid data, expected a JSON object")
         await users.set_profile(call.userid, fields)
         return {"success": True, "message": "Account updated"}
 
