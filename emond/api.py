@@ -17,8 +17,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -204,6 +205,20 @@ Handler = Callable[[Call], Awaitable[Any]]
 Authenticator = Callable[[Request, dict[str, str]], Awaitable[Auth | None]]
 
 
+@dataclass(frozen=True)
+class Route:
+    """One row of an API module's route table: ``controller/action``, who may call it
+    (PUBLIC, READ, WRITE), and ``handler(context, call)``, given the context its table is
+    registered with (``Router.add_routes``). ``max_param``: the longest parameter value,
+    or a function of that context giving it (the input routes: the configured body limit)."""
+
+    controller: str
+    action: str
+    access: str
+    handler: Callable[[Any, Call], Awaitable[Any]]
+    max_param: int | Callable[[Any], int] = MAX_PARAM
+
+
 class Router:
     """``(controller, action)`` → (access, handler)."""
 
@@ -214,6 +229,12 @@ class Router:
     def add(self, controller: str, action: str, access: str, handler: Handler, max_param: int = MAX_PARAM) -> None:
         self._routes[(controller, action)] = (access, handler)
         self._param_limits[(controller, action)] = max_param
+
+    def add_routes(self, routes: Iterable[Route], context: Any) -> None:
+        """Every route of a table, its handler called with ``context`` and the call."""
+        for route in routes:
+            limit = route.max_param(context) if callable(route.max_param) else route.max_param
+            self.add(route.controller, route.action, route.access, partial(route.handler, context), limit)
 
     def param_limit(self, controller: str, action: str) -> int:
         """The longest parameter value the route accepts (413 beyond)."""

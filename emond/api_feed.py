@@ -44,7 +44,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 from twisted.internet import defer
 
-from emond.api import PUBLIC, WRITE, Call, Raw, Router, Streamed, decode_json, json_bytes
+from emond.api import PUBLIC, WRITE, Call, Raw, Route, Streamed, decode_json, json_bytes
 from emond.context import NodeContext
 from emond.engine import MAX_TIME as MAX_READ_TIME
 from emond.engine import MIN_TIME as MIN_READ_TIME
@@ -90,293 +90,320 @@ FIELDS = ("id", "userid", "name", "datatype", "tag", "public", "size", "engine",
 
 EXPORT_CHUNK = 36 * 32768  # bytes per chunk: whole PHPFina slots and whole PHPTimeSeries records
 
-def add_feed_routes(router: Router, ctx: NodeContext) -> None:
-    feeds, store = ctx.feeds, ctx.store
 
-    # -- access ------------------------------------------------------------
+# -- access ------------------------------------------------------------
 
-    async def load(call: Call) -> Feed:
-        feed = await feeds.get(parse_id(call.get("id"), "id"))
-        if feed is None:
-            raise Invalid("Feed does not exist")
-        return feed
+async def load(ctx: NodeContext, call: Call) -> Feed:
+    feed = await ctx.feeds.get(parse_id(call.get("id"), "id"))
+    if feed is None:
+        raise Invalid("Feed does not exist")
+    return feed
 
-    async def readable(call: Call) -> Feed:
-        feed = await load(call)
+
+async def readable(ctx: NodeContext, call: Call) -> Feed:
+    feed = await load(ctx, call)
+    if not can_read(call, feed):
+        if call.auth is None:
+            raise Unauthenticated("Authentication required")
+        raise Forbidden("Permission denied")
+    return feed
+
+
+async def owned(ctx: NodeContext, call: Call) -> Feed:
+    """A feed the caller may write (the route itself requires write access)."""
+    feed = await load(ctx, call)
+    if feed.userid != call.userid:
+        raise Forbidden("Permission denied")
+    return feed
+
+
+# -- feed objects --------------------------------------------------------
+
+async def entries(ctx: NodeContext, found: list[Feed]) -> list[dict[str, Any]]:
+    """List entries: one Redis pipeline and one disk pass (per storage server) for all feeds.
+
+    ``disk_*`` is read from the feed's files where its storage server is
+    hosted here; for another server, it is the last point its sender
+    recorded as applied (``feed:disk:<id>``).
+    """
+    last = await ctx.feeds.timevalues([f.id for f in found])
+    disk = await ctx.store.summaries(found)
+    out = []
+    for f in found:
+        accepted, applied = last[f.id]
+        summary = disk[f.id]
+        if summary.size is None and applied is not None:
+            summary = DiskSummary(None, applied)
+        out.append(entry(f, accepted, summary))
+    return out
+
+
+async def disk_last(ctx: NodeContext, feed: Feed) -> tuple[int, float | None] | None:
+    try:
+        return await ctx.store.lastvalue(feed)
+    except EmondError:
+        return None  # files missing, or the server not reachable from here
+
+
+# -- create, list, get, set, delete -----------------------------------
+
+async def feed_create(ctx: NodeContext, call: Call) -> Any:
+    name = call.get("name", "") or ""
+    tag = call.get("tag", "") or ""
+    unit = call.get("unit", "") or ""
+    datatype = small_int(call.get("datatype"), 1, "missing datatype: 1: realtime, 2: daily")
+    engine = small_int(call.get("engine"), None, "Engine id not valid", "missing parameter: engine")
+    server = small_int(call.get("server"), ctx.config.feeds.default_server, "server must be a number")
+    servers = sorted(set(ctx.config.node.storage) | set(ctx.config.storage_servers))
+    if server not in servers:
+        raise Invalid(f"server must be {or_list(servers)}")
+    interval = 0
+    if engine == ENGINE_PHPFINA:
+        interval = max(phpfina_interval(call.get("options")), MIN_INTERVAL)
+    feed = await create_feed(ctx, call.userid, name, tag, datatype, engine, interval, server, unit)
+    return {"success": True, "feedid": feed.id, "result": True}
+
+
+async def create_feed(
+    ctx: NodeContext, userid: int, name: str, tag: str, datatype: int, engine: int, interval: int, server: int, unit: str = ""
+) -> Feed:
+    """A new feed: its row, then its files on its storage server; no row is left without files."""
+    feed = await ctx.feeds.create(userid, name, tag, datatype, engine, interval, server, unit)
+    try:
+        await ctx.store.create(feed)
+    except BaseException as e:
+        await ctx.feeds.delete(feed)
+        if isinstance(e, (FeedError, OSError)):
+            raise Failed("the feed engine could not create the feed") from e
+        raise  # the storage server unavailable or slow: answered as such
+    return feed
+
+
+async def feed_list(ctx: NodeContext, call: Call) -> Any:
+    wanted = call.get("userid")
+    if wanted is None or wanted == "":
+        if call.auth is None:
+            raise Unauthenticated("Authentication required")
+        found = await ctx.feeds.list(call.userid)
+    else:
+        userid = parse_id(wanted, "userid")
+        own = call.auth is not None and call.auth.userid == userid
+        found = await ctx.feeds.list(userid, public_only=not own)
+    return await entries(ctx, found)
+
+
+async def feed_get(ctx: NodeContext, call: Call) -> Any:
+    feed = await readable(ctx, call)
+    name = call.get("field")
+    if not name:
+        raise Invalid("Missing field parameter")
+    if name not in FIELDS + ("time", "value", "disk_time", "disk_value"):
+        raise Invalid("Invalid field")
+    (item,) = await entries(ctx, [feed])
+    return item[name]
+
+
+async def feed_aget(ctx: NodeContext, call: Call) -> Any:
+    feed = await readable(ctx, call)
+    (item,) = await entries(ctx, [feed])
+    return item
+
+
+async def feed_getmeta(ctx: NodeContext, call: Call) -> Any:
+    feed = await readable(ctx, call)
+    meta = await ctx.store.meta(feed)
+    if feed.engine == ENGINE_PHPFINA:
+        return {"interval": meta.interval, "start_time": meta.start_time, "npoints": meta.npoints, "end_time": meta.end_time}
+    return {"start_time": meta.start_time, "end_time": meta.end_time, "npoints": meta.npoints}
+
+
+async def feed_set(ctx: NodeContext, call: Call) -> Any:
+    feed = await owned(ctx, call)
+    fields = json_object(call.get("fields"), "Field could not be updated")
+    await ctx.feeds.update(feed, fields)
+    return {"success": True, "message": "Field updated"}
+
+
+async def feed_delete(ctx: NodeContext, call: Call) -> Any:
+    feed = await owned(ctx, call)
+    await ctx.store.delete(feed)  # the files first: a row left behind can be deleted again
+    await ctx.feeds.delete(feed)  # the row and its Redis last value
+    await ctx.inputs.forget_feed(feed.userid, feed.id)  # its steps leave every process list
+    # emoncms.org answered null; current emoncms answers this.
+    return {"success": True, "message": "Feed removed successfully."}
+
+
+# -- last values -------------------------------------------------------
+
+async def feed_value(ctx: NodeContext, call: Call) -> Any:
+    feed = await readable(ctx, call)
+    when = call.get("time")
+    if php_truthy(when):  # emoncms: the value at a time (the nearest slot, or the next record)
+        number = php_numeric(when)
+        if number is None or not MIN_READ_TIME <= number <= MAX_READ_TIME:
+            raise Invalid("time must be a unix time in seconds")
+        return await ctx.store.value_at(feed, math.trunc(number))
+    last = (await ctx.feeds.lastvalues([feed.id]))[feed.id]
+    if last is not None:
+        return accepted_number(last[1])
+    disk = await disk_last(ctx, feed)  # as emoncms, rebuilt from the data when Redis has none
+    return disk_number(disk[1]) if disk else None
+
+
+async def feed_timevalue(ctx: NodeContext, call: Call) -> Any:
+    feed = await readable(ctx, call)
+    item = (await entries(ctx, [feed]))[0]
+    return {k: item[k] for k in ("time", "value", "disk_time", "disk_value")}
+
+
+async def feed_fetch(ctx: NodeContext, call: Call) -> Any:
+    texts = (call.get("ids") or "").split(",")
+    if len(texts) > MAX_FETCH:
+        raise Invalid(f"at most {MAX_FETCH} ids per request")
+    ids: list[int | None] = []
+    for text in texts:
+        try:
+            ids.append(parse_id(text, "ids"))
+        except Invalid:
+            ids.append(None)
+    found = await ctx.feeds.get_many(i for i in ids if i is not None)
+    allowed = [f for f in found.values() if can_read(call, f)]
+    last = await ctx.feeds.lastvalues([f.id for f in allowed])
+    missing = [f for f in allowed if last[f.id] is None]
+    disk = await ctx.store.summaries(missing) if missing else {}
+    out: list[Any] = []
+    for i in ids:
+        feed = found.get(i) if i is not None else None
+        if feed is None or not can_read(call, feed):
+            out.append(False)  # no such feed, or not yours: as emoncms
+        elif last[feed.id] is not None:
+            out.append(accepted_number(last[feed.id][1]))
+        else:
+            point = disk[feed.id].last
+            out.append(disk_number(point[1]) if point else None)
+    return out
+
+
+# -- data --------------------------------------------------------------
+
+async def caller_timezone(ctx: NodeContext, call: Call) -> str:
+    """emoncms reads times in the timezone of the session's user (UTC without one)."""
+    if call.auth is None:
+        return "UTC"
+    return zone_or_utc(await ctx.users.timezone(call.auth.userid))
+
+
+async def data_feeds(ctx: NodeContext, call: Call, texts: list[str]) -> list[Feed]:
+    """The feeds of a data request, in its order; all must exist and be readable."""
+    numbers = [php_int(text) for text in texts]
+    found = await ctx.feeds.get_many(n for n in numbers if 0 < n <= MAX_ID)
+    missing = [n for n in numbers if n not in found]
+    if missing:
+        message = f"feed {missing[0]} does not exist" if len(missing) == 1 else f"{len(missing)} feeds do not exist"
+        raise UnknownFeeds(message, missing)
+    out = [found[n] for n in numbers]
+    for feed in out:
         if not can_read(call, feed):
             if call.auth is None:
                 raise Unauthenticated("Authentication required")
             raise Forbidden("Permission denied")
-        return feed
+    return out
 
-    async def owned(call: Call) -> Feed:
-        """A feed the caller may write (the route itself requires write access)."""
-        feed = await load(call)
-        if feed.userid != call.userid:
-            raise Forbidden("Permission denied")
-        return feed
 
-    # -- feed objects --------------------------------------------------------
+async def read_series(ctx: NodeContext, request: DataRequest, feed: Feed, plan: FeedPlan) -> Series:
+    try:
+        return await ctx.store.query(feed, plan.query)
+    except RowLimit as e:  # the engine's words are replaced by emoncms's limit message
+        raise Invalid(request.csv_limit_message(e.requested) if plan.csv else request.limit_message(e.requested))
 
-    async def entries(found: list[Feed]) -> list[dict[str, Any]]:
-        """List entries: one Redis pipeline and one disk pass (per storage server) for all feeds.
 
-        ``disk_*`` is read from the feed's files where its storage server is
-        hosted here; for another server, it is the last point its sender
-        recorded as applied (``feed:disk:<id>``).
-        """
-        last = await feeds.timevalues([f.id for f in found])
-        disk = await store.summaries(found)
-        out = []
-        for f in found:
-            accepted, applied = last[f.id]
-            summary = disk[f.id]
-            if summary.size is None and applied is not None:
-                summary = DiskSummary(None, applied)
-            out.append(entry(f, accepted, summary))
-        return out
+async def feed_data(ctx: NodeContext, call: Call) -> Any:
+    """feed/data.json, datanew, average.json and csvexport.json (current emoncms)."""
+    # As emoncms: the feeds first (missing, not readable), then the request's parameters.
+    found = await data_feeds(ctx, call, request_ids(call.params)[0])
+    timezone = await caller_timezone(ctx, call)
+    request = DataRequest.parse(call.params, call.action, timezone, ctx.config.feeds.max_datapoints)
+    plans = [request.plan(feed, average, delta) for feed, (average, delta) in zip(found, request.flags())]
+    wanted = [feed.id for feed, plan in zip(found, plans) if plan.delta]
+    accepted = await ctx.feeds.lastvalues(wanted) if wanted else {}
+    series = await defer.gatherResults(
+        [defer.ensureDeferred(read_series(ctx, request, feed, plan)) for feed, plan in zip(found, plans)], consumeErrors=True
+    ).addErrback(lambda failure: failure.value.subFailure.raiseException())
+    # Formatting thousands of rows (dates, CSV) is done off the reactor, in the render pool.
+    return await ctx.render.run(render_data, request, found, plans, series, accepted)
 
-    async def disk_last(feed: Feed) -> tuple[int, float | None] | None:
-        try:
-            return await store.lastvalue(feed)
-        except EmondError:
-            return None  # files missing, or the server not reachable from here
 
-    # -- create, list, get, set, delete -----------------------------------
+async def feed_export(ctx: NodeContext, call: Call) -> Any:
+    # Public or yours, as current emoncms (emoncms.org wanted the owner's write key).
+    feed = await readable(ctx, call)
+    start = max(call.integer("start", 0, "start must be a byte offset"), 0)
+    first = await ctx.store.export(feed, start, EXPORT_CHUNK)
+    fina = feed.engine == ENGINE_PHPFINA
+    # Where the first chunk began: PHPFina starts one slot early (emoncms), PHPTimeSeries on a record.
+    offset = (start // 4 * 4 - 4 if start // 4 * 4 >= 4 else 0) if fina else start // 9 * 9
 
-    async def create(call: Call) -> Any:
-        name = call.get("name", "") or ""
-        tag = call.get("tag", "") or ""
-        unit = call.get("unit", "") or ""
-        datatype = small_int(call.get("datatype"), 1, "missing datatype: 1: realtime, 2: daily")
-        engine = small_int(call.get("engine"), None, "Engine id not valid", "missing parameter: engine")
-        server = small_int(call.get("server"), ctx.config.feeds.default_server, "server must be a number")
-        servers = sorted(set(ctx.config.node.storage) | set(ctx.config.storage_servers))
-        if server not in servers:
-            raise Invalid(f"server must be {or_list(servers)}")
-        interval = 0
-        if engine == ENGINE_PHPFINA:
-            interval = max(phpfina_interval(call.get("options")), MIN_INTERVAL)
-        feed = await feeds.create(call.userid, name, tag, datatype, engine, interval, server, unit)
-        try:
-            await store.create(feed)
-        except Exception as e:
-            await feeds.delete(feed)
-            if isinstance(e, (FeedError, OSError)):
-                raise Failed("the feed engine could not create the feed") from e
-            raise  # the storage server unavailable or slow: answered as such
-        return {"success": True, "feedid": feed.id, "result": True}
+    async def chunks() -> AsyncIterator[bytes]:
+        data, sent = first, 0
+        while data:
+            yield data
+            sent += len(data)
+            if len(data) < EXPORT_CHUNK:
+                return
+            # ask for the next byte range, undoing the engine's own start adjustment
+            data = await ctx.store.export(feed, offset + sent + (4 if fina else 0), EXPORT_CHUNK)
 
-    async def list_feeds(call: Call) -> Any:
-        wanted = call.get("userid")
-        if wanted is None or wanted == "":
-            if call.auth is None:
-                raise Unauthenticated("Authentication required")
-            found = await feeds.list(call.userid)
-        else:
-            userid = parse_id(wanted, "userid")
-            own = call.auth is not None and call.auth.userid == userid
-            found = await feeds.list(userid, public_only=not own)
-        return await entries(found)
+    filename = f"{feed.id}.dat" if fina else f"feed_{feed.id}.MYD"
+    return Streamed(
+        chunks,
+        content_type=b"application/octet-stream",
+        headers={b"Content-Disposition": f"attachment; filename={filename}".encode(), b"Cache-Control": b"no-cache"},
+    )
 
-    async def get_field(call: Call) -> Any:
-        feed = await readable(call)
-        name = call.get("field")
-        if not name:
-            raise Invalid("Missing field parameter")
-        if name not in FIELDS + ("time", "value", "disk_time", "disk_value"):
-            raise Invalid("Invalid field")
-        (item,) = await entries([feed])
-        return item[name]
 
-    async def aget(call: Call) -> Any:
-        feed = await readable(call)
-        (item,) = await entries([feed])
-        return item
+# -- writes ------------------------------------------------------------
 
-    async def getmeta(call: Call) -> Any:
-        feed = await readable(call)
-        meta = await store.meta(feed)
-        if feed.engine == ENGINE_PHPFINA:
-            return {"interval": meta.interval, "start_time": meta.start_time, "npoints": meta.npoints, "end_time": meta.end_time}
-        return {"start_time": meta.start_time, "end_time": meta.end_time, "npoints": meta.npoints}
+async def feed_insert(ctx: NodeContext, call: Call) -> Any:
+    feed = await owned(ctx, call)
+    when = time_param(call)
+    number = value_param(call)
+    padding = PADDING_JOIN if call.flag("join", False) else PADDING_NAN
+    if when < 0:
+        refusals = [Refusal(feed.id, when, REASON_TOO_OLD)]
+    elif when > MAX_TIME:
+        refusals = [Refusal(feed.id, when, REASON_TOO_NEW)]
+    else:
+        batch = make_records(feed.id, [when], [number], feed.engine, padding)
+        refusals = await ctx.writer.write(feed.server, batch)
+    if refusals:
+        reason = refusals[0].reason
+        await ctx.refusals.record(call.userid, [Refused(when, "", f"feed:{feed.id}", reason)])
+        raise Invalid(refusal_message(reason, ctx))
+    await ctx.feeds.advance_lastvalue(feed.id, when, number)
+    return number
 
-    async def set_fields(call: Call) -> Any:
-        feed = await owned(call)
-        fields = json_object(call.get("fields"), "Field could not be updated")
-        await feeds.update(feed, fields)
-        return {"success": True, "message": "Field updated"}
 
-    async def delete(call: Call) -> Any:
-        feed = await owned(call)
-        await store.delete(feed)  # the files first: a row left behind can be deleted again
-        await feeds.delete(feed)  # the row and its Redis last value
-        await ctx.inputs.forget_feed(feed.userid, feed.id)  # its steps leave every process list
-        # emoncms.org answered null; current emoncms answers this.
-        return {"success": True, "message": "Feed removed successfully."}
+# -- the table: every feed/... route -------------------------------------------
 
-    # -- last values -------------------------------------------------------
 
-    async def value(call: Call) -> Any:
-        feed = await readable(call)
-        when = call.get("time")
-        if php_truthy(when):  # emoncms: the value at a time (the nearest slot, or the next record)
-            number = php_numeric(when)
-            if number is None or not MIN_READ_TIME <= number <= MAX_READ_TIME:
-                raise Invalid("time must be a unix time in seconds")
-            return await store.value_at(feed, math.trunc(number))
-        last = (await feeds.lastvalues([feed.id]))[feed.id]
-        if last is not None:
-            return accepted_number(last[1])
-        disk = await disk_last(feed)  # as emoncms, rebuilt from the data when Redis has none
-        return disk_number(disk[1]) if disk else None
-
-    async def timevalue(call: Call) -> Any:
-        feed = await readable(call)
-        item = (await entries([feed]))[0]
-        return {k: item[k] for k in ("time", "value", "disk_time", "disk_value")}
-
-    async def fetch(call: Call) -> Any:
-        texts = (call.get("ids") or "").split(",")
-        if len(texts) > MAX_FETCH:
-            raise Invalid(f"at most {MAX_FETCH} ids per request")
-        ids: list[int | None] = []
-        for text in texts:
-            try:
-                ids.append(parse_id(text, "ids"))
-            except Invalid:
-                ids.append(None)
-        found = await feeds.get_many(i for i in ids if i is not None)
-        allowed = [f for f in found.values() if can_read(call, f)]
-        last = await feeds.lastvalues([f.id for f in allowed])
-        missing = [f for f in allowed if last[f.id] is None]
-        disk = await store.summaries(missing) if missing else {}
-        out: list[Any] = []
-        for i in ids:
-            feed = found.get(i) if i is not None else None
-            if feed is None or not can_read(call, feed):
-                out.append(False)  # no such feed, or not yours: as emoncms
-            elif last[feed.id] is not None:
-                out.append(accepted_number(last[feed.id][1]))
-            else:
-                point = disk[feed.id].last
-                out.append(disk_number(point[1]) if point else None)
-        return out
-
-    # -- data --------------------------------------------------------------
-
-    async def caller_timezone(call: Call) -> str:
-        """emoncms reads times in the timezone of the session's user (UTC without one)."""
-        if call.auth is None:
-            return "UTC"
-        return zone_or_utc(await ctx.users.timezone(call.auth.userid))
-
-    async def data_feeds(call: Call, texts: list[str]) -> list[Feed]:
-        """The feeds of a data request, in its order; all must exist and be readable."""
-        numbers = [php_int(text) for text in texts]
-        found = await feeds.get_many(n for n in numbers if 0 < n <= MAX_ID)
-        missing = [n for n in numbers if n not in found]
-        if missing:
-            message = f"feed {missing[0]} does not exist" if len(missing) == 1 else f"{len(missing)} feeds do not exist"
-            raise UnknownFeeds(message, missing)
-        out = [found[n] for n in numbers]
-        for feed in out:
-            if not can_read(call, feed):
-                if call.auth is None:
-                    raise Unauthenticated("Authentication required")
-                raise Forbidden("Permission denied")
-        return out
-
-    async def read_series(request: DataRequest, feed: Feed, plan: FeedPlan) -> Series:
-        try:
-            return await store.query(feed, plan.query)
-        except RowLimit as e:  # the engine's words are replaced by emoncms's limit message
-            raise Invalid(request.csv_limit_message(e.requested) if plan.csv else request.limit_message(e.requested))
-
-    async def data(call: Call) -> Any:
-        """feed/data.json, datanew, average.json and csvexport.json (current emoncms)."""
-        # As emoncms: the feeds first (missing, not readable), then the request's parameters.
-        found = await data_feeds(call, request_ids(call.params)[0])
-        timezone = await caller_timezone(call)
-        request = DataRequest.parse(call.params, call.action, timezone, ctx.config.feeds.max_datapoints)
-        plans = [request.plan(feed, average, delta) for feed, (average, delta) in zip(found, request.flags())]
-        wanted = [feed.id for feed, plan in zip(found, plans) if plan.delta]
-        accepted = await feeds.lastvalues(wanted) if wanted else {}
-        series = await defer.gatherResults(
-            [defer.ensureDeferred(read_series(request, feed, plan)) for feed, plan in zip(found, plans)], consumeErrors=True
-        ).addErrback(lambda failure: failure.value.subFailure.raiseException())
-        # Formatting thousands of rows (dates, CSV) is done off the reactor, in the render pool.
-        return await ctx.render.run(render_data, request, found, plans, series, accepted)
-
-    async def export(call: Call) -> Any:
-        # Public or yours, as current emoncms (emoncms.org wanted the owner's write key).
-        feed = await readable(call)
-        start = max(call.integer("start", 0, "start must be a byte offset"), 0)
-        first = await store.export(feed, start, EXPORT_CHUNK)
-        fina = feed.engine == ENGINE_PHPFINA
-        # Where the first chunk began: PHPFina starts one slot early (emoncms), PHPTimeSeries on a record.
-        offset = (start // 4 * 4 - 4 if start // 4 * 4 >= 4 else 0) if fina else start // 9 * 9
-
-        async def chunks() -> AsyncIterator[bytes]:
-            data, sent = first, 0
-            while data:
-                yield data
-                sent += len(data)
-                if len(data) < EXPORT_CHUNK:
-                    return
-                # ask for the next byte range, undoing the engine's own start adjustment
-                data = await store.export(feed, offset + sent + (4 if fina else 0), EXPORT_CHUNK)
-
-        filename = f"{feed.id}.dat" if fina else f"feed_{feed.id}.MYD"
-        return Streamed(
-            chunks,
-            content_type=b"application/octet-stream",
-            headers={b"Content-Disposition": f"attachment; filename={filename}".encode(), b"Cache-Control": b"no-cache"},
-        )
-
-    # -- writes ------------------------------------------------------------
-
-    async def insert(call: Call) -> Any:
-        feed = await owned(call)
-        when = time_param(call)
-        number = value_param(call)
-        padding = PADDING_JOIN if call.flag("join", False) else PADDING_NAN
-        if when < 0:
-            refusals = [Refusal(feed.id, when, REASON_TOO_OLD)]
-        elif when > MAX_TIME:
-            refusals = [Refusal(feed.id, when, REASON_TOO_NEW)]
-        else:
-            batch = make_records(feed.id, [when], [number], feed.engine, padding)
-            refusals = await ctx.writer.write(feed.server, batch)
-        if refusals:
-            reason = refusals[0].reason
-            await ctx.refusals.record(call.userid, [Refused(when, "", f"feed:{feed.id}", reason)])
-            raise Invalid(refusal_message(reason, ctx))
-        await feeds.advance_lastvalue(feed.id, when, number)
-        return number
-
-    # -- routes ------------------------------------------------------------
-
-    for action, access, handler in (
-        ("create", WRITE, create),
-        ("list", PUBLIC, list_feeds),
-        ("get", PUBLIC, get_field),
-        ("aget", PUBLIC, aget),
-        ("getmeta", PUBLIC, getmeta),
-        ("set", WRITE, set_fields),
-        ("delete", WRITE, delete),
-        ("value", PUBLIC, value),
-        ("timevalue", PUBLIC, timevalue),
-        ("fetch", PUBLIC, fetch),
-        ("data", PUBLIC, data),
-        ("datanew", PUBLIC, data),
-        ("average", PUBLIC, data),
-        ("csvexport", PUBLIC, data),
-        ("export", PUBLIC, export),
-        ("insert", WRITE, insert),
-        ("update", WRITE, insert),
-    ):
-        router.add("feed", action, access, handler)
+FEED_ROUTES: tuple[Route, ...] = (
+    Route("feed", "create", WRITE, feed_create),
+    Route("feed", "list", PUBLIC, feed_list),
+    Route("feed", "get", PUBLIC, feed_get),
+    Route("feed", "aget", PUBLIC, feed_aget),
+    Route("feed", "getmeta", PUBLIC, feed_getmeta),
+    Route("feed", "set", WRITE, feed_set),
+    Route("feed", "delete", WRITE, feed_delete),
+    Route("feed", "value", PUBLIC, feed_value),
+    Route("feed", "timevalue", PUBLIC, feed_timevalue),
+    Route("feed", "fetch", PUBLIC, feed_fetch),
+    Route("feed", "data", PUBLIC, feed_data),
+    Route("feed", "datanew", PUBLIC, feed_data),
+    Route("feed", "average", PUBLIC, feed_data),
+    Route("feed", "csvexport", PUBLIC, feed_data),
+    Route("feed", "export", PUBLIC, feed_export),
+    Route("feed", "insert", WRITE, feed_insert),
+    Route("feed", "update", WRITE, feed_insert),
+)
 
 
 # -- helpers (no I/O) ----------------------------------------------------------
@@ -559,4 +586,4 @@ def refusal_message(reason: str, ctx: NodeContext) -> str:
     return f"datapoint refused: {reason}"
 
 
-__all__ = ["add_feed_routes"]
+__all__ = ["FEED_ROUTES", "create_feed"]

@@ -12,9 +12,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from emond.api import ApiResource, Router
-from emond.api_feed import add_feed_routes
-from emond.api_input import add_input_routes
-from emond.api_user import add_user_routes
+from emond.api_feed import FEED_ROUTES
+from emond.api_input import INPUT_ROUTES
+from emond.api_user import USER_ROUTES
 from emond.auth import Authenticator
 from emond.config import NodeConfig
 from emond.context import NodeContext
@@ -31,12 +31,7 @@ from emond.schema import migrate
 from emond.storage import StorageLocationService
 from emond.sender import QueueWriter
 from emond.users import Users
-from emond.web import (
-    InputAppender,
-    InputMetrics,
-    UserRateLimit,
-    add_input_path_routes,
-)
+from emond.web import INPUT_PATH_ROUTES, InputAppender, InputMetrics, InputPath, UserRateLimit
 
 
 def make_context(
@@ -146,16 +141,12 @@ class NodeAppService(Service):
 def make_api(ctx: NodeContext, app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) -> ApiResource:
     router = Router()
     settings = ctx.config.input
-    add_input_path_routes(
-        router,
-        ctx,
-        InputAppender(ctx.redis, app.layout, reactor),
-        UserRateLimit(settings.rate_limit, settings.rate_burst),
-        InputMetrics(ctx.registry),
-    )
-    add_user_routes(router, ctx)
-    add_feed_routes(router, ctx)
-    add_input_routes(router, ctx)
+    appender = InputAppender(ctx.redis, app.layout, reactor)
+    limiter = UserRateLimit(settings.rate_limit, settings.rate_burst)
+    router.add_routes(INPUT_PATH_ROUTES, InputPath(ctx, appender, limiter, InputMetrics(ctx.registry)))
+    router.add_routes(USER_ROUTES, ctx)
+    router.add_routes(FEED_ROUTES, ctx)
+    router.add_routes(INPUT_ROUTES, ctx)
     checks = {**checks, "database": app.database_status, "redis_client": app.redis_status}
     health = ctx.config.health
     access = OperatorAccess(health, ctx.auth.client)  # X-Forwarded-For only from a trusted proxy

@@ -19,6 +19,7 @@ import json
 import re
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, TypeVar
 
@@ -29,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from emond.api import WRITE, Call, Raw, Router
+from emond.api import WRITE, Call, Raw, Route
 from emond.context import NodeContext
 from emond.errors import Invalid, TooMany
 from emond.loops import cooperate
@@ -139,46 +140,68 @@ def input_limits(ctx: NodeContext) -> Limits:
     return Limits(settings.max_frames, settings.max_values, ctx.config.engines.window_past, settings.time_future)
 
 
-def add_input_path_routes(router: Router, ctx: NodeContext, appender: InputAppender, limiter: UserRateLimit, metrics: InputMetrics, clock: Callable[[], float] = time.time) -> None:
-    settings = ctx.config.input
-    limits = input_limits(ctx)
-    reactor = appender.reactor
+@dataclass
+class InputPath:
+    """What the ``input/post`` and ``input/bulk`` routes work with (their table's context)."""
 
-    def take(call: Call) -> None:
-        """The rate limit, before anything of the request is decoded."""
-        wait = limiter.take(call.userid)
-        if wait:
-            raise RateLimited(wait)
+    ctx: NodeContext
+    appender: InputAppender
+    limiter: UserRateLimit
+    metrics: InputMetrics
+    clock: Callable[[], float] = time.time
+    limits: Limits = field(init=False)
 
-    async def accept(call: Call, time_ref: int, frames: list[list[Any]], refused: list[FrameRefusal]) -> None:
-        if refused:
-            await ctx.refusals.record(call.userid, [Refused(f.time, f.node, f.input, f.reason) for f in refused])
-        if frames:
-            await appender.append(call.userid, clock(), time_ref, frames)
-            metrics.frames.inc(len(frames))
+    def __post_init__(self) -> None:
+        self.limits = input_limits(self.ctx)
 
-    async def post(call: Call) -> Any:
-        take(call)
-        try:
-            parsed = await cooperate(post_steps(call.params, call.subactions, int(clock()), limits), reactor)
-        except TimeRefused as e:
-            await ctx.refusals.record(call.userid, [Refused(e.refusal.time, e.refusal.node, "", e.refusal.reason)])
-            raise
-        packet = parsed.packet
-        await accept(call, packet.time, [[0, packet.node, packet.values]] if packet.values else [], parsed.refused)
-        return FULLJSON_OK if parsed.fulljson else OK
 
-    async def bulk(call: Call) -> Any:
-        take(call)
-        text = await cooperate(bulk_text_steps(call.params, lambda: _body(call.request), settings.max_inflated), reactor)
-        parsed = await cooperate(bulk_steps(call.params, text, int(clock()), limits), reactor)
-        await accept(call, parsed.time_ref, parsed.frames, parsed.refused)
-        return OK
+def take(path: InputPath, call: Call) -> None:
+    """The rate limit, before anything of the request is decoded."""
+    wait = path.limiter.take(call.userid)
+    if wait:
+        raise RateLimited(wait)
 
-    # a parameter may be as long as the body allows (emoncms: post_max_size); the frame
-    # and value limits bound the work
-    router.add("input", "post", WRITE, post, max_param=settings.max_body)
-    router.add("input", "bulk", WRITE, bulk, max_param=settings.max_body)
+
+async def accept(path: InputPath, call: Call, time_ref: int, frames: list[list[Any]], refused: list[FrameRefusal]) -> None:
+    if refused:
+        await path.ctx.refusals.record(call.userid, [Refused(f.time, f.node, f.input, f.reason) for f in refused])
+    if frames:
+        await path.appender.append(call.userid, path.clock(), time_ref, frames)
+        path.metrics.frames.inc(len(frames))
+
+
+async def input_post(path: InputPath, call: Call) -> Any:
+    take(path, call)
+    try:
+        parsed = await cooperate(post_steps(call.params, call.subactions, int(path.clock()), path.limits), path.appender.reactor)
+    except TimeRefused as e:
+        await path.ctx.refusals.record(call.userid, [Refused(e.refusal.time, e.refusal.node, "", e.refusal.reason)])
+        raise
+    packet = parsed.packet
+    await accept(path, call, packet.time, [[0, packet.node, packet.values]] if packet.values else [], parsed.refused)
+    return FULLJSON_OK if parsed.fulljson else OK
+
+
+async def input_bulk(path: InputPath, call: Call) -> Any:
+    take(path, call)
+    reactor = path.appender.reactor
+    max_inflated = path.ctx.config.input.max_inflated
+    text = await cooperate(bulk_text_steps(call.params, lambda: _body(call.request), max_inflated), reactor)
+    parsed = await cooperate(bulk_steps(call.params, text, int(path.clock()), path.limits), reactor)
+    await accept(path, call, parsed.time_ref, parsed.frames, parsed.refused)
+    return OK
+
+
+def body_limit(path: InputPath) -> int:
+    """A parameter may be as long as the body allows (emoncms: post_max_size); the frame
+    and value limits bound the work."""
+    return path.ctx.config.input.max_body
+
+
+INPUT_PATH_ROUTES: tuple[Route, ...] = (
+    Route("input", "post", WRITE, input_post, max_param=body_limit),
+    Route("input", "bulk", WRITE, input_bulk, max_param=body_limit),
+)
 
 
 class RateLimited(TooMany):
