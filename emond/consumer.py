@@ -129,8 +129,7 @@ class InputConsumerService(Service, ElementHandler):
     async def stopService(self) -> None:  # type: ignore[override]
         super().stopService()
         await self.reader.stop()  # the batch in hand commits (or is read again later), the leases go
-        if self._saver.running:
-            self._saver.stop()
+        await self._saver.stop()  # a save in progress ends first
         await self.save_lastvalues()
 
     def saved(self) -> defer.Deferred[None]:

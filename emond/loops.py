@@ -24,23 +24,47 @@ T = TypeVar("T")
 SLICE_SECONDS = 0.01  # the longest a sliced computation runs before the reactor gets a turn
 
 
-def steady_loop(call: Callable[[], Any], clock: IReactorTime, what: str, timeout: float | None = None) -> task.LoopingCall:
+class SteadyLoop:
     """A LoopingCall of ``call`` (plain, Deferred-returning or ``async def``) that logs a
     failed run and keeps its schedule. With ``timeout``, a run that has not finished
-    after that many seconds is cancelled (and logged) so a hung call cannot stop the loop."""
+    after that many seconds is cancelled (and logged) so a hung call cannot stop the loop.
+    ``stop()`` fires once a run in progress has ended, so what it uses can be closed after."""
 
-    def failed(failure: Failure) -> None:
-        log.failure("{what} failed; it runs again on schedule", failure, what=what)
+    def __init__(self, call: Callable[[], Any], clock: IReactorTime, what: str, timeout: float | None = None) -> None:
+        self._call = call
+        self._clock = clock
+        self._what = what
+        self._timeout = timeout
+        self._loop = task.LoopingCall(self._once)
+        self._loop.clock = clock
+        self._ended: defer.Deferred[Any] = defer.succeed(None)
 
-    def once() -> defer.Deferred[Any]:
-        d = defer.maybeDeferred(call)
-        if timeout is not None:
-            d.addTimeout(timeout, clock)
-        return d.addErrback(failed)
+    @property
+    def running(self) -> bool:
+        return self._loop.running
 
-    loop = task.LoopingCall(once)
-    loop.clock = clock
-    return loop
+    def start(self, interval: float, now: bool = True) -> None:
+        self._ended = self._loop.start(interval, now)
+
+    def stop(self) -> defer.Deferred[None]:
+        if self._loop.running:
+            self._loop.stop()
+        ended, self._ended = self._ended, defer.succeed(None)
+        return ended.addCallback(lambda _: None)
+
+    def _once(self) -> defer.Deferred[Any]:
+        d = defer.maybeDeferred(self._call)
+        if self._timeout is not None:
+            d.addTimeout(self._timeout, self._clock)
+        return d.addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("{what} failed; it runs again on schedule", failure, what=self._what)
+
+
+def steady_loop(call: Callable[[], Any], clock: IReactorTime, what: str, timeout: float | None = None) -> SteadyLoop:
+    """A ``SteadyLoop`` (every periodic job in emond is one)."""
+    return SteadyLoop(call, clock, what, timeout)
 
 
 async def cooperate(steps: Generator[Any, None, T], reactor: IReactorTime, budget: float = SLICE_SECONDS) -> T:

@@ -53,20 +53,15 @@ class QueueMonitor(Service):
         self.started_at: float | None = None
         self._waiting: list[defer.Deferred[dict[str, Any]]] = []
         self._loop = steady_loop(self.sample, reactor, "queue monitor", timeout=self.overdue)
-        self._ended: defer.Deferred[Any] = defer.succeed(None)  # fires when the loop has stopped
 
     def startService(self) -> None:
         super().startService()
         self.started_at = self.reactor.seconds()
-        self._ended = self._loop.start(self.every, now=True)
+        self._loop.start(self.every, now=True)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-        # A LoopingCall stopped during a run ends after that run: the sample in progress
-        # finishes before Redis is closed.
-        return self._ended.addCallback(lambda _: None)
+        return self._loop.stop()  # after the sample in progress: it finishes before Redis is closed
 
     def next_sample(self) -> defer.Deferred[dict[str, Any]]:
         """Fires with the outcome of the next sample to finish (tests, tools)."""

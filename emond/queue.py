@@ -319,7 +319,7 @@ class Holding(Protocol):
     """Which queues a reader holds: ``OneQueue`` or ``FairShare``."""
 
     def start(self) -> None: ...
-    def stop(self) -> None: ...
+    def stop(self) -> defer.Deferred[None]: ...  # fires once nothing of it runs any more
     async def take(self) -> list[Tenure]: ...  # the tenures to read now (leases renewed or taken as due)
     def wait(self) -> defer.Deferred[None]: ...  # after ``take`` gave none: fires when trying again is worth it
     def held(self) -> list[Tenure]: ...
@@ -352,8 +352,8 @@ class OneQueue:
     def start(self) -> None:
         self._renewed = None
 
-    def stop(self) -> None:
-        pass
+    def stop(self) -> defer.Deferred[None]:
+        return defer.succeed(None)  # renews between reads, on the reader's loop
 
     async def take(self) -> list[Tenure]:
         lease = self.tenure.lease
@@ -436,10 +436,9 @@ class FairShare:
     def start(self) -> None:
         self._loop.start(self.lease_ms / 3000.0, now=True)
 
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+    def stop(self) -> defer.Deferred[None]:
         _fire(self._taken)
+        return self._loop.stop()  # a renewal in progress ends first
 
     async def renew(self) -> None:
         """Renew held leases and take or give queues towards a fair share."""
@@ -616,11 +615,12 @@ class LeasedReader:
     async def stop(self) -> None:
         """Finish the element in hand (it commits, or is read again later), give the leases up."""
         self._stopping = True
-        self.holding.stop()
+        holding_stopped = self.holding.stop()
         if self._paused is not None and not self._paused.called:
             self._paused.cancel()
         if self._loop is not None:
             await self._loop
+        await holding_stopped
         try:
             await self.holding.release()
         except RedisUnavailable:

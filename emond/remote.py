@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints
@@ -107,6 +107,25 @@ class _Factory(Factory):
         return StreamClientProtocol(self.link)
 
 
+class LinkMetrics:
+    """The remote links' metric families, registered once per process (a link per remote
+    storage server labels them with its server id)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge("emond_stream_connected", "1 while the stream to a storage server is up", ["server"], registry=registry)
+        self.sent = Counter("emond_stream_batches_sent", "Batches sent", ["server"], registry=registry)
+        self.points = Counter("emond_stream_points_sent", "Datapoints sent", ["server"], registry=registry)
+        self.acked = Counter("emond_stream_batches_acked", "Batches acknowledged", ["server"], registry=registry)
+        self.resent = Counter("emond_stream_batches_resent", "Batches sent again after a reconnect", ["server"], registry=registry)
+        self.window = Gauge("emond_stream_window_in_use", "Unacknowledged batches", ["server"], registry=registry)
+        self.rtt = Gauge("emond_stream_rtt_seconds", "Last batch round trip", ["server"], registry=registry)
+        self.fail = Counter("emond_stream_connect_failures", "Failed connections (TLS included)", ["server"], registry=registry)
+        self.reads = Counter("emond_stream_read_requests", "Read requests sent to a storage server", ["server", "op"], registry=registry)
+        self.read_timeouts = Counter(
+            "emond_stream_read_timeouts", "Read requests a storage server did not answer in time", ["server"], registry=registry
+        )
+
+
 class RemoteLink(Service, ElementHandler):
     """The stream to one remote storage server: its storage queue's sender (a
     ``emond.queue.LeasedReader`` with a window) and read requests."""
@@ -123,7 +142,7 @@ class RemoteLink(Service, ElementHandler):
         redis: Redis,
         blocking: Redis,
         recorder: RefusalRecorder,
-        registry: Any,
+        metrics: "LinkMetrics",
         reactor: IReactorTime,
         window: int = 8,
         batch: int = 16,
@@ -152,19 +171,17 @@ class RemoteLink(Service, ElementHandler):
         self._ids = itertools.count(1)
         self._stopping = False
         self._client: ClientService | None = None
-        label = [str(server_id)]
-        self.m_connected = Gauge("emond_stream_connected", "1 while the stream to a storage server is up", ["server"], registry=registry).labels(*label)
-        self.m_sent = Counter("emond_stream_batches_sent", "Batches sent", ["server"], registry=registry).labels(*label)
-        self.m_points = Counter("emond_stream_points_sent", "Datapoints sent", ["server"], registry=registry).labels(*label)
-        self.m_acked = Counter("emond_stream_batches_acked", "Batches acknowledged", ["server"], registry=registry).labels(*label)
-        self.m_resent = Counter("emond_stream_batches_resent", "Batches sent again after a reconnect", ["server"], registry=registry).labels(*label)
-        self.m_window = Gauge("emond_stream_window_in_use", "Unacknowledged batches", ["server"], registry=registry).labels(*label)
-        self.m_rtt = Gauge("emond_stream_rtt_seconds", "Last batch round trip", ["server"], registry=registry).labels(*label)
-        self.m_fail = Counter("emond_stream_connect_failures", "Failed connections (TLS included)", ["server"], registry=registry).labels(*label)
-        self.m_reads = Counter("emond_stream_read_requests", "Read requests sent to a storage server", ["server", "op"], registry=registry)
-        self.m_read_timeouts = Counter(
-            "emond_stream_read_timeouts", "Read requests a storage server did not answer in time", ["server"], registry=registry
-        ).labels(*label)
+        label = str(server_id)
+        self.m_connected = metrics.connected.labels(label)
+        self.m_sent = metrics.sent.labels(label)
+        self.m_points = metrics.points.labels(label)
+        self.m_acked = metrics.acked.labels(label)
+        self.m_resent = metrics.resent.labels(label)
+        self.m_window = metrics.window.labels(label)
+        self.m_rtt = metrics.rtt.labels(label)
+        self.m_fail = metrics.fail.labels(label)
+        self.m_reads = metrics.reads
+        self.m_read_timeouts = metrics.read_timeouts.labels(label)
         self._ever_sent: set[int] = set()
         self.last_rtt: float | None = None
         self.error: str | None = None

@@ -16,7 +16,7 @@ import uuid
 from typing import Any, Callable
 
 import numpy as np
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -70,6 +70,15 @@ class RefusalRecorder:
             await self.refusals.record(userid, items)
 
 
+class SenderMetrics:
+    """The hosted senders' metric families, registered once per process (a sender per
+    storage location labels them with its server id)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.points = Counter("emond_points_written", "Datapoints applied to feed files", ["server"], registry=registry)
+        self.errors = Counter("emond_storage_errors", "Failed attempts to apply a batch", ["server"], registry=registry)
+
+
 class LocalSenderService(Service, ElementHandler):
     """Applies a hosted storage server's queue to its engines, in order (``emond.queue.LeasedReader``)."""
 
@@ -85,7 +94,7 @@ class LocalSenderService(Service, ElementHandler):
         recorder: RefusalRecorder,
         reactor: IReactorTime,
         node: str,
-        registry: Any,
+        metrics: "SenderMetrics",
         batch: int = 64,
         lease_ms: int = 10_000,
         block_ms: int = 500,
@@ -101,8 +110,8 @@ class LocalSenderService(Service, ElementHandler):
             OneQueue(self.lease, storage_queue(server_id), clock), self, blocking, clock, f"storage queue {server_id}",
             batch=batch, block_ms=block_ms,
         )
-        self.points = Counter("emond_points_written", "Datapoints applied to feed files", ["server"], registry=registry)
-        self.errors = Counter("emond_storage_errors", "Failed attempts to apply a batch", ["server"], registry=registry)
+        self.points = metrics.points.labels(str(server_id))
+        self.errors = metrics.errors.labels(str(server_id))
 
     def startService(self) -> None:
         super().startService()
@@ -126,13 +135,13 @@ class LocalSenderService(Service, ElementHandler):
         batch = np.concatenate(parts) if len(parts) > 1 else parts[0]
         refusals = await self.location.apply_batch(batch)
         await tenure.commit(ids, disk_values(batch, refusals))
-        self.points.labels(str(self.server_id)).inc(batch.shape[0] - len(refusals))
+        self.points.inc(batch.shape[0] - len(refusals))
         if refusals:
             await self.recorder.record(refusals)
 
     def failed(self, tenure: Tenure | None, error: Exception) -> None:
         if not isinstance(error, RedisUnavailable):  # a disk error: nothing committed, tried again
-            self.errors.labels(str(self.server_id)).inc()
+            self.errors.inc()
 
     def status(self) -> dict[str, object]:
         return {"ok": self.reader.error is None, "holding": bool(self.lease.token), "error": self.reader.error}

@@ -27,8 +27,8 @@ from emond.monitor import QueueMonitor
 from emond.node import NodeAppService, make_api, make_context
 from emond.pools import PoolsService, watch_pools
 from emond.redis import Redis
-from emond.remote import RemoteLink
-from emond.sender import LocalSenderService, RefusalRecorder
+from emond.remote import LinkMetrics, RemoteLink
+from emond.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.queue import QueueLayout
 from emond.web import limited_request_factory
 from emond.redisproc import EmbeddedRedis
@@ -248,6 +248,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         consumer.setServiceParent(pipeline)
     senders: dict[str, Any] = {}
     recorder = RefusalRecorder(ctx.refusals, lambda feeds: defer.ensureDeferred(_owners(ctx, feeds)))
+    sender_metrics, link_metrics = SenderMetrics(ctx.registry), LinkMetrics(ctx.registry)
     for server_id, location in locations.items():
         sender = LocalSenderService(
             server_id,
@@ -257,7 +258,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
             recorder,
             reactor,
             config.node.name,
-            ctx.registry,
+            sender_metrics,
             lease_ms=config.input.lease_ms,
         )
         sender.setName(f"sender{server_id}")
@@ -273,7 +274,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
             ctx.redis,
             Redis(redis_url, blocking_timeout, reactor, poolsize=1),
             recorder,
-            ctx.registry,
+            link_metrics,
             reactor,
             lease_ms=config.input.lease_ms,
         )

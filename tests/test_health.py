@@ -111,11 +111,29 @@ class SteadyLoopTests(unittest.TestCase):
 
         loop = steady_loop(call, clock, "test loop", timeout=3.0)
         loop.start(5.0, now=True)
-        self.addCleanup(loop.stop)
+        self.addCleanup(lambda: [loop.stop(), clock.advance(3.0), self.flushLoggedErrors(defer.TimeoutError)])
         clock.advance(3.0)
         self.assertEqual(len(self.flushLoggedErrors(defer.TimeoutError)), 1)
         clock.advance(2.0)
         self.assertEqual(len(calls), 2)
+
+    def test_stop_fires_once_the_run_in_progress_has_ended(self):
+        """What a run uses (Redis, the database) may be closed once stop() has fired."""
+        clock = task.Clock()
+        runs: list[defer.Deferred[None]] = []
+
+        def call():
+            runs.append(defer.Deferred())
+            return runs[-1]
+
+        loop = steady_loop(call, clock, "test loop")
+        loop.start(5.0, now=True)
+        stopped = loop.stop()
+        self.assertFalse(stopped.called)  # the first run is still going
+        runs[0].callback(None)
+        self.assertTrue(stopped.called)
+        self.assertFalse(loop.running)
+        self.assertTrue(loop.stop().called)  # stopping a stopped loop: at once
 
     def test_queue_monitor_survives_a_failed_sample(self):
         """The failure seen in production: the sample's pipeline raised FirstError(CancelledError)."""

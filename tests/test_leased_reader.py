@@ -35,8 +35,8 @@ from emond.queue import APPEND_SEQ, RETRY_SECONDS, LeaseLost, QueueLayout, Scrip
 from emond.records import ENGINE_PHPTIMESERIES, RECORD, make_records
 from emond.redis import Redis, RedisUnavailable
 from emond.refusals import Refusals
-from emond.remote import RemoteLink
-from emond.sender import LocalSenderService, RefusalRecorder
+from emond.remote import LinkMetrics, RemoteLink
+from emond.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.service import make_storage_service
 from emond.storage import StorageLocationService
 from tests.support import free_port, redis_server
@@ -426,7 +426,7 @@ class LocalSenderReaderTests(SenderUse, LeasedReaderContract, unittest.TestCase)
     @defer.inlineCallbacks
     def setUpUse(self):
         self.datadir = os.path.abspath(self.mktemp())
-        self.location = StorageLocationService(1, self.datadir, EnginesSection(sync=False))
+        self.location = StorageLocationService(1, self.datadir, EnginesSection(sync=False), reactor)
         self.location.startService()
         self.addCleanup(self.location.stopService)
         engines = yield self.location.opened
@@ -434,7 +434,7 @@ class LocalSenderReaderTests(SenderUse, LeasedReaderContract, unittest.TestCase)
 
     def make(self, owner: str, clock: task.Clock, blocking: Redis):
         return LocalSenderService(
-            1, self.location, self.redis, blocking, self.recorder(), reactor, owner, CollectorRegistry(),
+            1, self.location, self.redis, blocking, self.recorder(), reactor, owner, SenderMetrics(CollectorRegistry()),
             lease_ms=LEASE_MS, block_ms=BLOCK_MS, clock=clock,
         )
 
@@ -468,7 +468,7 @@ class RemoteLinkReaderTests(SenderUse, LeasedReaderContract, unittest.TestCase):
         link = RemoteLink(
             1, RemoteServer(endpoint=f"tcp:127.0.0.1:{self.port}", name="storage1"),
             TLSSection(ca=os.path.join(self.tls, "ca.pem"), cert=os.path.join(self.tls, "node0.pem")),
-            owner, self.redis, blocking, self.recorder(), CollectorRegistry(), reactor,
+            owner, self.redis, blocking, self.recorder(), LinkMetrics(CollectorRegistry()), reactor,
             lease_ms=LEASE_MS, block_ms=BLOCK_MS, clock=clock,
         )
         return link
