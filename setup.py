@@ -17,5 +17,5 @@ setup(
         "msgpack>=1.0",
         "prometheus-client>=0.17",
     ],
-    extras_require={"test": ["treq>=23.1", "hypothesis>=6.100"]},
+    extras_require={"test": ["treq>=23.1", "hypothesis>=6.100", "import-linter>=2.1"]},
 )

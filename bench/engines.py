@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from emond.engine import DataQuery  # noqa: E402
 from emond.phpfina import PHPFina  # noqa: E402
 from emond.records import make_records  # noqa: E402
-from emond.storage import raise_open_files_limit  # noqa: E402
+from emond.storage.location import raise_open_files_limit  # noqa: E402
 
 NOW = 1_750_000_000
 YEAR = 365 * 86400

@@ -35,7 +35,7 @@ from emond.keys import lease, storage_queue, storage_seq, storage_stream  # noqa
 from emond.queue import APPEND_SEQ, Scripts  # noqa: E402
 from emond.records import make_records  # noqa: E402
 from emond.redis import Redis  # noqa: E402
-from emond.remote import LinkMetrics, RemoteLink  # noqa: E402
+from emond.storage.remote import LinkMetrics, RemoteLink  # noqa: E402
 
 NOW = int(time.time()) // 10 * 10
 TARGET = 1_000_000

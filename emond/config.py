@@ -100,7 +100,7 @@ class UsersSection:
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks).
     trusted_proxies: tuple[str, ...] = ()
     # Password guessing (user/login, user/auth, user/changepassword), counted in a fixed window;
-    # see emond/auth.py for why there are three counts.
+    # see emond/meta/auth.py for why there are three counts.
     login_window: int = 900  # seconds a failed attempt counts
     login_failures_per_client: int = 5  # one username from one address: then 429 for that pair
     login_failures_per_address: int = 30  # one address, any usernames: then 429 for that address

@@ -7,7 +7,7 @@ Both engines (``phpfina``, ``phptimeseries``) take a whole RECORD batch in
 engine's ``query`` answers it with a ``Series`` in one call, so a storage
 server reached over the stream runs the whole read and answers once. The
 request rules around it (start/end forms, the default interval, the point
-cap, delta, dp, time formats) are the node's, in ``emond.feeddata``.
+cap, delta, dp, time formats) are the node's, in ``emond.api.feeddata``.
 
 A value on disk that is not finite (NaN, or an inf written by an older
 version) is a missing value in every read: null, never an error.
@@ -19,8 +19,10 @@ import errno
 import math
 import os
 import struct
+import threading
 import time
 import zoneinfo
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from types import MappingProxyType
@@ -45,6 +47,72 @@ def pwrite_all(fd: int, data: "bytes | memoryview", offset: int) -> None:
         if written <= 0:
             raise OSError(errno.EIO, "write made no progress")
         view, offset = view[written:], offset + written
+
+
+class OpenFiles:
+    """A bounded pool of open read-write handles to feed files, the least recently used
+    closed first: a storage location holds many more feeds than it may keep open.
+    ``before_close(feedid, fd)`` runs before an evicted handle is closed (closing does
+    not sync). Hot paths read ``handles`` directly."""
+
+    def __init__(self, limit: int, before_close: Callable[[int, int], None]) -> None:
+        self.limit = max(limit, 1)
+        self.handles: OrderedDict[int, int] = OrderedDict()
+        self._before_close = before_close
+
+    def get(self, feedid: int, path: str, flags: int) -> int:
+        """The feed's pooled handle, opened (``os.open(path, flags)``) if it has none."""
+        fd = self.handles.get(feedid)
+        if fd is not None:
+            self.handles.move_to_end(feedid)
+            return fd
+        if len(self.handles) >= self.limit:
+            old_id, old = self.handles.popitem(last=False)
+            self._before_close(old_id, old)
+            os.close(old)
+        fd = os.open(path, flags, 0o644)
+        self.handles[feedid] = fd
+        return fd
+
+    def forget(self, feedid: int) -> None:
+        """Close the feed's handle, if pooled (the file is going away or being replaced)."""
+        fd = self.handles.pop(feedid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_all(self) -> None:
+        for fd in self.handles.values():
+            os.close(fd)
+        self.handles.clear()
+
+
+def sync_directory(directory: str) -> None:
+    """fsync a directory, so that files created, renamed or removed in it survive a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FeedDirectory:
+    """What both engines keep: their directory of feed files, the time window points must
+    fall in, the sync policy, the lock that serialises changes, and the open handles."""
+
+    def __init__(self, directory: str, clock: Callable[[], float], window_past: int, window_future: int, open_files: int, sync: bool) -> None:
+        self.directory = directory
+        self.window = TimeWindow(window_past, window_future, clock)
+        self.sync = sync
+        self._lock = threading.Lock()
+        self._files = OpenFiles(open_files, self._evicting)
+        os.makedirs(directory, exist_ok=True)
+
+    def _evicting(self, feedid: int, fd: int) -> None:
+        """Called before a pooled handle is closed to make room."""
+
+    def _sync_dir(self) -> None:
+        if self.sync:
+            sync_directory(self.directory)
 
 
 class FeedError(Invalid):

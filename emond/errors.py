@@ -1,7 +1,7 @@
 """What emond refuses or cannot do, in the domain's words: no HTTP here.
 
 Models, decoders, engines and the storage access layer raise these; the API
-answers them at its edge (``emond.api.ERROR_ANSWERS``: one table of status,
+answers them at its edge (``emond.api.http.ERROR_ANSWERS``: one table of status,
 body and headers per class). Each carries the message the client reads,
 emoncms's words where emoncms has them, and what else the answer needs
 (the seconds to wait, the feeds that do not exist).

@@ -32,8 +32,7 @@ from operator import itemgetter
 from typing import Any, Callable, Generator, Iterable, NamedTuple, TypeVar
 
 from emond.errors import Invalid, TooLarge
-from emond.inputs import MAX_NAME, MAX_NODE
-from emond.names import valid_input_name
+from emond.names import MAX_INPUT_NAME, MAX_NODE, valid_input_name
 from emond.numbers import PHP_NUMERIC
 from emond.records import REASON_TOO_NEW, REASON_TOO_OLD
 
@@ -191,8 +190,8 @@ def node_name(raw: Any) -> str:
 def input_name(name: str) -> str:
     if name == "":
         raise Invalid("Error: Format error, json key missing or invalid character")
-    if len(name) > MAX_NAME and (not name.isascii() or valid_input_name(name)):
-        raise Invalid(f"Error: input name must be {MAX_NAME} characters or less")
+    if len(name) > MAX_INPUT_NAME and (not name.isascii() or valid_input_name(name)):
+        raise Invalid(f"Error: input name must be {MAX_INPUT_NAME} characters or less")
     if not valid_input_name(name):
         raise Invalid("Error: Format error, json key missing or invalid character")
     return name

@@ -63,7 +63,7 @@ def dead_letters(stream_key: str) -> str:
 CONSUMERS = "emond:consumers"  # sorted set: live input consumers, scored by when their announcement expires
 INPUT_LAYOUT = "emond:input:layout"  # the input queue layout recorded at first start
 
-# -- process state (emond.process_state) ------------------------------------------
+# -- process state (emond.process.state) ------------------------------------------
 
 
 def input_lastvalue(inputid: int) -> str:
@@ -96,7 +96,7 @@ def user_version(userid: int) -> str:
     return f"emond:user:ver:{userid}"
 
 
-# -- accounts (emond.auth) and refusals (emond.refusals) --------------------------------
+# -- accounts (emond.meta.auth) and refusals (emond.meta.refusals) --------------------------------
 
 
 def apikey(digest: str) -> bytes:

@@ -7,6 +7,9 @@ import re
 import unicodedata
 from types import MappingProxyType
 
+MAX_NODE = 16  # characters in a node name (emoncms's input table)
+MAX_INPUT_NAME = 64  # characters in an input name
+
 _ASCII_OK = MappingProxyType({extra: re.compile(r"^[A-Za-z0-9\s" + re.escape(extra) + r"]*$") for extra in ("_-:", "_-.")})
 
 

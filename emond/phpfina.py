@@ -31,9 +31,7 @@ import math
 import mmap
 import os
 import struct
-import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
@@ -41,6 +39,7 @@ import numpy as np
 from twisted.logger import Logger
 
 from emond.engine import (
+    FeedDirectory,
     DMY_INTERVALS,
     FIVE_YEARS,
     TWO_DAYS,
@@ -48,7 +47,6 @@ from emond.engine import (
     FeedError,
     NoSuchFeed,
     Series,
-    TimeWindow,
     admit,
     dmy_bounds,
     finish,
@@ -101,7 +99,7 @@ class _Feed:
         self.npoints = npoints
 
 
-class PHPFina:
+class PHPFina(FeedDirectory):
     log = Logger()
 
     def __init__(
@@ -115,20 +113,14 @@ class PHPFina:
         open_files: int = 1024,
         sync: bool = True,
     ) -> None:
-        self.directory = directory
+        super().__init__(directory, clock, window_past, window_future, open_files, sync)
         self._prefix = os.path.join(directory, "")
-        self.window = TimeWindow(window_past, window_future, clock)
         self.max_padding = max_padding
         self.min_interval = min_interval
-        self.sync = sync
-        self._open_files = max(open_files, 1)
-        self._lock = threading.Lock()
         self._feeds: dict[int, _Feed] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
         self._evicted_dirty = False
         self._writers: ThreadPoolExecutor | None = None
         self._libc = ctypes.CDLL(None, use_errno=True) if sync else None
-        os.makedirs(directory, exist_ok=True)
         self._recover()
 
     # -- paths and files -------------------------------------------------
@@ -138,29 +130,14 @@ class PHPFina:
 
     def _fd(self, feedid: int) -> int:
         """The pooled read-write handle of a feed's data file."""
-        fd = self._fds.get(feedid)
-        if fd is not None:
-            self._fds.move_to_end(feedid)
-            return fd
-        if len(self._fds) >= self._open_files:
-            _, old = self._fds.popitem(last=False)
-            # A handle closed before the sync pass must still be synced.
-            self._evicted_dirty = True
-            os.close(old)
-        fd = os.open(self._path(feedid, ".dat"), os.O_RDWR | os.O_CREAT, 0o644)
-        self._fds[feedid] = fd
-        return fd
+        return self._files.get(feedid, self._path(feedid, ".dat"), os.O_RDWR | os.O_CREAT)
 
-    def _forget_fd(self, feedid: int) -> None:
-        fd = self._fds.pop(feedid, None)
-        if fd is not None:
-            os.close(fd)
+    def _evicting(self, feedid: int, fd: int) -> None:
+        self._evicted_dirty = True  # a handle closed before the sync pass must still be synced
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._files.close_all()
             if self._writers is not None:
                 self._writers.shutdown()
                 self._writers = None
@@ -190,15 +167,6 @@ class PHPFina:
             pwrite_all(fd, META.pack(0, 0, feed.interval, feed.start), 0)
             if self.sync:
                 os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _sync_dir(self) -> None:
-        if not self.sync:
-            return
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -255,7 +223,7 @@ class PHPFina:
     def _extend_front(self, feed: _Feed, new_start: int) -> None:
         """Rewrite the data file with NaN slots before the old start."""
         shift = (feed.start - new_start) // feed.interval
-        self._forget_fd(feed.id)
+        self._files.forget(feed.id)
         path = self._path(feed.id, ".dat")
         tmp = self._path(feed.id, ".dat.extend")
         old = np.fromfile(path, dtype="<f4", count=feed.npoints) if feed.npoints else None
@@ -290,7 +258,7 @@ class PHPFina:
 
     def delete(self, feedid: int) -> None:
         with self._lock:
-            self._forget_fd(feedid)
+            self._files.forget(feedid)
             self._feeds.pop(feedid, None)
             for suffix in (".meta", ".dat", ".intent", ".dat.extend"):
                 try:
@@ -367,11 +335,11 @@ class PHPFina:
 
     def _write_singles(self, feeds: list[_Feed], positions: list[int], data: bytes, touched: set[int]) -> None:
         view = memoryview(data)
-        pwrite, pooled = os.pwrite, self._fds
+        pwrite, pooled, limit = os.pwrite, self._files.handles, self._files.limit
         transient: list[tuple[str, memoryview, int]] = []
         for i, (feed, pos) in enumerate(zip(feeds, positions)):
             fd = pooled.get(feed.id)
-            if fd is None and len(pooled) < self._open_files:
+            if fd is None and len(pooled) < limit:
                 fd = self._fd(feed.id)
             if fd is None:
                 # More feeds than handles: churning the pool would only add closes.
@@ -504,7 +472,7 @@ class PHPFina:
                 os.close(dirfd)
         else:
             for feedid in touched:
-                os.fsync(self._fds[feedid])
+                os.fsync(self._files.handles[feedid])
         self._evicted_dirty = False
 
     # -- reads -------------------------------------------------------------

@@ -36,15 +36,14 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import threading
 import time
-from collections import OrderedDict
 from typing import Callable, NamedTuple
 
 import numpy as np
 from twisted.logger import Logger
 
 from emond.engine import (
+    FeedDirectory,
     DMY_INTERVALS,
     FIVE_YEARS,
     TWO_DAYS,
@@ -52,7 +51,6 @@ from emond.engine import (
     FeedError,
     NoSuchFeed,
     Series,
-    TimeWindow,
     admit,
     dmy_bounds,
     finish,
@@ -90,7 +88,7 @@ class SeriesMeta(NamedTuple):
     end_time: int
 
 
-class PHPTimeSeries:
+class PHPTimeSeries(FeedDirectory):
     log = Logger()
 
     def __init__(
@@ -102,15 +100,8 @@ class PHPTimeSeries:
         open_files: int = 1024,
         sync: bool = True,
     ) -> None:
-        self.directory = directory
-        self.window = TimeWindow(window_past, window_future, clock)
-        self.sync = sync
-        self._open_files = max(open_files, 1)
-        self._lock = threading.Lock()
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        # Feeds written since the last sync pass.
-        self._dirty: set[int] = set()
-        os.makedirs(directory, exist_ok=True)
+        super().__init__(directory, clock, window_past, window_future, open_files, sync)
+        self._dirty: set[int] = set()  # feeds written since the last sync pass
 
     # -- paths and files -------------------------------------------------
 
@@ -118,43 +109,22 @@ class PHPTimeSeries:
         return os.path.join(self.directory, f"feed_{feedid}.MYD")
 
     def _fd(self, feedid: int) -> int:
-        """The pooled read-write handle of a feed's file (which must exist)."""
-        fd = self._fds.get(feedid)
-        if fd is not None:
-            self._fds.move_to_end(feedid)
-            return fd
-        if len(self._fds) >= self._open_files:
-            old_id, old = self._fds.popitem(last=False)
-            # Closing does not sync: a handle written in this batch is synced now.
-            if self.sync and old_id in self._dirty:
-                os.fsync(old)
-            self._dirty.discard(old_id)
-            os.close(old)
-        # No O_APPEND: on Linux it makes pwrite ignore its offset.
-        fd = os.open(self._path(feedid), os.O_RDWR)
-        self._fds[feedid] = fd
-        return fd
+        """The pooled read-write handle of a feed's file (which must exist).
+        No O_APPEND: on Linux it makes pwrite ignore its offset."""
+        return self._files.get(feedid, self._path(feedid), os.O_RDWR)
 
-    def _forget_fd(self, feedid: int) -> None:
-        fd = self._fds.pop(feedid, None)
-        if fd is not None:
-            os.close(fd)
-
-    def _sync_dir(self) -> None:
-        if not self.sync:
-            return
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
+    def _evicting(self, feedid: int, fd: int) -> None:
+        # Closing does not sync: a handle written in this batch is synced now.
+        if self.sync and feedid in self._dirty:
             os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._dirty.discard(feedid)
 
     def _sync(self) -> None:
         dirty, self._dirty = self._dirty, set()
         if not self.sync:
             return
         for feedid in dirty:
-            fd = self._fds.get(feedid)
+            fd = self._files.handles.get(feedid)
             if fd is not None:  # else rewritten (synced) or evicted (synced)
                 os.fsync(fd)
 
@@ -162,9 +132,7 @@ class PHPTimeSeries:
         """Close the pooled handles (the engine reopens them when needed)."""
         with self._lock:
             self._sync()
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._files.close_all()
 
     # -- feeds -------------------------------------------------------------
 
@@ -187,7 +155,7 @@ class PHPTimeSeries:
     def delete(self, feedid: int) -> None:
         """Remove a feed's file (and a leftover rewrite copy); a missing feed is a no-op."""
         with self._lock:
-            self._forget_fd(feedid)
+            self._files.forget(feedid)
             self._dirty.discard(feedid)
             for path in (self._path(feedid), self._path(feedid) + ".tmp"):
                 try:
@@ -213,7 +181,7 @@ class PHPTimeSeries:
     def _apply(self, batch: np.ndarray) -> list[Refusal]:
         feed_ids, inverse = np.unique(batch["feed"], return_inverse=True)
         known = np.array(
-            [f in self._fds or os.path.exists(self._path(f)) for f in feed_ids.tolist()], dtype=bool
+            [f in self._files.handles or os.path.exists(self._path(f)) for f in feed_ids.tolist()], dtype=bool
         )[inverse]
         refusals: list[Refusal] = []
         if not known.all():
@@ -297,7 +265,7 @@ class PHPTimeSeries:
             if self.sync:
                 os.fsync(f.fileno())
         # The pooled handle belongs to the old file; the new one is synced already.
-        self._forget_fd(feedid)
+        self._files.forget(feedid)
         self._dirty.discard(feedid)
         os.replace(tmp, path)
         self._sync_dir()

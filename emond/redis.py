@@ -78,17 +78,7 @@ class Redis:
 
     async def call(self, command: str, *args: Any) -> Any:
         """Run one command with the timeout."""
-        d = self._open_pool(command).execute_command(command, *args)
-        d.addTimeout(self.timeout, self._reactor)
-        self._busy.enter()
-        try:
-            return await d
-        except (defer.TimeoutError, defer.CancelledError) as e:
-            raise RedisUnavailable(f"redis {command}: no reply within {self.timeout}s") from e
-        except (txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone) as e:
-            raise RedisUnavailable(f"redis {command}: {e}") from e
-        finally:
-            self._busy.leave()
+        return await self._within_timeout(command, self._open_pool(command).execute_command(command, *args))
 
     async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands in one round trip (MULTI/EXEC is not implied).
@@ -97,20 +87,23 @@ class Redis:
         Redis is down) as well as the replies."""
         if not commands:
             return []
-        d = defer.ensureDeferred(self._pipeline(self._open_pool("pipeline"), commands))
+        return await self._within_timeout("pipeline", defer.ensureDeferred(self._pipeline(self._open_pool("pipeline"), commands)))
+
+    async def _within_timeout(self, what: str, d: defer.Deferred[Any]) -> Any:
+        """``d``'s result, or RedisUnavailable when it times out or the connection fails."""
         d.addTimeout(self.timeout, self._reactor)
         self._busy.enter()
         try:
             try:
                 return await d
             except defer.FirstError as e:
-                # The replies are awaited as a DeferredList: a timeout (cancel) or a lost
-                # connection arrives wrapped, as FirstError(CancelledError) and the like.
+                # A pipeline's replies are awaited as a DeferredList: a timeout (cancel) or a
+                # lost connection arrives wrapped, as FirstError(CancelledError) and the like.
                 raise e.subFailure.value from e
         except (defer.TimeoutError, defer.CancelledError) as e:
-            raise RedisUnavailable(f"redis pipeline: no reply within {self.timeout}s") from e
+            raise RedisUnavailable(f"redis {what}: no reply within {self.timeout}s") from e
         except (txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone) as e:
-            raise RedisUnavailable(f"redis pipeline: {e}") from e
+            raise RedisUnavailable(f"redis {what}: {e}") from e
         finally:
             self._busy.leave()
 

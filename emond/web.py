@@ -30,15 +30,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from emond.api import WRITE, Call, Raw, Route
-from emond.context import NodeContext
+from emond.api.http import WRITE, Call, Raw, Route
+from emond.api.context import NodeContext
 from emond.errors import Invalid, TooMany
 from emond.loops import cooperate
 from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
 from emond.keys import input_stream
 from emond.queue import QueueLayout, encode_group, join_groups
 from emond.redis import Redis, RedisUnavailable
-from emond.refusals import Refused
+from emond.meta.refusals import Refused
 
 OK = Raw(b"ok")
 FULLJSON_OK = Raw(b'{"success": true}')

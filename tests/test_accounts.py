@@ -15,10 +15,10 @@ from twisted.internet import defer, reactor, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from emond import schema
-from emond import users as users_module
-from emond.db import Database, Transaction
-from emond.schema import migrate
+from emond.meta import schema
+from emond.meta import users as users_module
+from emond.meta.db import Database, Transaction
+from emond.meta.schema import migrate
 from tests.support.node import NodeHarness
 
 TRUST_LOOPBACK = '[users]\ntrusted_proxies = ["127.0.0.1"]\n'

@@ -1,5 +1,5 @@
 """input/... management routes over real HTTP against a real node (private Redis; SQLite and MariaDB),
-and the process table and process-list parser of emond.process."""
+and the process table and process-list parser of emond.processlist."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from emond import process
+from emond import processlist as process
 from emond.engine import FeedError
 from emond.errors import Invalid
-from emond.process import (
+from emond.processlist import (
     DAILY,
     FEEDID,
     MAX_STEPS,
@@ -29,7 +29,7 @@ from emond.process import (
 )
 from emond.keys import user_version as user_version_key
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
-from emond.refusals import Refused
+from emond.meta.refusals import Refused
 from tests.support.node import NodeHarness
 
 MSG_FORMAT = "Invalid process list format"

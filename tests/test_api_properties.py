@@ -18,12 +18,12 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from emond.api import MAX_INTEGER, Call, decode_json, error_answer
+from emond.api.http import MAX_INTEGER, Call, decode_json, error_answer
 from emond.errors import EmondError
 from emond.numbers import MAX_ID, php_number
-from emond.api_input import processlist_steps
-from emond.feeds import public_flag
-from emond.process import FEEDID, INPUTID, NONE, PROCESSES, VALUE, Step, parse_processlist
+from emond.api.inputs import processlist_steps
+from emond.meta.feeds import public_flag
+from emond.processlist import FEEDID, INPUTID, NONE, PROCESSES, VALUE, Step, parse_processlist
 from tests.support.properties import DECODER, assert_linear
 
 WHITESPACE = " \t\n\r\x0b\x0c"  # PHP's, around an is_numeric value

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from emond import errors
-from emond.api import ERROR_ANSWERS, error_answer
+from emond.api.http import ERROR_ANSWERS, error_answer
 from emond.pools import PoolBusy
 from emond.redis import RedisUnavailable
 from tests.support.node import NodeHarness

@@ -8,7 +8,7 @@ import numpy as np
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from emond.api_feed import EXPORT_CHUNK
+from emond.api.feeds import EXPORT_CHUNK
 from tests.support.node import NodeHarness
 
 NOW = 1_700_000_000

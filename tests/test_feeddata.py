@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from emond.errors import Invalid
 from emond.engine import DataQuery, Series
-from emond.feeddata import convert_time, number_format, php_modify, php_round_places
+from emond.api.feeddata import convert_time, number_format, php_modify, php_round_places
 from emond.numbers import php_int, php_numeric
 
 UTC = zoneinfo.ZoneInfo("UTC")

@@ -19,7 +19,7 @@ from twisted.web.client import Agent
 
 from emond.config import NodeHealthSection, load_node_config, load_storage_config
 from emond.loops import steady_loop
-from emond.monitor import QueueMonitor
+from emond.app.monitor import QueueMonitor
 from emond.keys import input_stream, storage_stream
 from emond.redis import Redis
 from prometheus_client import CollectorRegistry

@@ -143,7 +143,8 @@ class InputPathTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_elements_are_processed_in_bounded_passes_and_nothing_is_lost(self):
-        from emond import consumer as consumer_module, queue
+        from emond import queue
+        from emond.process import consumer as consumer_module
 
         self.patch(consumer_module, "PASS_PACKETS", 3)  # several commits for one read
         feed = yield self.feed()

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from emond.api import error_answer
+from emond.api.http import error_answer
 from emond.errors import EmondError
 from emond.inputparse import (
     FLOAT32_LIMIT,

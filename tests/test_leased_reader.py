@@ -29,16 +29,16 @@ from twisted.trial import unittest
 
 from emond import keys, queue
 from emond.config import EnginesSection, RemoteServer, TLSSection, load_storage_config
-from emond.consumer import InputConsumerService
-from emond.process import parse_processlist
+from emond.process.consumer import InputConsumerService
+from emond.processlist import parse_processlist
 from emond.queue import APPEND_SEQ, RETRY_SECONDS, LeaseLost, QueueLayout, Scripts, encode_groups
 from emond.records import ENGINE_PHPTIMESERIES, RECORD, make_records
 from emond.redis import Redis, RedisUnavailable
-from emond.refusals import Refusals
-from emond.remote import LinkMetrics, RemoteLink
-from emond.sender import LocalSenderService, RefusalRecorder, SenderMetrics
-from emond.service import make_storage_service
-from emond.storage import StorageLocationService
+from emond.meta.refusals import Refusals
+from emond.storage.remote import LinkMetrics, RemoteLink
+from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
+from emond.app.service import make_storage_service
+from emond.storage.location import StorageLocationService
 from tests.support import free_port, redis_server
 from tests.support.daemon import ROOT
 from tests.support.node import NodeHarness

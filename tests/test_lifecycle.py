@@ -17,7 +17,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 
-from emond.api import PUBLIC
+from emond.api.http import PUBLIC
 from emond.redis import Redis
 from tests.support.node import NodeHarness, drain
 from tests.support.servers import mariadb_server, private_redis

@@ -168,7 +168,7 @@ class PHPTimeSeriesTests(unittest.TestCase):
             self.assertEqual(engine.apply_batch(batch), [])
         for feedid in feeds.tolist():
             self.assertRecords(feedid, [(T0 + r, feedid * 10.0 + r) for r in range(3)])
-        self.assertLessEqual(len(engine._fds), 2)
+        self.assertLessEqual(len(engine._files.handles), 2)
 
     def record_fsyncs(self) -> list[str]:
         """Patch os.fsync to record the path of every file or directory synced."""

@@ -1,4 +1,4 @@
-"""Process state (emond.process_state): what a consumer loads from Redis and rebuilds after
+"""Process state (emond.process.state): what a consumer loads from Redis and rebuilds after
 Redis lost it, and what it commits; worked examples, no Redis (replies are given as Redis
 gives them). The process functions themselves are in test_runner.
 """
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from emond.process import parse_processlist
-from emond.process_state import load_commands, loaded, rebuild_feed, rebuild_inputs, to_commit
+from emond.processlist import parse_processlist
+from emond.process.state import load_commands, loaded, rebuild_feed, rebuild_inputs, to_commit
 from emond.queue import Commit
 from emond.records import ENGINE_PHPTIMESERIES
-from emond.runner import ProcessState, StepRun, run_steps
+from emond.process.functions import ProcessState, StepRun, run_steps
 from tests.test_runner import APR01, DAY, INPUT, LONDON, MAR31, OTHER, T0, UTC, Harness, make_feed
 
 
@@ -44,7 +44,7 @@ class LoadTests(unittest.TestCase):
 
 
 class RebuildTests(unittest.TestCase):
-    """State rebuilt after Redis lost it (rules in emond.process_state's docstring), worked by hand."""
+    """State rebuilt after Redis lost it (rules in emond.process.state's docstring), worked by hand."""
 
     def test_a_phpfina_point_stands_for_its_whole_slot(self):
         h = Harness([make_feed(1)])

@@ -10,7 +10,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from emond.redis import Redis
-from emond.redisproc import EmbeddedRedis
+from emond.app.redisproc import EmbeddedRedis
 
 
 class EmbeddedRedisTests(unittest.TestCase):

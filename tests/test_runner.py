@@ -1,6 +1,6 @@
-"""Process functions (emond.runner): worked examples over sequences of packets, no Redis.
+"""Process functions (emond.process.functions): worked examples over sequences of packets, no Redis.
 
-The loading of state and the rebuild rules (emond.process_state) are in test_process_state.
+The loading of state and the rebuild rules (emond.process.state) are in test_process_state.
 
 Each test builds a ProcessState, the user's feeds and a timezone, runs
 process lists packet by packet as the consumer does (the input's last value
@@ -15,12 +15,12 @@ import zoneinfo
 
 from twisted.trial import unittest
 
-from emond.feeds import Feed
-from emond.process import FEEDID, PROCESSES, Step, parse_processlist
-from emond.process_state import to_commit
+from emond.meta.feeds import Feed
+from emond.processlist import FEEDID, PROCESSES, Step, parse_processlist
+from emond.process.state import to_commit
 from emond.queue import Commit
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES, PADDING_JOIN, PADDING_NAN
-from emond.runner import FLOAT32_MAX, FUNCTIONS, READS_FEED, REASON_OUT_OF_RANGE, ProcessState, StepRun, run_steps
+from emond.process.functions import FLOAT32_MAX, FUNCTIONS, READS_FEED, REASON_OUT_OF_RANGE, ProcessState, StepRun, run_steps
 
 LONDON = zoneinfo.ZoneInfo("Europe/London")
 UTC = zoneinfo.ZoneInfo("UTC")

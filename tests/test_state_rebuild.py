@@ -8,7 +8,7 @@ What comes after must continue from what is on disk and in the database.
 The expected numbers are worked out by hand in the comments from emoncms's
 rules (kWh += W * dt / 3.6e6, dt the seconds since the last counted packet,
 nothing after a gap of 7200 s or more) and the rebuild rules of
-``emond.process_state``: a PHPTimeSeries point carries its packet's time; a PHPFina
+``emond.process.state``: a PHPTimeSeries point carries its packet's time; a PHPFina
 point stands for its whole slot, so the next increment counts from the
 slot's last second; a daily point tells the day only, so the first packet
 after the loss sets the baseline.
@@ -25,7 +25,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from emond.phpfina import PHPFina
-from emond.service import make_node_service
+from emond.app.service import make_node_service
 from tests.support.node import NodeHarness, drain, pipeline
 from tests.support.servers import redis_server
 from tests import test_remote  # the module, not its class: trial would run its tests here too

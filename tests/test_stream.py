@@ -22,7 +22,7 @@ from emond.config import load_storage_config
 from emond.engine import DataQuery, Series
 from emond.phpfina import PHPFina
 from emond.records import make_records
-from emond.service import make_storage_service
+from emond.app.service import make_storage_service
 from emond.stream import (
     ACK,
     HELLO,

@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from emond.config import load_node_config
-from emond.service import make_node_service
+from emond.app.service import make_node_service
 from tests.support.servers import MariaDBServer, RedisServer, free_port, mariadb_server, redis_server
 
 

@@ -49,7 +49,7 @@ class StorageServerHarness:
 
     def __init__(self, test: Any, names: tuple[str, ...] = ("node0", "storage1")) -> None:
         from emond.config import load_storage_config
-        from emond.service import make_storage_service
+        from emond.app.service import make_storage_service
         from tests.support.daemon import ROOT
         from tests.support.servers import free_port
 

@@ -1,16 +1,16 @@
-"""twistd plugins: ``twistd emond`` and ``twistd emond-storage`` (thin: see emond.tap)."""
+"""twistd plugins: ``twistd emond`` and ``twistd emond-storage`` (thin: see emond.app.tap)."""
 
 from twisted.application.service import ServiceMaker
 
 emond = ServiceMaker(
     "emond",
-    "emond.tap",
+    "emond.app.tap",
     "emond node: input and feed API, input queues, storage senders",
     "emond",
 )
 emondStorage = ServiceMaker(
     "emond-storage",
-    "emond.storage_tap",
+    "emond.app.storage_tap",
     "emond storage server: feed files, the TLS stream, reads",
     "emond-storage",
 )

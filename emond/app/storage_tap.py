@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 from twisted.application.service import IService
-from twisted.python import usage
 
-from emond.config import ConfigError, load_storage_config
+from emond.app.tap import ConfigOptions
+from emond.config import load_storage_config
 
 
-class Options(usage.Options):
+class Options(ConfigOptions):
     optParameters = [["config", "c", "etc/emond-storage.toml", "Path of the storage server's TOML config file."]]
-
-    def postOptions(self) -> None:
-        try:
-            self["loaded"] = load_storage_config(self["config"])
-        except ConfigError as e:
-            raise usage.UsageError(str(e))
+    load = staticmethod(load_storage_config)
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from emond.service import make_storage_service
+    from emond.app.service import make_storage_service
 
     return make_storage_service(options["loaded"], reactor)

@@ -1,18 +1,18 @@
 """``user/...`` routes: register, login, logout, auth, get, set, getuuid, API keys, password.
 
 Every route that checks a password (login, auth, changepassword) goes through the
-throttle of emond.auth first; registrations are throttled per address.
+throttle of emond.meta.auth first; registrations are throttled per address.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from emond.api import PUBLIC, READ, WRITE, Call, Route
-from emond.context import NodeContext
+from emond.api.http import PUBLIC, READ, WRITE, Call, Route
+from emond.api.context import NodeContext
 from emond.errors import Forbidden, Invalid
 from emond.pools import PoolBusy
-from emond.users import LOGIN_FAILED, Verified, check_new_password
+from emond.meta.users import LOGIN_FAILED, Verified, check_new_password
 
 AUTH_FAILED = "Incorrect authentication"  # current emoncms's user/auth answer, for both failures
 

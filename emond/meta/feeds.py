@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 from emond import keys
-from emond.db import Database, is_duplicate
+from emond.meta.db import Database, is_duplicate
 from emond.errors import Invalid, LimitReached
 from emond.numbers import MAX_INTEGER, php_number
 from emond.names import valid_feed_name

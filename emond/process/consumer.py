@@ -12,7 +12,7 @@ State Redis does not have (it lost its data) is rebuilt before a pass runs:
 feeds' last values from their last points on disk (one read per storage
 server), inputs' from the database, where the consumer writes them at most
 every ``[input] lastvalue_save_interval`` seconds, off the packet path (rules
-in ``emond.process_state``). A storage server that cannot be read stops the pass
+in ``emond.process.state``). A storage server that cannot be read stops the pass
 until it can: a total is never restarted from 0.
 """
 
@@ -21,27 +21,29 @@ from __future__ import annotations
 import uuid
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from emond import keys
-from emond.context import NodeContext
-from emond.feeds import Feed
-from emond.db import is_duplicate
+from emond.config import NodeConfig
+from emond.meta.feeds import Feed, Feeds
+from emond.meta.db import is_duplicate
 from emond.inputparse import frame_node, frame_values
-from emond.inputs import Input
+from emond.meta.inputs import Input, Inputs
 from emond.loops import Slicer, steady_loop
-from emond.process import FEEDID, INPUTID, PROCESSES, parse_lenient
+from emond.processlist import FEEDID, INPUTID, PROCESSES, parse_lenient
 from emond.queue import Commit, ElementHandler, Entry, FairShare, LeasedReader, QueueLayout, Tenure, decode_groups, input_queue
 from emond.redis import Redis
-from emond.refusals import Refused
-from emond.process_state import StateLoader, StorageUnreadable, to_commit
-from emond.runner import ExtraKey, ProcessState, StepRun, daily_feeds, references, run_steps
+from emond.meta.refusals import Refusals, Refused
+from emond.meta.users import Users
+from emond.process.state import StateLoader, StorageUnreadable, to_commit
+from emond.process.functions import ExtraKey, ProcessState, StepRun, daily_feeds, references, run_steps
+from emond.storage.feedstore import FeedStore
 
 POISON_AFTER = 5  # failed attempts before an element is set aside
 # Packets in one pass (one commit). A pass runs on the reactor thread (~4 µs a packet):
@@ -64,6 +66,20 @@ class UserCache:
     daily: set[int] = field(default_factory=set)  # feeds a daily step writes (one point per day)
 
 
+class ConsumerContext(Protocol):
+    """What the consumer uses of the node's shared parts (``emond.api.context.NodeContext``
+    has them all; named here so processing does not import the API)."""
+
+    config: NodeConfig
+    redis: Redis
+    users: Users
+    feeds: Feeds
+    inputs: Inputs
+    store: FeedStore
+    refusals: Refusals
+    registry: CollectorRegistry
+
+
 def _feed_arg(process: int) -> bool:
     p = PROCESSES.get(process)
     return p is not None and p.argtype == FEEDID
@@ -84,7 +100,7 @@ class InputConsumerService(Service, ElementHandler):
 
     def __init__(
         self,
-        ctx: NodeContext,
+        ctx: ConsumerContext,
         layout: QueueLayout,
         blocking: Redis,
         reactor: IReactorTime,

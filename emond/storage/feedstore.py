@@ -24,13 +24,13 @@ from twisted.internet.interfaces import IReactorTime
 
 from emond.engine import DataQuery, FeedError, NoSuchFeed, RowLimit, Series, disk_summary
 from emond.errors import EmondError, TimedOut, Unavailable
-from emond.feeds import Feed
+from emond.meta.feeds import Feed
 from emond.phpfina import FeedMeta
 from emond.phptimeseries import SeriesMeta
 from emond.pools import BoundedPool, PoolBusy
 from emond.records import ENGINE_PHPFINA, Refusal
-from emond.remote import RemoteReadError, RemoteTimeout, RemoteUnavailable
-from emond.storage import StorageEngines, StorageLocationService
+from emond.storage.remote import RemoteReadError, RemoteTimeout, RemoteUnavailable
+from emond.storage.location import StorageEngines, StorageLocationService
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from emond.db import Database, is_duplicate
+from emond.meta.db import Database, is_duplicate
 from emond.errors import Invalid, NotFound
 from emond.pools import BoundedPool, PoolBusy
 
@@ -161,7 +161,7 @@ class Users:
 
         A username matches whatever its case, as on emoncms (MySQL's default collations ignore
         case, so emoncms users type their name in any case). Twins that predate unique
-        usernames (see emond.schema) each still match their exact spelling; another spelling
+        usernames (see emond.meta.schema) each still match their exact spelling; another spelling
         matches the oldest.
         """
         if not username or not password:

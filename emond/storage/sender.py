@@ -29,8 +29,8 @@ from emond.keys import storage_seq, storage_stream
 from emond.queue import APPEND_SEQ, Commit, ElementHandler, Entry, Lease, LeasedReader, OneQueue, Scripts, Tenure, storage_queue
 from emond.records import RECORD, Refusal
 from emond.redis import Redis, RedisUnavailable
-from emond.refusals import Refusals, Refused
-from emond.storage import StorageLocationService
+from emond.meta.refusals import Refusals, Refused
+from emond.storage.location import StorageLocationService
 
 
 class QueueWriter:

@@ -15,16 +15,16 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
-from emond.api import READ, WRITE, Call, Raw, Route, decode_json, json_bytes
-from emond.context import NodeContext
-from emond.api_feed import create_feed
+from emond.api.http import READ, WRITE, Call, Raw, Route, decode_json, json_bytes
+from emond.api.context import NodeContext
+from emond.api.feeds import create_feed
 from emond.errors import Invalid
-from emond.feeds import check_engine, valid_feed_name
-from emond.inputs import Input
+from emond.meta.feeds import check_engine, valid_feed_name
+from emond.meta.inputs import Input
 from emond.names import valid_input_name
 from emond.numbers import MAX_ID
 from emond.phpfina import MIN_INTERVAL
-from emond.process import (
+from emond.processlist import (
     MAX_STEPS,
     MSG_DELETED,
     MSG_FORMAT,

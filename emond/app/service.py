@@ -21,19 +21,19 @@ from twisted.web.server import Request, Site
 
 from emond.config import NodeConfig, StorageConfig
 from emond.inflight import InFlight
-from emond.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
-from emond.consumer import InputConsumerService
-from emond.monitor import QueueMonitor
-from emond.node import NodeAppService, make_api, make_context
+from emond.api.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
+from emond.process.consumer import InputConsumerService
+from emond.app.monitor import QueueMonitor
+from emond.app.node import NodeAppService, make_api, make_context
 from emond.pools import PoolsService, watch_pools
 from emond.redis import Redis
-from emond.remote import LinkMetrics, RemoteLink
-from emond.sender import LocalSenderService, RefusalRecorder, SenderMetrics
+from emond.storage.remote import LinkMetrics, RemoteLink
+from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.queue import QueueLayout
 from emond.web import limited_request_factory
-from emond.redisproc import EmbeddedRedis
-from emond.storage import StorageLocationService, location_dir
-from emond.storage_server import StreamServer, StreamServerFactory
+from emond.app.redisproc import EmbeddedRedis
+from emond.storage.location import StorageLocationService, location_dir
+from emond.storage.server import StreamServer, StreamServerFactory
 from emond.stream import server_tls
 
 

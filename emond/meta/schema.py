@@ -11,7 +11,7 @@ from typing import Callable, Union
 
 from twisted.logger import Logger
 
-from emond.db import Database, Transaction
+from emond.meta.db import Database, Transaction
 
 log = Logger()
 Step = Union[str, Callable[[Transaction], None]]
@@ -28,7 +28,7 @@ _TYPES = MappingProxyType({
 def _report_username_twins(txn: Transaction) -> None:
     """Log the accounts whose names differ only in case (made before names were unique
     whatever their case): all are kept; the oldest holds the name, the others still log in
-    by their exact spelling (emond.users.Users.authenticate)."""
+    by their exact spelling (emond.meta.users.Users.authenticate)."""
     kept = dict(txn.query("SELECT username_key, username FROM users WHERE username_key IS NOT NULL"))
     twins: dict[str, list[str]] = {}
     for (username,) in txn.query("SELECT username FROM users WHERE username_key IS NULL ORDER BY id"):

@@ -15,9 +15,9 @@ a change brings in (a step already in the list is kept as it is), so that
 removing or moving steps always works, even in a list emoncms.org let go bad.
 
 This module is plain data and pure functions (no SQL, no Redis): the
-metadata layer (``emond.inputs``) loads what a user owns and judges a change
+metadata layer (``emond.meta.inputs``) loads what a user owns and judges a change
 with ``check_steps``; the functions that run each process are in
-``emond.runner``.
+``emond.process.functions``.
 """
 
 from __future__ import annotations

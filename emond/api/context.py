@@ -6,16 +6,16 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from emond.auth import Authenticator
+from emond.meta.auth import Authenticator
 from emond.config import NodeConfig
-from emond.db import Database
-from emond.feeds import Feeds
-from emond.feedstore import FeedStore, FeedWriter
-from emond.inputs import Inputs
+from emond.meta.db import Database
+from emond.meta.feeds import Feeds
+from emond.storage.feedstore import FeedStore, FeedWriter
+from emond.meta.inputs import Inputs
 from emond.pools import BoundedPool
 from emond.redis import Redis
-from emond.refusals import Refusals
-from emond.users import Users
+from emond.meta.refusals import Refusals
+from emond.meta.users import Users
 
 
 @dataclass

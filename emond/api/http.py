@@ -30,7 +30,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from emond.auth import Auth
+from emond.meta.auth import Auth
 from emond.errors import (
     Failed,
     Forbidden,

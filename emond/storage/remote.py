@@ -32,7 +32,7 @@ from emond.config import RemoteServer, TLSSection
 from emond.queue import ElementHandler, Entry, Lease, LeaseLost, LeasedReader, OneQueue, Scripts, Tenure, Window, storage_queue
 from emond.records import RECORD, Refusal
 from emond.redis import Redis, RedisUnavailable
-from emond.sender import RefusalRecorder, disk_values
+from emond.storage.sender import RefusalRecorder, disk_values
 from emond.stream import (
     ACK,
     BINARY,

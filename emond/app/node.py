@@ -11,26 +11,26 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from emond.api import ApiResource, Router
-from emond.api_feed import FEED_ROUTES
-from emond.api_input import INPUT_ROUTES
-from emond.api_user import USER_ROUTES
-from emond.auth import Authenticator
+from emond.api.http import ApiResource, Router
+from emond.api.feeds import FEED_ROUTES
+from emond.api.inputs import INPUT_ROUTES
+from emond.api.users import USER_ROUTES
+from emond.meta.auth import Authenticator
 from emond.config import NodeConfig
-from emond.context import NodeContext
-from emond.db import Database
-from emond.feeds import Feeds
-from emond.feedstore import FeedStore
-from emond.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
-from emond.inputs import Inputs
+from emond.api.context import NodeContext
+from emond.meta.db import Database
+from emond.meta.feeds import Feeds
+from emond.storage.feedstore import FeedStore
+from emond.api.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
+from emond.meta.inputs import Inputs
 from emond.pools import BoundedPool
 from emond.queue import QueueLayout, QueueLayoutError
 from emond.redis import Redis, RedisUnavailable
-from emond.refusals import Refusals
-from emond.schema import migrate
-from emond.storage import StorageLocationService
-from emond.sender import QueueWriter
-from emond.users import Users
+from emond.meta.refusals import Refusals
+from emond.meta.schema import migrate
+from emond.storage.location import StorageLocationService
+from emond.storage.sender import QueueWriter
+from emond.meta.users import Users
 from emond.web import INPUT_PATH_ROUTES, InputAppender, InputMetrics, InputPath, UserRateLimit
 
 

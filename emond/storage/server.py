@@ -4,8 +4,8 @@
 storage location and answers read requests from it; ``StorageStreamProtocol``
 is one verified connection (hello first, every frame validated before it has
 any effect); ``StreamServerFactory`` makes them for the TLS listener. The
-location and its engines are in ``emond.storage``; the node's end of the
-stream is ``emond.remote``.
+location and its engines are in ``emond.storage.location``; the node's end of the
+stream is ``emond.storage.remote``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from emond.engine import DataQuery, FeedError, disk_summary
 from emond.records import ENGINE_PHPFINA
-from emond.storage import StorageEngines, StorageLocationService
+from emond.storage.location import StorageEngines, StorageLocationService
 from emond.stream import (
     ACK,
     BATCH,

@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from emond import __version__
-from emond.auth import client_address
+from emond.meta.auth import client_address
 from emond.config import HealthSection
 
 HealthCheck = Callable[[], Union[dict[str, Any], Awaitable[dict[str, Any]]]]

@@ -64,7 +64,7 @@ from emond.engine import (
     php_round,
     valid_zone,
 )
-from emond.feeds import Feed
+from emond.meta.feeds import Feed
 from emond.numbers import php_int, php_numeric, php_truthy
 from emond.records import ENGINE_PHPFINA
 

@@ -23,7 +23,7 @@ from emond.config import UsersSection
 from emond.errors import InvalidApiKey, TooMany
 from emond import keys
 from emond.redis import Redis
-from emond.users import Users, apikey_digest
+from emond.meta.users import Users, apikey_digest
 
 COOKIE = b"emond_session"
 KEY_CACHE_SECONDS = 5.0

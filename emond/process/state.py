@@ -1,6 +1,6 @@
 """A consumer's process state in Redis: what it loads before a pass, how it
 rebuilds what Redis lost, and what it commits (the process functions that
-change the state in between are pure: ``emond.runner``).
+change the state in between are pure: ``emond.process.functions``).
 
 Before a pass the consumer loads, for the inputs, feeds and extra state the
 pass's process lists read and that its tenure has not cached yet, their
@@ -51,13 +51,13 @@ from twisted.logger import Logger
 from emond import keys
 from emond.engine import NoSuchFeed
 from emond.errors import EmondError
-from emond.feeds import Feed
-from emond.feedstore import FeedStore
-from emond.inputs import Inputs
+from emond.meta.feeds import Feed
+from emond.storage.feedstore import FeedStore
+from emond.meta.inputs import Inputs
 from emond.queue import Commit
 from emond.records import ENGINE_PHPFINA, RECORD
 from emond.redis import Redis
-from emond.runner import ExtraKey, ProcessState, day_start, stored_number, stored_time
+from emond.process.functions import ExtraKey, ProcessState, day_start, stored_number, stored_time
 
 Wanted = list[tuple[str, Any]]  # ("input" | "step", input id), ("feed", feed id), ("extra", ExtraKey)
 

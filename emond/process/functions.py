@@ -21,7 +21,7 @@ No record leaves a list with a value a feed cannot hold: a step whose result
 is not finite, or a write beyond float32, is refused (counted with
 ``REASON_OUT_OF_RANGE``) and the steps after it get no value.
 
-State is loaded, rebuilt and committed by ``emond.process_state``; nothing
+State is loaded, rebuilt and committed by ``emond.process.state``; nothing
 here does I/O: a process function reads and changes a ``ProcessState`` and
 emits records.
 """
@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from emond.feeds import Feed
-from emond.process import DAILY, PROCESSES, Step
+from emond.meta.feeds import Feed
+from emond.processlist import DAILY, PROCESSES, Step
 from emond.records import PADDING_JOIN, PADDING_NAN
 
 Record = tuple[int, int, float, int, int]  # feed, time, value, engine, padding
@@ -95,13 +95,8 @@ class ProcessState:
 
 def stored_time(raw: Any) -> int | None:
     """A stored time (unix seconds); None when unset or unreadable (e.g. emoncms.org's date strings)."""
-    if raw is None or raw in (b"", ""):
-        return None
-    try:
-        number = float(raw)
-    except (TypeError, ValueError):
-        return None
-    return int(number) if math.isfinite(number) else None
+    number = stored_number(raw)
+    return None if number is None else int(number)
 
 
 def stored_number(raw: Any) -> float | None:
@@ -283,6 +278,19 @@ def _kwh_increment(last_time: int, now: int, power: float) -> float:
     return elapsed * power / 3600000.0 if last_time and elapsed < KWH_MAX_GAP else 0.0
 
 
+def _add_to_day(run: StepRun, feedid: Any, value: float, increment: Callable[[int], float]) -> float | None:
+    """The daily totals: ``increment(last_time)`` added to the feed's point for the local
+    day, or starting the day's point when the last one is from an earlier day."""
+    last_time, total = run.feed_last(feedid)
+    if not _applies(run, feedid, last_time):
+        return value
+    today = run.today()
+    # last_time < run.time: the last value is today's exactly when it is not before today's start
+    run.write_day(feedid, today, (total if last_time >= today else 0.0) + increment(last_time))
+    run.applied()
+    return value
+
+
 # -- the process functions ---------------------------------------------------------
 
 
@@ -311,16 +319,8 @@ def power_to_kwh(run: StepRun, feedid: Any, value: float) -> float | None:
 
 def power_to_kwhd(run: StepRun, feedid: Any, value: float) -> float | None:
     """kWh per local day: the increment of power_to_kwh, added to the day's total or starting a new day."""
-    last_time, kwh = run.feed_last(feedid)
-    if not _applies(run, feedid, last_time):
-        return value
-    today = run.today()
     # rebuilt from a daily point: when the last packet came is unknown, so no increment (as after a gap)
-    increment = 0.0 if run.day_only(feedid) else _kwh_increment(last_time, run.time, value)
-    # last_time < run.time: the last value is today's exactly when it is not before today's start
-    run.write_day(feedid, today, kwh + increment if last_time >= today else increment)
-    run.applied()
-    return value
+    return _add_to_day(run, feedid, value, lambda last_time: 0.0 if run.day_only(feedid) else _kwh_increment(last_time, run.time, value))
 
 
 def times_input(run: StepRun, inputid: Any, value: float) -> float | None:
@@ -329,27 +329,17 @@ def times_input(run: StepRun, inputid: Any, value: float) -> float | None:
 
 def input_ontime(run: StepRun, feedid: Any, value: float) -> float | None:
     """Seconds per local day the value was on: the time since the last packet counts when this value is > 0."""
-    last_time, ontime = run.feed_last(feedid)
-    if not _applies(run, feedid, last_time):
-        return value
-    elapsed = run.time - last_time
-    if value <= 0 or elapsed >= KWH_MAX_GAP or run.day_only(feedid):
-        elapsed = 0
-    today = run.today()
-    run.write_day(feedid, today, ontime + elapsed if last_time >= today else float(elapsed))
-    run.applied()
-    return value
+
+    def on_for(last_time: int) -> float:
+        elapsed = run.time - last_time
+        return 0.0 if value <= 0 or elapsed >= KWH_MAX_GAP or run.day_only(feedid) else float(elapsed)
+
+    return _add_to_day(run, feedid, value, on_for)
 
 
 def kwhinc_to_kwhd(run: StepRun, feedid: Any, value: float) -> float | None:
     """Wh increments summed into kWh per local day."""
-    last_time, kwh = run.feed_last(feedid)
-    if not _applies(run, feedid, last_time):
-        return value
-    today = run.today()
-    run.write_day(feedid, today, (kwh if last_time >= today else 0.0) + value / 1000.0)
-    run.applied()
-    return value
+    return _add_to_day(run, feedid, value, lambda last_time: value / 1000.0)
 
 
 def add_input(run: StepRun, inputid: Any, value: float) -> float | None:

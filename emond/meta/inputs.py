@@ -5,7 +5,7 @@ database (``inputs.time``/``value``, as emoncms does) at a bounded rate;
 where Redis has none (it lost its data), the database's are used.
 
 The SQL behind process lists is here too: ``load_owned`` reads what a user
-owns, and ``emond.process.check_steps`` (pure) judges a change against it.
+owns, and ``emond.processlist.check_steps`` (pure) judges a change against it.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from emond import keys
-from emond.db import Database, Transaction
+from emond.meta.db import Database, Transaction
 from emond.errors import Invalid
-from emond.names import valid_input_name
+from emond.names import MAX_INPUT_NAME, MAX_NODE, valid_input_name
 from emond.numbers import MAX_ID
-from emond.process import FEEDID, PROCESSES, Owned, Step, check_steps, parse_lenient, parse_processlist
+from emond.processlist import FEEDID, PROCESSES, Owned, Step, check_steps, parse_lenient, parse_processlist
 from emond.redis import Redis
 
 COLUMNS = "id, userid, nodeid, name, description, processList"
-MAX_NODE = 16
-MAX_NAME = 64
 MAX_DESCRIPTION = 255
 SAVE_CHUNK = 200  # inputs per UPDATE statement (7 parameters each, well under SQLite's limit)
 READ_CHUNK = 500  # ids per SELECT ... IN (...)
@@ -55,8 +53,8 @@ def check_node(node: str) -> None:
 def check_input_name(name: str) -> None:
     if not name or not valid_input_name(name):
         raise Invalid("Error: Format error, json key missing or invalid character")
-    if len(name) > MAX_NAME:
-        raise Invalid(f"Error: input name must be {MAX_NAME} characters or less")
+    if len(name) > MAX_INPUT_NAME:
+        raise Invalid(f"Error: input name must be {MAX_INPUT_NAME} characters or less")
 
 
 class Inputs:

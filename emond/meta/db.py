@@ -3,7 +3,7 @@
 SQL is written once with ``?`` placeholders and always parameterised; the
 MySQL driver's ``%s`` style is produced here. SQLite runs with WAL, a busy
 timeout and a single connection (one writer). Schema changes are versioned
-migrations (``emond.schema``) applied at start.
+migrations (``emond.meta.schema``) applied at start.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ spec B: errors are HTTP 400 with ``{"success": false, "message": ...}``;
 ``time``/``value``, the last value accepted.
 
 Reads (``feed/data.json``, ``datanew``, ``average.json``, ``csvexport.json``)
-are ``emond.feeddata``: the request rules of current emoncms, one query per
+are ``emond.api.feeddata``: the request rules of current emoncms, one query per
 feed to its storage server.
 
 Writes (``feed/insert.json``, ``feed/update.json``) go through the node's
@@ -44,13 +44,13 @@ from typing import Any, AsyncIterator
 import numpy as np
 from twisted.internet import defer
 
-from emond.api import PUBLIC, WRITE, Call, Raw, Route, Streamed, decode_json, json_bytes
-from emond.context import NodeContext
+from emond.api.http import PUBLIC, WRITE, Call, Raw, Route, Streamed, decode_json, json_bytes
+from emond.api.context import NodeContext
 from emond.engine import MAX_TIME as MAX_READ_TIME
 from emond.engine import MIN_TIME as MIN_READ_TIME
 from emond.engine import FeedError, RowLimit, Series
 from emond.errors import EmondError, Failed, Forbidden, Invalid, Unauthenticated, UnknownFeeds
-from emond.feeddata import (
+from emond.api.feeddata import (
     DataRequest,
     FeedPlan,
     csv_body,
@@ -63,9 +63,9 @@ from emond.feeddata import (
     shape,
     zone_or_utc,
 )
-from emond.feeds import Feed
+from emond.meta.feeds import Feed
 from emond.numbers import MAX_ID, php_number
-from emond.feedstore import DiskSummary
+from emond.storage.feedstore import DiskSummary
 from emond.phpfina import MIN_INTERVAL
 from emond.records import (
     ENGINE_PHPFINA,
@@ -78,7 +78,7 @@ from emond.records import (
     Refusal,
     make_records,
 )
-from emond.refusals import Refused
+from emond.meta.refusals import Refused
 
 MAX_TIME = 2**32 - 1  # record times are uint32 seconds
 MAX_INTERVAL = 366 * 86400  # longest PHPFina interval accepted at create

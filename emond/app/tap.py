@@ -1,0 +1,36 @@
+"""``twistd emond``: a node (HTTP API, input queues, storage senders)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from emond.config import ConfigError, load_node_config
+
+
+class ConfigOptions(usage.Options):
+    """``--config``: the process's TOML file, loaded and checked before the reactor runs
+    (a bad file is a usage error naming the problem)."""
+
+    load: Callable[[str], Any]
+
+    def postOptions(self) -> None:
+        try:
+            self["loaded"] = type(self).load(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+class Options(ConfigOptions):
+    optParameters = [["config", "c", "etc/emond.toml", "Path of the node's TOML config file."]]
+    load = staticmethod(load_node_config)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from emond.app.service import make_node_service
+
+    return make_node_service(options["loaded"], reactor)

@@ -1,0 +1,1 @@
+"""The database: schema and migrations, users, authentication, inputs, feeds (all SQL here)."""
