@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 import typing
+import dataclasses
 from dataclasses import MISSING, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping, TypeVar
@@ -38,9 +40,18 @@ def _endpoint(**kw: Any) -> Any:
     return field(metadata={"endpoint": True}, **kw)
 
 
+DEFAULT_SHARD = "default"  # the one shard of a node without [shards]
+SHARD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
 @dataclass(frozen=True)
 class NodeSection:
     name: str = "node0"
+    # Roles (architecture §7). front: the HTTP input endpoint and the JSON API for any user.
+    # shard: the shard whose input queues this process consumes and whose storage queues it
+    # drains ("": none, a front only).
+    front: bool = True
+    shard: str = DEFAULT_SHARD
     http: str = _endpoint(default="tcp:8080:interface=127.0.0.1")
     datadir: str = _path(default="var")
     storage: tuple[int, ...] = (0,)
@@ -156,6 +167,27 @@ MIN_ADMIN_TOKEN = 16  # characters: a short token is guessable
 
 
 @dataclass(frozen=True)
+class ShardSection:
+    """``[shards.NAME]``: a shard, with its own Redis (its users' input queues, process state,
+    last values and storage queues) and its own storage servers."""
+
+    # redis://[:PASSWORD@]HOST:PORT/DB; "" when `sentinels` are given (and, for the one
+    # shard of a node without [shards], the node's [redis]).
+    redis: str = ""
+    sentinels: tuple[str, ...] = ()  # "HOST:PORT" of the Redis Sentinels watching the shard's Redis
+    service: str = ""  # the Sentinel service (master) name
+    password: str = ""  # of the shard's Redis when found through Sentinel
+    db: int = 0  # ... and its database number
+    timeout: float = 2.0  # seconds the shard's Redis has to answer (then 503 for its users only)
+    # Replicas that must hold an accepted post before the device gets `ok` (Redis WAIT), and
+    # how long to wait for them (then 503: the device sends again).
+    wait_replicas: int = 0
+    wait_timeout: float = 1.0
+    storage: tuple[int, ...] = ()  # ids of its storage servers (hosted in [node] storage or in [storage.servers])
+    weight: float = 1.0  # new users go to the shard with the fewest active feeds per weight
+
+
+@dataclass(frozen=True)
 class RemoteServer:
     endpoint: str
     name: str = ""
@@ -190,6 +222,22 @@ class NodeConfig:
     storage_servers: Mapping[int, RemoteServer]
     tls: TLSSection | None
     health: NodeHealthSection = NodeHealthSection()
+    # Every shard of the cluster by name; a node without [shards] has one, DEFAULT_SHARD,
+    # on its [redis] with all its storage servers.
+    shards: Mapping[str, ShardSection] = field(default_factory=lambda: MappingProxyType({}))
+
+    def shard_of_server(self, server_id: int) -> str:
+        """The shard a storage server belongs to."""
+        for name, shard in self.shards.items():
+            if server_id in shard.storage:
+                return name
+        raise KeyError(server_id)
+
+    def default_server(self, shard: str) -> int:
+        """The storage server of a new feed of a user on ``shard``: ``[feeds] default_server``
+        when it is the shard's, else the shard's first."""
+        servers = self.shards[shard].storage
+        return self.feeds.default_server if self.feeds.default_server in servers or not servers else servers[0]
 
     @property
     def sqlite_path(self) -> str | None:
@@ -314,7 +362,7 @@ def load_node_config(path: str) -> NodeConfig:
     path = os.path.abspath(path)
     base = os.path.dirname(path)
     data = _load_toml(path)
-    allowed = {"node", "redis", "database", "input", "feeds", "users", "engines", "storage", "tls", "health"}
+    allowed = {"node", "redis", "database", "input", "feeds", "users", "engines", "storage", "tls", "health", "shards"}
     _unknown_sections(data, allowed)
     servers: dict[int, RemoteServer] = {}
     storage = data.get("storage", {})
@@ -344,8 +392,56 @@ def load_node_config(path: str) -> NodeConfig:
         tls=_tls(data, base) if servers else None,
         health=_health(NodeHealthSection, data, base),
     )
+    config = dataclasses.replace(config, shards=_shards(data.get("shards"), config, base))
     _validate_node(config)
     return config
+
+
+def _shards(table: Any, config: NodeConfig, base: str) -> Mapping[str, ShardSection]:
+    """``[shards.NAME]`` sections checked against each other and the storage servers; without
+    any, the one default shard holding every storage server on the node's [redis]."""
+    servers = sorted(set(config.node.storage) | set(config.storage_servers))
+    if table is None:
+        return MappingProxyType({DEFAULT_SHARD: ShardSection(storage=tuple(servers))})
+    if not isinstance(table, dict) or not table:
+        raise ConfigError("[shards]: expected one table per shard, [shards.NAME]")
+    shards: dict[str, ShardSection] = {}
+    owner: dict[int, str] = {}
+    for name, section in table.items():
+        where = f"[shards.{name}]"
+        if not SHARD_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: a shard name is 1-32 of a-z, 0-9, _ and -, starting with a letter or digit")
+        shard = _section(ShardSection, section, where, base)
+        if shard.sentinels:
+            if shard.redis:
+                raise ConfigError(f"{where}: give redis or sentinels, not both")
+            if not shard.service:
+                raise ConfigError(f"{where} service: required with sentinels (the Sentinel master name)")
+            for address in shard.sentinels:
+                host, _, port = address.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ConfigError(f"{where} sentinels: expected HOST:PORT, got {address!r}")
+        elif urlsplit(shard.redis).scheme != "redis":
+            raise ConfigError(f"{where} redis: expected redis://HOST:PORT/DB (or sentinels), got {shard.redis!r}")
+        if not shard.timeout > 0 or not shard.wait_timeout > 0:
+            raise ConfigError(f"{where}: timeout and wait_timeout must be more than 0 seconds")
+        if shard.wait_replicas < 0:
+            raise ConfigError(f"{where} wait_replicas: must not be negative, got {shard.wait_replicas}")
+        if not shard.weight > 0:
+            raise ConfigError(f"{where} weight: must be more than 0, got {shard.weight}")
+        if not shard.storage:
+            raise ConfigError(f"{where} storage: a shard needs at least one storage server")
+        for sid in shard.storage:
+            if sid not in servers:
+                raise ConfigError(f"{where} storage: server {sid} is neither hosted ([node] storage) nor in [storage.servers]")
+            if sid in owner:
+                raise ConfigError(f"{where} storage: server {sid} is also shard {owner[sid]!r}'s")
+            owner[sid] = name
+        shards[name] = shard
+    for sid in servers:
+        if sid not in owner:
+            raise ConfigError(f"[shards]: storage server {sid} belongs to no shard")
+    return MappingProxyType(shards)
 
 
 def _validate_node(config: NodeConfig) -> None:
@@ -386,6 +482,13 @@ def _validate_node(config: NodeConfig) -> None:
     _check_pool("[engines] read", config.engines.read_threads, config.engines.read_queue)
     if not config.feeds.read_timeout > 0:
         raise ConfigError(f"[feeds] read_timeout: must be more than 0 seconds, got {config.feeds.read_timeout}")
+    if config.node.shard and config.node.shard not in config.shards:
+        names = ", ".join(sorted(config.shards))
+        raise ConfigError(f"[node] shard: {config.node.shard!r} is not a configured shard ({names}); name one, or \"\" for a front only")
+    if not config.node.front and not config.node.shard:
+        raise ConfigError("[node]: front = false and shard = \"\": this process would do nothing")
+    if len(config.shards) > 1 and scheme != "mysql":
+        raise ConfigError("[database] url: several shards share one central database: mysql://... (SQLite is for one node)")
     hosted = set(config.node.storage) | set(config.storage_servers)
     if hosted and config.feeds.default_server not in hosted:
         raise ConfigError(f"[feeds] default_server: server {config.feeds.default_server} is neither hosted nor remote")

@@ -121,6 +121,70 @@ class NodeConfigTests(ConfigCase):
         self.assertEqual(message, "[storage.servers.1] nam: unknown key")
 
 
+class ShardsConfigTests(ConfigCase):
+    """``[shards.NAME]`` and the roles of ``[node]`` (architecture §7)."""
+
+    MYSQL = "[database]\nurl = 'mysql://emond:pw@127.0.0.1:3306/emond'\n"
+    TWO = (
+        "[node]\nstorage = [1, 2]\nshard = 'a'\n[feeds]\ndefault_server = 1\n"
+        "[shards.a]\nredis = 'redis://127.0.0.1:6379/0'\nstorage = [1]\n"
+        "[shards.b]\nsentinels = ['127.0.0.1:26379', '127.0.0.2:26379']\nservice = 'shard-b'\nstorage = [2]\nweight = 2.0\n"
+    )
+
+    def test_without_shards_one_default_shard_holds_every_server(self) -> None:
+        config = load_node_config(self.write("[node]\nstorage = [0, 3]\n"))
+        self.assertEqual(list(config.shards), ["default"])
+        self.assertEqual(config.shards["default"].storage, (0, 3))
+        self.assertEqual(config.shards["default"].redis, "")  # the node's [redis]
+        self.assertEqual((config.node.front, config.node.shard), (True, "default"))
+        self.assertEqual(config.default_server("default"), 0)
+
+    def test_two_shards(self) -> None:
+        config = load_node_config(self.write(self.TWO + self.MYSQL))
+        self.assertEqual(sorted(config.shards), ["a", "b"])
+        self.assertEqual(config.shards["b"].sentinels, ("127.0.0.1:26379", "127.0.0.2:26379"))
+        self.assertEqual(config.shard_of_server(2), "b")
+        # a new feed goes to [feeds] default_server when it is the shard's, else to the shard's first
+        self.assertEqual((config.default_server("a"), config.default_server("b")), (1, 2))
+
+    def test_several_shards_need_the_central_mariadb(self) -> None:
+        message = self.refused(load_node_config, self.TWO)
+        self.assertTrue(message.startswith("[database] url: several shards share one central database"), message)
+
+    def test_the_process_shard_must_be_configured(self) -> None:
+        text = self.TWO.replace("shard = 'a'", "shard = 'c'") + self.MYSQL
+        self.assertIn("[node] shard: 'c' is not a configured shard (a, b)", self.refused(load_node_config, text))
+        text = self.TWO.replace("shard = 'a'", "shard = ''\nfront = false") + self.MYSQL
+        self.assertIn("this process would do nothing", self.refused(load_node_config, text))
+
+    def test_storage_servers_belong_to_exactly_one_shard(self) -> None:
+        both = self.TWO.replace("storage = [2]", "storage = [1]") + self.MYSQL
+        self.assertEqual(self.refused(load_node_config, both), "[shards.b] storage: server 1 is also shard 'a''s")
+        unknown = self.TWO.replace("storage = [2]", "storage = [2, 9]") + self.MYSQL
+        self.assertIn("server 9 is neither hosted", self.refused(load_node_config, unknown))
+        orphan = self.TWO.replace("storage = [1, 2]", "storage = [1, 2, 3]") + self.MYSQL
+        self.assertEqual(self.refused(load_node_config, orphan), "[shards]: storage server 3 belongs to no shard")
+
+    def test_bad_shard_sections(self) -> None:
+        base = "[node]\nshard = 's'\n" + self.MYSQL
+        cases = {
+            "[shards.S]\nredis = 'redis://h:1/0'\nstorage = [0]\n": "a shard name is 1-32 of a-z",
+            "[shards.s]\nredis = 'http://h:1/0'\nstorage = [0]\n": "[shards.s] redis: expected redis://",
+            "[shards.s]\nsentinels = ['h:1']\nstorage = [0]\n": "[shards.s] service: required with sentinels",
+            "[shards.s]\nsentinels = ['h']\nservice = 'm'\nstorage = [0]\n": "[shards.s] sentinels: expected HOST:PORT",
+            "[shards.s]\nredis = 'redis://h:1/0'\nsentinels = ['h:1']\nservice = 'm'\nstorage = [0]\n": "not both",
+            "[shards.s]\nredis = 'redis://h:1/0'\nstorage = []\n": "a shard needs at least one storage server",
+            "[shards.s]\nredis = 'redis://h:1/0'\nstorage = [0]\ntimeout = 0\n": "must be more than 0 seconds",
+            "[shards.s]\nredis = 'redis://h:1/0'\nstorage = [0]\nwait_replicas = -1\n": "wait_replicas: must not be negative",
+            "[shards.s]\nredis = 'redis://h:1/0'\nstorage = [0]\nweight = 0\n": "weight: must be more than 0",
+            "[shards.s]\nredis = 'redis://h:1/0'\nstorage = [0]\nport = 1\n": "[shards.s] port: unknown key",
+            "[shards]\n": "[shards]: expected one table per shard",
+        }
+        for section, expected in cases.items():
+            message = self.refused(load_node_config, base + section)
+            self.assertIn(expected, message, section)
+
+
 class StorageConfigTests(ConfigCase):
     def test_example_loads_with_certificates(self) -> None:
         directory = self.mktemp()
