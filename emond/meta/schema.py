@@ -116,6 +116,18 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
         "ALTER TABLE inputs ADD COLUMN time BIGINT",
         "ALTER TABLE inputs ADD COLUMN value DOUBLE",
     ),
+    (
+        # Shards (architecture §7): each user's shard; users from before shards are all on
+        # the default shard (the one shard of a node without [shards]).
+        "ALTER TABLE users ADD COLUMN shard VARCHAR(32) NOT NULL DEFAULT 'default'",
+        "CREATE INDEX users_shard ON users (shard)",
+        # The topology the processes sharing this database were configured with, recorded
+        # by the first to start: a process configured otherwise refuses to start.
+        """CREATE TABLE shards (
+            name VARCHAR(32) NOT NULL PRIMARY KEY,
+            storage VARCHAR(255) NOT NULL
+        ){engine}""",
+    ),
 )
 
 
