@@ -103,15 +103,29 @@ class TopologyMixin:
         self.assertEqual(dict((yield db.query("SELECT name, storage FROM shards"))), {"default": "0,2"})
 
     @defer.inlineCallbacks
-    def test_a_storage_server_more_is_refused(self):
+    def test_without_shards_the_default_shard_gathers_every_processes_servers(self):
+        """Processes without [shards] (one shard) host different storage servers, a front
+        none: all of them are the default shard's, and each starts."""
         db = self.open_db()
         yield wait(migrate(db))
-        yield wait(check_topology(db, self.config("[node]\nstorage = [0]\n")))
-        error = yield self.refused(db, self.config("[node]\nstorage = [0, 2]\n"))
+        for storage, recorded in (("[0]", "0"), ("[]", "0"), ("[0, 2]", "0,2"), ("[5]", "0,2,5")):
+            server = storage.strip("[]").split(",")[0] or "0"
+            yield wait(check_topology(db, self.config(f"[node]\nstorage = {storage}\n[feeds]\ndefault_server = {server}\n")))
+            self.assertEqual(dict((yield db.query("SELECT name, storage FROM shards"))), {"default": recorded}, storage)
+
+    @defer.inlineCallbacks
+    def test_a_default_shard_section_with_other_servers_is_refused(self):
+        db = self.open_db()
+        yield wait(migrate(db))
+        yield wait(check_topology(db, self.config("[node]\nstorage = [0, 2]\n")))
+        explicit = "[node]\nstorage = [0]\n[shards.default]\nredis = 'redis://127.0.0.1:6379/0'\nstorage = [0]\n"
+        error = yield self.refused(db, self.config(explicit))
         self.assertEqual(
             str(error),
-            f"topology mismatch: shard default has storage servers 0 in the database; this config gives it 0,2 {HINT}",
+            f"topology mismatch: shard default has storage servers 0,2 in the database; this config gives it 0 {HINT}",
         )
+        # the same servers as recorded: it starts
+        yield wait(check_topology(db, self.config(explicit.replace("[0]", "[0, 2]"))))
 
     @defer.inlineCallbacks
     def refused(self, db: Database, config: NodeConfig):
@@ -124,33 +138,6 @@ class TopologyMixin:
 
 class TopologySQLiteTests(TopologyMixin, unittest.TestCase):
     database = "sqlite"
-
-    @defer.inlineCallbacks
-    def test_a_node_with_another_topology_does_not_start(self):
-        """``twistd emond`` with a config whose shards differ from those recorded: the
-        reason in its log, and a failure status."""
-        db = self.open_db()
-        yield wait(migrate(db))
-        yield wait(check_topology(db, self.config("[node]\nstorage = [0, 1]\n")))
-        yield db.close()
-        redis = redis_server()
-        redis.flushall()
-        port = 0  # never listens: it stops before
-        text = f'[node]\nhttp = "tcp:{port}:interface=127.0.0.1"\ndatadir = "var"\nstorage = [0]\n[redis]\nurl = "{redis.url}"\n'
-        path = os.path.join(self.dir, "node.toml")
-        with open(path, "w") as f:
-            f.write(f'{text}[database]\nurl = "{self.db_url}"\n')
-        daemon = start_daemon("emond", path, self.dir)
-        self.addCleanup(daemon.signal, signal.SIGKILL)
-        status = yield daemon.ended
-        self.assertEqual(status, 1)
-        self.assertIn(
-            b"refusing to start: topology mismatch: shard default has storage servers 0,1 in the database; "
-            b"this config gives it 0 " + HINT.encode(),
-            daemon.output,
-        )
-        self.assertNotIn(b"node API ready", daemon.output)
-        self.assertIn(b"Server Shut Down.", daemon.output)  # stopped in order, not killed
 
 
 class TopologyMariaDBTests(TopologyMixin, unittest.TestCase):
@@ -238,6 +225,43 @@ class TopologyMariaDBTests(TopologyMixin, unittest.TestCase):
             "topology mismatch: the database records shards a, b, c; this config has a, b; "
             f"users are on shard c, which this config lacks {HINT}",
         )
+
+    @defer.inlineCallbacks
+    def test_a_node_with_another_topology_does_not_start(self):
+        """``twistd emond`` with a config whose shards differ from those recorded: the
+        reason in its log, and a failure status."""
+        db = self.open_db()
+        yield wait(migrate(db))
+        yield wait(check_topology(db, self.shards(a="1", b="2", c="3")))
+        redis = redis_server()
+        redis.flushall()
+        shards = "".join(
+            f"[shards.{name}]\nredis = '{redis.url[:-1]}{n}'\nstorage = [{n + 1}]\n" for n, name in enumerate("ab")
+        )
+        path = os.path.join(self.dir, "node.toml")
+        with open(path, "w") as f:
+            f.write(
+                '[node]\nhttp = "tcp:0:interface=127.0.0.1"\ndatadir = "var"\nstorage = [1, 2]\nshard = "a"\n'
+                f'[feeds]\ndefault_server = 1\n[redis]\nurl = "{redis.url}"\n[database]\nurl = "{self.db_url}"\n{shards}'
+            )
+        daemon = start_daemon("emond", path, self.dir)
+        self.addCleanup(daemon.signal, signal.SIGKILL)
+        status = yield daemon.ended
+        self.assertEqual(status, 1)
+        self.assertIn(
+            f"refusing to start: topology mismatch: the database records shards a, b, c; this config has a, b {HINT}".encode(),
+            daemon.output,
+        )
+        self.assertNotIn(b"node API ready", daemon.output)
+        self.assertIn(b"Server Shut Down.", daemon.output)  # stopped in order, not killed
+
+    @defer.inlineCallbacks
+    def test_a_config_without_shards_is_refused_by_a_sharded_database(self):
+        db = self.open_db()
+        yield wait(migrate(db))
+        yield wait(check_topology(db, self.shards()))
+        error = yield self.refused(db, self.config("[node]\nstorage = [1, 2, 3]\n[feeds]\ndefault_server = 1\n"))
+        self.assertEqual(str(error), f"topology mismatch: the database records shards a, b; this config has default {HINT}")
 
     @defer.inlineCallbacks
     def test_processes_starting_together_record_once(self):

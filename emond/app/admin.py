@@ -17,19 +17,21 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any, Awaitable, NoReturn, TypeVar
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from emond.app.monitor import sample_streams
 from emond.app.redisproc import embedded_redis_url
-from emond.cluster.topology import configured_topology
+from emond.cluster.topology import configured_topology, storage_ids
 from emond.config import ConfigError, NodeConfig, load_node_config
 from emond.keys import input_stream, storage_stream
 from emond.meta.db import Database
 from emond.meta.shards import recorded_shards, shard_counts, user_placement
 from emond.redis import Redis, RedisUnavailable
+
+T = TypeVar("T")
 
 
 class AdminError(Exception):
@@ -88,7 +90,7 @@ def _open_database(config: NodeConfig) -> Database:
     return Database.connect(config.database.url, path)
 
 
-async def _from_database(work: Any) -> Any:
+async def _from_database(work: Awaitable[T]) -> T:
     """``work``'s result; a database error becomes an AdminError naming it."""
     try:
         return await work
@@ -116,7 +118,7 @@ async def shards_report(db: Database, config: NodeConfig, reactor: IReactorTime)
     topology = recorded or configured_topology(config)
     report = {}
     for name in sorted(set(topology) | set(counts)):
-        storage = [int(sid) for sid in topology[name].split(",")] if name in topology else []
+        storage = storage_ids(topology[name]) if name in topology else []
         queues: dict[str, Any] = {"input_queued": None, "storage_queued": None, "lag": None}
         if name in config.shards:
             queues = await _queues(config, name, storage, reactor)

@@ -15,6 +15,8 @@ def recorded_topology(txn: Transaction) -> dict[str, str]:
 
 
 def record_topology(txn: Transaction, topology: Mapping[str, str]) -> None:
+    """Record ``topology`` in place of what was recorded."""
+    txn.execute("DELETE FROM shards")
     txn.executemany("INSERT INTO shards (name, storage) VALUES (?, ?)", sorted(topology.items()))
 
 
