@@ -1,20 +1,25 @@
 """A node's API: its context (database, Redis, models) built from config, and the
-service that opens its connections at start (then migrates the schema) and closes
-them at stop. Building either opens nothing."""
+service that opens its connections at start (then migrates the schema and checks the
+shards against those recorded) and closes them at stop. Building either opens nothing."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from emond.api.http import ApiResource, Router
 from emond.api.feeds import FEED_ROUTES
 from emond.api.inputs import INPUT_ROUTES
 from emond.api.users import USER_ROUTES
+from emond.cluster.topology import TopologyMismatch, check_topology
 from emond.meta.auth import Authenticator
 from emond.config import NodeConfig
 from emond.api.context import NodeContext
@@ -60,10 +65,28 @@ def make_context(
     )
 
 
+def exit_after_stop(reactor: Any, status: int) -> None:
+    """Stop the reactor (the services stop in order) and end the process with ``status`` once
+    twistd has cleaned up: twistd itself ends with 0 whatever stopped its reactor, and an
+    exit handler is the only place left after it."""
+
+    def exit_now() -> None:
+        sys.stdout.flush()  # the log (twistd -n logs to stdout)
+        sys.stderr.flush()
+        os._exit(status)
+
+    atexit.register(exit_now)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (a signal came first)
+
+
 class NodeAppService(Service):
-    """Opens the context's Redis and database at start and migrates the schema (the API answers
-    503 until that is done); at stop, once the services after it have stopped, lets the work
-    in progress on them end and closes them."""
+    """Opens the context's Redis and database at start, migrates the schema and checks the
+    topology (the API answers 503 until that is done; a mismatch stops the process); at stop,
+    once the services after it have stopped, lets the work in progress on them end and closes
+    them."""
 
     log = Logger()
 
@@ -92,9 +115,7 @@ class NodeAppService(Service):
         try:
             await self.layout.check(self.ctx.redis)
         except QueueLayoutError as e:
-            self.log.critical("refusing to start: {error}", error=str(e))
-            self._error = str(e)
-            self.reactor.stop()
+            self._refuse(e)
             return
         except RedisUnavailable as e:
             self.log.warn("Redis not answering yet ({error}); trying again", error=str(e))
@@ -102,6 +123,10 @@ class NodeAppService(Service):
             return
         try:
             version = await migrate(self.ctx.db)
+            await check_topology(self.ctx.db, self.ctx.config)
+        except TopologyMismatch as e:
+            self._refuse(e)
+            return
         except Exception as e:
             self._error = f"database: {e}"
             self.log.failure("cannot prepare the database")
@@ -111,6 +136,15 @@ class NodeAppService(Service):
         self.ready = True
         self.log.info("node API ready (schema version {version})", version=version)
         self.prepared.callback(None)
+
+    def _refuse(self, error: Exception) -> None:
+        """This process must not run with this config (its queue layout or shards disagree with
+        what the others recorded): say why, stop, and end with status 1."""
+        self.log.critical("refusing to start: {error}", error=str(error))
+        self._error = str(error)
+        self.prepared.errback(error)
+        self.prepared.addErrback(lambda _: None)  # reported in the log
+        exit_after_stop(self.reactor, 1)
 
     async def database_status(self) -> dict[str, object]:
         if not self.ready:

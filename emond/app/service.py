@@ -6,7 +6,6 @@ twistd plugins only parse ``--config`` and call these.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -31,7 +30,7 @@ from emond.storage.remote import LinkMetrics, RemoteLink
 from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.queue import QueueLayout
 from emond.web import limited_request_factory
-from emond.app.redisproc import EmbeddedRedis
+from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
 from emond.storage.location import StorageLocationService, location_dir
 from emond.storage.server import StreamServer, StreamServerFactory
 from emond.stream import server_tls
@@ -208,7 +207,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     checks: dict[str, HealthCheck] = {}
     redis_url = config.redis.url
     if not redis_url:
-        redis = EmbeddedRedis(os.path.join(config.node.datadir, "redis"), reactor)
+        redis = EmbeddedRedis(embedded_redis_dir(config.node.datadir), reactor)
         redis.setName("redis")
         redis.setServiceParent(root)
         checks["redis"] = redis.status
