@@ -91,6 +91,16 @@ def process_state(name: str, feedid: int) -> str:
     return f"process:{name}:{int(feedid)}"
 
 
+def user_hold(userid: int) -> str:
+    """Set in a shard's Redis while a user moves onto it: its consumer parks the user's packets."""
+    return f"emond:hold:{userid}"
+
+
+def user_held(userid: int) -> str:
+    """The stream of a user's packets parked while it moves here, in the order accepted."""
+    return f"emond:held:{userid}"
+
+
 def user_version(userid: int) -> str:
     """Bumped when a user's inputs or process lists change: consumers reload what they cached."""
     return f"emond:user:ver:{userid}"
