@@ -101,6 +101,14 @@ def user_held(userid: int) -> str:
     return f"emond:held:{userid}"
 
 
+def moved_chunk(userid: int, entry_id: str) -> str:
+    """Marks a chunk of a moving user's parked packets (up to ``entry_id``) as added to its new shard."""
+    return f"emond:moved:{userid}:{entry_id}"
+
+
+USER_MOVED = "emond:user-moved"  # pub/sub channel on the central Redis: a user's shard changed (payload: its id)
+
+
 def user_version(userid: int) -> str:
     """Bumped when a user's inputs or process lists change: consumers reload what they cached."""
     return f"emond:user:ver:{userid}"
