@@ -129,6 +129,19 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             storage VARCHAR(255) NOT NULL
         ){engine}""",
     ),
+    (
+        # User moves between shards (emond.cluster.move): one row per move in progress or
+        # done, its step recorded so that a move cut short resumes where it stopped.
+        """CREATE TABLE user_moves (
+            userid INT NOT NULL PRIMARY KEY,
+            source VARCHAR(32) NOT NULL,
+            target VARCHAR(32) NOT NULL,
+            step VARCHAR(16) NOT NULL,
+            marks TEXT NOT NULL,
+            started BIGINT NOT NULL,
+            updated BIGINT NOT NULL
+        ){engine}""",
+    ),
 )
 
 
