@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -116,26 +117,24 @@ class Layout:
 
     @classmethod
     def choose(cls) -> Layout:
-        held: list[socket.socket] = []
+        taken: set[tuple[str, int]] = set()
 
         def free(host: str) -> int:
-            # Held until all are chosen: the kernel must not hand out one port twice.
-            s = socket.socket()
-            s.bind((host, 0))
-            held.append(s)
-            return int(s.getsockname()[1])
+            # Below the kernel's ephemeral range (32768-60999 by default): a port there cannot
+            # be taken by some program's outgoing connection between this choice and the bind.
+            while True:
+                port = _random.randrange(*PORT_RANGE)
+                if (host, port) not in taken and _can_listen(host, port):
+                    taken.add((host, port))
+                    return port
 
-        try:
-            return cls(
-                mariadb=free(DB_HOST),
-                redis=free(DB_HOST),
-                shards={name: {key: free(host) for key in SHARD_PORTS} for name, host in SHARD_HOSTS.items()},
-                fronts={name: free(host) for name, host in FRONT_HOSTS.items()},
-                entry=free(ENTRY_HOST),
-            )
-        finally:
-            for s in held:
-                s.close()
+        return cls(
+            mariadb=free(DB_HOST),
+            redis=free(DB_HOST),
+            shards={name: {key: free(host) for key in SHARD_PORTS} for name, host in SHARD_HOSTS.items()},
+            fronts={name: free(host) for name, host in FRONT_HOSTS.items()},
+            entry=free(ENTRY_HOST),
+        )
 
     def addresses(self) -> list[tuple[str, int]]:
         """Every (address, port) the cluster listens on."""
@@ -165,6 +164,8 @@ class Layout:
 
 
 SHARD_PORTS = ("redis", "http", "stream", "storage_http")
+PORT_RANGE = (20000, 32768)
+_random = random.SystemRandom()  # from the OS: two clusters started at once draw apart
 
 
 def _url(address: tuple[str, int]) -> str:
