@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable
 
 from emond.app import programs
@@ -37,8 +38,8 @@ SHARDS = ("a", "b")
 FRONTS = ("front1", "front2")
 # The "machines": one loopback address each.
 DB_HOST = "127.0.0.11"  # MariaDB and the central Redis
-SHARD_HOSTS = {"a": "127.0.0.12", "b": "127.0.0.13"}  # a shard's Redis, its process, its storage server
-FRONT_HOSTS = {"front1": "127.0.0.14", "front2": "127.0.0.15"}
+SHARD_HOSTS = MappingProxyType({"a": "127.0.0.12", "b": "127.0.0.13"})  # a shard's Redis, its process, its storage server
+FRONT_HOSTS = MappingProxyType({"front1": "127.0.0.14", "front2": "127.0.0.15"})
 ENTRY_HOST = "127.0.0.16"  # HAProxy
 DATABASE = "emond"
 READY_TIMEOUT = 120.0  # seconds for the whole cluster to answer (MariaDB's first start is slow)

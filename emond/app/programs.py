@@ -15,11 +15,12 @@ import shutil
 import socket
 import subprocess
 import sys
+from types import MappingProxyType
 
 # mariadbd and haproxy live in sbin, which is not on every user's PATH
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 # The Debian package that provides each program (bin/setup installs them).
-PACKAGES = {
+PACKAGES = MappingProxyType({
     "redis-server": "redis-server",
     "mariadbd": "mariadb-server",
     "mysqld": "mariadb-server",
@@ -27,7 +28,7 @@ PACKAGES = {
     "mysql_install_db": "mariadb-server",
     "openssl": "openssl",
     "haproxy": "haproxy",
-}
+})
 
 # What each server prints once it serves.
 REDIS_READY = b"Ready to accept connections"
