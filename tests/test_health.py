@@ -12,10 +12,9 @@ import subprocess
 import time
 
 import treq
-from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.client import Agent
 
 from emond.config import NodeHealthSection, load_node_config, load_storage_config
 from emond.loops import steady_loop
@@ -24,7 +23,7 @@ from emond.keys import input_stream, storage_stream
 from emond.redis import Redis
 from prometheus_client import CollectorRegistry
 from tests.test_config import ConfigCase
-from tests.support.node import Answer, NodeHarness, drain, pipeline
+from tests.support.node import Answer, NodeHarness, bound_client, drain, pipeline
 from tests.support.servers import free_port, private_mariadb, private_redis
 
 T0 = 1_700_000_000
@@ -174,16 +173,6 @@ class SteadyLoopTests(unittest.TestCase):
         status = monitor.status()
         self.assertFalse(status["ok"])
         self.assertIn("not sampled for 16s", status["error"])
-
-
-def bound_client(source: str) -> treq.client.HTTPClient:
-    """An HTTP client whose connections leave from ``source`` (another loopback address)."""
-
-    class FromSource:
-        def endpointForURI(self, uri):
-            return endpoints.TCP4ClientEndpoint(reactor, uri.host.decode(), uri.port, bindAddress=(source, 0))
-
-    return treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, FromSource()))
 
 
 @defer.inlineCallbacks

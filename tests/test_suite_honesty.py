@@ -41,13 +41,26 @@ class Scratch(unittest.TestCase):
 
 NEEDS_MARIADB = """
 from twisted.trial import unittest
-from tests.support import mariadb_server, servers
+from emond.app import programs
+from tests.support import mariadb_server
 
-servers.SBIN = "/nonexistent"  # mariadbd lives in /usr/sbin: hide it too
+programs.SBIN = "/nonexistent"  # mariadbd lives in /usr/sbin: hide it too
 
 class Scratch(unittest.TestCase):
     def test_needs_mariadb(self):
         mariadb_server()
+"""
+
+NEEDS_HAPROXY = """
+from twisted.trial import unittest
+from emond.app import programs
+from tests.support.daemon import start_haproxy
+
+programs.SBIN = "/nonexistent"  # haproxy lives in /usr/sbin: hide it too
+
+class Scratch(unittest.TestCase):
+    def test_needs_haproxy(self):
+        start_haproxy("haproxy.cfg", ".")
 """
 
 
@@ -153,6 +166,9 @@ class MissingServerTests(unittest.TestCase):
 
     def test_missing_mariadbd_is_an_error(self):
         return self.check(NEEDS_MARIADB, "mariadbd", "mariadb-server")
+
+    def test_missing_haproxy_is_an_error(self):
+        return self.check(NEEDS_HAPROXY, "haproxy", "haproxy")
 
 
 class FixtureTests(unittest.TestCase):

@@ -18,7 +18,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-READY = b"ready to accept connections"
+from emond.app.programs import REDIS_READY, redis_args
+
+READY = REDIS_READY.lower()  # redis-server has written it both ways
 SOCKET = "redis.sock"  # in the server's directory
 MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path holds 108 with its NUL)
 
@@ -93,19 +95,7 @@ class EmbeddedRedis(Service):
             self.log.warn("adopting private redis-server pid {pid} left by an earlier run", pid=leftover)
             self.ready.callback(None)
             return
-        args = [
-            binary,
-            "--port", "0",
-            "--unixsocket", self.socket,
-            "--unixsocketperm", "700",
-            "--dir", self.directory,
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", "",
-            "--pidfile", self._pidfile,
-        ]
+        args = [binary, *redis_args(self.directory, unixsocket=self.socket, durable=True, pidfile=self._pidfile)]
         self._protocol = _RedisProtocol()
         self._protocol.ready.chainDeferred(self.ready)
         self.ready.addCallback(lambda _: self.log.info("private redis-server ready on {socket}", socket=self.socket))

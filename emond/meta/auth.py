@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.server import Request
 
 from emond.config import UsersSection
@@ -213,7 +214,9 @@ class Authenticator:
     def is_https(self, request: Request) -> bool:
         if request.isSecure():
             return True
-        peer = client_address(request)
+        # Who vouches for X-Forwarded-Proto is who connected: under the PROXY protocol
+        # that is the balancer (trusted), not the client its header names.
+        peer = connection_address(request)
         if self._trusted and _in(peer, self._trusted):
             return request.getHeader(b"x-forwarded-proto") == b"https"
         return False
@@ -310,7 +313,20 @@ def address_bucket(address: str) -> str:
 
 
 def client_address(request: Request) -> str:
+    """The caller's address as the connection tells it: with a ``haproxy:`` endpoint, the
+    client's from the PROXY header."""
     peer = request.getClientAddress()
+    return getattr(peer, "host", None) or "unix"
+
+
+def connection_address(request: Request) -> str:
+    """The address at the other end of the socket itself: under the PROXY protocol (and
+    TLS, and any other wrapper) the one that connected, e.g. HAProxy."""
+    channel = request.channel  # None once the client has gone
+    transport = channel.transport if channel is not None else None
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    peer = transport.getPeer() if transport is not None else None
     return getattr(peer, "host", None) or "unix"
 
 

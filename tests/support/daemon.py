@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+from emond.app.programs import ROOT, checkout_env, haproxy_argv, twistd_argv
 
 
 class Daemon(ProcessProtocol):
@@ -77,8 +75,17 @@ class Daemon(ProcessProtocol):
 def start_daemon(plugin: str, config: str, cwd: str, prefix: list[str] | None = None) -> Daemon:
     """Start ``twistd -n <plugin> --config <config>`` with this checkout's code; ``prefix``
     is a command that execs it (e.g. ``setsid``: a process group of its own)."""
+    return start_program([*(prefix or []), *twistd_argv(plugin, config)], cwd, checkout_env())
+
+
+def start_haproxy(config: str, cwd: str) -> Daemon:
+    """``haproxy -W -db -f <config>``; ``logged(HAPROXY_READY)`` fires once it serves, and its
+    output says when a server goes down or up (``Server <backend>/<name> is DOWN``)."""
+    return start_program(haproxy_argv(config), cwd)
+
+
+def start_program(argv: list[str], cwd: str, env: dict[str, str] | None = None) -> Daemon:
+    """Start ``argv`` as a child of the test's reactor, its output followed by a ``Daemon``."""
     daemon = Daemon()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [*(prefix or []), sys.executable, "-c", TWISTD, "-n", "--pidfile=", plugin, "--config", config]
-    reactor.spawnProcess(daemon, argv[0], argv, env=env, path=cwd)
+    reactor.spawnProcess(daemon, argv[0], argv, env=env if env is not None else dict(os.environ), path=cwd)
     return daemon

@@ -9,8 +9,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, endpoints, reactor, ssl
 from twisted.trial import unittest
+from twisted.web.client import Agent
 
 from emond.config import load_node_config
 from emond.app.service import make_node_service
@@ -48,9 +49,11 @@ class NodeHarness:
         mariadb: MariaDBServer | None = None,
         host: str = "127.0.0.1",
         node_config: str = "",
+        http_prefix: str = "",
     ) -> None:
         """``redis``/``mariadb``: a test's private server instead of the run's shared one;
-        ``host``: the address the node listens on; ``node_config``: more lines of ``[node]``.
+        ``host``: the address the node listens on; ``node_config``: more lines of ``[node]``;
+        ``http_prefix``: before its endpoint (``"haproxy:"``: the PROXY protocol).
         Builds the node's service tree (which opens nothing until started)."""
         self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
@@ -61,9 +64,9 @@ class NodeHarness:
             db_url = f"mysql://root@127.0.0.1:{server.port}/{server.create_database()}"
         else:
             db_url = "sqlite:///emond.db"
-        self.port = free_port()
+        self.port = free_port(host)
         text = (
-            f'[node]\nhttp = "tcp:{self.port}:interface={host}"\ndatadir = "var"\n{node_config}'
+            f'[node]\nhttp = "{http_prefix}tcp:{self.port}:interface={host}"\ndatadir = "var"\n{node_config}'
             f'[redis]\nurl = "{redis.url}"\ntimeout = {redis_timeout}\n[database]\nurl = "{db_url}"\n{extra_config}'
         )
         self.config_path = os.path.join(self.dir, "emond.toml")
@@ -126,3 +129,21 @@ def drain(harness: NodeHarness):
     yield pipeline(harness, "consumer").idle()
     for server_id in harness.config.node.storage:
         yield pipeline(harness, f"sender{server_id}").idle()
+
+
+def bound_client(source: str, tls_ca: str | None = None, tls_name: str = "") -> treq.client.HTTPClient:
+    """An HTTP client whose connections leave from ``source`` (another loopback address);
+    ``https`` URLs are trusted if signed by ``tls_ca`` for the name ``tls_name`` (whatever
+    address they are reached at)."""
+
+    class FromSource:
+        def endpointForURI(self, uri):
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, uri.host.decode(), uri.port, bindAddress=(source, 0))
+            if uri.scheme == b"https":
+                assert tls_ca is not None, "an https URL needs tls_ca"
+                with open(tls_ca, "rb") as f:
+                    trust = ssl.Certificate.loadPEM(f.read())
+                endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(tls_name, trustRoot=trust), endpoint)
+            return endpoint
+
+    return treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, FromSource()))

@@ -27,21 +27,13 @@ from typing import Callable, Generic, TypeVar
 
 from twisted.python import log
 
+from emond.app import programs
+from emond.app.programs import MissingProgram, require_program, tail as _tail
+
 HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0  # seconds for a server to print its ready line
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL at exit
 PORT_ATTEMPTS = 3  # the free port can be taken between probe and bind
-SBIN = "/usr/local/sbin:/usr/sbin:/sbin"  # mariadbd lives in sbin, not on every user's PATH
-# The Debian package that provides each program the tests run (bin/setup installs them).
-PACKAGES = {
-    "redis-server": "redis-server",
-    "mariadbd": "mariadb-server",
-    "mysqld": "mariadb-server",
-    "mariadb-install-db": "mariadb-server",
-    "mysql_install_db": "mariadb-server",
-    "openssl": "openssl",
-}
-
 T = TypeVar("T")
 
 
@@ -137,10 +129,9 @@ def _start_redis() -> RedisServer:
     d = _tempdir("redis")
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
-        argv = [exe, "--port", str(port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--dir", d]
+        argv = [exe, *programs.redis_args(d, port=port, bind=HOST, durable=False)]
         try:
-            proc = _Process("redis-server", argv, d, b"Ready to accept connections")
+            proc = _Process("redis-server", argv, d, programs.REDIS_READY)
             break
         except _StartError as e:
             if not e.port_in_use or attempt == PORT_ATTEMPTS - 1:
@@ -151,27 +142,17 @@ def _start_redis() -> RedisServer:
 
 
 def _start_mariadb() -> MariaDBServer:
-    exe = require_program("mariadbd", "mysqld")
-    install = require_program("mariadb-install-db", "mysql_install_db")
-    as_root = ["--user=root"] if os.geteuid() == 0 else []  # mariadbd refuses root otherwise
+    require_program("mariadbd", "mysqld")  # before the install: name the missing package first
     began = time.monotonic()
     d = _tempdir("mariadb")
     data, sock = os.path.join(d, "data"), os.path.join(d, "sock")
-    argv = [install, "--no-defaults", "--auth-root-authentication-method=normal",
-            "--skip-test-db", f"--datadir={data}", *as_root]
-    done = subprocess.run(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=READY_TIMEOUT)
-    if done.returncode != 0:
-        raise RuntimeError(f"mariadb-install-db failed ({done.returncode}):\n"
-                           + _tail(done.stdout))
+    programs.mariadb_install(data, d, READY_TIMEOUT)
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
-        argv = [exe, "--no-defaults", f"--datadir={data}", f"--socket={sock}",
-                f"--port={port}", f"--bind-address={HOST}", "--skip-grant-tables",
-                "--skip-log-bin", *as_root]
+        argv = programs.mariadb_argv(data, sock, port, HOST)
         try:
             # With --no-defaults and no --log-error, mariadbd logs to stderr.
-            proc = _Process("mariadbd", argv, d, b"ready for connections")
+            proc = _Process("mariadbd", argv, d, programs.MARIADB_READY)
             break
         except _StartError as e:
             if not e.port_in_use or attempt == PORT_ATTEMPTS - 1:
@@ -287,31 +268,8 @@ def private_mariadb() -> PrivateServer[MariaDBServer]:
     return PrivateServer(_start_mariadb)
 
 
-class MissingProgram(RuntimeError):
-    """A program the tests need is not installed: the test errors (never skips),
-    so a machine without it cannot report a green run."""
-
-
-def require_program(*names: str) -> str:
-    """The path of the first of ``names`` found on PATH or in sbin; else MissingProgram
-    naming the Debian package to install."""
-    for name in names:
-        path = shutil.which(name) or shutil.which(name, path=SBIN)
-        if path:
-            return path
-    package = PACKAGES.get(names[0], names[0])
-    raise MissingProgram(
-        f"{names[0]} is not installed, and this test needs it: "
-        f"install the Debian package {package} (bin/setup does: apt-get install {package})"
-    )
-
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = HOST) -> int:
+    return programs.free_port(host)
 
 
 def _tempdir(name: str) -> str:
@@ -319,10 +277,6 @@ def _tempdir(name: str) -> str:
     d = tempfile.mkdtemp(prefix=f"emond-{name}-")
     _dirs.append(d)
     return d
-
-
-def _tail(output: bytes, lines: int = 30) -> str:
-    return "\n".join(output.decode("utf-8", "replace").splitlines()[-lines:])
 
 
 try:

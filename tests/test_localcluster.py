@@ -1,0 +1,188 @@
+"""``bin/cluster up DIR`` / ``down DIR`` (issue 12 item 9), run as a user runs them: real
+MariaDB, a central and one Redis per shard, shard processes, storage servers, fronts and
+HAProxy, each "machine" on its own loopback address; ``down`` leaves nothing running.
+
+(That a post lands on its owner's shard is the routing tests' to show.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from urllib.parse import urlsplit
+
+import treq
+from twisted.internet import defer, utils
+from twisted.trial import unittest
+
+from emond.config import load_node_config, load_storage_config
+from tests.support.daemon import ROOT
+from tests.support.node import Answer
+
+CLUSTER = os.path.join(ROOT, "bin", "cluster")
+
+
+def run_cluster(*args: str):
+    """``bin/cluster ARGS``; fires with (exit code, stdout, stderr)."""
+    d = utils.getProcessOutputAndValue(CLUSTER, args, env=dict(os.environ))
+    return d.addCallback(lambda result: (result[2], result[0].decode(), result[1].decode()))
+
+
+def state(pid: int) -> str | None:
+    """The process's state letter (Z: exited, not reaped), or None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    return text[text.rindex(")") + 2]
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in (None, "Z")
+
+
+def argv(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0") if a]
+
+
+def listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+@defer.inlineCallbacks
+def fetch(method: str, url: str, **kwargs):
+    response = yield treq.request(method, url, persistent=False, **kwargs)
+    body = yield response.content()
+    return Answer(response.code, response.headers, body)
+
+
+class LocalClusterTests(unittest.TestCase):
+    timeout = 300
+
+    def setUp(self) -> None:
+        # Short: MariaDB's Unix socket lives under DIR.
+        self.dir = tempfile.mkdtemp(prefix="emond-cluster-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    @defer.inlineCallbacks
+    def up(self):
+        code, out, err = yield run_cluster("up", self.dir)
+        self.assertEqual(code, 0, err)
+        self.addCleanup(run_cluster, "down", self.dir)  # if the test fails before its own down
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 1, out)  # one JSON line, nothing else on stdout
+        return json.loads(lines[0])
+
+    def pids(self, cluster) -> dict[str, int]:
+        found = {"mariadb": cluster["database"]["pid"], "redis": cluster["redis"]["pid"], "haproxy": cluster["haproxy_pid"]}
+        found.update({f"front{i + 1}": pid for i, pid in enumerate(cluster["front_pids"])})
+        for name, shard in cluster["shards"].items():
+            for part in ("redis", "shard", "storage"):
+                found[f"{part}-{name}"] = shard[f"{part}_pid"]
+        return found
+
+    def addresses(self, cluster) -> list[tuple[str, int]]:
+        urls = [cluster["entry"], *cluster["fronts"], cluster["database"]["url"], cluster["redis"]["url"]]
+        for shard in cluster["shards"].values():
+            urls += [shard["redis"], shard["shard_url"], shard["storage_url"]]
+        return [(urlsplit(url).hostname, urlsplit(url).port) for url in urls]
+
+    @defer.inlineCallbacks
+    def test_up_serves_and_down_stops_everything(self):
+        cluster = yield self.up()
+        self.assertLessEqual({"entry", "fronts", "admin", "shards"}, set(cluster))
+        self.assertEqual(len(cluster["fronts"]), 2)
+        self.assertEqual(set(cluster["shards"]), {"a", "b"})
+
+        # Every process is alive and is what its name says.
+        pids = self.pids(cluster)
+        self.assertEqual(len(set(pids.values())), 11)
+        for name, pid in pids.items():
+            self.assertTrue(alive(pid), name)
+        self.assertIn("mariadbd", argv(pids["mariadb"])[0])
+        self.assertIn("haproxy", argv(pids["haproxy"])[0])
+        for name in ("a", "b"):
+            self.assertIn("redis-server", argv(pids[f"redis-{name}"])[0])
+            shard_argv, storage_argv = argv(pids[f"shard-{name}"]), argv(pids[f"storage-{name}"])
+            self.assertIn("emond", shard_argv)
+            self.assertIn("emond-storage", storage_argv)
+            shard = load_node_config(shard_argv[shard_argv.index("--config") + 1])
+            self.assertEqual((shard.node.front, shard.node.shard, shard.input.consume), (False, name, True))
+            storage = load_storage_config(storage_argv[storage_argv.index("--config") + 1])
+            self.assertEqual(list(shard.shards[name].storage), [storage.storage.id])
+            self.assertEqual(cluster["shards"][name]["storage"], [storage.storage.id])
+        for i in (1, 2):
+            front_argv = argv(pids[f"front{i}"])
+            front = load_node_config(front_argv[front_argv.index("--config") + 1])
+            self.assertEqual((front.node.front, front.node.shard, front.input.consume), (True, "", False))
+            self.assertEqual(set(front.shards), {"a", "b"})
+            self.assertEqual(front.database.url, cluster["database"]["url"])
+
+        # Each "machine" on a loopback address of its own, none on 127.0.0.1.
+        entry_host = urlsplit(cluster["entry"]).hostname
+        front_hosts = [urlsplit(url).hostname for url in cluster["fronts"]]
+        shard_hosts = [urlsplit(shard["redis"]).hostname for shard in cluster["shards"].values()]
+        database_host = urlsplit(cluster["database"]["url"]).hostname
+        hosts = [entry_host, *front_hosts, *shard_hosts, database_host]
+        self.assertEqual(len(set(hosts)), 6, hosts)
+        for host in hosts:
+            self.assertTrue(host.startswith("127.") and host != "127.0.0.1", host)
+
+        # emond-admin's argv and config.
+        admin = cluster["admin"]
+        self.assertEqual(admin[:2], [os.path.join(ROOT, "bin", "emond-admin"), "--config"])
+        self.assertEqual(set(load_node_config(admin[2]).shards), {"a", "b"})
+
+        # The entry answers; a second up refuses and leaves the cluster as it is.
+        answer = yield fetch("GET", cluster["entry"] + "health")
+        self.assertEqual((answer.code, answer.json()["status"]), (200, "ok"), answer)
+        code, out, err = yield run_cluster("up", self.dir)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("a cluster is already up in", json.loads(err.splitlines()[-1])["error"])
+        for name, pid in pids.items():
+            self.assertTrue(alive(pid), name)
+
+        # A user registered through the entry posts through it, and through either front.
+        answer = yield fetch("POST", cluster["entry"] + "user/register.json", data={"username": "alice", "password": "secret1", "email": "a@example.org"})
+        self.assertEqual(answer.code, 200, answer)
+        key = answer.json()["apikey_write"]
+        for base in (cluster["entry"], *cluster["fronts"]):
+            answer = yield fetch("GET", base + "input/post.json", params={"node": "emontx", "json": '{"power":100}', "apikey": key})
+            self.assertEqual((answer.code, answer.body), (200, b"ok"), (base, answer))
+
+        code, out, err = yield run_cluster("down", self.dir)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["stopped"], pids)
+        for name, pid in pids.items():
+            self.assertFalse(alive(pid), name)
+        for host, port in self.addresses(cluster):
+            self.assertFalse(listening(host, port), (host, port))
+        self.assertEqual(os.listdir(os.path.join(self.dir, "run")), [])
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "cluster.json")))
+
+        # Its ports are kept for the next up: one taken by another program is refused
+        # before anything starts (and nothing is left that would block the next up).
+        host, port = urlsplit(cluster["entry"]).hostname, urlsplit(cluster["entry"]).port
+        squatter = socket.socket()
+        self.addCleanup(squatter.close)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((host, port))
+        squatter.listen()
+        code, out, err = yield run_cluster("up", self.dir)
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn(f"port {port} on {host} is taken", json.loads(err.splitlines()[-1])["error"])
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "cluster.json")))
+
+    @defer.inlineCallbacks
+    def test_down_without_a_cluster_is_refused(self):
+        code, out, err = yield run_cluster("down", self.dir)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(json.loads(err.splitlines()[-1]), {"error": f"no cluster is up in {self.dir} (no {self.dir}/cluster.json)"})
