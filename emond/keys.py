@@ -130,3 +130,10 @@ def refused_counts(userid: int) -> str:
 def refused_last(userid: int) -> str:
     """List: a user's last refusals."""
     return f"emond:refused:last:{userid}"
+
+
+# -- shards (emond.cluster), on the central Redis ------------------------------------------
+
+# Pub/sub channel: a user moved to another shard (payload: the user id); every process
+# forgets that user's cached shard.
+USER_MOVED = "emond:user-moved"

@@ -9,11 +9,11 @@ success.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import txredisapi
-from twisted.internet import defer, error
+from twisted.internet import defer, endpoints, error
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -128,3 +128,114 @@ class Redis:
         pool, self._pool = self._pool, None
         self._closed = self._busy.drained().addCallback(lambda _: pool.disconnect()).addCallback(lambda _: None)
         return self._closed
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    """One subscribing connection: once connected (and authenticated), it subscribes to its
+    subscription's channel and tells it; every message and the loss of the connection too."""
+
+    def connectionMade(self) -> Any:
+        subscription: Subscription = self.factory.subscription
+        d = defer.maybeDeferred(super().connectionMade)  # AUTH first, when the url has a password
+        # (a connection made as the subscription closes, or whose AUTH failed, subscribes to nothing)
+        d.addCallback(lambda _: self.subscribe(subscription.channel) if self.connected and subscription.channel else None)
+        d.addCallbacks(lambda reply: subscription._subscribed() if reply is not None else None, self._failed)
+        return d
+
+    def _failed(self, failure: Any) -> None:
+        self.factory.subscription.log.warn("redis subscribe failed: {error}", error=failure.getErrorMessage())
+        self.transport.loseConnection()
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.subscription._message(message)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.subscription._lost()
+        super().connectionLost(reason)
+
+
+class Subscription:
+    """A Redis pub/sub channel, subscribed from ``open()`` until ``disconnect()``, and again
+    (with backoff) after every lost connection.
+
+    ``on_subscribed()`` is called each time the subscription (re)starts, ``on_lost()``
+    each time it ends: messages published in between were missed. ``on_message(payload)``
+    (bytes) for each message.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        on_message: Callable[[bytes], None],
+        on_subscribed: Callable[[], None],
+        on_lost: Callable[[], None],
+        timeout: float,
+        reactor: Any,
+    ) -> None:
+        self.url = url
+        self.reactor = reactor
+        self.channel = channel
+        self.on_message = on_message
+        self.on_subscribed = on_subscribed
+        self.on_lost = on_lost
+        self.timeout = timeout
+        self.live = False  # subscribed now
+        self._factory: Any = None
+
+    def open(self) -> None:
+        if self._factory is not None:
+            return
+        parts = urlsplit(self.url)
+        factory = txredisapi.SubscriberFactory(isLazy=True)
+        factory.protocol = _Subscriber
+        factory.charset, factory.convertNumbers = None, False
+        factory.password = parts.password
+        factory.maxDelay = 5  # seconds between attempts at most: the cache is bypassed meanwhile
+        factory.subscription = self
+        if parts.scheme == "unix":
+            endpoint: Any = endpoints.UNIXClientEndpoint(self.reactor, parts.path, timeout=self.timeout)
+        else:
+            endpoint = endpoints.HostnameEndpoint(self.reactor, parts.hostname or "127.0.0.1", parts.port or 6379, timeout=self.timeout)
+        factory.startConnecting(endpoint)
+        self._factory = factory
+
+    def disconnect(self) -> defer.Deferred[None]:
+        """Stop subscribing and close the connection; fires once it is closed."""
+        factory, self._factory = self._factory, None
+        if factory is None:
+            return defer.succeed(None)
+        factory.subscription = _Closed()
+        if self.live:
+            self._lost()
+        return factory.disconnect().addCallback(lambda _: None)
+
+    def _subscribed(self) -> None:
+        self.live = True
+        self.on_subscribed()
+
+    def _lost(self) -> None:
+        was, self.live = self.live, False
+        if was:
+            self.on_lost()
+
+    def _message(self, payload: Any) -> None:
+        self.on_message(payload if isinstance(payload, bytes) else str(payload).encode())
+
+
+class _Closed:
+    """What a closed subscription's last connection reports to: nothing listens any more."""
+
+    channel = ""
+    log = Logger()
+
+    def _subscribed(self) -> None:
+        pass
+
+    def _lost(self) -> None:
+        pass
+
+    def _message(self, payload: Any) -> None:
+        pass
