@@ -80,18 +80,21 @@ class Redis:
         """Run one command with the timeout."""
         return await self._within_timeout(command, self._open_pool(command).execute_command(command, *args))
 
-    async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async def pipeline(self, commands: list[tuple[Any, ...]], longer: float = 0.0) -> list[Any]:
         """Several commands in one round trip (MULTI/EXEC is not implied).
 
         The timeout covers the whole: waiting for a pool connection (none while
-        Redis is down) as well as the replies."""
+        Redis is down) as well as the replies; ``longer``: seconds more, for
+        commands that block on purpose (``WAIT``)."""
         if not commands:
             return []
-        return await self._within_timeout("pipeline", defer.ensureDeferred(self._pipeline(self._open_pool("pipeline"), commands)))
+        d = defer.ensureDeferred(self._pipeline(self._open_pool("pipeline"), commands))
+        return await self._within_timeout("pipeline", d, self.timeout + longer)
 
-    async def _within_timeout(self, what: str, d: defer.Deferred[Any]) -> Any:
+    async def _within_timeout(self, what: str, d: defer.Deferred[Any], timeout: float | None = None) -> Any:
         """``d``'s result, or RedisUnavailable when it times out or the connection fails."""
-        d.addTimeout(self.timeout, self._reactor)
+        timeout = self.timeout if timeout is None else timeout
+        d.addTimeout(timeout, self._reactor)
         self._busy.enter()
         try:
             try:
@@ -101,7 +104,7 @@ class Redis:
                 # lost connection arrives wrapped, as FirstError(CancelledError) and the like.
                 raise e.subFailure.value from e
         except (defer.TimeoutError, defer.CancelledError) as e:
-            raise RedisUnavailable(f"redis {what}: no reply within {self.timeout}s") from e
+            raise RedisUnavailable(f"redis {what}: no reply within {timeout}s") from e
         except (txredisapi.ConnectionError, error.ConnectionLost, error.ConnectionDone) as e:
             raise RedisUnavailable(f"redis {what}: {e}") from e
         finally:

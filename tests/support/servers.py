@@ -131,14 +131,14 @@ def _once(name: str, start: Callable[[], T]) -> T:
     return value  # type: ignore[return-value]
 
 
-def _start_redis() -> RedisServer:
+def _start_redis(*extra: str) -> RedisServer:
     exe = require_program("redis-server")
     began = time.monotonic()
     d = _tempdir("redis")
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
         argv = [exe, "--port", str(port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--dir", d]
+                "--appendonly", "no", "--dir", d, *extra]
         try:
             proc = _Process("redis-server", argv, d, b"Ready to accept connections")
             break
@@ -277,9 +277,10 @@ class PrivateServer(Generic[T]):
         self._process = _Process(old.name, old.argv, old.cwd, old.ready)
 
 
-def private_redis() -> PrivateServer[RedisServer]:
-    """A new redis-server for one test (``.server`` has its url)."""
-    return PrivateServer(_start_redis)
+def private_redis(*extra: str) -> PrivateServer[RedisServer]:
+    """A new redis-server for one test (``.server`` has its url); ``extra``: more arguments
+    (``"--replicaof", host, port`` makes it a replica)."""
+    return PrivateServer(lambda: _start_redis(*extra))
 
 
 def private_mariadb() -> PrivateServer[MariaDBServer]:
