@@ -28,8 +28,8 @@ from emond.meta.schema import migrate
 from emond.keys import input_stream
 from emond.redis import Redis
 from tests.support.daemon import ROOT
-from tests.support.node import NodeHarness, drain_shard
-from tests.support.servers import mariadb_server, private_redis, redis_server
+from tests.support.node import NodeHarness, drain, drain_shard
+from tests.support.servers import mariadb_server, private_redis, private_sentinel, redis_server
 from tests.support.streamclient import StorageServerHarness
 
 
@@ -212,11 +212,6 @@ class RolesTests(unittest.TestCase):
         ))
         with self.assertRaises(ConfigError):
             check_roles(self.config("", (1,), redis="redis://127.0.0.1:2/0"))  # a front hosts nothing
-
-    def test_sentinel_shards_are_refused_until_supported(self):
-        with self.assertRaises(ConfigError) as refused:
-            check_roles(self.config("a", (1,), sentinels=("127.0.0.1:26379",), service="b"))
-        self.assertEqual(str(refused.exception), "[shards.b]: Redis Sentinel is not supported yet; give the shard's redis = URL")
 
 
 T0 = 1_700_000_000
@@ -526,3 +521,73 @@ class ReplicaWaitTests(unittest.TestCase):
         for client in (primary, copy):
             counts.append(stream_entries_added((yield wait(client.call("XINFO", "STREAM", queue)))))
         self.assertEqual(counts, [2, 2])
+
+
+class SentinelFailoverTests(unittest.TestCase):
+    """A shard's Redis found through Redis Sentinel, with ``wait_replicas = 1``: its master
+    killed, the sentinel promotes a replica, the node follows it, and every post that was
+    answered ``ok`` (before, during and after) is processed and on disk."""
+
+    timeout = 120
+    SERVICE = "shard-s"
+
+    @defer.inlineCallbacks
+    def test_no_acked_point_is_lost_in_a_failover(self):
+        master = private_redis()
+        self.addCleanup(master.stop)
+        port = str(master.server.port)
+        replicas = [private_redis("--replicaof", "127.0.0.1", port) for _ in range(2)]
+        for replica in replicas:
+            self.addCleanup(replica.stop)
+        primary = Redis.connect(master.server.url, 30.0, reactor)
+        self.addCleanup(primary.disconnect)
+        self.assertEqual((yield wait(primary.call("WAIT", 2, 20_000))), 2)  # both replicas in sync
+        sentinel = private_sentinel(master.server.port, self.SERVICE)
+        self.addCleanup(sentinel.stop)
+        shard = (
+            f'[shards.s]\nsentinels = ["127.0.0.1:{sentinel.server.port}"]\nservice = "{self.SERVICE}"\n'
+            f"timeout = {SHARD_TIMEOUT}\nwait_replicas = 1\nwait_timeout = 1.0\nstorage = [0]\n"
+        )
+        node = yield NodeHarness.start(self, extra_config=shard + "[input]\nrate_limit = 0.0\n", node_config='shard = "s"\n')
+        shard_redis = node.ctx.redis
+        self.assertEqual(shard_redis.master, ("127.0.0.1", master.server.port))  # asked of the sentinel
+        user = (yield node.post("user/register.json", data={"username": "failover", "password": "secret1", "email": "f@example.org"})).json()
+        key = user["apikey_write"]
+        feedid = (yield node.post("feed/create.json", apikey=key, name="power", engine="5", options='{"interval":10}')).json()["feedid"]
+        self.assertEqual((yield node.post("input/post.json", apikey=key, node="n", csv="0", time=str(T0))).body, b"ok")
+        yield drain(node)
+        inputs = (yield node.post("input/list.json", apikey=key)).json()
+        yield node.post(f"input/process/set.json?inputid={inputs[0]['id']}", apikey=key, processlist=f"1:{feedid}")
+        acked: dict[int, float] = {}
+        refused = 0
+        clock = iter(range(T0 + 10, T0 + 100_000, 10))
+
+        @defer.inlineCallbacks
+        def post():
+            when = next(clock)
+            answer = yield node.post("input/post.json", apikey=key, node="n", csv=str(when % 1000), time=str(when))
+            if answer.code == 200:
+                self.assertEqual(answer.body, b"ok")
+                acked[when] = float(when % 1000)
+            else:  # the device sends again later (a new point here)
+                self.assertEqual(answer.code, 503, answer)
+            return answer.code == 200
+
+        for _ in range(10):
+            self.assertTrue((yield post()))
+        master.stop()
+        # The device keeps posting; the node follows the sentinel to the promoted replica.
+        after = 0
+        for _ in range(200):
+            ok = yield post()
+            refused += not ok
+            moved = shard_redis.master not in (None, ("127.0.0.1", master.server.port))
+            after += ok and moved
+            if after >= 10:
+                break
+        self.assertEqual(after, 10, (refused, shard_redis.master))
+        self.assertIn(shard_redis.master, [("127.0.0.1", r.server.port) for r in replicas])
+        yield drain(node)
+        data = (yield node.post("feed/data.json", apikey=user["apikey_read"], id=str(feedid), start=str(T0 + 10), end=str(next(clock)), interval="10")).json()
+        stored = {t // 1000: v for t, v in data if v is not None}
+        self.assertEqual({t: stored.get(t) for t in acked}, acked)

@@ -28,7 +28,7 @@ from emond.api.health import HealthCheck, HealthResource, MetricsPage, OperatorA
 from emond.meta.inputs import Inputs
 from emond.pools import BoundedPool
 from emond.queue import QueueLayout, QueueLayoutError
-from emond.redis import Redis, RedisUnavailable, Subscription
+from emond.redis import Redis, RedisUnavailable, SentinelService, Subscription
 from emond.meta.refusals import Refusals
 from emond.meta.schema import migrate
 from emond.storage.location import StorageLocationService
@@ -39,23 +39,34 @@ from emond.web import INPUT_PATH_ROUTES, InputAppender, InputMetrics, InputPath,
 
 @dataclass(frozen=True)
 class ShardRedis:
-    """Where a shard's Redis is, and how long it has to answer."""
+    """Where a shard's Redis is (a URL, or a Sentinel service), and how long it has to answer."""
 
     url: str
     timeout: float
+    sentinel: SentinelService | None = None
 
     def client(self, reactor: Any, poolsize: int = 4, longer: float = 0.0) -> Redis:
         """A client, not open yet; ``longer``: seconds added to the timeout (blocking reads)."""
-        return Redis(self.url, self.timeout + longer, reactor, poolsize)
+        return Redis(self.url, self.timeout + longer, reactor, poolsize, self.sentinel)
 
 
 def shard_redis(config: NodeConfig, shard: str, central_url: str) -> ShardRedis:
-    """The Redis of ``shard``: its own, or, for a shard whose ``redis`` is "" (the one shard of
-    a node without [shards]), the central one, ``[redis]``, with its timeout."""
+    """The Redis of ``shard``: its own (by URL or through its sentinels), or, for a shard
+    whose ``redis`` is "" without sentinels (the one shard of a node without [shards]), the
+    central one, ``[redis]``, with its timeout."""
     section = config.shards[shard]
+    if section.sentinels:
+        sentinel = SentinelService(section.sentinels, section.service, section.password, section.db)
+        return ShardRedis("", section.timeout, sentinel)
     if not section.redis:
         return ShardRedis(central_url, config.redis.timeout)
     return ShardRedis(section.redis, section.timeout)
+
+
+def on_central(config: NodeConfig, shard: str) -> bool:
+    """Whether the shard's Redis is the central one (the same client serves both)."""
+    section = config.shards[shard]
+    return not section.redis and not section.sentinels
 
 
 def process_shards(config: NodeConfig) -> list[str]:
@@ -81,7 +92,7 @@ def make_contexts(
     contexts: dict[str, NodeContext] = {}
     for name in process_shards(config):
         where = shard_redis(config, name, central_url)
-        redis = central if not config.shards[name].redis else where.client(reactor)
+        redis = central if on_central(config, name) else where.client(reactor)
         refusals = Refusals(redis, registry) if refusals is None else refusals.sharing(redis)
         contexts[name] = NodeContext(
             config=config,

@@ -208,9 +208,6 @@ def check_roles(config: NodeConfig) -> None:
                 f"[node] storage: server {server_id} is shard {owner!r}'s; only its shard's process "
                 f"(shard = \"{owner}\") hosts it, others reach it as an emond-storage server ([storage.servers])"
             )
-    for name, shard in config.shards.items():
-        if shard.sentinels:
-            raise ConfigError(f"[shards.{name}]: Redis Sentinel is not supported yet; give the shard's redis = URL")
 
 
 def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
