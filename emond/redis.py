@@ -48,7 +48,9 @@ class Redis:
     get-master-addr-by-name``) when opening, and again after any call that failed for want
     of Redis (no answer in time, connection lost, or ``READONLY``: a former master demoted);
     when the sentinels name another master, the pool moves to it. Calls fail fast while no
-    master is known."""
+    master is known. (txredisapi's own ``Sentinel`` is not used: its connections check
+    ``ROLE`` against a ``str``, so with replies kept as bytes every connection would be
+    dropped, and a master that hangs, rather than closing its connections, is never left.)"""
 
     log = Logger()
 
