@@ -17,5 +17,6 @@ setup(
         "msgpack>=1.0",
         "prometheus-client>=0.17",
     ],
+    entry_points={"console_scripts": ["emond-admin = emond.app.admin:main"]},
     extras_require={"test": ["treq>=23.1", "hypothesis>=6.100", "import-linter>=2.1"]},
 )

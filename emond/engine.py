@@ -15,7 +15,10 @@ version) is a missing value in every read: null, never an error.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
+import hashlib
 import math
 import os
 import struct
@@ -113,6 +116,101 @@ class FeedDirectory:
     def _sync_dir(self) -> None:
         if self.sync:
             sync_directory(self.directory)
+
+    # -- copying a feed to another storage location (a user moving to another shard) ------
+    # The source answers ``checksum`` and ``read_data``; the target takes ``receive`` chunks
+    # into an incoming file and ``adopt`` installs it once its size and SHA-256 are those the
+    # source had: a copy cut short, or garbled, is never installed.
+
+    def data_path(self, feedid: int) -> str:
+        raise NotImplementedError
+
+    def _install(self, feedid: int, incoming: str, meta: list[int]) -> None:
+        """Put the verified incoming file in place of the feed's (under the lock)."""
+        raise NotImplementedError
+
+    def _incoming(self, feedid: int) -> str:
+        return self.data_path(feedid) + ".incoming"
+
+    def checksum(self, feedid: int) -> tuple[int, str]:
+        """Size and SHA-256 (hex) of the feed's data file."""
+        with self._lock:
+            return file_digest(self.data_path(feedid), feedid)
+
+    def read_data(self, feedid: int, offset: int, length: int) -> bytes:
+        """``length`` bytes of the feed's data file from ``offset`` (fewer at its end)."""
+        try:
+            fd = os.open(self.data_path(feedid), os.O_RDONLY)
+        except FileNotFoundError:
+            raise NoSuchFeed(feedid) from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def receive(self, feedid: int, offset: int, data: bytes) -> None:
+        """One chunk of a feed being copied here; the chunk at offset 0 starts the copy
+        afresh (what an interrupted earlier attempt left is dropped)."""
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0)
+        fd = os.open(self._incoming(feedid), flags, 0o644)
+        try:
+            pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
+
+    def adopt(self, feedid: int, size: int, sha256: str, meta: list[int]) -> None:
+        """Install the copy received, if it is whole: its size and SHA-256 as sent."""
+        incoming = self._incoming(feedid)
+        try:
+            got = file_digest(incoming, feedid)
+        except NoSuchFeed:
+            raise FeedError(f"feed {feedid}: no copy was received") from None
+        if got != (size, sha256):
+            os.unlink(incoming)
+            raise FeedError(f"feed {feedid}: the copy received ({got[0]} bytes, sha256 {got[1]}) is not the one sent ({size} bytes, sha256 {sha256}); send it again")
+        if self.sync:
+            fd = os.open(incoming, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with self._lock:
+            self._files.forget(feedid)
+            self._install(feedid, incoming, meta)
+            self._sync_dir()
+
+
+def file_digest(path: str, feedid: int) -> tuple[int, str]:
+    """Size and SHA-256 (hex) of a feed's file; NoSuchFeed if there is none."""
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256")
+            return f.tell(), digest.hexdigest()
+    except FileNotFoundError:
+        raise NoSuchFeed(feedid) from None
+
+
+COPY_CHUNK = 45_000  # raw bytes of one ``receive`` (base64 in a JSON request, under the stream's control-frame limit)
+MAX_COPY_OFFSET = 1 << 40
+
+
+def decode_chunk(offset: Any, text: Any) -> tuple[int, bytes]:
+    """A ``receive`` request's arguments, checked: an offset and a base64 chunk."""
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < MAX_COPY_OFFSET:
+        raise FeedError(f"receive: offset must be a whole number from 0 to {MAX_COPY_OFFSET}")
+    if not isinstance(text, str):
+        raise FeedError("receive: the chunk must be base64 text")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise FeedError("receive: the chunk is not valid base64") from None
+    if len(data) > COPY_CHUNK:
+        raise FeedError(f"receive: a chunk holds at most {COPY_CHUNK} bytes")
+    return offset, data
+
+
+def encode_chunk(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 class FeedError(Invalid):

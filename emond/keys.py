@@ -91,6 +91,24 @@ def process_state(name: str, feedid: int) -> str:
     return f"process:{name}:{int(feedid)}"
 
 
+def user_hold(userid: int) -> str:
+    """Set in a shard's Redis while a user moves onto it: its consumer parks the user's packets."""
+    return f"emond:hold:{userid}"
+
+
+def user_held(userid: int) -> str:
+    """The stream of a user's packets parked while it moves here, in the order accepted."""
+    return f"emond:held:{userid}"
+
+
+def moved_chunk(userid: int, entry_id: str) -> str:
+    """Marks a chunk of a moving user's parked packets (up to ``entry_id``) as added to its new shard."""
+    return f"emond:moved:{userid}:{entry_id}"
+
+
+USER_MOVED = "emond:user-moved"  # pub/sub channel on the central Redis: a user's shard changed (payload: its id)
+
+
 def user_version(userid: int) -> str:
     """Bumped when a user's inputs or process lists change: consumers reload what they cached."""
     return f"emond:user:ver:{userid}"
@@ -130,10 +148,3 @@ def refused_counts(userid: int) -> str:
 def refused_last(userid: int) -> str:
     """List: a user's last refusals."""
     return f"emond:refused:last:{userid}"
-
-
-# -- shards (emond.cluster), on the central Redis ------------------------------------------
-
-# Pub/sub channel: a user moved to another shard (payload: the user id); every process
-# forgets that user's cached shard.
-USER_MOVED = "emond:user-moved"

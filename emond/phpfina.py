@@ -135,6 +135,22 @@ class PHPFina(FeedDirectory):
     def _evicting(self, feedid: int, fd: int) -> None:
         self._evicted_dirty = True  # a handle closed before the sync pass must still be synced
 
+    def data_path(self, feedid: int) -> str:
+        return self._path(feedid, ".dat")
+
+    def _install(self, feedid: int, incoming: str, meta: list[int]) -> None:
+        """``meta``: the copied feed's [interval, start_time]."""
+        interval, start = (int(x) for x in meta)
+        self._feeds.pop(feedid, None)
+        for suffix in (".intent", ".dat.extend"):  # a front extension half done here is moot
+            try:
+                os.unlink(self._path(feedid, suffix))
+            except FileNotFoundError:
+                pass
+        size = os.path.getsize(incoming)
+        self._write_meta(_Feed(feedid, interval, start, size // 4))
+        os.replace(incoming, self.data_path(feedid))
+
     def close(self) -> None:
         with self._lock:
             self._files.close_all()

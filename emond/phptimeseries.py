@@ -113,6 +113,13 @@ class PHPTimeSeries(FeedDirectory):
         No O_APPEND: on Linux it makes pwrite ignore its offset."""
         return self._files.get(feedid, self._path(feedid), os.O_RDWR)
 
+    def data_path(self, feedid: int) -> str:
+        return self._path(feedid)
+
+    def _install(self, feedid: int, incoming: str, meta: list[int]) -> None:
+        self._dirty.discard(feedid)
+        os.replace(incoming, self.data_path(feedid))
+
     def _evicting(self, feedid: int, fd: int) -> None:
         # Closing does not sync: a handle written in this batch is synced now.
         if self.sync and feedid in self._dirty:

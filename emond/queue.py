@@ -44,7 +44,7 @@ from emond.loops import steady_loop
 from emond.redis import Redis, RedisUnavailable
 
 # Commands a commit may carry (a whitelist: the script runs them verbatim).
-COMMIT_COMMANDS = frozenset({"HSET", "HDEL", "DEL", "SET", "INCRBY", "EXPIRE", "XADD"})
+COMMIT_COMMANDS = frozenset({"HSET", "HDEL", "DEL", "SET", "INCRBY", "EXPIRE", "XADD", "XDEL"})
 
 LEASE = """
 local current = redis.call('GET', KEYS[1])

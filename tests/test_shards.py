@@ -20,8 +20,7 @@ from twisted.trial import unittest
 from emond import keys
 from emond.cluster.placement import choose_shard, place_new_user
 from emond.cluster.shardmap import ShardMap, announce_moved
-from emond.app.service import check_roles
-from emond.config import ConfigError, NodeConfig, ShardSection, load_node_config
+from emond.config import NodeConfig, ShardSection, load_node_config
 from emond.errors import NotFound
 from emond.meta.db import Database
 from emond.meta.schema import migrate
@@ -191,27 +190,6 @@ class PlacementTests(unittest.TestCase):
         self.assertEqual((yield wait(place_new_user(db, config))), "b")
         yield add_user(db, "elsewhere", "gone")  # users of a shard not configured do not count
         self.assertEqual((yield wait(place_new_user(db, self.two_shards(b_weight=0.5)))), "a")
-
-
-class RolesTests(unittest.TestCase):
-    """What a process's roles cannot run is refused at start, naming the key."""
-
-    def config(self, shard: str, hosted: tuple[int, ...], **b: object) -> NodeConfig:
-        config = config_file(self, "[node]\nstorage = [1, 2]\n[feeds]\ndefault_server = 1\n")
-        shards = {"a": ShardSection(redis="redis://127.0.0.1:1/0", storage=(1,)), "b": ShardSection(storage=(2,), **b)}
-        node = dataclasses.replace(config.node, shard=shard, storage=hosted)
-        return dataclasses.replace(config, node=node, shards=MappingProxyType(shards))
-
-    def test_hosted_storage_belongs_to_the_process_shard(self):
-        check_roles(self.config("a", (1,), redis="redis://127.0.0.1:2/0"))
-        with self.assertRaises(ConfigError) as refused:
-            check_roles(self.config("a", (1, 2), redis="redis://127.0.0.1:2/0"))
-        self.assertEqual(str(refused.exception), (
-            "[node] storage: server 2 is shard 'b''s; only its shard's process (shard = \"b\") hosts it, "
-            "others reach it as an emond-storage server ([storage.servers])"
-        ))
-        with self.assertRaises(ConfigError):
-            check_roles(self.config("", (1,), redis="redis://127.0.0.1:2/0"))  # a front hosts nothing
 
 
 T0 = 1_700_000_000

@@ -25,6 +25,21 @@ from emond.redis import Redis, RedisUnavailable
 MAX_PROBLEMS = 5  # queues named in the status; the rest are counted
 
 
+async def sample_streams(redis: Redis, names: list[str], clock: IReactorTime) -> dict[str, tuple[int, float]]:
+    """Each stream's length and lag (seconds its oldest element has waited; 0 when empty), in
+    one round trip."""
+    commands: list[tuple[Any, ...]] = []
+    for name in names:
+        commands += [("XLEN", name), ("XRANGE", name, "-", "+", "COUNT", 1)]
+    replies = await redis.pipeline(commands)
+    now_ms = clock.seconds() * 1000
+    samples = {}
+    for i, name in enumerate(names):
+        length, head = int(replies[2 * i]), replies[2 * i + 1]
+        samples[name] = (length, max(0.0, (now_ms - int(head[0][0].split(b"-")[0])) / 1000) if head else 0.0)
+    return samples
+
+
 class QueueMonitor(Service):
     log = Logger()
 
@@ -84,18 +99,11 @@ class QueueMonitor(Service):
         return self.last
 
     async def _measure(self) -> dict[str, Any]:
-        names = list(self.streams)
-        commands: list[tuple[Any, ...]] = []
-        for name in names:
-            commands += [("XLEN", name), ("XRANGE", name, "-", "+", "COUNT", 1)]
-        replies = await self.redis.pipeline(commands)
-        now_ms = self.reactor.seconds() * 1000
+        samples = await sample_streams(self.redis, list(self.streams), self.reactor)
         totals: dict[str, Any] = {"input": {"length": 0, "lag": 0.0}, "storage": {}}
         problems: list[str] = []
-        for i, name in enumerate(names):
+        for name, (length, lag) in samples.items():
             kind, queue = self.streams[name]
-            length, head = int(replies[2 * i]), replies[2 * i + 1]
-            lag = max(0.0, (now_ms - int(head[0][0].split(b"-")[0])) / 1000) if head else 0.0
             self.length.labels(kind, queue).set(length)
             self.lag.labels(kind, queue).set(lag)
             problems += self._over_limits(kind, queue, length, lag)

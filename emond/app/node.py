@@ -1,9 +1,13 @@
 """A node's API: its contexts (database, Redis, models; one per shard) built from config,
 and the service that opens their connections at start (then checks each shard's queue
-layout and migrates the schema) and closes them at stop. Building either opens nothing."""
+layout, migrates the schema and checks the shards against those recorded) and closes them
+at stop. Building either opens nothing."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -11,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from emond.api.http import ApiResource, Call, Router
@@ -18,6 +23,7 @@ from emond.api.feeds import FEED_ROUTES
 from emond.api.inputs import INPUT_ROUTES
 from emond.api.users import USER_ROUTES
 from emond.cluster.shardmap import ShardMap
+from emond.cluster.topology import TopologyMismatch, check_topology
 from emond.meta.auth import Authenticator
 from emond.config import DEFAULT_SHARD, NodeConfig
 from emond.api.context import NodeContext, ShardContexts
@@ -120,11 +126,28 @@ def _default_shard(config: NodeConfig, contexts: dict[str, NodeContext]) -> str:
     return next(iter(contexts))
 
 
+def exit_after_stop(reactor: Any, status: int) -> None:
+    """Stop the reactor (the services stop in order) and end the process with ``status`` once
+    twistd has cleaned up: twistd itself ends with 0 whatever stopped its reactor, and an
+    exit handler is the only place left after it."""
+
+    def exit_now() -> None:
+        sys.stdout.flush()  # the log (twistd -n logs to stdout)
+        sys.stderr.flush()
+        os._exit(status)
+
+    atexit.register(exit_now)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # already stopping (a signal came first)
+
+
 class NodeAppService(Service):
     """Opens the contexts' Redis clients and database at start, checks the queue layout in
-    each shard's Redis and migrates the schema (the API answers 503 until that is done); at
-    stop, once the services after it have stopped, lets the work in progress on them end
-    and closes them.
+    each shard's Redis, migrates the schema and checks the topology (the API answers 503
+    until that is done; a mismatch stops the process); at stop, once the services after it
+    have stopped, lets the work in progress on them end and closes them.
 
     The process's own shard (``[node] shard``) is checked before the API is ready, as its
     consumer needs it. Every other shard's Redis (a front's) is checked in the background,
@@ -203,7 +226,7 @@ class NodeAppService(Service):
             try:
                 await self.layout.check(self.contexts[self.role].redis)
             except QueueLayoutError as e:
-                self._refuse(str(e))
+                self._refuse(e)
                 return
             except RedisUnavailable as e:
                 self.log.warn("Redis not answering yet ({error}); trying again", error=str(e))
@@ -212,6 +235,10 @@ class NodeAppService(Service):
             self._checked(self.role)
         try:
             version = await migrate(self.ctx.db)
+            await check_topology(self.ctx.db, self.ctx.config)
+        except TopologyMismatch as e:
+            self._refuse(e)
+            return
         except Exception as e:
             self._error = f"database: {e}"
             self.log.failure("cannot prepare the database")
@@ -222,11 +249,6 @@ class NodeAppService(Service):
         self.log.info("node API ready (schema version {version})", version=version)
         self.prepared.callback(None)
 
-    def _refuse(self, error: str) -> None:
-        self.log.critical("refusing to start: {error}", error=error)
-        self._error = error
-        self.reactor.stop()
-
     def _check_shard(self, shard: str) -> None:
         self._shard_retries.pop(shard, None)
         self._shard_checks[shard] = defer.ensureDeferred(self._check(shard))
@@ -235,7 +257,7 @@ class NodeAppService(Service):
         try:
             await self.layout.check(self.contexts[shard].redis)
         except QueueLayoutError as e:
-            self._refuse(f"shard {shard}: {e}")
+            self._refuse(QueueLayoutError(f"shard {shard}: {e}"))
             return
         except RedisUnavailable as e:
             if self.running:
@@ -243,6 +265,16 @@ class NodeAppService(Service):
                 self._shard_retries[shard] = self.reactor.callLater(1.0, self._check_shard, shard)
             return
         self._checked(shard)
+
+    def _refuse(self, error: Exception) -> None:
+        """This process must not run with this config (its queue layout or shards disagree with
+        what the others recorded): say why, stop, and end with status 1."""
+        self.log.critical("refusing to start: {error}", error=str(error))
+        self._error = str(error)
+        if not self.prepared.called:  # (another shard's layout may be found wrong later)
+            self.prepared.errback(error)
+            self.prepared.addErrback(lambda _: None)  # reported in the log
+        exit_after_stop(self.reactor, 1)
 
     async def database_status(self) -> dict[str, object]:
         if not self.ready:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 READY = b"ready to accept connections"
+SOCKET = "redis.sock"  # in the server's directory
 MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (sun_path holds 108 with its NUL)
 
 
@@ -47,6 +48,16 @@ class _RedisProtocol(ProcessProtocol):
         self.ended.callback(None)
 
 
+def embedded_redis_dir(datadir: str) -> str:
+    """Where the private redis-server of a node with this ``[node] datadir`` lives."""
+    return os.path.join(datadir, "redis")
+
+
+def embedded_redis_url(datadir: str) -> str:
+    """The URL of that redis-server (its Unix socket), for tools reaching a node's Redis."""
+    return "unix://" + os.path.join(embedded_redis_dir(datadir), SOCKET)
+
+
 class EmbeddedRedis(Service):
     """Runs ``redis-server`` as a child process; ``ready`` fires when it serves."""
 
@@ -54,7 +65,7 @@ class EmbeddedRedis(Service):
 
     def __init__(self, directory: str, reactor: IReactorProcess) -> None:
         self.directory = directory
-        self.socket = os.path.join(directory, "redis.sock")
+        self.socket = os.path.join(directory, SOCKET)
         self.url = "unix://" + self.socket
         self._reactor = reactor
         self._pidfile = os.path.join(directory, "redis.pid")

@@ -6,7 +6,6 @@ twistd plugins only parse ``--config`` and call these.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Any
 
@@ -20,7 +19,7 @@ from twisted.internet import defer, endpoints
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from emond.config import ConfigError, NodeConfig, StorageConfig
+from emond.config import NodeConfig, StorageConfig
 from emond.inflight import InFlight
 from emond.api.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
 from emond.process.consumer import InputConsumerService
@@ -31,7 +30,7 @@ from emond.storage.remote import LinkMetrics, RemoteLink, StreamLink
 from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.queue import QueueLayout
 from emond.web import limited_request_factory
-from emond.app.redisproc import EmbeddedRedis
+from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
 from emond.storage.location import StorageLocationService, location_dir
 from emond.storage.server import StreamServer, StreamServerFactory
 from emond.stream import server_tls
@@ -194,19 +193,17 @@ def _http_service(
     return service
 
 
-def check_roles(config: NodeConfig) -> None:
-    """Refuse (ConfigError) what this process's roles cannot do with this config.
-
-    A storage location hosted here is drained by this process's sender, so it must be a
-    server of this process's shard: a front (or another shard's process) hosting it would
-    leave its queue, in the shard's Redis, undrained, and would read files that another
-    machine writes. A front reads other shards' servers from emond-storage, over the stream."""
+def _foreign_storage(config: NodeConfig) -> None:
+    """Warn about hosted storage servers of another shard than this process's: their queues
+    (in that shard's Redis) are drained only by that shard's process, so here they serve
+    reads and file management alone, and that process must host the same data directory."""
     for server_id in config.node.storage:
         owner = config.shard_of_server(server_id)
         if owner != config.node.shard:
-            raise ConfigError(
-                f"[node] storage: server {server_id} is shard {owner!r}'s; only its shard's process "
-                f"(shard = \"{owner}\") hosts it, others reach it as an emond-storage server ([storage.servers])"
+            log.warn(
+                "storage server {server} is hosted here but is shard {owner!r}'s: only a process with shard = "
+                "\"{owner}\" drains its queue (it must host the same data directory); here it is read only",
+                server=server_id, owner=owner,
             )
 
 
@@ -226,12 +223,12 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     has, the pipeline finishes its passes, then the API closes Redis and the database,
     and storage and Redis go away.
     """
-    check_roles(config)
+    _foreign_storage(config)
     root = OrderedMultiService()
     checks: dict[str, HealthCheck] = {}
     redis_url = config.redis.url
     if not redis_url:
-        redis = EmbeddedRedis(os.path.join(config.node.datadir, "redis"), reactor)
+        redis = EmbeddedRedis(embedded_redis_dir(config.node.datadir), reactor)
         redis.setName("redis")
         redis.setServiceParent(root)
         checks["redis"] = redis.status
@@ -311,6 +308,8 @@ def _shard_pipeline(
     recorder = RefusalRecorder(ctx.refusals, lambda feeds: defer.ensureDeferred(_owners(ctx, feeds)))
     sender_metrics = SenderMetrics(ctx.registry)
     for server_id, location in locations.items():
+        if server_id not in servers:
+            continue  # another shard's (see _foreign_storage)
         sender = LocalSenderService(
             server_id,
             location,

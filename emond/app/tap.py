@@ -23,18 +23,9 @@ class ConfigOptions(usage.Options):
             raise usage.UsageError(str(e))
 
 
-def load_node(path: str) -> Any:
-    """The node's config, refused as well when its roles cannot run it (``check_roles``)."""
-    from emond.app.service import check_roles
-
-    config = load_node_config(path)
-    check_roles(config)
-    return config
-
-
 class Options(ConfigOptions):
     optParameters = [["config", "c", "etc/emond.toml", "Path of the node's TOML config file."]]
-    load = staticmethod(load_node)
+    load = staticmethod(load_node_config)
 
 
 def makeService(options: Options) -> IService:

@@ -7,7 +7,7 @@ a late write for a deleted feed can never land in a new one.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Callable, Union
+from typing import Callable, TypeVar, Union
 
 from twisted.logger import Logger
 
@@ -15,6 +15,7 @@ from emond.meta.db import Database, Transaction
 
 log = Logger()
 Step = Union[str, Callable[[Transaction], None]]
+T = TypeVar("T")
 
 _TYPES = MappingProxyType({
     "sqlite": MappingProxyType({"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "engine": ""}),
@@ -128,6 +129,19 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             storage VARCHAR(255) NOT NULL
         ){engine}""",
     ),
+    (
+        # User moves between shards (emond.cluster.move): one row per move in progress or
+        # done, its step recorded so that a move cut short resumes where it stopped.
+        """CREATE TABLE user_moves (
+            userid INT NOT NULL PRIMARY KEY,
+            source VARCHAR(32) NOT NULL,
+            target VARCHAR(32) NOT NULL,
+            step VARCHAR(16) NOT NULL,
+            marks TEXT NOT NULL,
+            started BIGINT NOT NULL,
+            updated BIGINT NOT NULL
+        ){engine}""",
+    ),
 )
 
 
@@ -155,19 +169,25 @@ def _apply(txn: Transaction, dialect: str) -> int:
     return len(MIGRATIONS)
 
 
-def _apply_locked(txn: Transaction, dialect: str) -> int:
+def under_migration_lock(txn: Transaction, dialect: str, work: Callable[[Transaction], T]) -> T:
+    """``work(txn)`` while this connection holds the database's migration lock: on MariaDB,
+    processes starting together take turns (SQLite serves one node). What ``work`` did is
+    committed before the lock is released, so the next holder reads it."""
     if dialect != "mysql":
-        return _apply(txn, dialect)
-    # Nodes starting together take turns; the lock belongs to this connection.
+        return work(txn)
+    # The lock belongs to this connection, so it is held however long ``work`` takes.
     got = txn.query("SELECT GET_LOCK(CONCAT('emond_migrate_', DATABASE()), 60)")
     if not got or got[0][0] != 1:
         raise RuntimeError("could not take the schema migration lock")
     try:
-        return _apply(txn, dialect)
+        result = work(txn)
+        # Released before its commit, the next holder could read around what this one wrote.
+        txn.execute("COMMIT")
+        return result
     finally:
         txn.query("SELECT RELEASE_LOCK(CONCAT('emond_migrate_', DATABASE()))")
 
 
 async def migrate(db: Database) -> int:
     """Bring the schema up to date; fires with its version. Safe with several nodes."""
-    return await db.transaction(lambda txn: _apply_locked(txn, db.dialect))
+    return await db.transaction(lambda txn: under_migration_lock(txn, db.dialect, lambda t: _apply(t, db.dialect)))

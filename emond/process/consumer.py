@@ -8,6 +8,12 @@ the node and input limits; beyond them the values are refused and counted),
 runs the process lists, and commits — input last values, process state,
 storage records and the removal of the elements — in one fenced script.
 
+A user moving onto this shard (``emond.cluster.move``) is held: while ``keys.user_hold``
+is set, its packets are parked in ``keys.user_held`` (in the commit that removes their
+element), unprocessed. Once the hold is lifted, the parked packets go through before any
+newer one of that user, a chunk per pass; a pass that leaves some parked parks the user's
+new packets behind them and appends an empty element so that the next pass comes.
+
 State Redis does not have (it lost its data) is rebuilt before a pass runs:
 feeds' last values from their last points on disk (one read per storage
 server), inputs' from the database, where the consumer writes them at most
@@ -37,7 +43,19 @@ from emond.inputparse import frame_node, frame_values
 from emond.meta.inputs import Input, Inputs
 from emond.loops import Slicer, steady_loop
 from emond.processlist import FEEDID, INPUTID, PROCESSES, parse_lenient
-from emond.queue import Commit, ElementHandler, Entry, FairShare, LeasedReader, QueueLayout, Tenure, decode_groups, input_queue
+from emond.queue import (
+    Commit,
+    ElementHandler,
+    Entry,
+    FairShare,
+    LeasedReader,
+    QueueLayout,
+    Tenure,
+    decode_groups,
+    encode_groups,
+    input_queue,
+    read_head,
+)
 from emond.redis import Redis
 from emond.meta.refusals import Refusals, Refused
 from emond.meta.users import Users
@@ -50,6 +68,7 @@ POISON_AFTER = 5  # failed attempts before an element is set aside
 # this bounds how long HTTP requests wait behind it; the awaits between passes let them in.
 PASS_PACKETS = 4096
 SLICE_MASK = 1023  # the slicer's clock is read once per this many values
+HELD_CHUNK = 256  # parked elements of a released user let through per pass
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
 REASON_BAD_NAME = "invalid_name"
@@ -78,6 +97,15 @@ class ConsumerContext(Protocol):
     store: FeedStore
     refusals: Refusals
     registry: CollectorRegistry
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A user moving onto this shard: ``holding`` while its packets are parked, ``backlog``
+    parked elements not processed yet."""
+
+    holding: bool
+    backlog: int
 
 
 def _feed_arg(process: int) -> bool:
@@ -195,7 +223,10 @@ class InputConsumerService(Service, ElementHandler):
 
     async def _pass(self, tenure: Tenure, ids: list[bytes], groups: list[list[Any]]) -> None:
         refused: dict[int, list[Refused]] = {}
-        users = await self._users({int(g[0]) for g in groups})
+        commit = Commit()
+        users, holds = await self._users({int(g[0]) for g in groups})
+        if holds:
+            groups = await self._held(tenure, groups, holds, commit)
         if tenure.state is None:
             tenure.state = ProcessState()  # a new tenure, or one whose pass failed: from what Redis has
         state = tenure.state
@@ -250,7 +281,6 @@ class InputConsumerService(Service, ElementHandler):
         if state.refused:
             self._refused_values(state, work, refused)
         committed_inputs = list(state.dirty_inputs)
-        commit = Commit()
         to_commit(state, commit)
         try:
             await tenure.commit(ids, commit)
@@ -269,14 +299,55 @@ class InputConsumerService(Service, ElementHandler):
             inp = by_id[inputid]
             refused.setdefault(inp.userid, []).append(Refused(when, inp.nodeid, inp.name, reason))
 
-    async def _users(self, userids: set[int]) -> dict[int, UserCache]:
+    async def _users(self, userids: set[int]) -> tuple[dict[int, UserCache], dict[int, Hold]]:
+        """The users of a pass (reloaded when their version changed) and those held, in one
+        round trip."""
         ordered = sorted(userids)
-        versions = await self.ctx.redis.pipeline([("GET", keys.user_version(u)) for u in ordered])
-        for userid, version in zip(ordered, versions):
+        replies = await self.ctx.redis.pipeline(
+            [c for u in ordered for c in (("GET", keys.user_version(u)), ("EXISTS", keys.user_hold(u)), ("XLEN", keys.user_held(u)))]
+        )
+        holds: dict[int, Hold] = {}
+        for n, userid in enumerate(ordered):
+            version, holding, backlog = replies[3 * n : 3 * n + 3]
+            if holding or backlog:
+                holds[userid] = Hold(bool(holding), int(backlog))
             cached = self.users.get(userid)
             if cached is None or cached.version != version:
                 self.users[userid] = await self._load_user(userid, version)
-        return {u: self.users[u] for u in ordered}
+        return {u: self.users[u] for u in ordered}, holds
+
+    async def _held(self, tenure: Tenure, groups: list[list[Any]], holds: dict[int, Hold], commit: Commit) -> list[list[Any]]:
+        """The groups this pass processes: a held user's are parked; a released user's parked
+        ones come first (a chunk of them), and its new ones are parked behind any left."""
+        out: list[list[Any]] = []
+        parked: dict[int, list[list[Any]]] = {}
+        released: set[int] = set()
+        for group in groups:
+            userid = int(group[0])
+            hold = holds.get(userid)
+            if hold is None:
+                out.append(group)
+                continue
+            if not hold.holding and userid not in released:
+                released.add(userid)
+                entries = await read_head(self.ctx.redis, keys.user_held(userid), None, HELD_CHUNK)
+                for _id, fields in entries:
+                    out.extend(decode_groups(fields[b"p"]))
+                if entries:
+                    commit.command("XDEL", keys.user_held(userid), *[entry_id for entry_id, _ in entries])
+                if len(entries) >= hold.backlog:
+                    holds[userid] = hold = Hold(False, 0)  # all let through: this pass's go through too
+            if hold.holding or hold.backlog:
+                if group[3]:  # an empty group only asks for a pass: nothing to keep
+                    parked.setdefault(userid, []).append(group)
+            else:
+                out.append(group)
+        for userid, mine in parked.items():
+            commit.command("XADD", keys.user_held(userid), "*", "p", encode_groups(mine))
+        for userid in released:
+            if holds[userid].backlog:  # more parked than one chunk: come back for the rest
+                commit.command("XADD", tenure.stream, "*", "p", encode_groups([[userid, 0.0, 0, []]]))
+        return out
 
     async def _load_user(self, userid: int, version: bytes | None) -> UserCache:
         inputs = await self.ctx.inputs.list(userid)

@@ -16,13 +16,15 @@ connected (or not open) a 503, one whose read queue is full a 503 as well.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from typing import Any, Callable, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from emond.engine import DataQuery, FeedError, NoSuchFeed, RowLimit, Series, disk_summary
+from emond.engine import COPY_CHUNK, DataQuery, FeedError, NoSuchFeed, RowLimit, Series, disk_summary, encode_chunk
 from emond.errors import EmondError, TimedOut, Unavailable
 from emond.meta.feeds import Feed
 from emond.phpfina import FeedMeta
@@ -35,6 +37,16 @@ from emond.storage.location import StorageEngines, StorageLocationService
 T = TypeVar("T")
 
 READ_TIMEOUT = 30.0  # seconds a remote storage server has to answer a read
+COPY_READ = 1 << 20  # bytes read from a copy's source per request
+COPY_WINDOW = 8  # chunks of a copy in flight to its target at once
+
+
+class CopyReport(NamedTuple):
+    """A feed copied to another storage server: its data file's size and SHA-256, the same
+    at the source before the copy, in the bytes sent, and at the target after it."""
+
+    size: int
+    sha256: str
 
 
 class DiskSummary(NamedTuple):
@@ -123,6 +135,53 @@ class FeedStore:
 
     async def export(self, feed: Feed, start: int, length: int | None = None) -> bytes:
         return await self._read(feed, "export", (start, length), lambda e: e.export(feed.id, start, length), bytes)
+
+    # -- copying a feed to another storage server -------------------------------------
+
+    async def checksum(self, feed: Feed) -> tuple[int, str]:
+        """Size and SHA-256 of the feed's data file."""
+        return await self._read(feed, "checksum", (), lambda e: e.checksum(feed.id), lambda v: (int(v[0]), str(v[1])))
+
+    async def copy(self, feed: Feed, target: int) -> CopyReport:
+        """Copy the feed's files to storage server ``target``, verified end to end.
+
+        The feed must not be written meanwhile (a user move holds the user's packets and
+        drains the storage queue first): a file that changes during the copy fails the
+        checksum and nothing is installed; running the copy again starts it afresh."""
+        size, sha256 = await self.checksum(feed)
+        meta = await self.meta(feed)
+        there = dataclasses.replace(feed, server=target)
+        sent = hashlib.sha256()
+        offset = 0
+        while True:
+            data = await self._read(
+                feed, "read_data", (offset, COPY_READ), lambda e, o=offset: e.read_data(feed.id, o, COPY_READ), bytes
+            )
+            sent.update(data)
+            pieces = [(offset + i, data[i : i + COPY_CHUNK]) for i in range(0, len(data), COPY_CHUNK)]
+            if offset == 0:  # the first chunk starts the copy afresh at the target: alone, first
+                first, pieces = pieces[:1] or [(0, b"")], pieces[1:]
+                await self._receive(there, *first[0])
+            for i in range(0, len(pieces), COPY_WINDOW):
+                await defer.gatherResults(
+                    [defer.ensureDeferred(self._receive(there, o, d)) for o, d in pieces[i : i + COPY_WINDOW]],
+                    consumeErrors=True,
+                )
+            offset += len(data)
+            if len(data) < COPY_READ:
+                break
+        if (offset, sent.hexdigest()) != (size, sha256):
+            raise FeedError(f"feed {feed.id} changed while it was copied; copy it again")
+        args = [meta.interval, meta.start_time] if feed.engine == ENGINE_PHPFINA else []
+        await self._read(there, "adopt", (size, sha256, args), lambda e: e.adopt(feed.id, size, sha256, args), lambda _: None, write=True)
+        if await self.checksum(there) != (size, sha256):
+            raise FeedError(f"feed {feed.id}: the copy on storage server {target} does not match its source")
+        return CopyReport(size, sha256)
+
+    async def _receive(self, feed: Feed, offset: int, data: bytes) -> None:
+        await self._read(
+            feed, "receive", (offset, encode_chunk(data)), lambda e: e.receive(feed.id, offset, data), lambda _: None, write=True
+        )
 
     # -- reads -----------------------------------------------------------------------
 

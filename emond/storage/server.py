@@ -22,7 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from emond.engine import DataQuery, FeedError, disk_summary
+from emond.engine import DataQuery, FeedError, decode_chunk, disk_summary
 from emond.records import ENGINE_PHPFINA
 from emond.storage.location import StorageEngines, StorageLocationService
 from emond.stream import (
@@ -48,6 +48,15 @@ from emond.stream import (
     peer_names,
     response_frame,
 )
+
+MAX_READ_DATA = 4 << 20  # bytes of one read_data answer (a feed copy's source reads in chunks)
+
+
+def _offset_length(args: list[Any]) -> tuple[int, int]:
+    offset, length = (int(x) for x in args[:2])
+    if offset < 0 or not 0 <= length <= MAX_READ_DATA:
+        raise ValueError(f"read_data: offset >= 0 and length from 0 to {MAX_READ_DATA}")
+    return offset, length
 
 
 def _summaries(engines: StorageEngines, wanted: list[tuple[int, int]]) -> list[Any]:
@@ -165,6 +174,16 @@ class StreamServer:
             return await writes.run(target.create, feed)
         if op == "delete":
             return await writes.run(target.delete, feed)
+        # copying a feed here from another storage server (engine.FeedDirectory)
+        if op == "checksum":
+            return list(await reads.run(target.checksum, feed))
+        if op == "read_data":
+            return await reads.run(target.read_data, feed, *_offset_length(args))
+        if op == "receive":
+            return await writes.run(target.receive, feed, *decode_chunk(*args[:2]))
+        if op == "adopt":
+            size, sha256, meta = args
+            return await writes.run(target.adopt, feed, int(size), str(sha256), [int(x) for x in meta])
         method = {"value": "lastvalue", "meta": "meta", "export": "export"}.get(op)
         if method is None:
             raise ValueError(f"unknown read {op!r}")

@@ -1,0 +1,158 @@
+"""``emond-admin``: the operator's view of users and shards (architecture §7), from a node's config.
+
+    emond-admin --config FILE user show NAME
+        {"id": .., "username": .., "shard": .., "feeds": N, "inputs": N}
+    emond-admin --config FILE shards
+        {"NAME": {"storage": [ids], "users": N, "feeds": N, "input_queued": N,
+                  "storage_queued": N, "lag": SECONDS}, ...}
+
+It reads the central database and each shard's Redis as a node configured by FILE would. The
+answer is one JSON line on stdout (exit 0); an error is ``{"error": "..."}`` on stderr (exit 1;
+exit 2 for a usage error, and for ``user move``, which is not implemented yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Awaitable, NoReturn, TypeVar
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+
+from emond.app.monitor import sample_streams
+from emond.app.redisproc import embedded_redis_url
+from emond.cluster.topology import configured_topology, storage_ids
+from emond.config import ConfigError, NodeConfig, load_node_config
+from emond.keys import input_stream, storage_stream
+from emond.meta.db import Database
+from emond.meta.shards import recorded_shards, shard_counts, user_placement
+from emond.redis import Redis, RedisUnavailable
+
+T = TypeVar("T")
+
+
+class AdminError(Exception):
+    """What the command could not do, said to the operator."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``emond-admin`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "user" and args.action == "move":
+        _fail("user move: not implemented yet", 2)
+    try:
+        config = load_node_config(args.config)
+    except ConfigError as e:
+        _fail(str(e))
+    task.react(lambda reactor: defer.ensureDeferred(_run(reactor, config, args)))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emond-admin", description="Users and shards of an emond cluster.")
+    parser.add_argument("--config", "-c", default="etc/emond.toml", help="a node's TOML config (default: etc/emond.toml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    user = commands.add_parser("user", help="one user").add_subparsers(dest="action", required=True)
+    user.add_parser("show", help="a user's id, shard, feeds and inputs").add_argument("name")
+    move = user.add_parser("move", help="move a user to another shard (not implemented yet)")
+    move.add_argument("name")
+    move.add_argument("shard")
+    commands.add_parser("shards", help="users, feeds, queued elements and lag per shard")
+    return parser
+
+
+async def _run(reactor: Any, config: NodeConfig, args: argparse.Namespace) -> None:
+    try:
+        db = _open_database(config)
+        try:
+            if args.command == "shards":
+                answer: dict[str, Any] = await shards_report(db, config, reactor)
+            else:
+                answer = await user_report(db, args.name)
+        finally:
+            await db.close()
+    except AdminError as e:
+        _fail(str(e))
+    print(json.dumps(answer))
+
+
+def _fail(message: str, status: int = 1) -> NoReturn:
+    print(json.dumps({"error": message}), file=sys.stderr)
+    raise SystemExit(status)  # task.react exits with it
+
+
+def _open_database(config: NodeConfig) -> Database:
+    path = config.sqlite_path
+    if path is not None and not os.path.exists(path):
+        raise AdminError(f"database: no such file: {path} (a node creates it at its first start)")
+    return Database.connect(config.database.url, path)
+
+
+async def _from_database(work: Awaitable[T]) -> T:
+    """``work``'s result; a database error becomes an AdminError naming it."""
+    try:
+        return await work
+    except Exception as e:
+        raise AdminError(f"database: {e}") from e
+
+
+async def user_report(db: Database, name: str) -> dict[str, Any]:
+    """``user show NAME``: the user's id, name, shard and how many feeds and inputs they have."""
+    found = await _from_database(user_placement(db, name))
+    if found is None:
+        raise AdminError(f"no user named {name!r}")
+    return found
+
+
+async def shards_report(db: Database, config: NodeConfig, reactor: IReactorTime) -> dict[str, dict[str, Any]]:
+    """``shards``: per shard, its storage servers, users and feeds (from the database), the
+    elements waiting in its input and storage queues and the age of the oldest (its Redis).
+
+    The shards are those recorded in the database (the config's before any node started),
+    and any shard users are on: a config that disagrees cannot hide them. A shard this config
+    does not know has no Redis to ask: its queue figures are null."""
+    recorded = await _from_database(recorded_shards(db))
+    counts = await _from_database(shard_counts(db))
+    topology = recorded or configured_topology(config)
+    report = {}
+    for name in sorted(set(topology) | set(counts)):
+        storage = storage_ids(topology[name]) if name in topology else []
+        queues: dict[str, Any] = {"input_queued": None, "storage_queued": None, "lag": None}
+        if name in config.shards:
+            queues = await _queues(config, name, storage, reactor)
+        report[name] = {
+            "storage": storage,
+            "users": counts.get(name, {}).get("users", 0),
+            "feeds": counts.get(name, {}).get("feeds", 0),
+            **queues,
+        }
+    return report
+
+
+async def _queues(config: NodeConfig, name: str, storage: list[int], reactor: IReactorTime) -> dict[str, Any]:
+    """The shard's queued input and storage elements, and the lag over all its queues."""
+    inputs = [input_stream(q) for q in range(config.input.queues)]
+    stores = [storage_stream(sid) for sid in storage]
+    redis = Redis.connect(shard_redis_url(config, name), config.shards[name].timeout, reactor, poolsize=1)
+    try:
+        samples = await sample_streams(redis, inputs + stores, reactor)
+    except RedisUnavailable as e:
+        raise AdminError(f"shard {name}: {e}") from e
+    finally:
+        await redis.disconnect()
+    return {
+        "input_queued": sum(samples[s][0] for s in inputs),
+        "storage_queued": sum(samples[s][0] for s in stores),
+        "lag": round(max(lag for _, lag in samples.values()), 3),
+    }
+
+
+def shard_redis_url(config: NodeConfig, name: str) -> str:
+    """The Redis of a shard: its own URL, else the node's [redis], else the node's private
+    redis-server (a single node)."""
+    shard = config.shards[name]
+    if shard.sentinels:
+        raise AdminError(f"shard {name}: its Redis is found through Sentinel, which emond-admin does not follow yet")
+    return shard.redis or config.redis.url or embedded_redis_url(config.node.datadir)
