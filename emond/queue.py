@@ -451,10 +451,13 @@ class FairShare:
             ])
             self.fair = -(-len(self.queues) // max(1, int(live)))
             for i in sorted(self.tenures):
-                lease = self.tenures[i].lease
+                held = self.tenures.get(i)
+                if held is None:
+                    continue  # lost meanwhile (``lost``, while this loop awaited Redis)
+                lease = held.lease
                 before = lease.token
                 if not await lease.acquire_or_renew():
-                    del self.tenures[i]
+                    self.tenures.pop(i, None)
                 elif lease.token != before:  # it lapsed and is ours again: others may have held it
                     self.tenures[i] = Tenure(lease, self.queues[i])
             for i in sorted(self.tenures, reverse=True)[: max(0, len(self.tenures) - self.fair)]:

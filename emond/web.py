@@ -32,7 +32,7 @@ from twisted.web.server import Request
 
 from emond.api.http import WRITE, Call, Raw, Route
 from emond.api.context import NodeContext
-from emond.errors import Invalid, TooMany
+from emond.errors import Invalid, TooMany, Unavailable
 from emond.loops import cooperate
 from emond.inputparse import FrameRefusal, Limits, Steps, TimeRefused, bulk_steps, bulk_text_steps, post_steps, run
 from emond.keys import input_stream
@@ -54,53 +54,99 @@ class Unqueueable(Invalid):
 
 
 class InputAppender:
-    """Coalesces the appends of concurrent requests into one pipeline per flush."""
+    """Coalesces the appends of concurrent requests into one pipeline per flush.
+
+    One per shard, on the shard's Redis: nothing is shared between shards, so one whose
+    Redis is down or frozen holds up only its own users' requests. Each request waits at
+    most the Redis timeout (plus ``wait_timeout`` with replicas) for its append, then is
+    answered 503: a request that waited behind a hung flush does not wait a second
+    timeout for its own (and if its part was never sent, it never will be). With
+    ``wait_replicas``, a flush ends with ``WAIT``: ``ok`` only once that many replicas hold
+    the append, 503 otherwise (the device sends again; a failover cannot lose an ``ok``).
+    """
 
     log = Logger()
 
-    def __init__(self, redis: Redis, layout: QueueLayout, reactor: IReactorTime) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        layout: QueueLayout,
+        reactor: IReactorTime,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """``ready``: whether the queue layout has been checked in this Redis (until then, 503)."""
         self.redis = redis
         self.layout = layout
         self.reactor = reactor
-        self._pending: dict[int, list[bytes]] = defaultdict(list)
-        self._waiting: list[defer.Deferred[None]] = []
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
+        self.ready = ready
+        self.longest = redis.timeout + (wait_timeout if wait_replicas else 0.0)  # seconds a request waits
+        self._pending: list[tuple[int, bytes, defer.Deferred[None]]] = []  # (queue, packed part, its request)
         self._scheduled = False
         self._flushing = False
 
     def append(self, userid: int, received: float, time_ref: int, frames: list[list[Any]]) -> defer.Deferred[None]:
-        """Fires once Redis acknowledged the append; fails with RedisUnavailable otherwise.
-        Raises Unqueueable, before anything is pending, if this request cannot be packed."""
+        """Fires once Redis acknowledged the append (and the replicas, with ``wait_replicas``);
+        fails with RedisUnavailable or Unavailable otherwise. Raises Unqueueable, before
+        anything is pending, if this request cannot be packed."""
         try:
             packed = encode_group([userid, received, time_ref, frames])
         except (OverflowError, TypeError, ValueError) as e:
             self.log.warn("input of user {userid} cannot be packed: {error}", userid=userid, error=repr(e))
             raise Unqueueable()
-        self._pending[self.layout.queue_for(userid)].append(packed)
+        if not self.ready():
+            raise Unavailable("Input queues not reachable yet, try again shortly")
         d: defer.Deferred[None] = defer.Deferred()
-        self._waiting.append(d)
+        d.addTimeout(self.longest, self.reactor, onTimeoutCancel=self._too_late)
+        self._pending.append((self.layout.queue_for(userid), packed, d))
         if not self._scheduled and not self._flushing:
             self._scheduled = True
             self.reactor.callLater(0, self._flush)
         return d
 
+    def _too_late(self, result: Any, timeout: float) -> None:
+        raise RedisUnavailable(f"redis append: not acknowledged within {timeout:g}s")
+
     def _flush(self) -> None:
         self._scheduled = False
-        if self._flushing or not self._waiting:
+        pending, self._pending = self._pending, []
+        pending = [item for item in pending if not item[2].called]  # those past their time stay out
+        if self._flushing or not pending:
+            self._pending = pending + self._pending
             return
-        pending, waiting = self._pending, self._waiting
-        self._pending, self._waiting = defaultdict(list), []
-        commands = [("XADD", input_stream(q), "*", "p", join_groups(groups)) for q, groups in pending.items()]
+        groups: dict[int, list[bytes]] = defaultdict(list)
+        for queue, packed, _ in pending:
+            groups[queue].append(packed)
+        commands: list[tuple[Any, ...]] = [("XADD", input_stream(q), "*", "p", join_groups(parts)) for q, parts in groups.items()]
+        if self.wait_replicas:
+            commands.append(("WAIT", self.wait_replicas, max(1, int(self.wait_timeout * 1000))))
         self._flushing = True
-        defer.ensureDeferred(self.redis.pipeline(commands)).addBoth(self._flushed, waiting)
+        d = defer.ensureDeferred(self.redis.pipeline(commands, longer=self.wait_timeout if self.wait_replicas else 0.0))
+        d.addBoth(self._flushed, [item[2] for item in pending])
 
     def _flushed(self, result: Any, waiting: list[defer.Deferred[None]]) -> None:
         self._flushing = False
+        error: Exception | None = None
+        if isinstance(result, Failure):
+            error = RedisUnavailable(str(result.value))
+        elif self.wait_replicas and int(result[-1]) < self.wait_replicas:
+            replicas = int(result[-1])
+            self.log.warn(
+                "{replicas} of {wanted} replicas acknowledged an append within {timeout}s: answered 503",
+                replicas=replicas, wanted=self.wait_replicas, timeout=self.wait_timeout,
+            )
+            error = Unavailable("Not stored on enough replicas in time, send again")
         for d in waiting:
-            if isinstance(result, Failure):
-                d.errback(RedisUnavailable(str(result.value)))
+            if d.called:
+                continue  # answered already, past its time
+            if error is not None:
+                d.errback(error)
             else:
                 d.callback(None)
-        if self._waiting:  # requests that came while this flush was in flight
+        if self._pending:  # requests that came while this flush was in flight
             self._flush()
 
 

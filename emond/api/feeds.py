@@ -126,7 +126,7 @@ async def entries(ctx: NodeContext, found: list[Feed]) -> list[dict[str, Any]]:
     hosted here; for another server, it is the last point its sender
     recorded as applied (``feed:disk:<id>``).
     """
-    last = await ctx.feeds.timevalues([f.id for f in found])
+    last = await timevalues(ctx, found)
     disk = await ctx.store.summaries(found)
     out = []
     for f in found:
@@ -135,6 +135,33 @@ async def entries(ctx: NodeContext, found: list[Feed]) -> list[dict[str, Any]]:
         if summary.size is None and applied is not None:
             summary = DiskSummary(None, applied)
         out.append(entry(f, accepted, summary))
+    return out
+
+
+async def by_owner(ctx: NodeContext, feeds: list[Feed]) -> list[tuple[NodeContext, list[Feed]]]:
+    """The feeds grouped by the context of their owner's shard: their last values live in
+    that shard's Redis, whoever reads them (a public feed, read from any front)."""
+    owners = {userid: await ctx.of_user(userid) for userid in {f.userid for f in feeds}}
+    groups: dict[str, tuple[NodeContext, list[Feed]]] = {}
+    for feed in feeds:
+        owner = owners[feed.userid]
+        groups.setdefault(owner.shard, (owner, []))[1].append(feed)
+    return list(groups.values())
+
+
+async def lastvalues(ctx: NodeContext, feeds: list[Feed]) -> dict[int, tuple[int, float] | None]:
+    """``Feeds.lastvalues`` of feeds of any users: one pipeline per shard."""
+    out: dict[int, tuple[int, float] | None] = {}
+    for owner, group in await by_owner(ctx, feeds):
+        out.update(await owner.feeds.lastvalues([f.id for f in group]))
+    return out
+
+
+async def timevalues(ctx: NodeContext, feeds: list[Feed]) -> dict[int, Any]:
+    """``Feeds.timevalues`` of feeds of any users: one pipeline per shard."""
+    out: dict[int, Any] = {}
+    for owner, group in await by_owner(ctx, feeds):
+        out.update(await owner.feeds.timevalues([f.id for f in group]))
     return out
 
 
@@ -153,8 +180,9 @@ async def feed_create(ctx: NodeContext, call: Call) -> Any:
     unit = call.get("unit", "") or ""
     datatype = small_int(call.get("datatype"), 1, "missing datatype: 1: realtime, 2: daily")
     engine = small_int(call.get("engine"), None, "Engine id not valid", "missing parameter: engine")
-    server = small_int(call.get("server"), ctx.config.feeds.default_server, "server must be a number")
-    servers = sorted(set(ctx.config.node.storage) | set(ctx.config.storage_servers))
+    # The storage servers of the caller's shard: its storage queues are in the shard's Redis.
+    server = small_int(call.get("server"), ctx.config.default_server(ctx.shard), "server must be a number")
+    servers = sorted(ctx.config.shards[ctx.shard].storage)
     if server not in servers:
         raise Invalid(f"server must be {or_list(servers)}")
     interval = 0
@@ -243,7 +271,7 @@ async def feed_value(ctx: NodeContext, call: Call) -> Any:
         if number is None or not MIN_READ_TIME <= number <= MAX_READ_TIME:
             raise Invalid("time must be a unix time in seconds")
         return await ctx.store.value_at(feed, math.trunc(number))
-    last = (await ctx.feeds.lastvalues([feed.id]))[feed.id]
+    last = (await lastvalues(ctx, [feed]))[feed.id]
     if last is not None:
         return accepted_number(last[1])
     disk = await disk_last(ctx, feed)  # as emoncms, rebuilt from the data when Redis has none
@@ -268,7 +296,7 @@ async def feed_fetch(ctx: NodeContext, call: Call) -> Any:
             ids.append(None)
     found = await ctx.feeds.get_many(i for i in ids if i is not None)
     allowed = [f for f in found.values() if can_read(call, f)]
-    last = await ctx.feeds.lastvalues([f.id for f in allowed])
+    last = await lastvalues(ctx, allowed)
     missing = [f for f in allowed if last[f.id] is None]
     disk = await ctx.store.summaries(missing) if missing else {}
     out: list[Any] = []
@@ -324,8 +352,8 @@ async def feed_data(ctx: NodeContext, call: Call) -> Any:
     timezone = await caller_timezone(ctx, call)
     request = DataRequest.parse(call.params, call.action, timezone, ctx.config.feeds.max_datapoints)
     plans = [request.plan(feed, average, delta) for feed, (average, delta) in zip(found, request.flags())]
-    wanted = [feed.id for feed, plan in zip(found, plans) if plan.delta]
-    accepted = await ctx.feeds.lastvalues(wanted) if wanted else {}
+    wanted = [feed for feed, plan in zip(found, plans) if plan.delta]
+    accepted = await lastvalues(ctx, wanted) if wanted else {}
     series = await defer.gatherResults(
         [defer.ensureDeferred(read_series(ctx, request, feed, plan)) for feed, plan in zip(found, plans)], consumeErrors=True
     ).addErrback(lambda failure: failure.value.subFailure.raiseException())

@@ -230,11 +230,16 @@ class Router:
         self._routes[(controller, action)] = (access, handler)
         self._param_limits[(controller, action)] = max_param
 
-    def add_routes(self, routes: Iterable[Route], context: Any) -> None:
-        """Every route of a table, its handler called with ``context`` and the call."""
+    def add_routes(
+        self, routes: Iterable[Route], context: Any, resolve: Callable[[Call], Awaitable[Any]] | None = None
+    ) -> None:
+        """Every route of a table, its handler called with ``context`` and the call; with
+        ``resolve``, with ``await resolve(call)`` instead (a node with shards: the context
+        of the caller's shard), ``context`` giving the parameter limits."""
         for route in routes:
             limit = route.max_param(context) if callable(route.max_param) else route.max_param
-            self.add(route.controller, route.action, route.access, partial(route.handler, context), limit)
+            handler = partial(route.handler, context) if resolve is None else partial(_resolved, route.handler, resolve)
+            self.add(route.controller, route.action, route.access, handler, limit)
 
     def param_limit(self, controller: str, action: str) -> int:
         """The longest parameter value the route accepts (413 beyond)."""
@@ -242,6 +247,10 @@ class Router:
 
     def find(self, controller: str, action: str) -> tuple[str, Handler] | None:
         return self._routes.get((controller, action))
+
+
+async def _resolved(handler: Callable[[Any, Call], Awaitable[Any]], resolve: Callable[[Call], Awaitable[Any]], call: Call) -> Any:
+    return await handler(await resolve(call), call)
 
 
 def split_path(path: bytes) -> tuple[list[str], str]:

@@ -258,7 +258,8 @@ async def new_feed_for(ctx: NodeContext, call: Call, inp: Input, processid: int)
     if interval is None or not 0 < interval <= MAX_FEED_INTERVAL:
         raise Invalid(f"newfeedinterval must be a whole number of seconds, at most {MAX_FEED_INTERVAL}")
     interval = max(interval, MIN_INTERVAL) if engine == ENGINE_PHPFINA else 0
-    return await create_feed(ctx, call.userid, name, tag, proc.datatype, engine, interval, ctx.config.feeds.default_server)
+    server = ctx.config.default_server(ctx.shard)  # a storage server of the user's shard
+    return await create_feed(ctx, call.userid, name, tag, proc.datatype, engine, interval, server)
 
 
 async def input_process_add(ctx: NodeContext, call: Call) -> Any:

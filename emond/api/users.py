@@ -10,6 +10,7 @@ from typing import Any
 
 from emond.api.http import PUBLIC, READ, WRITE, Call, Route
 from emond.api.context import NodeContext
+from emond.cluster.placement import place_new_user
 from emond.errors import Forbidden, Invalid
 from emond.pools import PoolBusy
 from emond.meta.users import LOGIN_FAILED, Verified, check_new_password
@@ -28,6 +29,7 @@ async def user_register(ctx: NodeContext, call: Call) -> Any:
         call.get("password", "") or "",
         call.get("email", "") or "",
         call.get("timezone", "UTC") or "UTC",
+        shard=lambda: place_new_user(ctx.db, ctx.config),
     )
 
 

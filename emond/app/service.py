@@ -6,6 +6,7 @@ twistd plugins only parse ``--config`` and call these.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -23,10 +24,9 @@ from emond.inflight import InFlight
 from emond.api.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
 from emond.process.consumer import InputConsumerService
 from emond.app.monitor import QueueMonitor
-from emond.app.node import NodeAppService, make_api, make_context
+from emond.app.node import NodeAppService, make_api, make_contexts, shard_redis
 from emond.pools import PoolsService, watch_pools
-from emond.redis import Redis
-from emond.storage.remote import LinkMetrics, RemoteLink
+from emond.storage.remote import LinkMetrics, RemoteLink, StreamLink
 from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.queue import QueueLayout
 from emond.web import limited_request_factory
@@ -193,9 +193,29 @@ def _http_service(
     return service
 
 
+def _foreign_storage(config: NodeConfig) -> None:
+    """Warn about hosted storage servers of another shard than this process's: their queues
+    (in that shard's Redis) are drained only by that shard's process, so here they serve
+    reads and file management alone, and that process must host the same data directory."""
+    for server_id in config.node.storage:
+        owner = config.shard_of_server(server_id)
+        if owner != config.node.shard:
+            log.warn(
+                "storage server {server} is hosted here but is shard {owner!r}'s: only a process with shard = "
+                "\"{owner}\" drains its queue (it must host the same data directory); here it is read only",
+                server=server_id, owner=owner,
+            )
+
+
 def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     """The tree of a node: private Redis (if none configured), hosted storage, the API, the
     pipeline (consumer, senders, monitor), HTTP.
+
+    What runs follows the process's roles ([node] front and shard): a front serves the
+    input endpoint and the JSON API for the users of every shard, reading every storage
+    server; a shard's process consumes that shard's input queues and drains its storage
+    queues, in the shard's Redis. A process without the front role still answers /health
+    and /metrics. The single node (no [shards]) holds both roles for its one shard.
 
     Building it opens nothing (no socket, no thread): each service opens its connections
     in ``startService``. Children start in this order and stop in the reverse one, each
@@ -203,6 +223,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     has, the pipeline finishes its passes, then the API closes Redis and the database,
     and storage and Redis go away.
     """
+    _foreign_storage(config)
     root = OrderedMultiService()
     checks: dict[str, HealthCheck] = {}
     redis_url = config.redis.url
@@ -224,36 +245,76 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         location.setServiceParent(storage)
         locations[server_id] = location
     checks["storage"] = lambda: _all_ok({str(sid): loc.status() for sid, loc in locations.items()})
-    ctx = make_context(config, redis_url, locations, reactor)
+    contexts = make_contexts(config, redis_url, locations, reactor)
+    ctx = contexts.default
     # The KDF and rendering pools stop (joined) after the API; each location stops its own.
     pools = PoolsService([ctx.users.kdf, ctx.render])
     pools.setName("pools")
     pools.setServiceParent(root)
     watch_pools(ctx.registry, [*pools.pools, *(p for location in locations.values() for p in location.pools)])
     layout = QueueLayout.from_config(config.input)
-    app = NodeAppService(ctx, layout, reactor)
+    # A front of several shards keeps its user -> shard cache current (emond.cluster.shardmap).
+    subscription = contexts.shardmap.listen(redis_url, config.redis.timeout, reactor) if len(config.shards) > 1 and config.node.front else None
+    app = NodeAppService(contexts, layout, reactor, subscription)
     app.setName("api")
     app.setServiceParent(root)
-    # Blocking reads (XREAD BLOCK) get connections of their own, opened by their reader at start.
-    blocking_timeout = config.redis.timeout + 1.0
     pipeline = OrderedMultiService()
     pipeline.setName("pipeline")
     pipeline.setServiceParent(root)
+    senders: dict[str, Any] = {}
+    link_metrics = LinkMetrics(ctx.registry)
+    if config.node.shard:
+        senders = _shard_pipeline(config, contexts[config.node.shard], layout, redis_url, locations, link_metrics, pipeline, checks, reactor)
+    if config.node.front:
+        # Reads of the storage servers whose queues another process drains.
+        for server_id, remote in config.storage_servers.items():
+            if str(server_id) not in senders:
+                assert config.tls is not None  # required by the config when remotes exist
+                link = StreamLink(server_id, remote, config.tls, config.node.name, link_metrics, reactor)
+                link.setName(f"reader{server_id}")
+                link.setServiceParent(pipeline)
+                ctx.store.remotes[server_id] = link
+        web: Resource = make_api(app, checks, reactor)
+    else:
+        web = _health_only(app, checks, reactor)
+    http = _http_service(reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log)
+    http.setServiceParent(root)
+    return root
+
+
+def _shard_pipeline(
+    config: NodeConfig,
+    ctx: Any,
+    layout: QueueLayout,
+    central_url: str,
+    locations: dict[int, StorageLocationService],
+    link_metrics: LinkMetrics,
+    pipeline: MultiService,
+    checks: dict[str, HealthCheck],
+    reactor: Any,
+) -> dict[str, Any]:
+    """The shard role: the consumer of the shard's input queues, the senders of its storage
+    servers (hosted here or remote) and the queue monitor, all on the shard's Redis; the
+    senders by server id."""
+    where = shard_redis(config, ctx.shard, central_url)
+    # Blocking reads (XREAD BLOCK) get connections of their own, opened by their reader at start.
+    blocking = partial(where.client, reactor, poolsize=1, longer=1.0)
     if config.input.consume:
-        consumer = InputConsumerService(
-            ctx, layout, Redis(redis_url, blocking_timeout, reactor, poolsize=1), reactor, lease_ms=config.input.lease_ms
-        )
+        consumer = InputConsumerService(ctx, layout, blocking(), reactor, lease_ms=config.input.lease_ms)
         consumer.setName("consumer")
         consumer.setServiceParent(pipeline)
+    servers = sorted(config.shards[ctx.shard].storage)
     senders: dict[str, Any] = {}
     recorder = RefusalRecorder(ctx.refusals, lambda feeds: defer.ensureDeferred(_owners(ctx, feeds)))
-    sender_metrics, link_metrics = SenderMetrics(ctx.registry), LinkMetrics(ctx.registry)
+    sender_metrics = SenderMetrics(ctx.registry)
     for server_id, location in locations.items():
+        if server_id not in servers:
+            continue  # another shard's (see _foreign_storage)
         sender = LocalSenderService(
             server_id,
             location,
             ctx.redis,
-            Redis(redis_url, blocking_timeout, reactor, poolsize=1),
+            blocking(),
             recorder,
             reactor,
             config.node.name,
@@ -264,6 +325,8 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         sender.setServiceParent(pipeline)
         senders[str(server_id)] = sender
     for server_id, remote in config.storage_servers.items():
+        if server_id not in servers:
+            continue  # another shard's: its queue is in that shard's Redis
         assert config.tls is not None  # required by the config when remotes exist
         link = RemoteLink(
             server_id,
@@ -271,7 +334,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
             config.tls,
             config.node.name,
             ctx.redis,
-            Redis(redis_url, blocking_timeout, reactor, poolsize=1),
+            blocking(),
             recorder,
             link_metrics,
             reactor,
@@ -292,14 +355,21 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
         return _all_ok(parts)
 
     checks["senders"] = senders_check
-    servers = sorted(set(config.node.storage) | set(config.storage_servers))
     monitor = QueueMonitor(ctx.redis, layout.queues, servers, ctx.registry, reactor, config.health)
     monitor.setName("monitor")
     monitor.setServiceParent(pipeline)
     checks["queues"] = monitor.status
-    api = make_api(ctx, app, checks, reactor)
-    http = _http_service(reactor, config.node.http, api, config.node.drain_timeout, config.input.max_body, config.node.access_log)
-    http.setServiceParent(root)
+    return senders
+
+
+def _health_only(app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) -> Resource:
+    """The HTTP root of a process without the front role: /health and /metrics, nothing else."""
+    ctx = app.ctx
+    checks = {**checks, "database": app.database_status, "redis_client": app.redis_status, "shard_redis": app.shards_status}
+    access = OperatorAccess(ctx.config.health, ctx.auth.client)
+    root = Resource()
+    root.putChild(b"health", HealthResource("emond", checks, access, ctx.config.health.check_timeout, reactor))
+    root.putChild(b"metrics", OperatorOnly(MetricsPage(ctx.registry), access))
     return root
 
 

@@ -27,9 +27,13 @@ class Refused(NamedTuple):
 
 
 class Refusals:
-    def __init__(self, redis: Redis, registry: CollectorRegistry) -> None:
+    def __init__(self, redis: Redis, registry: CollectorRegistry | None, total: Counter | None = None) -> None:
         self.redis = redis
-        self.total = Counter("emond_refused", "Datapoints refused, by reason", ["reason"], registry=registry)
+        self.total = total or Counter("emond_refused", "Datapoints refused, by reason", ["reason"], registry=registry)
+
+    def sharing(self, redis: Redis) -> "Refusals":
+        """The recorder of another shard's users, in that shard's Redis, counted in the same metric."""
+        return Refusals(redis, None, self.total)
 
     async def record(self, userid: int, refused: Iterable[Refused]) -> None:
         items = list(refused)

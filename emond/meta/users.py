@@ -23,6 +23,7 @@ import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from emond.config import DEFAULT_SHARD
 from emond.meta.db import Database, is_duplicate
 from emond.errors import Invalid, NotFound
 from emond.pools import BoundedPool, PoolBusy
@@ -116,7 +117,16 @@ class Users:
         self.db = db
         self.kdf = kdf  # every hash and check runs here
 
-    async def register(self, username: str, password: str, email: str, timezone: str = "UTC") -> dict[str, Any]:
+    async def register(
+        self,
+        username: str,
+        password: str,
+        email: str,
+        timezone: str = "UTC",
+        shard: str | Callable[[], Awaitable[str]] = DEFAULT_SHARD,
+    ) -> dict[str, Any]:
+        """A new account on ``shard``: a name, or what chooses one once the request is
+        found valid (emond.cluster.placement, which the metadata layer does not import)."""
         if not username or not password or not email:
             raise Invalid("Missing username, password or email parameter")
         if not username.isascii() or not username.isalnum():
@@ -130,6 +140,8 @@ class Users:
             raise Invalid("Invalid timezone")
         hashed = await self.kdf.run(hash_password, password)
         write, read = new_apikey(), new_apikey()
+        if callable(shard):
+            shard = await shard()
 
         key = username_key(username)
 
@@ -139,10 +151,10 @@ class Users:
             first = not txn.query("SELECT id FROM users LIMIT 1")
             return txn.insert(
                 "INSERT INTO users (username, username_key, email, password, salt, apikey_write, apikey_read, "
-                "apikey_write_hash, apikey_read_hash, uuid, admin, timezone, bio, created) "
-                "VALUES (?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                "apikey_write_hash, apikey_read_hash, uuid, admin, timezone, bio, created, shard) "
+                "VALUES (?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
                 username, key, email, hashed, write, read, apikey_digest(write), apikey_digest(read),
-                str(uuid.uuid4()), 1 if first else 0, timezone, int(time.time()),
+                str(uuid.uuid4()), 1 if first else 0, timezone, int(time.time()), shard,
             )
 
         try:

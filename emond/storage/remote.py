@@ -9,6 +9,8 @@ feeds' disk values recorded, in one fenced script); after a reconnect the
 unacknowledged ones are sent again, in order, from the head of the queue.
 A full window stops the sender taking batches: only this server's queue
 grows. Reads are request/response frames with ids on the same connection.
+A ``StreamLink`` is the same connection for reads alone: a front reads every
+storage server, and only the process of the server's shard drains its queue.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class RemoteReadError(Exception):
 
 
 class StreamClientProtocol(FrameProtocol):
-    def __init__(self, link: "RemoteLink") -> None:
+    def __init__(self, link: "StreamLink") -> None:
         self.link = link
 
     def connectionMade(self) -> None:
@@ -100,7 +102,7 @@ class StreamClientProtocol(FrameProtocol):
 
 
 class _Factory(Factory):
-    def __init__(self, link: "RemoteLink") -> None:
+    def __init__(self, link: "StreamLink") -> None:
         self.link = link
 
     def buildProtocol(self, addr: Any) -> StreamClientProtocol:
@@ -126,11 +128,164 @@ class LinkMetrics:
         )
 
 
-class RemoteLink(Service, ElementHandler):
+class StreamLink(Service):
+    """The stream to one remote storage server, for read requests only: it never takes the
+    server's storage queue (a front's link to a server whose queue a shard process drains).
+    ``RemoteLink`` adds the sender."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server_id: int,
+        remote: RemoteServer,
+        tls: TLSSection,
+        node_name: str,
+        metrics: "LinkMetrics",
+        reactor: IReactorTime,
+    ) -> None:
+        self.server_id = server_id
+        self.remote = remote
+        self.tls = tls
+        self.node_name = node_name
+        self.reactor = reactor
+        self.protocol: StreamClientProtocol | None = None
+        self.server_token = 0  # the newest fencing token the server has applied (its hello says)
+        self._ready: defer.Deferred[None] = defer.Deferred()
+        self._requests: dict[int, tuple[defer.Deferred[Any], list[bytes]]] = {}
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._client: ClientService | None = None
+        label = str(server_id)
+        self.m_connected = metrics.connected.labels(label)
+        self.m_fail = metrics.fail.labels(label)
+        self.m_reads = metrics.reads
+        self.m_read_timeouts = metrics.read_timeouts.labels(label)
+        self.error: str | None = None
+
+    # -- connection -------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        host = self.remote.endpoint.split(":")[1] if self.remote.endpoint.count(":") >= 2 else ""
+        name = self.remote.name or host
+        endpoint = endpoints.wrapClientTLS(
+            client_tls(self.tls.ca, self.tls.cert, name), endpoints.clientFromString(self.reactor, self.remote.endpoint)
+        )
+        self._client = ClientService(endpoint, _Factory(self), retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0), clock=self.reactor)
+        self._client.startService()
+
+    async def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()
+        self._stopping = True
+        if not self._ready.called:
+            self._ready.callback(None)
+        if self._client is not None:
+            await self._client.stopService()
+
+    def connected(self, protocol: StreamClientProtocol, server_token: int = 0) -> None:
+        self.protocol = protocol
+        self.server_token = server_token
+        self.m_connected.set(1)
+        self.error = None
+        self.log.info("stream to storage {id} up", id=self.server_id)
+        if not self._ready.called:
+            self._ready.callback(None)
+
+    def disconnected(self, protocol: StreamClientProtocol) -> None:
+        if protocol is not self.protocol:
+            self.m_fail.inc()  # never got past TLS and hello
+            return
+        self.protocol = None
+        self.m_connected.set(0)
+        self._lost()
+        self._ready = defer.Deferred()
+        for d, _ in self._requests.values():
+            d.errback(RemoteUnavailable(f"storage server {self.server_id}: connection lost"))
+        self._requests.clear()
+
+    def _lost(self) -> None:
+        self.log.warn("stream to storage {id} down", id=self.server_id)
+
+    def answered(self, seq: int, applied: bool, result: Any) -> None:
+        """An acknowledgement; a link that sends no batches expects none."""
+
+    def _oldest_unacked(self) -> float | None:
+        """When the oldest batch still waiting for its acknowledgement was sent (None: none)."""
+        return None
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def request(self, op: str, feed: int, engine: int, *args: Any, timeout: float | None = None) -> Any:
+        """One read request; its answer (JSON, or bytes for a binary one).
+
+        Raises RemoteUnavailable when not connected (or the connection is
+        lost meanwhile), RemoteTimeout when no answer comes in ``timeout``
+        seconds (a late answer is then ignored), RemoteReadError when the
+        server answers with an error.
+        """
+        protocol = self.protocol
+        if protocol is None:
+            raise RemoteUnavailable(f"storage server {self.server_id} is not connected")
+        request_id = next(self._ids)
+        d: defer.Deferred[Any] = defer.Deferred(lambda _: self._requests.pop(request_id, None))
+        self._requests[request_id] = (d, [])
+        self.m_reads.labels(str(self.server_id), op).inc()
+        protocol.send(request_frame(request_id, {"op": op, "feed": feed, "engine": engine, "args": list(args)}))
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            self.m_read_timeouts.inc()
+            raise RemoteTimeout(f"storage server {self.server_id} did not answer in {timeout:g} s") from None
+
+    def response(self, request_id: int, flags: int, body: bytes) -> None:
+        pending = self._requests.get(request_id)
+        if pending is None:
+            return
+        d, chunks = pending
+        chunks.append(body)
+        if not flags & FINAL:
+            return
+        del self._requests[request_id]
+        data = b"".join(chunks)
+        if flags & ERROR:
+            error = json.loads(data)
+            d.errback(RemoteReadError(error["error"], error.get("type", "")))
+        elif flags & BINARY:
+            d.callback(data)
+        else:
+            d.callback(json.loads(data))
+
+    async def health(self, timeout: float, max_ack_wait: float) -> dict[str, object]:
+        """``status()``, and whether the server answers now: a ping within ``timeout``
+        (a frozen server keeps its connection open but answers nothing), and no batch
+        waiting for its acknowledgement longer than ``max_ack_wait`` seconds (a server
+        whose disk hangs answers pings but applies nothing)."""
+        status = self.status()
+        if self.protocol is None:
+            return status
+        oldest = self._oldest_unacked()
+        if oldest is not None and time.monotonic() - oldest > max_ack_wait:
+            return {**status, "ok": False, "error": f"a batch has waited over {max_ack_wait:g} s for its acknowledgement"}
+        try:
+            server = await self.request("ping", 0, 0, timeout=timeout)
+        except (RemoteUnavailable, RemoteReadError) as e:
+            return {**status, "ok": False, "error": f"no answer to a ping: {e}"}
+        if isinstance(server, dict) and not server.get("ok", False):
+            return {**status, "ok": False, "error": f"storage server unwell: {server.get('disk_error') or 'not open'}"}
+        return status
+
+    def status(self) -> dict[str, object]:
+        return {"ok": self.protocol is not None and self.error is None, "connected": self.protocol is not None, "error": self.error}
+
+
+class RemoteLink(StreamLink, ElementHandler):
     """The stream to one remote storage server: its storage queue's sender (a
     ``emond.queue.LeasedReader`` with a window) and read requests."""
 
-    log = Logger()
     doing = "sending a batch"
 
     def __init__(
@@ -151,15 +306,8 @@ class RemoteLink(Service, ElementHandler):
         clock: IReactorTime | None = None,
     ) -> None:
         """``clock``: the lease's and retries' (tests give a ``task.Clock``); default ``reactor``."""
-        self.server_id = server_id
-        self.remote = remote
-        self.tls = tls
-        self.node_name = node_name
+        super().__init__(server_id, remote, tls, node_name, metrics, reactor)
         self.recorder = recorder
-        self.reactor = reactor
-        self.protocol: StreamClientProtocol | None = None
-        self.server_token = 0  # the newest fencing token the server has applied (its hello says)
-        self._ready: defer.Deferred[None] = defer.Deferred()
         clock = clock or reactor
         self.lease = Lease(Scripts(redis), storage_queue(server_id).name, f"{node_name}-{uuid.uuid4().hex[:8]}", lease_ms)
         self.queue = OneQueue(self.lease, storage_queue(server_id), clock, floor=lambda: self.server_token)
@@ -167,76 +315,43 @@ class RemoteLink(Service, ElementHandler):
         self.reader = LeasedReader(
             self.queue, self, blocking, clock, f"storage queue {server_id}", batch=batch, block_ms=block_ms, window=self.window
         )
-        self._requests: dict[int, tuple[defer.Deferred[Any], list[bytes]]] = {}
-        self._ids = itertools.count(1)
-        self._stopping = False
-        self._client: ClientService | None = None
         label = str(server_id)
-        self.m_connected = metrics.connected.labels(label)
         self.m_sent = metrics.sent.labels(label)
         self.m_points = metrics.points.labels(label)
         self.m_acked = metrics.acked.labels(label)
         self.m_resent = metrics.resent.labels(label)
         self.m_window = metrics.window.labels(label)
         self.m_rtt = metrics.rtt.labels(label)
-        self.m_fail = metrics.fail.labels(label)
-        self.m_reads = metrics.reads
-        self.m_read_timeouts = metrics.read_timeouts.labels(label)
         self._ever_sent: set[int] = set()
         self.last_rtt: float | None = None
-        self.error: str | None = None
 
     # -- connection -------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self._stopping = False
-        host = self.remote.endpoint.split(":")[1] if self.remote.endpoint.count(":") >= 2 else ""
-        name = self.remote.name or host
-        endpoint = endpoints.wrapClientTLS(
-            client_tls(self.tls.ca, self.tls.cert, name), endpoints.clientFromString(self.reactor, self.remote.endpoint)
-        )
-        self._client = ClientService(endpoint, _Factory(self), retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0), clock=self.reactor)
-        self._client.startService()
         self.reader.start()
 
     async def stopService(self) -> None:  # type: ignore[override]
-        super().stopService()
+        Service.stopService(self)
         self._stopping = True
         stopped = defer.ensureDeferred(self.reader.stop())  # the reader stops taking batches first
         if not self._ready.called:
             self._ready.callback(None)
         await stopped
-        if self._client is not None:
-            await self._client.stopService()
+        await super().stopService()
 
     @property
     def unacked(self) -> dict[int, tuple[bytes, np.ndarray, float]]:
         """Batches sent and not acknowledged: seq -> (stream id, batch, sent at)."""
         return self.window.pending
 
-    def connected(self, protocol: StreamClientProtocol, server_token: int = 0) -> None:
-        self.protocol = protocol
-        self.server_token = server_token
-        self.m_connected.set(1)
-        self.error = None
-        self.log.info("stream to storage {id} up", id=self.server_id)
-        if not self._ready.called:
-            self._ready.callback(None)
-
-    def disconnected(self, protocol: StreamClientProtocol) -> None:
-        if protocol is not self.protocol:
-            self.m_fail.inc()  # never got past TLS and hello
-            return
-        self.protocol = None
-        self.m_connected.set(0)
+    def _lost(self) -> None:
         self.log.warn("stream to storage {id} down; {n} batches to send again", id=self.server_id, n=len(self.unacked))
         self.reader.restart()  # resend from the head of the queue
         self.m_window.set(0)
-        self._ready = defer.Deferred()
-        for d, _ in self._requests.values():
-            d.errback(RemoteUnavailable(f"storage server {self.server_id}: connection lost"))
-        self._requests.clear()
+
+    def _oldest_unacked(self) -> float | None:
+        return min((sent for _entry, _batch, sent in self.unacked.values()), default=None)
 
     # -- the sender --------------------------------------------------------------------
 
@@ -297,69 +412,6 @@ class RemoteLink(Service, ElementHandler):
         except (LeaseLost, RedisUnavailable) as e:
             # Applied but still queued: it is sent again, which gives the same files.
             self.log.warn("storage {id}: commit after ack failed: {error}", id=self.server_id, error=str(e))
-
-    # -- reads -------------------------------------------------------------------------
-
-    async def request(self, op: str, feed: int, engine: int, *args: Any, timeout: float | None = None) -> Any:
-        """One read request; its answer (JSON, or bytes for a binary one).
-
-        Raises RemoteUnavailable when not connected (or the connection is
-        lost meanwhile), RemoteTimeout when no answer comes in ``timeout``
-        seconds (a late answer is then ignored), RemoteReadError when the
-        server answers with an error.
-        """
-        protocol = self.protocol
-        if protocol is None:
-            raise RemoteUnavailable(f"storage server {self.server_id} is not connected")
-        request_id = next(self._ids)
-        d: defer.Deferred[Any] = defer.Deferred(lambda _: self._requests.pop(request_id, None))
-        self._requests[request_id] = (d, [])
-        self.m_reads.labels(str(self.server_id), op).inc()
-        protocol.send(request_frame(request_id, {"op": op, "feed": feed, "engine": engine, "args": list(args)}))
-        if timeout is not None:
-            d.addTimeout(timeout, self.reactor)
-        try:
-            return await d
-        except defer.TimeoutError:
-            self.m_read_timeouts.inc()
-            raise RemoteTimeout(f"storage server {self.server_id} did not answer in {timeout:g} s") from None
-
-    def response(self, request_id: int, flags: int, body: bytes) -> None:
-        pending = self._requests.get(request_id)
-        if pending is None:
-            return
-        d, chunks = pending
-        chunks.append(body)
-        if not flags & FINAL:
-            return
-        del self._requests[request_id]
-        data = b"".join(chunks)
-        if flags & ERROR:
-            error = json.loads(data)
-            d.errback(RemoteReadError(error["error"], error.get("type", "")))
-        elif flags & BINARY:
-            d.callback(data)
-        else:
-            d.callback(json.loads(data))
-
-    async def health(self, timeout: float, max_ack_wait: float) -> dict[str, object]:
-        """``status()``, and whether the server answers now: a ping within ``timeout``
-        (a frozen server keeps its connection open but answers nothing), and no batch
-        waiting for its acknowledgement longer than ``max_ack_wait`` seconds (a server
-        whose disk hangs answers pings but applies nothing)."""
-        status = self.status()
-        if self.protocol is None:
-            return status
-        oldest = min((sent for _entry, _batch, sent in self.unacked.values()), default=None)
-        if oldest is not None and time.monotonic() - oldest > max_ack_wait:
-            return {**status, "ok": False, "error": f"a batch has waited over {max_ack_wait:g} s for its acknowledgement"}
-        try:
-            server = await self.request("ping", 0, 0, timeout=timeout)
-        except (RemoteUnavailable, RemoteReadError) as e:
-            return {**status, "ok": False, "error": f"no answer to a ping: {e}"}
-        if isinstance(server, dict) and not server.get("ok", False):
-            return {**status, "ok": False, "error": f"storage server unwell: {server.get('disk_error') or 'not open'}"}
-        return status
 
     def status(self) -> dict[str, object]:
         error = self.error or self.reader.error  # the stream's, else the queue's (Redis)

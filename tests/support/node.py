@@ -50,16 +50,23 @@ class NodeHarness:
         host: str = "127.0.0.1",
         node_config: str = "",
         http_prefix: str = "",
+        database_url: str | None = None,
+        flush_redis: bool = True,
     ) -> None:
         """``redis``/``mariadb``: a test's private server instead of the run's shared one;
         ``host``: the address the node listens on; ``node_config``: more lines of ``[node]``;
-        ``http_prefix``: before its endpoint (``"haproxy:"``: the PROXY protocol).
+        ``http_prefix``: before its endpoint (``"haproxy:"``: the PROXY protocol);
+        ``database_url``: a database another node uses too (the processes of a cluster),
+        ``flush_redis``: false for the second process of a cluster on the same Redis.
         Builds the node's service tree (which opens nothing until started)."""
         self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
         redis = redis or redis_server()
-        redis.flushall()
-        if database == "mysql":
+        if flush_redis:
+            redis.flushall()
+        if database_url is not None:
+            db_url = database_url
+        elif database == "mysql":
             server = mariadb or mariadb_server()
             db_url = f"mysql://root@127.0.0.1:{server.port}/{server.create_database()}"
         else:
@@ -87,6 +94,8 @@ class NodeHarness:
         storage = harness.service.getServiceNamed("storage")
         for location in storage:
             yield location.opened
+        for ctx in harness.app.contexts:  # a front's other shards are checked in the background
+            yield harness.app.shard_checked(ctx.shard)
         return harness
 
     def stop(self) -> defer.Deferred[None]:
@@ -125,7 +134,8 @@ def pipeline(harness: NodeHarness, name: str):
 
 @defer.inlineCallbacks
 def drain(harness: NodeHarness):
-    """Wait until every input queue and storage queue has been seen empty."""
+    """Wait until every input queue and the storage queue of every hosted location has been
+    seen empty."""
     yield pipeline(harness, "consumer").idle()
     for server_id in harness.config.node.storage:
         yield pipeline(harness, f"sender{server_id}").idle()
@@ -147,3 +157,12 @@ def bound_client(source: str, tls_ca: str | None = None, tls_name: str = "") -> 
             return endpoint
 
     return treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, FromSource()))
+
+
+@defer.inlineCallbacks
+def drain_shard(harness: NodeHarness):
+    """``drain``, and the storage queues of the shard's remote storage servers."""
+    yield drain(harness)
+    for server_id in harness.config.shards[harness.config.node.shard].storage:
+        if server_id in harness.config.storage_servers:
+            yield pipeline(harness, f"sender{server_id}").idle()

@@ -123,13 +123,13 @@ def _once(name: str, start: Callable[[], T]) -> T:
     return value  # type: ignore[return-value]
 
 
-def _start_redis() -> RedisServer:
+def _start_redis(*extra: str) -> RedisServer:
     exe = require_program("redis-server")
     began = time.monotonic()
     d = _tempdir("redis")
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
-        argv = [exe, *programs.redis_args(d, port=port, bind=HOST, durable=False)]
+        argv = [exe, *programs.redis_args(d, port=port, bind=HOST, durable=False), *extra]
         try:
             proc = _Process("redis-server", argv, d, programs.REDIS_READY)
             break
@@ -258,9 +258,42 @@ class PrivateServer(Generic[T]):
         self._process = _Process(old.name, old.argv, old.cwd, old.ready)
 
 
-def private_redis() -> PrivateServer[RedisServer]:
-    """A new redis-server for one test (``.server`` has its url)."""
-    return PrivateServer(_start_redis)
+def private_redis(*extra: str) -> PrivateServer[RedisServer]:
+    """A new redis-server for one test (``.server`` has its url); ``extra``: more arguments
+    (``"--replicaof", host, port`` makes it a replica)."""
+    return PrivateServer(lambda: _start_redis(*extra))
+
+
+def private_sentinel(master_port: int, service: str, down_after_ms: int = 1000) -> PrivateServer[RedisServer]:
+    """A Redis Sentinel of one test watching the master on ``master_port`` as ``service``
+    (quorum 1: this sentinel alone decides a failover, ``down_after_ms`` after the master
+    stops answering)."""
+    return PrivateServer(lambda: _start_sentinel(master_port, service, down_after_ms))
+
+
+def _start_sentinel(master_port: int, service: str, down_after_ms: int) -> RedisServer:
+    exe = require_program("redis-server")
+    began = time.monotonic()
+    d = _tempdir("sentinel")
+    for attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        conf = os.path.join(d, "sentinel.conf")  # the sentinel rewrites it: its own, writable
+        with open(conf, "w") as f:
+            f.write(
+                f"port {port}\nbind {HOST}\ndir {d}\n"
+                f"sentinel monitor {service} {HOST} {master_port} 1\n"
+                f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+                f"sentinel failover-timeout {service} 10000\n"
+            )
+        try:
+            proc = _Process("redis-sentinel", [exe, conf, "--sentinel"], d, b"+monitor master")
+            break
+        except _StartError as e:
+            if not e.port_in_use or attempt == PORT_ATTEMPTS - 1:
+                raise
+    took = time.monotonic() - began
+    log.msg(f"test redis sentinel ready on {HOST}:{port} in {took:.2f}s")
+    return RedisServer(HOST, port, d, proc.log_path, took)
 
 
 def private_mariadb() -> PrivateServer[MariaDBServer]:

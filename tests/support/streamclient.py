@@ -47,7 +47,17 @@ class StorageServerHarness:
     ports, with a test CA and certificates made by ``etc/make-certs``; clients connect
     over real mutual TLS. ``yield StorageServerHarness.start(self)`` in a test's setUp."""
 
-    def __init__(self, test: Any, names: tuple[str, ...] = ("node0", "storage1")) -> None:
+    def __init__(
+        self,
+        test: Any,
+        names: tuple[str, ...] = ("node0", "storage1"),
+        server_id: int = 1,
+        tls: str | None = None,
+        allow: tuple[str, ...] = ("node0",),
+    ) -> None:
+        """``tls``: a certificate folder the test shares with other servers and nodes (one CA;
+        ``names`` are added to it), else one of its own; the server's certificate is
+        ``storage<server_id>``'s, and it lets in the nodes named in ``allow``."""
         from emond.config import load_storage_config
         from emond.app.service import make_storage_service
         from tests.support.daemon import ROOT
@@ -56,15 +66,15 @@ class StorageServerHarness:
         self.test = test
         self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
-        self.tls = os.path.join(self.dir, "tls")
+        self.tls = tls or os.path.join(self.dir, "tls")
         subprocess.run([os.path.join(ROOT, "etc", "make-certs"), self.tls, *names], check=True, capture_output=True)
         self.port, self.http = free_port(), free_port()
         path = os.path.join(self.dir, "storage.toml")
         with open(path, "w") as f:
             f.write(
-                f'[storage]\nid = 1\nlisten = "tcp:{self.port}:interface=127.0.0.1"\nhttp = "tcp:{self.http}:interface=127.0.0.1"\n'
-                f'datadir = "data"\nallow = ["node0"]\n[engines]\nsync = false\nwindow_past = 2000000000\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
+                f'[storage]\nid = {server_id}\nlisten = "tcp:{self.port}:interface=127.0.0.1"\nhttp = "tcp:{self.http}:interface=127.0.0.1"\n'
+                f'datadir = "data"\nallow = {list(allow)!r}\n[engines]\nsync = false\nwindow_past = 2000000000\n'
+                f'[tls]\nca = "{self.tls}/ca.pem"\ncert = "{self.tls}/storage{server_id}.pem"\n'
             )
         self.config = load_storage_config(path)
         self.service = make_storage_service(self.config, reactor)
@@ -73,8 +83,8 @@ class StorageServerHarness:
 
     @classmethod
     @defer.inlineCallbacks
-    def start(cls, test: Any, names: tuple[str, ...] = ("node0", "storage1")) -> Any:
-        harness = cls(test, names)
+    def start(cls, test: Any, names: tuple[str, ...] = ("node0", "storage1"), **options: Any) -> Any:
+        harness = cls(test, names, **options)
         harness.service.startService()
         test.addCleanup(harness.service.stopService)
         yield harness.service.getServiceNamed("storage").opened
