@@ -116,10 +116,11 @@ class NodeTests(unittest.TestCase):
         self.assertTrue(err["error"].startswith("shard default: redis pipeline: "), err)
 
     @defer.inlineCallbacks
-    def test_user_move_is_not_there_yet(self):
-        node = yield NodeHarness.start(self, "sqlite")
-        status, out, err = yield admin(node.config_path, "user", "move", "alice", "b")
-        self.assertEqual((status, out, err), (2, None, {"error": "user move: not implemented yet"}))
+    def test_user_move_needs_every_storage_server_over_the_stream(self):
+        node = yield NodeHarness.start(self, "sqlite")  # its storage is hosted in its process
+        status, out, err = yield admin(node.config_path, "user", "move", "alice", "default")
+        self.assertEqual((status, out), (1, None))
+        self.assertEqual(err["error"], "storage servers [0] are not in [storage.servers]: a move reaches every storage server over the stream")
 
 
 class EmbeddedRedisTests(unittest.TestCase):

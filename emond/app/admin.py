@@ -5,10 +5,15 @@
     emond-admin --config FILE shards
         {"NAME": {"storage": [ids], "users": N, "feeds": N, "input_queued": N,
                   "storage_queued": N, "lag": SECONDS}, ...}
+    emond-admin --config FILE user move NAME SHARD
+        blocks until the user is on SHARD; {"user": .., "id": .., "from": .., "to": ..,
+        "steps": {STEP: SECONDS}, "feeds": {ID: {"from", "to", "bytes", "sha256"}}, ...}
+        (a move cut short, by anything, finishes when the command is run again)
 
 It reads the central database and each shard's Redis as a node configured by FILE would. The
 answer is one JSON line on stdout (exit 0); an error is ``{"error": "..."}`` on stderr (exit 1;
-exit 2 for a usage error, and for ``user move``, which is not implemented yet).
+exit 2 for a usage error). A move reaches every storage server over the stream, so FILE must
+list them all in [storage.servers], with a [tls] certificate they allow.
 """
 
 from __future__ import annotations
@@ -22,14 +27,24 @@ from typing import Any, Awaitable, NoReturn, TypeVar
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
+from prometheus_client import CollectorRegistry
+
 from emond.app.monitor import sample_streams
+from emond.app.node import shard_redis
 from emond.app.redisproc import embedded_redis_url
+from emond.cluster.move import MoveParts, Mover
 from emond.cluster.topology import configured_topology, storage_ids
 from emond.config import ConfigError, NodeConfig, load_node_config
 from emond.keys import input_stream, storage_stream
+from emond.errors import EmondError
 from emond.meta.db import Database
+from emond.meta.feeds import Feeds
+from emond.meta.inputs import Inputs
+from emond.meta.moves import Moves
 from emond.meta.shards import recorded_shards, shard_counts, user_placement
 from emond.redis import Redis, RedisUnavailable
+from emond.storage.feedstore import FeedStore
+from emond.storage.remote import LinkMetrics, StreamLink
 
 T = TypeVar("T")
 
@@ -41,8 +56,6 @@ class AdminError(Exception):
 def main(argv: list[str] | None = None) -> None:
     """The ``emond-admin`` console script."""
     args = _parser().parse_args(argv)
-    if args.command == "user" and args.action == "move":
-        _fail("user move: not implemented yet", 2)
     try:
         config = load_node_config(args.config)
     except ConfigError as e:
@@ -56,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     user = commands.add_parser("user", help="one user").add_subparsers(dest="action", required=True)
     user.add_parser("show", help="a user's id, shard, feeds and inputs").add_argument("name")
-    move = user.add_parser("move", help="move a user to another shard (not implemented yet)")
+    move = user.add_parser("move", help="move a user to another shard, online (blocks; run again to finish one cut short)")
     move.add_argument("name")
     move.add_argument("shard")
     commands.add_parser("shards", help="users, feeds, queued elements and lag per shard")
@@ -69,6 +82,8 @@ async def _run(reactor: Any, config: NodeConfig, args: argparse.Namespace) -> No
         try:
             if args.command == "shards":
                 answer: dict[str, Any] = await shards_report(db, config, reactor)
+            elif args.action == "move":
+                answer = await move_user(db, config, reactor, args.name, args.shard)
             else:
                 answer = await user_report(db, args.name)
         finally:
@@ -135,7 +150,8 @@ async def _queues(config: NodeConfig, name: str, storage: list[int], reactor: IR
     """The shard's queued input and storage elements, and the lag over all its queues."""
     inputs = [input_stream(q) for q in range(config.input.queues)]
     stores = [storage_stream(sid) for sid in storage]
-    redis = Redis.connect(shard_redis_url(config, name), config.shards[name].timeout, reactor, poolsize=1)
+    redis = shard_redis(config, name, central_url(config)).client(reactor, poolsize=1)
+    redis.open()
     try:
         samples = await sample_streams(redis, inputs + stores, reactor)
     except RedisUnavailable as e:
@@ -149,10 +165,48 @@ async def _queues(config: NodeConfig, name: str, storage: list[int], reactor: IR
     }
 
 
-def shard_redis_url(config: NodeConfig, name: str) -> str:
-    """The Redis of a shard: its own URL, else the node's [redis], else the node's private
-    redis-server (a single node)."""
-    shard = config.shards[name]
-    if shard.sentinels:
-        raise AdminError(f"shard {name}: its Redis is found through Sentinel, which emond-admin does not follow yet")
-    return shard.redis or config.redis.url or embedded_redis_url(config.node.datadir)
+async def move_user(db: Database, config: NodeConfig, reactor: Any, name: str, shard: str) -> dict[str, Any]:
+    """``user move NAME SHARD``: run (or resume) the move (``emond.cluster.move``)."""
+    hosted = [sid for s in config.shards.values() for sid in s.storage if sid not in config.storage_servers]
+    if hosted or config.tls is None:
+        raise AdminError(
+            f"storage servers {hosted} are not in [storage.servers]: a move reaches every storage server over the stream"
+        )
+    central = Redis.connect(central_url(config), config.redis.timeout, reactor)
+    redis = {s: shard_redis(config, s, central.url).client(reactor) for s in config.shards}
+    metrics = LinkMetrics(CollectorRegistry())
+    links = {sid: StreamLink(sid, remote, config.tls, config.node.name, metrics, reactor) for sid, remote in config.storage_servers.items()}
+    store = FeedStore({}, reactor, config.feeds.read_timeout)
+    try:
+        for client in redis.values():
+            client.open()
+        for sid, link in links.items():
+            link.startService()
+            store.remotes[sid] = link
+        await _connected(links, config.feeds.read_timeout, reactor)
+        parts = MoveParts(config, Moves(db), Inputs(db, central), Feeds(db, central), central, redis.__getitem__, store, reactor)
+        return await Mover(parts).move(name, shard)
+    except (EmondError, RedisUnavailable, OSError) as e:
+        raise AdminError(f"user move: {getattr(e, 'message', None) or e} (run the command again to go on)") from e
+    finally:
+        for link in links.values():
+            await link.stopService()
+        for client in [central, *redis.values()]:
+            await client.disconnect()
+
+
+async def _connected(links: dict[int, StreamLink], timeout: float, reactor: Any) -> None:
+    """Wait until every link's stream is up; an AdminError naming those that are not."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        down = sorted(sid for sid, link in links.items() if link.protocol is None)
+        if not down:
+            return
+        if reactor.seconds() > deadline:
+            raise AdminError(f"storage servers {down}: no stream within {timeout:g} s")
+        await task.deferLater(reactor, 0.1, lambda: None)
+
+
+def central_url(config: NodeConfig) -> str:
+    """The central Redis: the node's [redis], else its private redis-server (a single node)."""
+    return config.redis.url or embedded_redis_url(config.node.datadir)
