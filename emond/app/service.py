@@ -254,7 +254,9 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     watch_pools(ctx.registry, [*pools.pools, *(p for location in locations.values() for p in location.pools)])
     layout = QueueLayout.from_config(config.input)
     # A front of several shards keeps its user -> shard cache current (emond.cluster.shardmap).
-    subscription = contexts.shardmap.listen(redis_url, config.redis.timeout, reactor) if len(config.shards) > 1 and config.node.front else None
+    subscription = None
+    if len(config.shards) > 1 and config.node.front:
+        subscription = contexts.shardmap.listen(redis_url, config.redis.timeout, reactor)
     app = NodeAppService(contexts, layout, reactor, subscription)
     app.setName("api")
     app.setServiceParent(root)
