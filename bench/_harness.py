@@ -97,8 +97,8 @@ class Server:
 class Redis:
     """Blocking RESP over one socket: enough to read queue lengths."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=30)
+    def __init__(self, port: int, host: str = HOST) -> None:
+        self.sock = socket.create_connection((host, port), timeout=30)
         self.buf = b""
 
     def _line(self) -> bytes:
@@ -239,10 +239,10 @@ class Harness:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
-def call(port: int, path: str, **params: str) -> Any:
+def call(port: int, path: str, host: str = HOST, **params: str) -> Any:
     """POST a form to emond's API; the JSON answer (or the raw body if it is not JSON)."""
     body = urllib.parse.urlencode(params).encode()
-    request = urllib.request.Request(f"http://{HOST}:{port}/{path}", data=body, method="POST",
+    request = urllib.request.Request(f"http://{host}:{port}/{path}", data=body, method="POST",
                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
     with urllib.request.urlopen(request, timeout=30) as response:
         raw = response.read()
@@ -252,9 +252,9 @@ def call(port: int, path: str, **params: str) -> Any:
         return raw
 
 
-def register(port: int, username: str = "bench") -> str:
+def register(port: int, username: str = "bench", host: str = HOST) -> str:
     """Register a user; its write API key."""
-    answer = call(port, "user/register.json", username=username, password="benchpass1", email=f"{username}@example.org")
+    answer = call(port, "user/register.json", host=host, username=username, password="benchpass1", email=f"{username}@example.org")
     if not isinstance(answer, dict) or "apikey_write" not in answer:
         raise SystemExit(f"user/register.json failed: {answer!r}")
     return answer["apikey_write"]

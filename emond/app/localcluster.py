@@ -39,6 +39,8 @@ FRONTS = ("front1", "front2")
 # The "machines": one loopback address each.
 DB_HOST = "127.0.0.11"  # MariaDB and the central Redis
 SHARD_HOSTS = MappingProxyType({"a": "127.0.0.12", "b": "127.0.0.13"})  # a shard's Redis, its process, its storage server
+EXTRA_SHARD_HOSTS = "127.0.0.{}"  # the third shard on: 127.0.0.22, .23, ... (bench/cluster.py runs up to 8)
+MAX_SHARDS = 26  # named a, b, ... z
 FRONT_HOSTS = MappingProxyType({"front1": "127.0.0.14", "front2": "127.0.0.15"})
 ENTRY_HOST = "127.0.0.16"  # HAProxy
 DATABASE = "emond"
@@ -50,6 +52,18 @@ MAX_SOCKET_PATH = 107  # bytes of a Unix socket path (MariaDB's socket lives und
 
 class ClusterError(Exception):
     """``bin/cluster`` refused or failed; the message says why and what to do."""
+
+
+def shard_names(count: int) -> tuple[str, ...]:
+    """The shards of a cluster of ``count`` shards: "a", "b", ..."""
+    if not 1 <= count <= MAX_SHARDS:
+        raise ClusterError(f"a local cluster has 1 to {MAX_SHARDS} shards, not {count}")
+    return tuple(chr(ord("a") + i) for i in range(count))
+
+
+def shard_host(name: str) -> str:
+    """The loopback address of a shard's "machine"."""
+    return SHARD_HOSTS.get(name) or EXTRA_SHARD_HOSTS.format(20 + ord(name) - ord("a"))
 
 
 # -- the entry point's config ---------------------------------------------------------
@@ -117,7 +131,7 @@ class Layout:
     entry: int
 
     @classmethod
-    def choose(cls) -> Layout:
+    def choose(cls, shards: tuple[str, ...] = SHARDS) -> Layout:
         taken: set[tuple[str, int]] = set()
 
         def free(host: str) -> int:
@@ -132,7 +146,7 @@ class Layout:
         return cls(
             mariadb=free(DB_HOST),
             redis=free(DB_HOST),
-            shards={name: {key: free(host) for key in SHARD_PORTS} for name, host in SHARD_HOSTS.items()},
+            shards={name: {key: free(shard_host(name)) for key in SHARD_PORTS} for name in shards},
             fronts={name: free(host) for name, host in FRONT_HOSTS.items()},
             entry=free(ENTRY_HOST),
         )
@@ -141,7 +155,7 @@ class Layout:
         """Every (address, port) the cluster listens on."""
         found = [(DB_HOST, self.mariadb), (DB_HOST, self.redis), (ENTRY_HOST, self.entry)]
         for name, ports in self.shards.items():
-            found += [(SHARD_HOSTS[name], port) for port in ports.values()]
+            found += [(shard_host(name), port) for port in ports.values()]
         found += [(FRONT_HOSTS[name], port) for name, port in self.fronts.items()]
         return found
 
@@ -153,12 +167,12 @@ class Layout:
         """The shard's Redis, or the central one."""
         if not shard:
             return f"redis://{DB_HOST}:{self.redis}/0"
-        return f"redis://{SHARD_HOSTS[shard]}:{self.shards[shard]['redis']}/0"
+        return f"redis://{shard_host(shard)}:{self.shards[shard]['redis']}/0"
 
     def shard_http(self, shard: str, key: str = "http") -> tuple[str, int]:
         """(address, port) of the shard process's HTTP (``http``) or its storage server's
         (``storage_http``), or its storage server's stream (``stream``)."""
-        return SHARD_HOSTS[shard], self.shards[shard][key]
+        return shard_host(shard), self.shards[shard][key]
 
     def front_http(self, front: str) -> tuple[str, int]:
         return FRONT_HOSTS[front], self.fronts[front]
@@ -211,8 +225,15 @@ class Record:
 class LocalCluster:
     """``up`` and ``down`` of the cluster under ``directory``."""
 
-    def __init__(self, directory: str, say: Callable[[str], None] = lambda text: None) -> None:
+    def __init__(
+        self, directory: str, say: Callable[[str], None] = lambda text: None, shards: int = len(SHARDS),
+        rate_limit: float | None = None,
+    ) -> None:
+        """``shards``: how many (a, b, ...); ``rate_limit``: the nodes' ``[input] rate_limit``
+        if not the default (bench/cluster.py turns it off)."""
         self.dir = os.path.abspath(directory)
+        self.shards = shard_names(shards)
+        self.rate_limit = rate_limit
         self.say = say  # progress, for a human (stderr)
         self.record_path = os.path.join(self.dir, "cluster.json")
         self.layout_path = os.path.join(self.dir, "layout.json")
@@ -264,9 +285,11 @@ class LocalCluster:
             with open(self.layout_path) as f:
                 layout = Layout(**json.load(f))
         except FileNotFoundError:
-            layout = Layout.choose()
+            layout = Layout.choose(self.shards)
             _write_json(self.layout_path, asdict(layout))
             return layout
+        if tuple(layout.shards) != self.shards:
+            raise ClusterError(f"{self.dir} holds a cluster of {len(layout.shards)} shards, not {len(self.shards)}: use another DIR")
         for host, port in layout.addresses():
             if not _can_listen(host, port):
                 raise ClusterError(f"port {port} on {host} is taken by another program: stop it, or remove {self.layout_path} to choose new ports")
@@ -286,7 +309,7 @@ class LocalCluster:
         argv = programs.mariadb_argv(data, self.path("db", "mysqld.sock"), layout.mariadb, DB_HOST)
         mariadb = self._spawn(record, "mariadb", DATABASE_TIER, argv, self.path("db"))
         redis = {"redis": (self._spawn_redis(record, "redis", self.path("db", "redis"), DB_HOST, layout.redis), DB_HOST, layout.redis)}
-        for name in SHARDS:
+        for name in self.shards:
             host, port = layout.shard_http(name, "redis")
             redis[name] = (self._spawn_redis(record, f"redis-{name}", self.path(f"shard-{name}", "redis"), host, port), host, port)
         self._wait(mariadb, deadline, lambda: _mariadb_answers(DB_HOST, layout.mariadb))
@@ -298,11 +321,11 @@ class LocalCluster:
         """Storage servers, shard processes and fronts, together (the links and the schema
         migration wait for each other); each is up once its /health answers 200."""
         waiting = []
-        for name in SHARDS:
+        for name in self.shards:
             config = self.path(f"shard-{name}", "storage.toml")
             child = self._spawn_twistd(record, f"storage-{name}", STORAGE_TIER, "emond-storage", config)
             waiting.append((child, layout.shard_http(name, "storage_http")))
-        for name in SHARDS:
+        for name in self.shards:
             child = self._spawn_twistd(record, f"shard-{name}", SHARD_TIER, "emond", self.path(f"shard-{name}", "emond.toml"))
             waiting.append((child, layout.shard_http(name)))
         for name in FRONTS:
@@ -320,7 +343,7 @@ class LocalCluster:
         """The JSON line: the issue's four keys first, then where the rest is."""
         pids = {p.name: p.pid for p in record.processes}
         shards = {}
-        for i, name in enumerate(SHARDS):
+        for i, name in enumerate(self.shards):
             shards[name] = {
                 "redis": layout.redis_url(name),
                 "redis_pid": pids[f"redis-{name}"],
@@ -346,7 +369,7 @@ class LocalCluster:
 
     def _write_files(self, layout: Layout) -> None:
         """Certificates (kept if there), and every process's config (written anew)."""
-        names = [f"storage-{n}" for n in SHARDS] + [f"shard-{n}" for n in SHARDS] + list(FRONTS) + ["admin"]
+        names = [f"storage-{n}" for n in self.shards] + [f"shard-{n}" for n in self.shards] + list(FRONTS) + ["admin"]
         done = subprocess.run(
             [os.path.join(programs.ROOT, "etc", "make-certs"), self.path("tls"), *names],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -354,11 +377,11 @@ class LocalCluster:
         if done.returncode != 0:
             raise ClusterError("etc/make-certs failed: " + programs.tail(done.stdout))
         clients = [n for n in names if not n.startswith("storage-")]
-        for i, name in enumerate(SHARDS):
+        for i, name in enumerate(self.shards):
             _write(self.path(f"shard-{name}", "storage.toml"), _storage_config(layout, i + 1, name, clients))
-            _write(self.path(f"shard-{name}", "emond.toml"), _node_config(layout, f"shard-{name}", layout.shard_http(name), shard=name))
+            _write(self.path(f"shard-{name}", "emond.toml"), _node_config(layout, f"shard-{name}", layout.shard_http(name), shard=name, rate_limit=self.rate_limit))
         for name in FRONTS:
-            _write(self.path(name, "emond.toml"), _node_config(layout, name, layout.front_http(name), shard=""))
+            _write(self.path(name, "emond.toml"), _node_config(layout, name, layout.front_http(name), shard="", rate_limit=self.rate_limit))
         # emond-admin's view of the cluster: a front's (it never listens).
         _write(self.path("admin", "emond.toml"), _node_config(layout, "admin", (DB_HOST, 0), shard=""))
         _write(self.path("entry", "haproxy.cfg"), _entry_config(layout))
@@ -455,7 +478,7 @@ class LocalCluster:
 # -- configs -------------------------------------------------------------------------------
 
 
-def _node_config(layout: Layout, name: str, http: tuple[str, int], shard: str) -> str:
+def _node_config(layout: Layout, name: str, http: tuple[str, int], shard: str, rate_limit: float | None = None) -> str:
     """A ``twistd emond`` of the cluster: a shard process (``shard`` names it: consumes, not
     a front) or a front (``shard = ""``: accepts any user's requests, consumes nothing)."""
     front = not shard
@@ -475,16 +498,17 @@ def _node_config(layout: Layout, name: str, http: tuple[str, int], shard: str) -
         f"url = {_q(layout.database_url)}",
         "[input]",
         f"consume = {_toml(not front)}",
+        *([] if rate_limit is None else [f"rate_limit = {float(rate_limit)!r}"]),
         "[feeds]",
         "default_server = 1",
         "[users]",
         # A front believes X-Forwarded-For from HAProxy only.
         f"trusted_proxies = [{_q(ENTRY_HOST) if front else ''}]",
     ]
-    for i, shard_name in enumerate(SHARDS):
+    for i, shard_name in enumerate(layout.shards):
         lines += [f"[shards.{shard_name}]", f"redis = {_q(layout.redis_url(shard_name))}", f"storage = [{i + 1}]"]
     lines.append("[storage.servers]")
-    for i, shard_name in enumerate(SHARDS):
+    for i, shard_name in enumerate(layout.shards):
         endpoint = "tcp:{}:{}".format(*layout.shard_http(shard_name, "stream"))
         lines.append(f"{i + 1} = {{ endpoint = {_q(endpoint)}, name = {_q(f'storage-{shard_name}')} }}")
     lines += ["[tls]", 'ca = "../tls/ca.pem"', f"cert = {_q(f'../tls/{name}.pem')}"]
@@ -649,8 +673,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bin/cluster", description="A local emond cluster for trying and testing.")
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("dir", help="the folder of the cluster's configs, data, logs and pids")
+    parser.add_argument("--shards", type=int, default=len(SHARDS), help="shards started by up (default 2: a, b)")
     args = parser.parse_args(argv)
-    cluster = LocalCluster(args.dir, say=lambda text: print(f"cluster: {text}", file=sys.stderr, flush=True))
+    say = lambda text: print(f"cluster: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        cluster = LocalCluster(args.dir, say=say, shards=args.shards)
+    except ClusterError as e:
+        print(json.dumps({"error": str(e)}), file=sys.stderr)
+        return 1
     try:
         result = cluster.up() if args.command == "up" else cluster.down()
     except (ClusterError, programs.MissingProgram, OSError) as e:

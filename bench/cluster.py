@@ -1,0 +1,292 @@
+"""Cluster benchmark (issue 12 item 10): CPU cost per post at a front and per datapoint at a
+shard, for several shard counts, and the time to move a user with 10 feeds x 1 year at 10 s.
+
+Run: ``python bench/cluster.py [--shards 1,2] [--duration 10] [--users-per-shard 8] [--no-move]
+[--keep]``. Prints figures; it is not a test.
+
+For each shard count, a real local cluster (``emond.app.localcluster``, what ``bin/cluster up``
+starts: MariaDB, a central Redis, per shard its own redis-server (AOF everysec), shard process
+and emond-storage, two fronts and HAProxy, each "machine" on its own loopback address), with
+``[input] rate_limit = 0``. Users are registered through a front (placement spreads them over
+the shards: no feeds, so fewest users first). Then two wrk runs against **one front
+directly** (not HAProxy, so that one process takes all the load), each key in turn:
+
+- ``GET input/post.json?apikey=KEY&node=bench&csv=<15 values>``;
+- ``POST input/bulk.json`` with 100 frames of 15 values per request.
+
+CPU is utime+stime from /proc/PID/stat (every thread of the process). Front cost = the front's
+CPU seconds over the run / posts accepted (every answer must be 2xx, or the run stops). Shard
+cost = the CPU seconds of every shard process from the start of the run until every shard's
+input and storage queues are empty again / datapoints (values) processed. The inputs have no
+process lists: a datapoint's cost at the shard is the input update (last value, input
+created the first time), not a feed write (``bench/stream.py`` and ``bench/engines.py``
+measure the storage side). The idle CPU of the front and of the shard processes (timers,
+lease renewals) is measured for a few seconds before the load and printed beside.
+
+The move (in the first cluster with 2 shards or more, after the load): a user is registered,
+10 PHPFina feed files of one year at 10 s (3,153,600 slots, 12.6 MB each) are written with
+emond's PHPFina engine into its shard's storage server's data directory, then the 10 feeds are
+created through the API (PHPFina leaves existing files as they are; the feed ids are checked
+to be the files' ones), and ``bin/emond-admin user move NAME OTHER`` is run and timed; its
+summary's step timings are printed.
+
+The machine has 2 cores: wrk, the front, every shard's Redis and process share them with
+other engineers' runs. With 8 shards, 8 shard processes and 8 Redis servers sit mostly idle
+but still take their timers' share; each cluster takes ~20-40 s to start. The default, 1 and
+2 shards plus the move, takes ~3 minutes; ``--shards 1,2,4,8`` ~6 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _harness import ROOT, Harness, Redis, call, register  # noqa: E402
+from ingest import ensure_wrk, run_wrk  # noqa: E402
+
+from emond.app.localcluster import LocalCluster  # noqa: E402
+from emond.phpfina import PHPFina  # noqa: E402
+
+VALUES = 15  # per post: an emonTx-like packet
+FRAMES = 100  # per input/bulk request
+MOVE_FEEDS = 10
+YEAR = 365 * 86400
+INTERVAL = 10
+DRAIN_TIMEOUT = 300.0
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # stat fields 14 and 15
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def split_url(url: str) -> tuple[str, int]:
+    host, port = url.split("//", 1)[1].rstrip("/").split(":")
+    return host, int(port)
+
+
+def lua_keys(path: str, keys: list[str], bulk: bool) -> None:
+    """A wrk script that takes the users' keys in turn: a GET input/post of 15 values, or a
+    POST input/bulk of 100 frames of 15 values."""
+    csv = ",".join(str(100 + i) for i in range(VALUES))
+    frames = json.dumps([[i, "bench", *range(100, 100 + VALUES)] for i in range(FRAMES)], separators=(",", ":"))
+    with open(path, "w") as f:
+        f.write("local keys = {" + ",".join(json.dumps(k) for k in keys) + "}\n")
+        f.write("local i = 0\n")
+        if bulk:
+            from urllib.parse import quote
+
+            f.write(f'local data = "data={quote(frames)}&time={int(time.time()) - 3600}&apikey="\n')
+            f.write("request = function()\n  i = i % #keys + 1\n")
+            f.write('  return wrk.format("POST", "/input/bulk.json", {["Content-Type"] = "application/x-www-form-urlencoded"}, data .. keys[i])\nend\n')
+        else:
+            f.write("request = function()\n  i = i % #keys + 1\n")
+            f.write(f'  return wrk.format("GET", "/input/post.json?node=bench&csv={csv}&apikey=" .. keys[i])\nend\n')
+
+
+class ShardQueues:
+    """The input and storage queue lengths of every shard's Redis."""
+
+    def __init__(self, summary: dict) -> None:
+        self.redis = []
+        for shard in summary["shards"].values():
+            host, port = split_url(shard["redis"].rsplit("/", 1)[0])
+            self.redis.append((Redis(port, host), tuple(shard["storage"])))
+
+    def queued(self) -> int:
+        return sum(sum(redis.queue_lengths(storage)) for redis, storage in self.redis)
+
+    def wait_empty(self, timeout: float = DRAIN_TIMEOUT) -> float:
+        began = time.monotonic()
+        while self.queued():
+            if time.monotonic() - began > timeout:
+                raise RuntimeError(f"shard queues not empty after {timeout:.0f}s")
+            time.sleep(0.05)
+        return time.monotonic() - began
+
+    def close(self) -> None:
+        for redis, _ in self.redis:
+            redis.close()
+
+
+def admin(summary: dict, *args: str) -> dict:
+    done = subprocess.run([*summary["admin"], *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"emond-admin {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(label: str, wrk: str, url: str, script: str, summary: dict, queues: ShardQueues, duration: float,
+            connections: int, datapoints_per_request: int) -> dict[str, float]:
+    """One wrk run against a front: CPU per request at the front, per datapoint at the shards."""
+    front = summary["front_pids"][0]
+    shards = [s["shard_pid"] for s in summary["shards"].values()]
+    queues.wait_empty()
+    front0, shards0 = cpu_seconds(front), cpu_of(shards)
+    result = run_wrk(wrk, "0,1", url, duration, connections, script)  # not pinned: the box's 2 cores are shared
+    front1 = cpu_seconds(front)
+    drained = queues.wait_empty()
+    shards1 = cpu_of(shards)
+    requests = result["requests"]  # every answer was 2xx (run_wrk refuses otherwise)
+    datapoints = requests * datapoints_per_request
+    figures = {
+        "rps": result["rps"], "p50": result["p50"], "p99": result["p99"], "requests": requests,
+        "front_cpu": front1 - front0, "front_us": 1e6 * (front1 - front0) / requests,
+        "shard_cpu": shards1 - shards0, "shard_us": 1e6 * (shards1 - shards0) / datapoints, "drain": drained,
+    }
+    print(f"  {label:<6} {result['rps']:>8,.0f} req/s (p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms), {requests:,} accepted; "
+          f"front {figures['front_cpu']:.2f} CPU s = {figures['front_us']:,.0f} us/request; "
+          f"shards {figures['shard_cpu']:.2f} CPU s = {figures['shard_us']:.2f} us/datapoint "
+          f"({datapoints:,} datapoints, backlog drained {drained:.1f} s after the run)", flush=True)
+    return figures
+
+
+def idle(summary: dict, seconds: float = 5.0) -> tuple[float, float]:
+    """CPU seconds per second of the idle front and of all shard processes together."""
+    front = summary["front_pids"][0]
+    shards = [s["shard_pid"] for s in summary["shards"].values()]
+    f0, s0 = cpu_seconds(front), cpu_of(shards)
+    time.sleep(seconds)  # measuring an idle interval
+    return (cpu_seconds(front) - f0) / seconds, (cpu_of(shards) - s0) / seconds
+
+
+def write_year(directory: str, feedids: list[int], now: int) -> float:
+    """One year at 10 s of a slowly varying power figure per feed, with emond's PHPFina."""
+    began = time.monotonic()
+    engine = PHPFina(directory, sync=False)  # the move reads the files, not the page cache's state
+    start = (now - YEAR) // INTERVAL * INTERVAL
+    times = np.arange(start, start + YEAR, INTERVAL, dtype=np.int64)
+    rng = np.random.default_rng(12)
+    try:
+        for feedid in feedids:
+            engine.create(feedid, INTERVAL)
+            values = (500 + 400 * np.sin(times / 86400 * 2 * np.pi) + rng.normal(0, 20, times.shape)).astype(np.float64)
+            refused = engine.write(feedid, times, values)
+            if refused:
+                raise RuntimeError(f"PHPFina refused {len(refused)} batches of feed {feedid}")
+    finally:
+        engine.close()
+    os.sync()
+    return time.monotonic() - began
+
+
+def move(summary: dict, base: str) -> dict:
+    """A user with 10 feeds x 1 year at 10 s moved to another shard; the command's summary."""
+    front_host, front_port = split_url(summary["fronts"][0])
+    key = register(front_port, "mover", host=front_host)
+    source = admin(summary, "user", "show", "mover")["shard"]
+    target = next(name for name in summary["shards"] if name != source)
+    directory = os.path.join(summary["dir"], f"shard-{source}", "storage", "phpfina")
+    feedids = list(range(1, MOVE_FEEDS + 1))  # the cluster's first feeds (checked below)
+    took = write_year(directory, feedids, int(time.time()))
+    size = sum(os.path.getsize(os.path.join(directory, f"{i}.dat")) for i in feedids)
+    print(f"  wrote {MOVE_FEEDS} PHPFina feeds of one year at {INTERVAL} s ({size:,} bytes) on shard {source} in {took:.1f} s", flush=True)
+    for i in feedids:
+        answer = call(front_port, "feed/create.json", host=front_host, apikey=key, name=f"power{i}", tag="bench",
+                      datatype="1", engine="5", options=json.dumps({"interval": INTERVAL}))
+        if not isinstance(answer, dict) or answer.get("feedid") != i:
+            raise RuntimeError(f"feed/create.json answered {answer!r}, expected feed {i}")
+    began = time.monotonic()
+    summary_line = admin(summary, "user", "move", "mover", target)
+    wall = time.monotonic() - began
+    moved = admin(summary, "user", "show", "mover")
+    if moved["shard"] != target:
+        raise RuntimeError(f"after the move the user is on {moved['shard']}, not {target}")
+    print(f"  emond-admin user move mover {target} (from {source}): {wall:.1f} s wall, the command included", flush=True)
+    print(f"  steps: {json.dumps(summary_line.get('steps'))}", flush=True)
+    feeds = summary_line.get("feeds", {})
+    moved_bytes = sum(f.get("bytes", 0) for f in feeds.values()) if isinstance(feeds, dict) else 0
+    print(f"  feeds copied: {len(feeds)}, {moved_bytes:,} bytes", flush=True)
+    return {"wall": wall, "steps": summary_line.get("steps"), "bytes": moved_bytes}
+
+
+def run(count: int, args: argparse.Namespace, wrk: str, harness: Harness, with_move: bool) -> dict:
+    directory = harness.dir(f"c{count}")
+    cluster = LocalCluster(directory, shards=count, rate_limit=0.0,
+                           say=lambda text: print(f"    cluster: {text}", file=sys.stderr, flush=True) if args.verbose else None)
+    began = time.monotonic()
+    summary = cluster.up()
+    print(f"\n{count} shard(s): cluster up in {time.monotonic() - began:.0f} s; front pid {summary['front_pids'][0]}, "
+          f"shard pids {[s['shard_pid'] for s in summary['shards'].values()]}", flush=True)
+    queues = ShardQueues(summary)
+    figures: dict = {"shards": count}
+    try:
+        host, port = split_url(summary["fronts"][0])
+        keys = [register(port, f"user{i}", host=host) for i in range(args.users_per_shard * count)]
+        placed = admin(summary, "shards")
+        print(f"  {len(keys)} users placed: {json.dumps({n: s['users'] for n, s in placed.items()})}", flush=True)
+        post_script = os.path.join(directory, "post.lua")
+        bulk_script = os.path.join(directory, "bulk.lua")
+        lua_keys(post_script, keys, bulk=False)
+        lua_keys(bulk_script, keys, bulk=True)
+        url = summary["fronts"][0]
+        run_wrk(wrk, "0,1", url, 2, args.connections, post_script)  # warm-up: inputs created, caches filled
+        run_wrk(wrk, "0,1", url, 2, args.connections, bulk_script)
+        queues.wait_empty()
+        figures["idle_front"], figures["idle_shards"] = idle(summary)
+        print(f"  idle: front {1000 * figures['idle_front']:.1f} ms CPU/s, the {count} shard process(es) "
+              f"{1000 * figures['idle_shards']:.1f} ms CPU/s", flush=True)
+        figures["post"] = measure("post", wrk, url, post_script, summary, queues, args.duration, args.connections, VALUES)
+        figures["bulk"] = measure("bulk", wrk, url, bulk_script, summary, queues, args.duration, args.connections, VALUES * FRAMES)
+        if with_move:
+            figures["move"] = move(summary, directory)
+    finally:
+        queues.close()
+        cluster.down()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--shards", default="1,2", help="shard counts, comma-separated (1,2,4,8 takes ~6 minutes here)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--users-per-shard", type=int, default=8)
+    parser.add_argument("--no-move", action="store_true", help="leave the move out")
+    parser.add_argument("--verbose", action="store_true", help="the cluster's progress on stderr")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, data)")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.shards.split(",")]
+
+    wrk = ensure_wrk()
+    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start; "
+          f"wrk -t1 -c{args.connections}, {args.duration:.0f} s per run, against one front; "
+          f"{VALUES} values per post, {FRAMES} frames per bulk request", flush=True)
+    harness = Harness("cluster")
+    results = []
+    move_at = next((n for n in counts if n >= 2), None) if not args.no_move else None
+    try:
+        for count in counts:
+            results.append(run(count, args, wrk, harness, with_move=count == move_at))
+    finally:
+        harness.close(keep=args.keep)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end", flush=True)
+    print("\nshards | post req/s | front us/post | shard us/datapoint (post) | bulk frames/s | front us/frame | shard us/datapoint (bulk)")
+    for r in results:
+        p, b = r["post"], r["bulk"]
+        print(f"{r['shards']:>6} | {p['rps']:>10,.0f} | {p['front_us']:>13,.0f} | {p['shard_us']:>25.2f} | "
+              f"{b['rps'] * FRAMES:>13,.0f} | {b['front_us'] / FRAMES:>14.1f} | {b['shard_us']:>25.2f}")
+    if len(results) > 1:
+        costs = [r["post"]["front_us"] for r in results]
+        print(f"front cost per post: max/min = {max(costs) / min(costs):.3f} (goal: within 5 %), median {statistics.median(costs):,.0f} us")
+
+
+if __name__ == "__main__":
+    main()
