@@ -7,7 +7,7 @@ Run: ``python bench/cluster.py [--shards 1,2] [--duration 10] [--users-per-shard
 For each shard count, a real local cluster (``emond.app.localcluster``, what ``bin/cluster up``
 starts: MariaDB, a central Redis, per shard its own redis-server (AOF everysec), shard process
 and emond-storage, two fronts and HAProxy, each "machine" on its own loopback address), with
-``[input] rate_limit = 0``. Users are registered through a front (placement spreads them over
+``[input] rate_limit = 0`` (and ``[users] registrations_per_address`` raised). Users are registered through a front (placement spreads them over
 the shards: no feeds, so fewest users first). Then two wrk runs against **one front
 directly** (not HAProxy, so that one process takes all the load), each key in turn:
 
@@ -20,7 +20,8 @@ cost = the CPU seconds of every shard process from the start of the run until ev
 input and storage queues are empty again / datapoints (values) processed. The inputs have no
 process lists: a datapoint's cost at the shard is the input update (last value, input
 created the first time), not a feed write (``bench/stream.py`` and ``bench/engines.py``
-measure the storage side). The idle CPU of the front and of the shard processes (timers,
+measure the storage side). The CPU of every Redis (the shards' and the central one) over the same interval is printed
+per request too. The idle CPU of the front and of the shard processes (timers,
 lease renewals) is measured for a few seconds before the load and printed beside.
 
 The move (in the first cluster with 2 shards or more, after the load): a user is registered,
@@ -63,6 +64,9 @@ YEAR = 365 * 86400
 INTERVAL = 10
 DRAIN_TIMEOUT = 300.0
 TICK = os.sysconf("SC_CLK_TCK")
+# No per-user rate limit (each user posts far more often than a device would) and room for
+# the bench's registrations from one address.
+SETTINGS = {"input": {"rate_limit": 0.0}, "users": {"registrations_per_address": 10_000}}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -137,23 +141,26 @@ def measure(label: str, wrk: str, url: str, script: str, summary: dict, queues: 
     """One wrk run against a front: CPU per request at the front, per datapoint at the shards."""
     front = summary["front_pids"][0]
     shards = [s["shard_pid"] for s in summary["shards"].values()]
+    redis = [s["redis_pid"] for s in summary["shards"].values()] + [summary["redis"]["pid"]]
     queues.wait_empty()
-    front0, shards0 = cpu_seconds(front), cpu_of(shards)
+    front0, shards0, redis0 = cpu_seconds(front), cpu_of(shards), cpu_of(redis)
     result = run_wrk(wrk, "0,1", url, duration, connections, script)  # not pinned: the box's 2 cores are shared
     front1 = cpu_seconds(front)
     drained = queues.wait_empty()
-    shards1 = cpu_of(shards)
+    shards1, redis1 = cpu_of(shards), cpu_of(redis)
     requests = result["requests"]  # every answer was 2xx (run_wrk refuses otherwise)
     datapoints = requests * datapoints_per_request
     figures = {
         "rps": result["rps"], "p50": result["p50"], "p99": result["p99"], "requests": requests,
         "front_cpu": front1 - front0, "front_us": 1e6 * (front1 - front0) / requests,
         "shard_cpu": shards1 - shards0, "shard_us": 1e6 * (shards1 - shards0) / datapoints, "drain": drained,
+        "redis_us": 1e6 * (redis1 - redis0) / requests,
     }
     print(f"  {label:<6} {result['rps']:>8,.0f} req/s (p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms), {requests:,} accepted; "
           f"front {figures['front_cpu']:.2f} CPU s = {figures['front_us']:,.0f} us/request; "
           f"shards {figures['shard_cpu']:.2f} CPU s = {figures['shard_us']:.2f} us/datapoint "
-          f"({datapoints:,} datapoints, backlog drained {drained:.1f} s after the run)", flush=True)
+          f"({datapoints:,} datapoints, backlog drained {drained:.1f} s after the run); "
+          f"Redis (every shard's and the central one) {figures['redis_us']:,.0f} us/request", flush=True)
     return figures
 
 
@@ -218,7 +225,7 @@ def move(summary: dict, base: str) -> dict:
 
 def run(count: int, args: argparse.Namespace, wrk: str, harness: Harness, with_move: bool) -> dict:
     directory = harness.dir(f"c{count}")
-    cluster = LocalCluster(directory, shards=count, rate_limit=0.0,
+    cluster = LocalCluster(directory, shards=count, settings=SETTINGS,
                            say=lambda text: print(f"    cluster: {text}", file=sys.stderr, flush=True) if args.verbose else None)
     began = time.monotonic()
     summary = cluster.up()
@@ -278,11 +285,12 @@ def main() -> None:
     finally:
         harness.close(keep=args.keep)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end", flush=True)
-    print("\nshards | post req/s | front us/post | shard us/datapoint (post) | bulk frames/s | front us/frame | shard us/datapoint (bulk)")
+    print("\nshards | post req/s | front us/post | shard us/datapoint (post) | Redis us/post | bulk frames/s | front us/frame "
+          "| shard us/datapoint (bulk) | Redis us/frame")
     for r in results:
         p, b = r["post"], r["bulk"]
-        print(f"{r['shards']:>6} | {p['rps']:>10,.0f} | {p['front_us']:>13,.0f} | {p['shard_us']:>25.2f} | "
-              f"{b['rps'] * FRAMES:>13,.0f} | {b['front_us'] / FRAMES:>14.1f} | {b['shard_us']:>25.2f}")
+        print(f"{r['shards']:>6} | {p['rps']:>10,.0f} | {p['front_us']:>13,.0f} | {p['shard_us']:>25.2f} | {p['redis_us']:>13,.0f} | "
+              f"{b['rps'] * FRAMES:>13,.0f} | {b['front_us'] / FRAMES:>14.1f} | {b['shard_us']:>25.2f} | {b['redis_us'] / FRAMES:>14.1f}")
     if len(results) > 1:
         costs = [r["post"]["front_us"] for r in results]
         print(f"front cost per post: max/min = {max(costs) / min(costs):.3f} (goal: within 5 %), median {statistics.median(costs):,.0f} us")

@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from emond.app import programs
 
@@ -227,13 +227,16 @@ class LocalCluster:
 
     def __init__(
         self, directory: str, say: Callable[[str], None] = lambda text: None, shards: int = len(SHARDS),
-        rate_limit: float | None = None,
+        settings: Mapping[str, Mapping[str, Any]] = MappingProxyType({}),
     ) -> None:
-        """``shards``: how many (a, b, ...); ``rate_limit``: the nodes' ``[input] rate_limit``
-        if not the default (bench/cluster.py turns it off)."""
+        """``shards``: how many (a, b, ...); ``settings``: keys of the nodes' ``[input]`` and
+        ``[users]`` other than the defaults (bench/cluster.py lifts the rate limits)."""
         self.dir = os.path.abspath(directory)
         self.shards = shard_names(shards)
-        self.rate_limit = rate_limit
+        unknown = set(settings) - set(NODE_SETTINGS)
+        if unknown:
+            raise ClusterError(f"settings of {', '.join(sorted(unknown))}: only {', '.join(NODE_SETTINGS)} can be set")
+        self.settings = settings
         self.say = say  # progress, for a human (stderr)
         self.record_path = os.path.join(self.dir, "cluster.json")
         self.layout_path = os.path.join(self.dir, "layout.json")
@@ -379,9 +382,9 @@ class LocalCluster:
         clients = [n for n in names if not n.startswith("storage-")]
         for i, name in enumerate(self.shards):
             _write(self.path(f"shard-{name}", "storage.toml"), _storage_config(layout, i + 1, name, clients))
-            _write(self.path(f"shard-{name}", "emond.toml"), _node_config(layout, f"shard-{name}", layout.shard_http(name), shard=name, rate_limit=self.rate_limit))
+            _write(self.path(f"shard-{name}", "emond.toml"), _node_config(layout, f"shard-{name}", layout.shard_http(name), shard=name, settings=self.settings))
         for name in FRONTS:
-            _write(self.path(name, "emond.toml"), _node_config(layout, name, layout.front_http(name), shard="", rate_limit=self.rate_limit))
+            _write(self.path(name, "emond.toml"), _node_config(layout, name, layout.front_http(name), shard="", settings=self.settings))
         # emond-admin's view of the cluster: a front's (it never listens).
         _write(self.path("admin", "emond.toml"), _node_config(layout, "admin", (DB_HOST, 0), shard=""))
         _write(self.path("entry", "haproxy.cfg"), _entry_config(layout))
@@ -478,7 +481,9 @@ class LocalCluster:
 # -- configs -------------------------------------------------------------------------------
 
 
-def _node_config(layout: Layout, name: str, http: tuple[str, int], shard: str, rate_limit: float | None = None) -> str:
+def _node_config(
+    layout: Layout, name: str, http: tuple[str, int], shard: str, settings: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
+) -> str:
     """A ``twistd emond`` of the cluster: a shard process (``shard`` names it: consumes, not
     a front) or a front (``shard = ""``: accepts any user's requests, consumes nothing)."""
     front = not shard
@@ -498,12 +503,13 @@ def _node_config(layout: Layout, name: str, http: tuple[str, int], shard: str, r
         f"url = {_q(layout.database_url)}",
         "[input]",
         f"consume = {_toml(not front)}",
-        *([] if rate_limit is None else [f"rate_limit = {float(rate_limit)!r}"]),
+        *_settings(settings, "input"),
         "[feeds]",
         "default_server = 1",
         "[users]",
         # A front believes X-Forwarded-For from HAProxy only.
         f"trusted_proxies = [{_q(ENTRY_HOST) if front else ''}]",
+        *_settings(settings, "users"),
     ]
     for i, shard_name in enumerate(layout.shards):
         lines += [f"[shards.{shard_name}]", f"redis = {_q(layout.redis_url(shard_name))}", f"storage = [{i + 1}]"]
@@ -543,6 +549,14 @@ def _entry_config(layout: Layout) -> str:
         template, f"{ENTRY_HOST}:{layout.entry}", fronts, proxy_protocol=False, source=ENTRY_HOST,
         log="stdout format raw local0",  # into DIR/log/haproxy.log, beside its notices
     )
+
+
+NODE_SETTINGS = ("input", "users")  # the sections whose keys LocalCluster(settings=...) may set
+
+
+def _settings(settings: Mapping[str, Mapping[str, Any]], section: str) -> list[str]:
+    """``key = value`` lines (JSON's strings, numbers and booleans are TOML's)."""
+    return [f"{key} = {json.dumps(value)}" for key, value in settings.get(section, {}).items()]
 
 
 def _q(text: str) -> str:
