@@ -85,9 +85,11 @@ def split_url(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def lua_keys(path: str, keys: list[str], bulk: bool) -> None:
+def lua_keys(path: str, keys: list[str], bulk: bool, delay: float = 0.0) -> None:
     """A wrk script that takes the users' keys in turn: a GET input/post of 15 values, or a
-    POST input/bulk of 100 frames of 15 values."""
+    POST input/bulk of 100 frames of 15 values. ``delay``: ms each connection waits between
+    its answer and its next request (a load of about connections x 1000 / (delay + latency)
+    requests/s, the same whatever the shard count)."""
     csv = ",".join(str(100 + i) for i in range(VALUES))
     frames = json.dumps([[i, "bench", *range(100, 100 + VALUES)] for i in range(FRAMES)], separators=(",", ":"))
     with open(path, "w") as f:
@@ -102,6 +104,8 @@ def lua_keys(path: str, keys: list[str], bulk: bool) -> None:
         else:
             f.write("request = function()\n  i = i % #keys + 1\n")
             f.write(f'  return wrk.format("GET", "/input/post.json?node=bench&csv={csv}&apikey=" .. keys[i])\nend\n')
+        if delay:
+            f.write(f"delay = function()\n  return {delay!r}\nend\n")
 
 
 class ShardQueues:
@@ -240,8 +244,8 @@ def run(count: int, args: argparse.Namespace, wrk: str, harness: Harness, with_m
         print(f"  {len(keys)} users placed: {json.dumps({n: s['users'] for n, s in placed.items()})}", flush=True)
         post_script = os.path.join(directory, "post.lua")
         bulk_script = os.path.join(directory, "bulk.lua")
-        lua_keys(post_script, keys, bulk=False)
-        lua_keys(bulk_script, keys, bulk=True)
+        lua_keys(post_script, keys, bulk=False, delay=args.delay)
+        lua_keys(bulk_script, keys, bulk=True, delay=args.delay)
         url = summary["fronts"][0]
         run_wrk(wrk, "0,1", url, 2, args.connections, post_script)  # warm-up: inputs created, caches filled
         run_wrk(wrk, "0,1", url, 2, args.connections, bulk_script)
@@ -265,6 +269,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--users-per-shard", type=int, default=8)
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="ms between an answer and the next request on each connection: about the same load "
+                             "whatever the shard count (0: as fast as the cluster answers)")
     parser.add_argument("--no-move", action="store_true", help="leave the move out")
     parser.add_argument("--verbose", action="store_true", help="the cluster's progress on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, data)")
@@ -274,7 +281,7 @@ def main() -> None:
     wrk = ensure_wrk()
     commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start; "
-          f"wrk -t1 -c{args.connections}, {args.duration:.0f} s per run, against one front; "
+          f"wrk -t1 -c{args.connections}, {args.duration:.0f} s per run, against one front, delay {args.delay:g} ms; "
           f"{VALUES} values per post, {FRAMES} frames per bulk request", flush=True)
     harness = Harness("cluster")
     results = []
