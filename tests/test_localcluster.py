@@ -17,6 +17,7 @@ import treq
 from twisted.internet import defer, utils
 from twisted.trial import unittest
 
+from emond.app.localcluster import ClusterError, Layout, LocalCluster
 from emond.config import load_node_config, load_storage_config
 from tests.support.daemon import ROOT
 from tests.support.node import Answer
@@ -186,3 +187,54 @@ class LocalClusterTests(unittest.TestCase):
         code, out, err = yield run_cluster("down", self.dir)
         self.assertEqual((code, out), (1, ""))
         self.assertEqual(json.loads(err.splitlines()[-1]), {"error": f"no cluster is up in {self.dir} (no {self.dir}/cluster.json)"})
+
+
+class ShardCountTests(unittest.TestCase):
+    """``bin/cluster up --shards N`` (bench/cluster.py runs 1 to 8): the files ``up`` writes,
+    read back as the processes read them; no process is started."""
+
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="emond-cluster-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    def write(self, cluster: LocalCluster) -> Layout:
+        layout = cluster._layout()
+        cluster._write_files(layout)
+        return layout
+
+    def test_three_shards_each_on_its_machine_with_its_storage_server(self):
+        cluster = LocalCluster(self.dir, shards=3, settings={"input": {"rate_limit": 0.0}, "users": {"registrations_per_address": 500}})
+        layout = self.write(cluster)
+        self.assertEqual(list(layout.shards), ["a", "b", "c"])
+        shard_c = load_node_config(cluster.path("shard-c", "emond.toml"))
+        front = load_node_config(cluster.path("front1", "emond.toml"))
+        for config in (shard_c, front):
+            self.assertEqual({name: list(s.storage) for name, s in config.shards.items()}, {"a": [1], "b": [2], "c": [3]})
+            self.assertEqual(urlsplit(config.shards["c"].redis).hostname, "127.0.0.22")  # a and b keep .12, .13
+            self.assertEqual(config.input.rate_limit, 0.0)
+            self.assertEqual(config.users.registrations_per_address, 500)
+        self.assertEqual(shard_c.node.shard, "c")
+        storage_c = load_storage_config(cluster.path("shard-c", "storage.toml"))
+        self.assertEqual(storage_c.storage.id, 3)
+        self.assertEqual(storage_c.storage.listen.split(":")[-1], "interface=127.0.0.22")
+
+    def test_the_default_is_two_shards_with_the_default_limits(self):
+        cluster = LocalCluster(self.dir)
+        self.write(cluster)
+        config = load_node_config(cluster.path("front1", "emond.toml"))
+        self.assertEqual(set(config.shards), {"a", "b"})
+        default = load_node_config(os.path.join(ROOT, "etc", "emond.toml"))
+        self.assertEqual(config.input.rate_limit, default.input.rate_limit)
+
+    def test_a_dir_made_with_another_shard_count_is_refused(self):
+        self.write(LocalCluster(self.dir, shards=2))
+        with self.assertRaises(ClusterError) as caught:
+            LocalCluster(self.dir, shards=4)._layout()
+        self.assertIn("2 shards, not 4", str(caught.exception))
+
+    def test_a_shard_count_out_of_range_is_refused(self):
+        for count in (0, 27):
+            with self.assertRaises(ClusterError):
+                LocalCluster(self.dir, shards=count)
+        with self.assertRaises(ClusterError):
+            LocalCluster(self.dir, settings={"redis": {"url": "redis://elsewhere"}})
