@@ -198,7 +198,7 @@ def write_year(directory: str, feedids: list[int], now: int) -> float:
     return time.monotonic() - began
 
 
-def move(summary: dict, base: str) -> dict:
+def move(summary: dict) -> dict:
     """A user with 10 feeds x 1 year at 10 s moved to another shard; the command's summary."""
     front_host, front_port = split_url(summary["fronts"][0])
     key = register(front_port, "mover", host=front_host)
@@ -257,7 +257,7 @@ def run(count: int, args: argparse.Namespace, wrk: str, harness: Harness, with_m
         figures["post"] = measure("post", wrk, url, post_script, summary, queues, args.duration, args.connections, VALUES)
         figures["bulk"] = measure("bulk", wrk, url, bulk_script, summary, queues, args.duration, args.connections, VALUES * FRAMES)
         if with_move:
-            figures["move"] = move(summary, directory)
+            figures["move"] = move(summary)
     finally:
         queues.close()
         cluster.down()
