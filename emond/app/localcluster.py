@@ -1,9 +1,9 @@
 """A local cluster for trying and testing (issue 12, architecture §7): ``bin/cluster up DIR``.
 
 On this one machine, each "machine" on its own loopback address (so nothing may assume one
-host): MariaDB and the central Redis (sessions, throttles, the key cache), two shards (each its
-own ``redis-server``, one shard process ``twistd emond`` with ``[node] front = false`` and one
-``twistd emond-storage``), two fronts (``[node] shard = ""``) and HAProxy, configured from
+host): MariaDB and the central Redis (sessions, throttles, the key cache), two shards (or
+``--shards N``: a, b, c, ...; each its own ``redis-server``, one shard process ``twistd emond``
+with ``[node] front = false`` and one ``twistd emond-storage``), two fronts (``[node] shard = ""``) and HAProxy, configured from
 ``etc/haproxy.cfg``, in front of them. Everything lives under DIR: configs, certificates
 (``etc/make-certs``), data, a log and a pid per process, and ``cluster.json``, the record of
 what ``up`` started, which ``down`` stops, exactly that (a pid is signalled only while it is
