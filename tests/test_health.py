@@ -403,21 +403,16 @@ class ProcessTests(unittest.TestCase):
     timeout = 120
 
     def setUp(self):
-        from tests.support.daemon import ROOT
+        from tests.support.daemon import remote_storage_config
 
         self.redis = private_redis()
         self.addCleanup(self.redis.stop)
         self.base = os.path.abspath(self.mktemp())
         os.makedirs(self.base)
-        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), os.path.join(self.base, "tls"), "node0", "storage1"], check=True, capture_output=True)
         self.stream_port, self.storage_http, self.http = free_port(), free_port(), free_port()
-        self.storage_config = os.path.join(self.base, "storage.toml")
-        with open(self.storage_config, "w") as f:
-            f.write(
-                f'[storage]\nid = 1\nlisten = "tcp:{self.stream_port}:interface=127.0.0.1"\n'
-                f'http = "tcp:{self.storage_http}:interface=127.0.0.2"\ndatadir = "remote"\nallow = ["node0"]\n'
-                f'[health]\nadmin_token = "{TOKEN}"\n[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
-            )
+        self.storage_config = remote_storage_config(
+            self.base, self.stream_port, self.storage_http, http_host="127.0.0.2", extra=f'[health]\nadmin_token = "{TOKEN}"\n'
+        )
 
     def node_config(self, remote: bool) -> str:
         """A node hosting storage 0, with storage 1 as a remote server if ``remote``."""
@@ -435,15 +430,10 @@ class ProcessTests(unittest.TestCase):
                 )
         return path
 
-    @defer.inlineCallbacks
     def start(self, plugin, config, *ready):
-        from tests.support.daemon import start_daemon
+        from tests.support.daemon import started
 
-        daemon = start_daemon(plugin, config, self.base)
-        self.addCleanup(daemon.signal, signal.SIGKILL)
-        for line in ready:
-            yield daemon.logged(line)
-        return daemon
+        return started(self, plugin, config, self.base, *ready)
 
     @defer.inlineCallbacks
     def health(self, port=None, host="127.0.0.1"):

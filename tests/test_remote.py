@@ -24,7 +24,7 @@ from emond.queue import read_head
 from emond.records import RECORD
 from emond.redis import Redis
 from tests.support import free_port, redis_server
-from tests.support.daemon import ROOT, start_daemon
+from tests.support.daemon import ROOT, remote_storage_config, start_daemon, started
 
 T0 = 1_700_000_000
 QUEUES = 2
@@ -37,15 +37,8 @@ class RemoteStorageTests(unittest.TestCase):
         redis_server().flushall()
         self.base = os.path.abspath(self.mktemp())
         os.makedirs(self.base)
-        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), os.path.join(self.base, "tls"), "node0", "storage1"], check=True, capture_output=True)
         self.stream_port, self.storage_http, self.http = free_port(), free_port(), free_port()
-        self.storage_config = os.path.join(self.base, "storage.toml")
-        with open(self.storage_config, "w") as f:
-            f.write(
-                f'[storage]\nid = 1\nlisten = "tcp:{self.stream_port}:interface=127.0.0.1"\n'
-                f'http = "tcp:{self.storage_http}:interface=127.0.0.1"\ndatadir = "remote"\nallow = ["node0"]\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
-            )
+        self.storage_config = remote_storage_config(self.base, self.stream_port, self.storage_http)
         self.node_config = os.path.join(self.base, "node.toml")
         with open(self.node_config, "w") as f:
             f.write(
@@ -58,20 +51,11 @@ class RemoteStorageTests(unittest.TestCase):
         self.redis = Redis.connect(f"redis://127.0.0.1:{redis_server().port}/4", 5.0, reactor)
         self.addCleanup(self.redis.disconnect)
 
-    @defer.inlineCallbacks
     def start_storage(self):
-        daemon = start_daemon("emond-storage", self.storage_config, self.base)
-        self.addCleanup(daemon.signal, signal.SIGKILL)
-        yield daemon.logged("storage 1 open on")
-        yield daemon.logged("Site starting on")
-        return daemon
+        return started(self, "emond-storage", self.storage_config, self.base, "storage 1 open on", "Site starting on")
 
-    @defer.inlineCallbacks
     def start_node(self):
-        daemon = start_daemon("emond", self.node_config, self.base)
-        self.addCleanup(daemon.signal, signal.SIGKILL)
-        yield daemon.logged("node API ready")
-        return daemon
+        return started(self, "emond", self.node_config, self.base, "node API ready")
 
     @defer.inlineCallbacks
     def call(self, path, method="POST", raw=False, **params):

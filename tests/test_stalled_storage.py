@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import time
 
 import treq
@@ -31,7 +30,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests.support import free_port, redis_server
-from tests.support.daemon import ROOT, start_daemon
+from tests.support.daemon import remote_storage_config, started
 
 T0 = 1_700_000_000
 QUICK = 1.0  # seconds: a generous bound for an answer that waits on nothing
@@ -48,15 +47,8 @@ class StalledStorageTests(unittest.TestCase):
         self.addCleanup(lambda: [os.close(fd) for fd in self.writers])
         self.base = os.path.abspath(self.mktemp())
         os.makedirs(self.base)
-        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), os.path.join(self.base, "tls"), "node0", "storage1"], check=True, capture_output=True)
         stream_port, self.storage_http, self.http = free_port(), free_port(), free_port()
-        self.storage_config = os.path.join(self.base, "storage.toml")
-        with open(self.storage_config, "w") as f:
-            f.write(
-                f'[storage]\nid = 1\nlisten = "tcp:{stream_port}:interface=127.0.0.1"\n'
-                f'http = "tcp:{self.storage_http}:interface=127.0.0.1"\ndatadir = "remote"\nallow = ["node0"]\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
-            )
+        self.storage_config = remote_storage_config(self.base, stream_port, self.storage_http)
         self.node_config = os.path.join(self.base, "node.toml")
         with open(self.node_config, "w") as f:
             f.write(
@@ -69,13 +61,8 @@ class StalledStorageTests(unittest.TestCase):
                 f'[tls]\nca = "tls/ca.pem"\ncert = "tls/node0.pem"\n'
             )
 
-    @defer.inlineCallbacks
     def start(self, plugin, config, *ready):
-        daemon = start_daemon(plugin, config, self.base)
-        self.addCleanup(daemon.signal, signal.SIGKILL)
-        for line in ready:
-            yield daemon.logged(line)
-        return daemon
+        return started(self, plugin, config, self.base, *ready)
 
     @defer.inlineCallbacks
     def request(self, path, method="POST", timeout=None, **params):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -76,6 +78,30 @@ def start_daemon(plugin: str, config: str, cwd: str, prefix: list[str] | None = 
     """Start ``twistd -n <plugin> --config <config>`` with this checkout's code; ``prefix``
     is a command that execs it (e.g. ``setsid``: a process group of its own)."""
     return start_program([*(prefix or []), *twistd_argv(plugin, config)], cwd, checkout_env())
+
+
+@defer.inlineCallbacks
+def started(test: Any, plugin: str, config: str, cwd: str, *ready: str):
+    """``start_daemon`` for a test: killed at its end; fires once each of ``ready`` is logged."""
+    daemon = start_daemon(plugin, config, cwd)
+    test.addCleanup(daemon.signal, signal.SIGKILL)
+    for line in ready:
+        yield daemon.logged(line)
+    return daemon
+
+
+def remote_storage_config(base: str, stream_port: int, http_port: int, http_host: str = "127.0.0.1", extra: str = "") -> str:
+    """Certificates for node0 and storage1 under ``base/tls`` and ``base/storage.toml``: storage
+    server 1 listening on ``stream_port`` for node0, data in ``base/remote``; its path."""
+    subprocess.run([os.path.join(ROOT, "etc", "make-certs"), os.path.join(base, "tls"), "node0", "storage1"], check=True, capture_output=True)
+    path = os.path.join(base, "storage.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'[storage]\nid = 1\nlisten = "tcp:{stream_port}:interface=127.0.0.1"\n'
+            f'http = "tcp:{http_port}:interface={http_host}"\ndatadir = "remote"\nallow = ["node0"]\n'
+            f'{extra}[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
+        )
+    return path
 
 
 def start_haproxy(config: str, cwd: str) -> Daemon:
