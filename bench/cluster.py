@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,11 +71,28 @@ TICK = os.sysconf("SC_CLK_TCK")
 SETTINGS = {"input": {"rate_limit": 0.0}, "users": {"registrations_per_address": 10_000}}
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process (all its threads) so far."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """utime and stime of the process (all its threads) so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # stat fields 14 and 15
+    return int(fields[11]) / TICK, int(fields[12]) / TICK  # stat fields 14 and 15
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process (all its threads) so far."""
+    return sum(cpu_split(pid))
+
+
+def pin(summary: dict) -> None:
+    """The measured front alone on CPU 0; every other process of the cluster (and wrk) on CPU 1:
+    on 2 cores, the nearest this box gets to the front having its own machine."""
+    front = summary["front_pids"][0]
+    others = summary["front_pids"][1:] + [summary["haproxy_pid"], summary["database"]["pid"], summary["redis"]["pid"]]
+    for shard in summary["shards"].values():
+        others += [shard["redis_pid"], shard["shard_pid"], shard["storage_pid"]]
+    subprocess.run(["taskset", "-a", "-p", "-c", "0", str(front)], check=True, stdout=subprocess.DEVNULL)
+    for pid in others:
+        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(pid)], check=True, stdout=subprocess.DEVNULL)
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -118,6 +136,16 @@ class ShardQueues:
             host, port = split_url(shard["redis"].rsplit("/", 1)[0])
             self.redis.append((Redis(port, host), tuple(shard["storage"])))
 
+    def appends(self) -> int:
+        """XADD calls so far on every shard's Redis (the fronts' flushes, one per input queue)."""
+        calls = 0
+        for redis, _ in self.redis:
+            info = redis.pipeline([("INFO", "commandstats")])[0].decode()
+            for line in info.splitlines():
+                if line.startswith("cmdstat_xadd:"):
+                    calls += int(line.split("calls=", 1)[1].split(",", 1)[0])
+        return calls
+
     def queued(self) -> int:
         return sum(sum(redis.queue_lengths(storage)) for redis, storage in self.redis)
 
@@ -141,28 +169,52 @@ def admin(summary: dict, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(label: str, wrk: str, url: str, script: str, summary: dict, queues: ShardQueues, duration: float,
-            connections: int, datapoints_per_request: int) -> dict[str, float]:
-    """One wrk run against a front: CPU per request at the front, per datapoint at the shards."""
+def measure(label: str, wrk: str, cpu: str, url: str, script: str, summary: dict, queues: ShardQueues, duration: float,
+            connections: int, datapoints_per_request: int, profile: str | None = None, isolate: bool = False) -> dict[str, float]:
+    """One wrk run against a front: CPU per request at the front, per datapoint at the shards.
+    ``profile``: a file for py-spy's collapsed stacks of the front during the run. ``isolate``:
+    the shard processes stopped (SIGSTOP) while wrk runs, continued after: the front shares the
+    box with the Redis servers only; the shards then drain the backlog."""
     front = summary["front_pids"][0]
     shards = [s["shard_pid"] for s in summary["shards"].values()]
     redis = [s["redis_pid"] for s in summary["shards"].values()] + [summary["redis"]["pid"]]
     queues.wait_empty()
-    front0, shards0, redis0 = cpu_seconds(front), cpu_of(shards), cpu_of(redis)
-    result = run_wrk(wrk, "0,1", url, duration, connections, script)  # not pinned: the box's 2 cores are shared
-    front1 = cpu_seconds(front)
+    appends0 = queues.appends()
+    (user0, system0), shards0, redis0 = cpu_split(front), cpu_of(shards), cpu_of(redis)
+    spy = None
+    if profile:
+        spy = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--pid", str(front),
+                                "--duration", str(int(duration)), "--rate", "1000", "--format", "raw", "--output", profile,
+                                "--nonblocking", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if isolate:
+        for pid in shards:
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        result = run_wrk(wrk, cpu, url, duration, connections, script)
+        user1, system1 = cpu_split(front)
+    finally:
+        if isolate:
+            for pid in shards:
+                os.kill(pid, signal.SIGCONT)
+    front0, front1 = user0 + system0, user1 + system1
+    if spy is not None:
+        spy.wait(timeout=60)
     drained = queues.wait_empty()
     shards1, redis1 = cpu_of(shards), cpu_of(redis)
+    appends = queues.appends() - appends0
     requests = result["requests"]  # every answer was 2xx (run_wrk refuses otherwise)
     datapoints = requests * datapoints_per_request
     figures = {
         "rps": result["rps"], "p50": result["p50"], "p99": result["p99"], "requests": requests,
         "front_cpu": front1 - front0, "front_us": 1e6 * (front1 - front0) / requests,
+        "front_user_us": 1e6 * (user1 - user0) / requests, "front_system_us": 1e6 * (system1 - system0) / requests,
+        "per_append": requests / max(appends, 1),
         "shard_cpu": shards1 - shards0, "shard_us": 1e6 * (shards1 - shards0) / datapoints, "drain": drained,
         "redis_us": 1e6 * (redis1 - redis0) / requests,
     }
     print(f"  {label:<6} {result['rps']:>8,.0f} req/s (p50 {result['p50']:.1f} ms, p99 {result['p99']:.1f} ms), {requests:,} accepted; "
-          f"front {figures['front_cpu']:.2f} CPU s = {figures['front_us']:,.0f} us/request; "
+          f"front {figures['front_cpu']:.2f} CPU s = {figures['front_us']:,.0f} us/request "
+          f"(user {figures['front_user_us']:,.0f}, system {figures['front_system_us']:,.0f}; {figures['per_append']:.2f} requests per XADD); "
           f"shards {figures['shard_cpu']:.2f} CPU s = {figures['shard_us']:.2f} us/datapoint "
           f"({datapoints:,} datapoints, backlog drained {drained:.1f} s after the run); "
           f"Redis (every shard's and the central one) {figures['redis_us']:,.0f} us/request", flush=True)
@@ -238,6 +290,8 @@ def run(count: int, args: argparse.Namespace, wrk: str, harness: Harness, with_m
           f"shard pids {[s['shard_pid'] for s in summary['shards'].values()]}", flush=True)
     queues = ShardQueues(summary)
     figures: dict = {"shards": count}
+    if args.pin:
+        pin(summary)
     try:
         host, port = split_url(summary["fronts"][0])
         keys = [register(port, f"user{i}", host=host) for i in range(args.users_per_shard * count)]
@@ -248,14 +302,16 @@ def run(count: int, args: argparse.Namespace, wrk: str, harness: Harness, with_m
         lua_keys(post_script, keys, bulk=False, delay=args.delay)
         lua_keys(bulk_script, keys, bulk=True, delay=args.delay)
         url = summary["fronts"][0]
-        run_wrk(wrk, "0,1", url, 2, args.connections, post_script)  # warm-up: inputs created, caches filled
-        run_wrk(wrk, "0,1", url, 2, args.connections, bulk_script)
+        cpu = "1" if args.pin else "0,1"
+        run_wrk(wrk, cpu, url, 2, args.connections, post_script)  # warm-up: inputs created, caches filled
+        run_wrk(wrk, cpu, url, 2, args.connections, bulk_script)
         queues.wait_empty()
         figures["idle_front"], figures["idle_shards"] = idle(summary)
         print(f"  idle: front {1000 * figures['idle_front']:.1f} ms CPU/s, the {count} shard process(es) "
               f"{1000 * figures['idle_shards']:.1f} ms CPU/s", flush=True)
-        figures["post"] = measure("post", wrk, url, post_script, summary, queues, args.duration, args.connections, VALUES)
-        figures["bulk"] = measure("bulk", wrk, url, bulk_script, summary, queues, args.duration, args.connections, VALUES * FRAMES)
+        profile = os.path.join(args.profile, f"front-post-{count}.txt") if args.profile else None
+        figures["post"] = measure("post", wrk, cpu, url, post_script, summary, queues, args.duration, args.connections, VALUES, profile, args.isolate)
+        figures["bulk"] = measure("bulk", wrk, cpu, url, bulk_script, summary, queues, args.duration, args.connections, VALUES * FRAMES, None, args.isolate)
         if with_move:
             figures["move"] = move(summary)
     finally:
@@ -273,6 +329,12 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0,
                         help="ms between an answer and the next request on each connection: about the same load "
                              "whatever the shard count (0: as fast as the cluster answers)")
+    parser.add_argument("--pin", action="store_true", help="the measured front alone on CPU 0, the rest of the cluster and wrk on CPU 1")
+    parser.add_argument("--isolate", action="store_true",
+                        help="stop the shard processes while wrk runs (the front's cost without theirs on the box); "
+                             "the shard figure is then the drain of the backlog")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the front during each post run (collapsed stacks in DIR; "
+                                                          "the sampling costs the front CPU: figures of such a run are not comparable)")
     parser.add_argument("--no-move", action="store_true", help="leave the move out")
     parser.add_argument("--verbose", action="store_true", help="the cluster's progress on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, data)")
@@ -282,7 +344,7 @@ def main() -> None:
     wrk = ensure_wrk()
     commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start; "
-          f"wrk -t1 -c{args.connections}, {args.duration:.0f} s per run, against one front, delay {args.delay:g} ms; "
+          f"wrk -t1 -c{args.connections}, {args.duration:.0f} s per run, against one front, delay {args.delay:g} ms{', front pinned to CPU 0, the rest to CPU 1' if args.pin else ''}{', shard processes stopped during the runs' if args.isolate else ''}; "
           f"{VALUES} values per post, {FRAMES} frames per bulk request", flush=True)
     harness = Harness("cluster")
     results = []
@@ -293,11 +355,11 @@ def main() -> None:
     finally:
         harness.close(keep=args.keep)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end", flush=True)
-    print("\nshards | post req/s | front us/post | shard us/datapoint (post) | Redis us/post | bulk frames/s | front us/frame "
+    print("\nshards | post req/s | front us/post (user + system) | requests/XADD | shard us/datapoint (post) | Redis us/post | bulk frames/s | front us/frame "
           "| shard us/datapoint (bulk) | Redis us/frame")
     for r in results:
         p, b = r["post"], r["bulk"]
-        print(f"{r['shards']:>6} | {p['rps']:>10,.0f} | {p['front_us']:>13,.0f} | {p['shard_us']:>25.2f} | {p['redis_us']:>13,.0f} | "
+        print(f"{r['shards']:>6} | {p['rps']:>10,.0f} | {p['front_us']:>6,.0f} ({p['front_user_us']:,.0f} + {p['front_system_us']:,.0f}) | {p['per_append']:.2f} | {p['shard_us']:>25.2f} | {p['redis_us']:>13,.0f} | "
               f"{b['rps'] * FRAMES:>13,.0f} | {b['front_us'] / FRAMES:>14.1f} | {b['shard_us']:>25.2f} | {b['redis_us'] / FRAMES:>14.1f}")
     if len(results) > 1:
         costs = [r["post"]["front_us"] for r in results]
