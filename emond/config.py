@@ -59,11 +59,20 @@ class NodeSection:
     drain_timeout: float = 10.0  # seconds a stop waits for HTTP requests in progress, then cuts them
 
 
+REDIS_TLS = "rediss"  # the scheme of a Redis reached over TLS ([tls] ca and cert)
+
+
 @dataclass(frozen=True)
 class RedisSection:
-    # Empty: start a private redis-server under <datadir>/redis (single node).
+    # Empty: start a private redis-server under <datadir>/redis (single node). Else
+    # redis://[:PASSWORD@]HOST:PORT/DB, rediss://... (TLS) or unix:///PATH?db=N.
     url: str = ""
     timeout: float = 5.0
+    tls_name: str = ""  # with rediss://: the name Redis's certificate must carry ("": the url's host)
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.url).scheme == REDIS_TLS
 
 
 @dataclass(frozen=True)
@@ -171,13 +180,19 @@ class ShardSection:
     """``[shards.NAME]``: a shard, with its own Redis (its users' input queues, process state,
     last values and storage queues) and its own storage servers."""
 
-    # redis://[:PASSWORD@]HOST:PORT/DB; "" when `sentinels` are given (and, for the one
-    # shard of a node without [shards], the node's [redis]).
+    # redis://[:PASSWORD@]HOST:PORT/DB, or rediss://... (TLS with [tls] ca and cert); ""
+    # when `sentinels` are given (and, for the one shard of a node without [shards], the
+    # node's [redis]).
     redis: str = ""
     sentinels: tuple[str, ...] = ()  # "HOST:PORT" of the Redis Sentinels watching the shard's Redis
     service: str = ""  # the Sentinel service (master) name
     password: str = ""  # of the shard's Redis when found through Sentinel
     db: int = 0  # ... and its database number
+    sentinel_password: str = ""  # the sentinels' own (their requirepass)
+    tls: bool = False  # with sentinels: reach them and the master they name over TLS ([tls] ca and cert)
+    # With TLS: the name the certificates of the shard's Redis (and of its sentinels) must
+    # carry ("": the host connected to).
+    tls_name: str = ""
     timeout: float = 2.0  # seconds the shard's Redis has to answer (then 503 for its users only)
     # Replicas that must hold an accepted post before the device gets `ok` (Redis WAIT), and
     # how long to wait for them (then 503: the device sends again).
@@ -185,6 +200,11 @@ class ShardSection:
     wait_timeout: float = 1.0
     storage: tuple[int, ...] = ()  # ids of its storage servers (hosted in [node] storage or in [storage.servers])
     weight: float = 1.0  # new users go to the shard with the fewest active feeds per weight
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the shard's own Redis (not the node's [redis]) is reached over TLS."""
+        return self.tls if self.sentinels else urlsplit(self.redis).scheme == REDIS_TLS
 
 
 @dataclass(frozen=True)
@@ -388,13 +408,27 @@ def load_node_config(path: str) -> NodeConfig:
         users=_section(UsersSection, data.get("users", {}), "[users]", base),
         engines=_section(EnginesSection, data.get("engines", {}), "[engines]", base),
         storage_servers=servers,
-        # TLS is needed only to reach remote storage servers.
+        # TLS is needed only to reach remote storage servers (and a Redis over TLS, below).
         tls=_tls(data, base) if servers else None,
         health=_health(NodeHealthSection, data, base),
     )
     config = dataclasses.replace(config, shards=_shards(data.get("shards"), config, base))
     _validate_node(config)
-    return config
+    return _with_redis_tls(config, data, base)
+
+
+def _with_redis_tls(config: NodeConfig, data: Mapping[str, Any], base: str) -> NodeConfig:
+    """``config`` with its [tls] loaded when a Redis is reached over TLS: the node presents
+    its certificate to Redis and trusts only its CA, as on the storage stream."""
+    keys = ["[redis] url"] if config.redis.uses_tls else []
+    for name, shard in config.shards.items():
+        if shard.uses_tls:
+            keys.append(f"[shards.{name}] {'tls' if shard.sentinels else 'redis'}")
+    if not keys or config.tls is not None:
+        return config
+    if "tls" not in data:
+        raise ConfigError(f"{keys[0]}: Redis over TLS needs the [tls] section (ca, cert: the CA that signs Redis's certificate, and the node's)")
+    return dataclasses.replace(config, tls=_tls(data, base))
 
 
 def _shards(table: Any, config: NodeConfig, base: str) -> Mapping[str, ShardSection]:
@@ -421,8 +455,15 @@ def _shards(table: Any, config: NodeConfig, base: str) -> Mapping[str, ShardSect
                 host, _, port = address.rpartition(":")
                 if not host or not port.isdigit():
                     raise ConfigError(f"{where} sentinels: expected HOST:PORT, got {address!r}")
-        elif urlsplit(shard.redis).scheme != "redis":
-            raise ConfigError(f"{where} redis: expected redis://HOST:PORT/DB (or sentinels), got {shard.redis!r}")
+        else:
+            if urlsplit(shard.redis).scheme not in ("redis", REDIS_TLS):
+                raise ConfigError(f"{where} redis: expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or sentinels, got {shard.redis!r}")
+            for key in ("sentinel_password", "tls"):
+                if getattr(shard, key):
+                    hint = " (a redis url asks for TLS with rediss://)" if key == "tls" else ""
+                    raise ConfigError(f"{where} {key}: only with sentinels{hint}")
+        if shard.tls_name and not shard.uses_tls:
+            raise ConfigError(f"{where} tls_name: only with TLS (a rediss:// url, or sentinels with tls = true)")
         if not shard.timeout > 0 or not shard.wait_timeout > 0:
             raise ConfigError(f"{where}: timeout and wait_timeout must be more than 0 seconds")
         if shard.wait_replicas < 0:
@@ -448,8 +489,10 @@ def _validate_node(config: NodeConfig) -> None:
     scheme = urlsplit(config.database.url).scheme
     if scheme not in ("sqlite", "mysql"):
         raise ConfigError(f"[database] url: expected sqlite:///PATH or mysql://..., got {config.database.url!r}")
-    if config.redis.url and urlsplit(config.redis.url).scheme not in ("redis", "unix"):
-        raise ConfigError(f"[redis] url: expected redis://HOST:PORT/DB, got {config.redis.url!r}")
+    if config.redis.url and urlsplit(config.redis.url).scheme not in ("redis", REDIS_TLS, "unix"):
+        raise ConfigError(f"[redis] url: expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///PATH, got {config.redis.url!r}")
+    if config.redis.tls_name and not config.redis.uses_tls:
+        raise ConfigError("[redis] tls_name: only with a rediss:// url")
     if config.input.queues < 1:
         raise ConfigError(f"[input] queues: must be at least 1, got {config.input.queues}")
     for key in ("max_body", "max_inflated", "max_frames", "max_values"):

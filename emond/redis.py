@@ -5,6 +5,11 @@ connection waits forever while Redis is down. Here replies stay bytes, and
 every call has a timeout: a call that times out after it was sent has an
 unknown outcome (``RedisUnavailable``), which callers must never report as
 success.
+
+A Redis is reached over TLS by a ``rediss://`` URL, or, with Sentinel, when the
+client is given its ``RedisTLS`` (the sentinels and the master they name): Redis's
+certificate must be signed by the cluster CA and carry the expected name, and the
+client presents its own, as on the storage stream (``emond.stream.client_tls``).
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import txredisapi
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from emond.inflight import InFlight
+from emond.stream import client_tls
 
 
 class RedisUnavailable(Exception):
@@ -28,15 +37,33 @@ class RedisUnavailable(Exception):
 @dataclass(frozen=True)
 class SentinelService:
     """A Redis found through Redis Sentinel: the sentinels' ``HOST:PORT``, the service (master)
-    name they watch, and the master's password and database number."""
+    name they watch, the master's password and database number, and the sentinels' own
+    password (their ``requirepass``, sent with AUTH to each)."""
 
     sentinels: tuple[str, ...]
     service: str
     password: str = ""
     db: int = 0
+    sentinel_password: str = ""
 
     def describe(self) -> str:
         return f"sentinel://{','.join(self.sentinels)}/{self.service}"
+
+
+@dataclass(frozen=True)
+class RedisTLS:
+    """TLS to Redis: its certificate must be signed by the CA in ``ca`` and carry ``name``
+    ("": the host connected to: the URL's, a sentinel's, the master's), and the client
+    presents ``cert`` (PEM: its certificate, then its key), for a Redis that requires
+    client certificates (``tls-auth-clients yes``). A node's ``[tls]`` files."""
+
+    ca: str
+    cert: str
+    name: str = ""
+
+    def creator(self, host: str) -> Any:
+        """The client TLS options for a connection to ``host`` (the files are read now)."""
+        return client_tls(self.ca, self.cert, self.name or host)
 
 
 class Redis:
@@ -50,22 +77,38 @@ class Redis:
     when the sentinels name another master, the pool moves to it. Calls fail fast while no
     master is known. (txredisapi's own ``Sentinel`` is not used: its connections check
     ``ROLE`` against a ``str``, so with replies kept as bytes every connection would be
-    dropped, and a master that hangs, rather than closing its connections, is never left.)"""
+    dropped, and a master that hangs, rather than closing its connections, is never left.)
+
+    ``tls``: required by a ``rediss://`` URL; with ``sentinel``, the sentinels and the master
+    they name are reached over TLS. (Not with a ``redis://`` or ``unix://`` URL: ask for TLS
+    by the scheme.)"""
 
     log = Logger()
 
     def __init__(
-        self, url: str, timeout: float, reactor: IReactorTime, poolsize: int = 4, sentinel: SentinelService | None = None
+        self,
+        url: str,
+        timeout: float,
+        reactor: IReactorTime,
+        poolsize: int = 4,
+        sentinel: SentinelService | None = None,
+        tls: RedisTLS | None = None,
     ) -> None:
+        scheme = urlsplit(url).scheme
+        if sentinel is None and scheme == "rediss" and tls is None:
+            raise ValueError("redis: a rediss:// url needs TLS settings (RedisTLS)")
+        if sentinel is None and scheme != "rediss" and tls is not None:
+            raise ValueError(f"redis: TLS settings with a {scheme}:// url (TLS is asked for with rediss://)")
         self.url = url or (sentinel.describe() if sentinel else "")
         self.timeout = timeout
         self.poolsize = poolsize
         self.sentinel = sentinel
+        self.tls = tls
         self.master: tuple[str, int] | None = None  # where the pool is connected (with sentinel)
         self._reactor = reactor
         self._pool: Any = None
         self._opened = False
-        self._sentinels: list[Any] = []
+        self._sentinels: list[tuple[str, Any]] = []  # (HOST:PORT, connection)
         self._resolving: defer.Deferred[None] | None = None
         self._retry: Any = None  # the next question to the sentinels while no master is known
         self._retired: list[defer.Deferred[Any]] = []  # pools of former masters, closing
@@ -74,9 +117,9 @@ class Redis:
         self._closed: defer.Deferred[None] | None = None
 
     @classmethod
-    def connect(cls, url: str, timeout: float, reactor: IReactorTime, poolsize: int = 4) -> "Redis":
+    def connect(cls, url: str, timeout: float, reactor: IReactorTime, poolsize: int = 4, tls: RedisTLS | None = None) -> "Redis":
         """A pool opened now (tools and tests; a service opens its own in ``startService``)."""
-        redis = cls(url, timeout, reactor, poolsize)
+        redis = cls(url, timeout, reactor, poolsize, tls=tls)
         redis.open()
         return redis
 
@@ -90,6 +133,31 @@ class Redis:
             replyTimeout=None,  # enforced per call instead, see call()
         )
 
+    def _lazy_pool(self, host: str, port: int, db: int | None, password: str | None, options: dict[str, Any]) -> Any:
+        """A lazy pool to ``host:port``, over TLS with ``self.tls``: built as txredisapi's
+        ``lazyConnectionPool`` builds one, but over TLS with connections that wait for the
+        handshake before their AUTH and SELECT (``_TLSConnection``), and without an unhandled
+        error when the pool never completes (a failed AUTH or SELECT: txredisapi has logged
+        it, and calls fail meanwhile)."""
+        factory = txredisapi.RedisFactory(
+            f"{host}:{port}",
+            db,
+            options["poolsize"],
+            isLazy=True,
+            charset=options["charset"],
+            password=password,
+            replyTimeout=options["replyTimeout"],
+            convertNumbers=options["convertNumbers"],
+        )
+        factory.reconnect = options["reconnect"]
+        factory.deferred.addErrback(lambda _: None)
+        endpoint: Any = endpoints.HostnameEndpoint(self._reactor, host, port, timeout=options["connectTimeout"])
+        if self.tls is not None:
+            factory.protocol = _TLSConnection
+            endpoint = endpoints.wrapClientTLS(self.tls.creator(host), endpoint)
+        factory.startConnecting(endpoint)
+        return factory.handler
+
     def open(self) -> None:
         """Start (re)connecting in the background; calls fail fast while Redis is down. Opening
         an open pool does nothing."""
@@ -98,10 +166,13 @@ class Redis:
         self._opened = True
         self._closed = None
         if self.sentinel is not None:
+            # One connection each, with txredisapi's defaults (lazyConnection's).
+            options = dict(poolsize=1, reconnect=True, charset="utf-8", convertNumbers=True, connectTimeout=self.timeout, replyTimeout=None)
             for address in self.sentinel.sentinels:
                 host, _, port = address.rpartition(":")
                 # No SELECT on a sentinel (it has no databases): dbid None.
-                self._sentinels.append(txredisapi.lazyConnection(host, int(port), dbid=None, connectTimeout=self.timeout))
+                connection = self._lazy_pool(host, int(port), None, self.sentinel.sentinel_password or None, options)
+                self._sentinels.append((address, connection))
             self._suspect()
             return
         parts = urlsplit(self.url)
@@ -110,9 +181,7 @@ class Redis:
             self._pool = txredisapi.lazyUnixConnectionPool(parts.path, dbid=db, **self._options())
         else:
             db = int(parts.path.lstrip("/") or 0)
-            self._pool = txredisapi.lazyConnectionPool(
-                parts.hostname or "127.0.0.1", parts.port or 6379, dbid=db, password=parts.password, **self._options()
-            )
+            self._pool = self._lazy_pool(parts.hostname or "127.0.0.1", parts.port or 6379, db, parts.password, self._options())
 
     # -- Sentinel -------------------------------------------------------------------------
 
@@ -138,9 +207,7 @@ class Redis:
             assert self.sentinel is not None
             old, self.master = self._pool, address
             self.log.info("redis {service}: master at {host}:{port}", service=self.sentinel.service, host=address[0], port=address[1])
-            self._pool = txredisapi.lazyConnectionPool(
-                address[0], address[1], dbid=self.sentinel.db, password=self.sentinel.password or None, **self._options()
-            )
+            self._pool = self._lazy_pool(address[0], address[1], self.sentinel.db, self.sentinel.password or None, self._options())
             if old is not None:  # calls still on it fail (RedisUnavailable): their outcome is unknown
                 self._retired = [d for d in self._retired if not d.called] + [old.disconnect()]
         waiting, self._resolved = self._resolved, []
@@ -150,13 +217,13 @@ class Redis:
     async def _ask_sentinels(self) -> tuple[str, int] | None:
         """The master's address, from the first sentinel that names one in time."""
         assert self.sentinel is not None
-        for sentinel in self._sentinels:
+        for address, sentinel in self._sentinels:
             d = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", self.sentinel.service)
             d.addTimeout(self.timeout, self._reactor)
             try:
                 reply = await d
-            except Exception as e:  # down, slow, or not a sentinel: ask the next one
-                self.log.warn("redis {service}: sentinel {sentinel!r} did not answer: {error}", service=self.sentinel.service, sentinel=sentinel, error=repr(e))
+            except Exception as e:  # down, slow, refused (NOAUTH: its password), or not a sentinel: ask the next one
+                self.log.warn("redis {service}: sentinel {sentinel} did not answer: {error}", service=self.sentinel.service, sentinel=address, error=repr(e))
                 continue
             if isinstance(reply, (list, tuple)) and len(reply) == 2:
                 host, port = reply
@@ -244,11 +311,53 @@ class Redis:
         resolving = [self._resolving] if self._resolving is not None else []
 
         def close(_: Any) -> defer.Deferred[Any]:
-            closing = [handler.disconnect() for handler in ([pool] if pool is not None else []) + sentinels]
+            closing = [handler.disconnect() for handler in ([pool] if pool is not None else []) + [c for _, c in sentinels]]
             return defer.gatherResults(closing + retired + resolving, consumeErrors=True)
 
         self._closed = self._busy.drained().addCallback(close).addCallback(lambda _: None)
         return self._closed
+
+
+@implementer(IHandshakeListener)
+class _AfterHandshake:
+    """Mixed into a txredisapi protocol for a connection over TLS.
+
+    TLS starts the protocol (``connectionMade``) before its handshake, and txredisapi then
+    sends AUTH and SELECT at once; a handshake that fails fails them, and txredisapi takes a
+    failed AUTH or SELECT for a wrong password or database and stops reconnecting for good.
+    Here the protocol starts once the handshake is done: a failed handshake (Redis's
+    certificate not from the CA, or without the name) is a lost connection, tried again with
+    txredisapi's backoff. (With TLS 1.3 the server checks the client's certificate after the
+    client's side of the handshake is done: a refused certificate fails the AUTH or SELECT,
+    as a wrong password does.) Either way the TLS failure is logged with its reason: once per
+    pool (its factory) until a connection is usable again, not once per connection and retry."""
+
+    log = Logger()
+
+    def connectionMade(self) -> None:
+        pass  # see handshakeCompleted
+
+    def handshakeCompleted(self) -> Any:
+        if self.transport.disconnecting:  # type: ignore[attr-defined]  # the name did not verify: aborted
+            return None
+        self.whenConnected().addCallback(self._usable)  # type: ignore[attr-defined]
+        return super().connectionMade()  # type: ignore[misc]
+
+    def _usable(self, _: Any) -> None:
+        self.factory.tls_error = ""  # type: ignore[attr-defined]  # a later failure is news again
+
+    def connectionLost(self, reason: Any) -> None:
+        if reason.check(SSL.Error, VerificationError):
+            error = reason.getErrorMessage()
+            if error != getattr(self.factory, "tls_error", ""):  # type: ignore[attr-defined]
+                self.factory.tls_error = error  # type: ignore[attr-defined]
+                peer = self.transport.getPeer()  # type: ignore[attr-defined]
+                self.log.warn("redis {host}:{port}: TLS failed: {error}", host=peer.host, port=peer.port, error=error)
+        super().connectionLost(reason)  # type: ignore[misc]
+
+
+class _TLSConnection(_AfterHandshake, txredisapi.RedisProtocol):
+    """A connection of a pool over TLS."""
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
@@ -275,13 +384,17 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         super().connectionLost(reason)
 
 
+class _TLSSubscriber(_AfterHandshake, _Subscriber):
+    """A subscribing connection over TLS."""
+
+
 class Subscription:
     """A Redis pub/sub channel, subscribed from ``open()`` until ``disconnect()``, and again
     (with backoff) after every lost connection.
 
     ``on_subscribed()`` is called each time the subscription (re)starts, ``on_lost()``
     each time it ends: messages published in between were missed. ``on_message(payload)``
-    (bytes) for each message.
+    (bytes) for each message. ``tls``: required by a ``rediss://`` URL.
     """
 
     log = Logger()
@@ -295,8 +408,12 @@ class Subscription:
         on_lost: Callable[[], None],
         timeout: float,
         reactor: Any,
+        tls: RedisTLS | None = None,
     ) -> None:
+        if (urlsplit(url).scheme == "rediss") != (tls is not None):
+            raise ValueError("redis subscription: TLS settings go with a rediss:// url, and only with one")
         self.url = url
+        self.tls = tls
         self.reactor = reactor
         self.channel = channel
         self.on_message = on_message
@@ -311,7 +428,7 @@ class Subscription:
             return
         parts = urlsplit(self.url)
         factory = txredisapi.SubscriberFactory(isLazy=True)
-        factory.protocol = _Subscriber
+        factory.protocol = _Subscriber if self.tls is None else _TLSSubscriber
         factory.charset, factory.convertNumbers = None, False
         factory.password = parts.password
         factory.maxDelay = 5  # seconds between attempts at most: the cache is bypassed meanwhile
@@ -319,7 +436,10 @@ class Subscription:
         if parts.scheme == "unix":
             endpoint: Any = endpoints.UNIXClientEndpoint(self.reactor, parts.path, timeout=self.timeout)
         else:
-            endpoint = endpoints.HostnameEndpoint(self.reactor, parts.hostname or "127.0.0.1", parts.port or 6379, timeout=self.timeout)
+            host = parts.hostname or "127.0.0.1"
+            endpoint = endpoints.HostnameEndpoint(self.reactor, host, parts.port or 6379, timeout=self.timeout)
+            if self.tls is not None:
+                endpoint = endpoints.wrapClientTLS(self.tls.creator(host), endpoint)
         factory.startConnecting(endpoint)
         self._factory = factory
 

@@ -185,6 +185,69 @@ class ShardsConfigTests(ConfigCase):
             self.assertIn(expected, message, section)
 
 
+class RedisTLSConfigTests(ConfigCase):
+    """A Redis over TLS: ``rediss://`` urls, sentinels with ``tls = true``, ``tls_name``; and
+    the sentinels' own ``sentinel_password``."""
+
+    TLS = "[tls]\nca = 'tls/ca.pem'\ncert = 'tls/node0.pem'\n"
+    SHARD = "[node]\nshard = 's'\n[shards.s]\nstorage = [0]\n"
+    SENTINELS = "sentinels = ['10.0.0.3:26379']\nservice = 'shard-s'\n"
+
+    def loaded(self, text: str):
+        path = self.write(text)
+        self.certs(os.path.join(os.path.dirname(path), "tls"), "node0")
+        return load_node_config(path)
+
+    def test_rediss_urls(self) -> None:
+        config = self.loaded(
+            "[redis]\nurl = 'rediss://:pw@10.0.0.1:6380/0'\ntls_name = 'redis1'\n" + self.TLS + self.SHARD + "redis = 'rediss://10.0.0.2:6380/1'\n"
+        )
+        self.assertEqual((config.redis.uses_tls, config.redis.tls_name), (True, "redis1"))
+        shard = config.shards["s"]
+        self.assertEqual((shard.uses_tls, shard.tls_name, shard.tls), (True, "", False))  # "": the url's host
+        self.assertTrue(config.tls.cert.endswith("node0.pem"), config.tls)  # loaded without [storage.servers]
+
+    def test_sentinels_over_tls_with_their_password(self) -> None:
+        text = self.TLS + self.SHARD + self.SENTINELS + "tls = true\ntls_name = 'redis'\nsentinel_password = 'spw'\npassword = 'mpw'\n"
+        shard = self.loaded(text).shards["s"]
+        self.assertEqual((shard.uses_tls, shard.tls_name, shard.sentinel_password, shard.password), (True, "redis", "spw", "mpw"))
+        shard = self.loaded(self.SHARD + self.SENTINELS + "sentinel_password = 'spw'\n").shards["s"]
+        self.assertEqual((shard.uses_tls, shard.sentinel_password), (False, "spw"))
+
+    def test_tls_to_redis_needs_the_tls_section(self) -> None:
+        needs = "Redis over TLS needs the [tls] section (ca, cert"
+        cases = {
+            "[redis]\nurl = 'rediss://10.0.0.1:6380/0'\n": "[redis] url: ",
+            self.SHARD + "redis = 'rediss://10.0.0.2:6380/0'\n": "[shards.s] redis: ",
+            self.SHARD + self.SENTINELS + "tls = true\n": "[shards.s] tls: ",
+        }
+        for text, key in cases.items():
+            self.assertEqual(self.refused(load_node_config, text), key + needs + ": the CA that signs Redis's certificate, and the node's)")
+            message = self.refused(load_node_config, text + self.TLS)  # the files are not there
+            self.assertTrue(message.startswith("[tls] ca: file not found: "), message)
+
+    def test_without_tls_to_redis_the_tls_section_is_not_read(self) -> None:
+        config = load_node_config(self.write("[redis]\nurl = 'redis://10.0.0.1:6379/0'\n" + self.TLS))
+        self.assertIsNone(config.tls)
+
+    def test_misplaced_keys_and_schemes(self) -> None:
+        cases = {
+            "[redis]\nurl = 'redis://h:1/0'\ntls_name = 'r'\n": "[redis] tls_name: only with a rediss:// url",
+            "[redis]\ntls_name = 'r'\n": "[redis] tls_name: only with a rediss:// url",
+            "[redis]\nurl = 'redis+tls://h:1/0'\n": "[redis] url: expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///PATH, got 'redis+tls://h:1/0'",
+            self.SHARD + "redis = 'tls://h:1/0'\n": "[shards.s] redis: expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or sentinels, got 'tls://h:1/0'",
+            self.SHARD + "redis = 'redis://h:1/0'\ntls_name = 'r'\n": "[shards.s] tls_name: only with TLS (a rediss:// url, or sentinels with tls = true)",
+            self.SHARD + self.SENTINELS + "tls_name = 'r'\n": "[shards.s] tls_name: only with TLS (a rediss:// url, or sentinels with tls = true)",
+            self.SHARD + "redis = 'redis://h:1/0'\ntls = true\n": "[shards.s] tls: only with sentinels (a redis url asks for TLS with rediss://)",
+            self.SHARD + "redis = 'rediss://h:1/0'\ntls = true\n": "[shards.s] tls: only with sentinels (a redis url asks for TLS with rediss://)",
+            self.SHARD + "redis = 'redis://h:1/0'\nsentinel_password = 'p'\n": "[shards.s] sentinel_password: only with sentinels",
+            self.SHARD + self.SENTINELS + "tls = 'yes'\n": "[shards.s] tls: expected true or false, got 'yes'",
+            self.SHARD + self.SENTINELS + "sentinel_password = 1\n": "[shards.s] sentinel_password: expected a string, got 1",
+        }
+        for text, expected in cases.items():
+            self.assertEqual(self.refused(load_node_config, text), expected, text)
+
+
 class StorageConfigTests(ConfigCase):
     def test_example_loads_with_certificates(self) -> None:
         directory = self.mktemp()

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from prometheus_client import CollectorRegistry
 
 from emond.app.monitor import sample_streams
-from emond.app.node import shard_redis
+from emond.app.node import central_redis, shard_redis
 from emond.app.redisproc import embedded_redis_url
 from emond.cluster.move import MoveParts, Mover
 from emond.cluster.topology import configured_topology, storage_ids
@@ -42,7 +42,7 @@ from emond.meta.feeds import Feeds
 from emond.meta.inputs import Inputs
 from emond.meta.moves import Moves
 from emond.meta.shards import recorded_shards, shard_counts, user_placement
-from emond.redis import Redis, RedisUnavailable
+from emond.redis import RedisUnavailable
 from emond.storage.feedstore import FeedStore
 from emond.storage.remote import LinkMetrics, StreamLink
 
@@ -172,7 +172,8 @@ async def move_user(db: Database, config: NodeConfig, reactor: Any, name: str, s
         raise AdminError(
             f"storage servers {hosted} are not in [storage.servers]: a move reaches every storage server over the stream"
         )
-    central = Redis.connect(central_url(config), config.redis.timeout, reactor)
+    central = central_redis(config, central_url(config)).client(reactor)
+    central.open()
     redis = {s: shard_redis(config, s, central.url).client(reactor) for s in config.shards}
     metrics = LinkMetrics(CollectorRegistry())
     links = {sid: StreamLink(sid, remote, config.tls, config.node.name, metrics, reactor) for sid, remote in config.storage_servers.items()}

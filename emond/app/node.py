@@ -34,7 +34,7 @@ from emond.api.health import HealthCheck, HealthResource, MetricsPage, OperatorA
 from emond.meta.inputs import Inputs
 from emond.pools import BoundedPool
 from emond.queue import QueueLayout, QueueLayoutError
-from emond.redis import Redis, RedisUnavailable, SentinelService, Subscription
+from emond.redis import Redis, RedisTLS, RedisUnavailable, SentinelService, Subscription
 from emond.meta.refusals import Refusals
 from emond.meta.schema import migrate
 from emond.storage.location import StorageLocationService
@@ -45,15 +45,29 @@ from emond.web import INPUT_PATH_ROUTES, InputAppender, InputMetrics, InputPath,
 
 @dataclass(frozen=True)
 class ShardRedis:
-    """Where a shard's Redis is (a URL, or a Sentinel service), and how long it has to answer."""
+    """Where a shard's Redis (or the central one) is (a URL, or a Sentinel service), how long
+    it has to answer, and its TLS (a ``rediss://`` URL, sentinels with ``tls``)."""
 
     url: str
     timeout: float
     sentinel: SentinelService | None = None
+    tls: RedisTLS | None = None
 
     def client(self, reactor: Any, poolsize: int = 4, longer: float = 0.0) -> Redis:
         """A client, not open yet; ``longer``: seconds added to the timeout (blocking reads)."""
-        return Redis(self.url, self.timeout + longer, reactor, poolsize, self.sentinel)
+        return Redis(self.url, self.timeout + longer, reactor, poolsize, self.sentinel, self.tls)
+
+
+def _redis_tls(config: NodeConfig, name: str) -> RedisTLS:
+    """The node's [tls] files, for a Redis whose certificate carries ``name``."""
+    assert config.tls is not None  # required by the config wherever a Redis is reached over TLS
+    return RedisTLS(config.tls.ca, config.tls.cert, name)
+
+
+def central_redis(config: NodeConfig, url: str) -> ShardRedis:
+    """The central Redis at ``url``: ``[redis] url``, or the private redis-server's."""
+    tls = _redis_tls(config, config.redis.tls_name) if config.redis.uses_tls else None
+    return ShardRedis(url, config.redis.timeout, tls=tls)
 
 
 def shard_redis(config: NodeConfig, shard: str, central_url: str) -> ShardRedis:
@@ -61,12 +75,13 @@ def shard_redis(config: NodeConfig, shard: str, central_url: str) -> ShardRedis:
     whose ``redis`` is "" without sentinels (the one shard of a node without [shards]), the
     central one, ``[redis]``, with its timeout."""
     section = config.shards[shard]
+    tls = _redis_tls(config, section.tls_name) if section.uses_tls else None
     if section.sentinels:
-        sentinel = SentinelService(section.sentinels, section.service, section.password, section.db)
-        return ShardRedis("", section.timeout, sentinel)
+        sentinel = SentinelService(section.sentinels, section.service, section.password, section.db, section.sentinel_password)
+        return ShardRedis("", section.timeout, sentinel, tls)
     if not section.redis:
-        return ShardRedis(central_url, config.redis.timeout)
-    return ShardRedis(section.redis, section.timeout)
+        return central_redis(config, central_url)
+    return ShardRedis(section.redis, section.timeout, tls=tls)
 
 
 def on_central(config: NodeConfig, shard: str) -> bool:
@@ -87,7 +102,7 @@ def make_contexts(
     """The node's models over its database, its central Redis and each shard's Redis, none
     open yet (``NodeAppService`` opens them). A shard on the central Redis shares its client."""
     db = Database.from_url(config.database.url, config.sqlite_path)
-    central = Redis(central_url, config.redis.timeout, reactor)
+    central = central_redis(config, central_url).client(reactor)
     # Pools of their own (emond.pools), started and stopped by a PoolsService in the tree.
     users = Users(db, BoundedPool("kdf", config.users.kdf_threads, config.users.kdf_queue, reactor))
     render = BoundedPool("render", config.feeds.render_threads, config.feeds.render_queue, reactor)

@@ -24,7 +24,7 @@ from emond.inflight import InFlight
 from emond.api.health import HealthCheck, HealthResource, MetricsPage, OperatorAccess, OperatorOnly
 from emond.process.consumer import InputConsumerService
 from emond.app.monitor import QueueMonitor
-from emond.app.node import NodeAppService, make_api, make_contexts, shard_redis
+from emond.app.node import NodeAppService, central_redis, make_api, make_contexts, shard_redis
 from emond.pools import PoolsService, watch_pools
 from emond.storage.remote import LinkMetrics, RemoteLink, StreamLink
 from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
@@ -256,7 +256,8 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     # A front of several shards keeps its user -> shard cache current (emond.cluster.shardmap).
     subscription = None
     if len(config.shards) > 1 and config.node.front:
-        subscription = contexts.shardmap.listen(redis_url, config.redis.timeout, reactor)
+        central = central_redis(config, redis_url)
+        subscription = contexts.shardmap.listen(central.url, central.timeout, reactor, central.tls)
     app = NodeAppService(contexts, layout, reactor, subscription)
     app.setName("api")
     app.setServiceParent(root)

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from emond import keys
 from emond.errors import NotFound
 from emond.meta.db import Database
-from emond.redis import Redis, Subscription
+from emond.redis import Redis, RedisTLS, Subscription
 
 CACHE_SIZE = 100_000  # users whose shard is remembered (a few MB)
 
@@ -43,10 +43,11 @@ class ShardMap:
         self._live = False  # subscribed to USER_MOVED: the cache may be used
         self._changes: list[defer.Deferred[str]] = []
 
-    def listen(self, url: str, timeout: float, reactor: Any) -> Subscription:
-        """The subscription to ``keys.USER_MOVED`` on the central Redis at ``url`` that keeps
-        this map current (opened and closed by its owner, ``NodeAppService``)."""
-        return Subscription(url, keys.USER_MOVED, self._moved, self._subscribed, self._lost, timeout, reactor)
+    def listen(self, url: str, timeout: float, reactor: Any, tls: RedisTLS | None = None) -> Subscription:
+        """The subscription to ``keys.USER_MOVED`` on the central Redis at ``url`` (``tls``:
+        for a ``rediss://`` url) that keeps this map current (opened and closed by its owner,
+        ``NodeAppService``)."""
+        return Subscription(url, keys.USER_MOVED, self._moved, self._subscribed, self._lost, timeout, reactor, tls)
 
     async def shard_of(self, userid: int) -> str:
         if self.only is not None:

@@ -52,12 +52,14 @@ class NodeHarness:
         http_prefix: str = "",
         database_url: str | None = None,
         flush_redis: bool = True,
+        redis_config: str = "",
     ) -> None:
         """``redis``/``mariadb``: a test's private server instead of the run's shared one;
         ``host``: the address the node listens on; ``node_config``: more lines of ``[node]``;
         ``http_prefix``: before its endpoint (``"haproxy:"``: the PROXY protocol);
         ``database_url``: a database another node uses too (the processes of a cluster),
-        ``flush_redis``: false for the second process of a cluster on the same Redis.
+        ``flush_redis``: false for the second process of a cluster on the same Redis (and for a
+        Redis over TLS); ``redis_config``: more lines of ``[redis]``.
         Builds the node's service tree (which opens nothing until started)."""
         self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
@@ -74,7 +76,7 @@ class NodeHarness:
         self.port = free_port(host)
         text = (
             f'[node]\nhttp = "{http_prefix}tcp:{self.port}:interface={host}"\ndatadir = "var"\n{node_config}'
-            f'[redis]\nurl = "{redis.url}"\ntimeout = {redis_timeout}\n[database]\nurl = "{db_url}"\n{extra_config}'
+            f'[redis]\nurl = "{redis.url}"\ntimeout = {redis_timeout}\n{redis_config}[database]\nurl = "{db_url}"\n{extra_config}'
         )
         self.config_path = os.path.join(self.dir, "emond.toml")
         with open(self.config_path, "w") as f:

@@ -38,19 +38,47 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class ServerTLS:
+    """TLS of a test redis-server or sentinel (``make_certs`` files): it presents ``pem`` (its
+    certificate followed by its key; Redis reads both from the one file) and requires of
+    every client a certificate signed by ``ca``."""
+
+    ca: str
+    pem: str
+
+    def lines(self, port: int) -> list[tuple[str, str]]:
+        """Its settings, for the command line or a config file: TLS only, on ``port``."""
+        ca, pem = os.path.abspath(self.ca), os.path.abspath(self.pem)  # redis-server changes to its dir
+        return [
+            ("port", "0"), ("tls-port", str(port)), ("tls-cert-file", pem), ("tls-key-file", pem),
+            ("tls-ca-cert-file", ca), ("tls-auth-clients", "yes"),
+        ]
+
+
+def make_certs(directory: str, *names: str) -> str:
+    """``etc/make-certs``: a test CA (``ca.pem``) and ``NAME.pem`` per name (its CN and DNS
+    name) in ``directory``, which is returned."""
+    subprocess.run([os.path.join(programs.ROOT, "etc", "make-certs"), directory, *names], check=True, capture_output=True)
+    return directory
+
+
+@dataclass(frozen=True)
 class RedisServer:
     host: str
     port: int
     dir: str
     log: str  # the server's output, for debugging
     startup_seconds: float
+    tls: bool = False  # only TLS on ``port`` (``private_redis(tls=...)``)
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/0"
 
     def flushall(self) -> None:
-        """Empty every database, synchronously (raw RESP; no reactor needed)."""
+        """Empty every database, synchronously (raw RESP; no reactor needed). Not over TLS."""
+        if self.tls:
+            raise RuntimeError("flushall: a TLS server's (start a private one instead)")
         with socket.create_connection((self.host, self.port), timeout=10) as s:
             s.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
             reply = b""
@@ -123,13 +151,16 @@ def _once(name: str, start: Callable[[], T]) -> T:
     return value  # type: ignore[return-value]
 
 
-def _start_redis(*extra: str) -> RedisServer:
+def _start_redis(*extra: str, tls: ServerTLS | None = None) -> RedisServer:
     exe = require_program("redis-server")
     began = time.monotonic()
     d = _tempdir("redis")
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
-        argv = [exe, *programs.redis_args(d, port=port, bind=HOST, durable=False), *extra]
+        argv = [exe, *programs.redis_args(d, port=port, bind=HOST, durable=False)]
+        if tls is not None:  # later arguments win: --port 0 among them
+            argv += [arg for key, value in tls.lines(port) for arg in (f"--{key}", value)]
+        argv += extra
         try:
             proc = _Process("redis-server", argv, d, programs.REDIS_READY)
             break
@@ -138,7 +169,7 @@ def _start_redis(*extra: str) -> RedisServer:
                 raise
     took = time.monotonic() - began
     log.msg(f"test redis-server ready on {HOST}:{port} in {took:.2f}s")
-    return RedisServer(HOST, port, d, proc.log_path, took)
+    return RedisServer(HOST, port, d, proc.log_path, took, tls is not None)
 
 
 def _start_mariadb() -> MariaDBServer:
@@ -258,20 +289,25 @@ class PrivateServer(Generic[T]):
         self._process = _Process(old.name, old.argv, old.cwd, old.ready)
 
 
-def private_redis(*extra: str) -> PrivateServer[RedisServer]:
+def private_redis(*extra: str, tls: ServerTLS | None = None) -> PrivateServer[RedisServer]:
     """A new redis-server for one test (``.server`` has its url); ``extra``: more arguments
-    (``"--replicaof", host, port`` makes it a replica)."""
-    return PrivateServer(lambda: _start_redis(*extra))
+    (``"--replicaof", host, port`` makes it a replica); ``tls``: it takes only TLS
+    connections, from clients with a certificate of the CA (its url is ``rediss://``)."""
+    return PrivateServer(lambda: _start_redis(*extra, tls=tls))
 
 
-def private_sentinel(master_port: int, service: str, down_after_ms: int = 1000) -> PrivateServer[RedisServer]:
+def private_sentinel(
+    master_port: int, service: str, down_after_ms: int = 1000, password: str = "", tls: ServerTLS | None = None
+) -> PrivateServer[RedisServer]:
     """A Redis Sentinel of one test watching the master on ``master_port`` as ``service``
     (quorum 1: this sentinel alone decides a failover, ``down_after_ms`` after the master
-    stops answering)."""
-    return PrivateServer(lambda: _start_sentinel(master_port, service, down_after_ms))
+    stops answering). ``password``: its own ``requirepass``; ``tls``: it takes only TLS
+    connections, and reaches the master over TLS (with its certificate), as a master
+    started with the same ``tls`` wants."""
+    return PrivateServer(lambda: _start_sentinel(master_port, service, down_after_ms, password, tls))
 
 
-def _start_sentinel(master_port: int, service: str, down_after_ms: int) -> RedisServer:
+def _start_sentinel(master_port: int, service: str, down_after_ms: int, password: str, tls: ServerTLS | None) -> RedisServer:
     exe = require_program("redis-server")
     began = time.monotonic()
     d = _tempdir("sentinel")
@@ -279,8 +315,13 @@ def _start_sentinel(master_port: int, service: str, down_after_ms: int) -> Redis
         port = free_port()
         conf = os.path.join(d, "sentinel.conf")  # the sentinel rewrites it: its own, writable
         with open(conf, "w") as f:
+            f.write(f"port {port}\n")
+            if tls is not None:  # later lines win: port 0 among them
+                f.write("".join(f"{key} {value}\n" for key, value in tls.lines(port)) + "tls-replication yes\n")
+            if password:
+                f.write(f"requirepass {password}\n")
             f.write(
-                f"port {port}\nbind {HOST}\ndir {d}\n"
+                f"bind {HOST}\ndir {d}\n"
                 f"sentinel monitor {service} {HOST} {master_port} 1\n"
                 f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
                 f"sentinel failover-timeout {service} 10000\n"
@@ -293,7 +334,7 @@ def _start_sentinel(master_port: int, service: str, down_after_ms: int) -> Redis
                 raise
     took = time.monotonic() - began
     log.msg(f"test redis sentinel ready on {HOST}:{port} in {took:.2f}s")
-    return RedisServer(HOST, port, d, proc.log_path, took)
+    return RedisServer(HOST, port, d, proc.log_path, took, tls is not None)
 
 
 def private_mariadb() -> PrivateServer[MariaDBServer]:
