@@ -124,7 +124,10 @@ class InputAppender:
         if self.wait_replicas:
             commands.append(("WAIT", self.wait_replicas, max(1, int(self.wait_timeout * 1000))))
         self._flushing = True
-        d = defer.ensureDeferred(self.redis.pipeline(commands, longer=self.wait_timeout if self.wait_replicas else 0.0))
+        if len(commands) == 1:  # the usual flush at a moderate rate: one round trip without a pipeline's cost (~25 us)
+            d = defer.ensureDeferred(self.redis.call(*commands[0])).addCallback(lambda reply: [reply])
+        else:
+            d = defer.ensureDeferred(self.redis.pipeline(commands, longer=self.wait_timeout if self.wait_replicas else 0.0))
         d.addBoth(self._flushed, [item[2] for item in pending])
 
     def _flushed(self, result: Any, waiting: list[defer.Deferred[None]]) -> None:
