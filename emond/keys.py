@@ -101,6 +101,12 @@ def user_held(userid: int) -> str:
     return f"emond:held:{userid}"
 
 
+def user_held_first(userid: int) -> str:
+    """On a moving user's new shard: the packets its old shard parked, gathered there before
+    they go in front of those parked here (they were accepted before them)."""
+    return f"emond:held-first:{userid}"
+
+
 def moved_chunk(userid: int, entry_id: str) -> str:
     """Marks a chunk of a moving user's parked packets (up to ``entry_id``) as added to its new shard."""
     return f"emond:moved:{userid}:{entry_id}"

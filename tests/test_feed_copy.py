@@ -23,6 +23,7 @@ from twisted.trial import unittest
 from emond.app.service import make_storage_service
 from emond.config import EnginesSection, RemoteServer, TLSSection, load_storage_config
 from emond.engine import FeedError
+from emond.errors import Unavailable
 from emond.meta.feeds import Feed
 from emond.meta.refusals import Refusals
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
@@ -142,6 +143,23 @@ class FeedCopyTests(unittest.TestCase):
         self.assertEqual(self.read(self.remote_dir, "phpfina", "8.dat"), fina_bytes([1.0, 2.0]))
         yield defer.ensureDeferred(self.store.copy(self.feed(8, ENGINE_PHPFINA, 0), 1))  # and again: the same
         self.assertEqual(self.read(self.remote_dir, "phpfina", "8.dat"), fina_bytes([1.0, 2.0]))
+
+    @defer.inlineCallbacks
+    def test_a_copy_whose_target_is_lost_fails_saying_so(self):
+        n = 100_000  # 400 kB: the first piece alone, then windows of pieces at once
+        self.local.phpfina.create(10, 10)
+        self.local.phpfina.write(10, T0 + 10 * np.arange(n), np.ones(n, dtype="<f4"))
+        link, receive = self.store.remotes[1], self.store._receive
+
+        async def receive_then_lose(feed, offset, data):
+            await receive(feed, offset, data)
+            if link.protocol is not None:  # the storage server gone after the first piece
+                link.protocol.transport.abortConnection()
+
+        self.store._receive = receive_then_lose
+        error = yield self.assertFailure(defer.ensureDeferred(self.store.copy(self.feed(10, ENGINE_PHPFINA, 0), 1)), Unavailable)
+        self.assertIn("storage server 1", str(error))
+        self.assertFalse(os.path.exists(os.path.join(self.remote_dir, "phpfina", "10.dat")))
 
     def test_a_garbled_or_short_copy_is_never_installed(self):
         engine = self.remote.phpfina

@@ -9,40 +9,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from urllib.parse import urlsplit
 
-import treq
-from twisted.internet import defer, utils
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from emond.app.localcluster import ClusterError, Layout, LocalCluster
 from emond.config import load_node_config, load_storage_config
+from tests.support.cluster import alive, fetch, run_cluster
 from tests.support.daemon import ROOT
-from tests.support.node import Answer
-
-CLUSTER = os.path.join(ROOT, "bin", "cluster")
-
-
-def run_cluster(*args: str):
-    """``bin/cluster ARGS``; fires with (exit code, stdout, stderr)."""
-    d = utils.getProcessOutputAndValue(CLUSTER, args, env=dict(os.environ))
-    return d.addCallback(lambda result: (result[2], result[0].decode(), result[1].decode()))
-
-
-def state(pid: int) -> str | None:
-    """The process's state letter (Z: exited, not reaped), or None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    return text[text.rindex(")") + 2]
-
-
-def alive(pid: int) -> bool:
-    return state(pid) not in (None, "Z")
+from tests.support.poll import until
 
 
 def argv(pid: int) -> list[str]:
@@ -56,13 +35,6 @@ def listening(host: str, port: int) -> bool:
     except ConnectionRefusedError:
         return False
     return True
-
-
-@defer.inlineCallbacks
-def fetch(method: str, url: str, **kwargs):
-    response = yield treq.request(method, url, persistent=False, **kwargs)
-    body = yield response.content()
-    return Answer(response.code, response.headers, body)
 
 
 class LocalClusterTests(unittest.TestCase):
@@ -158,6 +130,31 @@ class LocalClusterTests(unittest.TestCase):
         for base in (cluster["entry"], *cluster["fronts"]):
             answer = yield fetch("GET", base + "input/post.json", params={"node": "emontx", "json": '{"power":100}', "apikey": key})
             self.assertEqual((answer.code, answer.body), (200, b"ok"), (base, answer))
+
+        # restart: a process killed starts again with the argv up gave it; one still running
+        # is stopped first; the record follows, so down stops the new ones.
+        storage_argv = argv(pids["storage-a"])
+        os.kill(pids["storage-a"], signal.SIGKILL)
+        yield defer.ensureDeferred(until(lambda: not alive(pids["storage-a"]), 10, "storage-a gone"))
+        for name, was_running in (("storage-a", False), ("front1", True)):
+            before = argv(pids[name]) if was_running else storage_argv
+            code, out, err = yield run_cluster("restart", self.dir, name)
+            self.assertEqual(code, 0, err)
+            restarted = json.loads(out)
+            self.assertEqual((restarted["name"], restarted["was"], restarted["was_running"]), (name, pids[name], was_running))
+            self.assertFalse(alive(pids[name]))
+            pids[name] = restarted["pid"]
+            self.assertTrue(alive(pids[name]))
+            self.assertEqual(argv(pids[name]), before)
+            with open(os.path.join(self.dir, "run", f"{name}.pid")) as f:
+                self.assertEqual(int(f.read()), pids[name])
+        answer = yield fetch("GET", cluster["shards"]["a"]["storage_url"] + "health")
+        self.assertEqual(answer.code, 200, answer)
+        answer = yield fetch("GET", cluster["fronts"][0] + "input/post.json", params={"node": "emontx", "json": '{"power":100}', "apikey": key})
+        self.assertEqual((answer.code, answer.body), (200, b"ok"), answer)
+        code, out, err = yield run_cluster("restart", self.dir, "nothing")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("no process 'nothing'", json.loads(err.splitlines()[-1])["error"])
 
         code, out, err = yield run_cluster("down", self.dir)
         self.assertEqual(code, 0, err)

@@ -16,15 +16,19 @@ import subprocess
 
 import numpy as np
 import treq
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from emond.config import RemoteServer, TLSSection
 from emond.keys import input_stream, storage_stream
 from emond.queue import read_head
 from emond.records import RECORD
 from emond.redis import Redis
+from emond.storage.remote import CLOSE_TIMEOUT, LinkMetrics, StreamLink
 from tests.support import free_port, redis_server
 from tests.support.daemon import ROOT, remote_storage_config, start_daemon, started
+from tests.support.poll import until
 
 T0 = 1_700_000_000
 QUEUES = 2
@@ -234,6 +238,25 @@ class RemoteStorageTests(unittest.TestCase):
         body = yield response.json()
         self.assertEqual((response.code, body), (503, {"success": False, "message": "storage server 1 is not connected"}))
         yield node.signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_a_link_stops_even_while_its_server_hangs(self):
+        """A TLS connection closes once the server answers the close: a server that hangs
+        (frozen here) must not hold the link's stop, and with it a node's shutdown or
+        emond-admin's exit, for ever."""
+        storage = yield self.start_storage()
+        link = StreamLink(
+            1, RemoteServer(endpoint=f"tcp:127.0.0.1:{self.stream_port}", name="storage1"),
+            TLSSection(ca=os.path.join(self.base, "tls", "ca.pem"), cert=os.path.join(self.base, "tls", "node0.pem")),
+            "node0", LinkMetrics(CollectorRegistry()), reactor,
+        )
+        link.startService()
+        yield defer.ensureDeferred(until(lambda: link.protocol is not None, 30, "the stream up"))
+        storage.transport.signalProcess(signal.SIGSTOP)  # alive, connected, silent
+        self.addCleanup(storage.transport.signalProcess, signal.SIGCONT)
+        began = reactor.seconds()
+        yield defer.ensureDeferred(link.stopService()).addTimeout(CLOSE_TIMEOUT + 10, reactor)
+        self.assertLess(reactor.seconds() - began, CLOSE_TIMEOUT + 2)
 
     @defer.inlineCallbacks
     def test_storage_killed_and_down_loses_nothing(self):

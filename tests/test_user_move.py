@@ -26,7 +26,7 @@ from emond.meta.moves import Moves
 from emond.meta.schema import migrate
 from emond.queue import QueueLayout, decode_groups, encode_groups, read_head
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
-from emond.redis import Redis
+from emond.redis import Redis, RedisUnavailable
 from emond.storage.feedstore import FeedStore
 from emond.storage.location import StorageLocationService
 from tests.support.servers import mariadb_server, redis_server
@@ -187,6 +187,35 @@ class UserMoveTests(unittest.TestCase):
         self.assertEqual([r[0] for r in servers], [2, 2])
         again = yield self.move()  # done: nothing more to do
         self.assertTrue(again["already_there"])
+
+    @defer.inlineCallbacks
+    def test_what_the_source_parked_goes_before_what_the_target_parked_even_after_a_crash(self):
+        self.patch(move_module, "TRANSFER_CHUNK", 1)
+        # The source's queue still held two packets at the hold (its consumer slow, or down):
+        # parked there. The target parked a later one, posted once the user pointed at it.
+        older = [[self.userid, T0 + 40.5 + i, T0 + 40 + i, [[0, "tx", {"p": 300.0 + i}]]] for i in range(2)]
+        newer = [self.userid, T0 + 42.5, T0 + 42, [[0, "tx", {"p": 302.0}]]]
+        for group in older:
+            yield defer.ensureDeferred(self.redis["a"].call("XADD", keys.user_held(self.userid), "*", "p", encode_groups([group])))
+        yield defer.ensureDeferred(self.redis["b"].call("XADD", keys.user_held(self.userid), "*", "p", encode_groups([newer])))
+        # The command dies once the first packet is on the target, before it leaves the source.
+        source, call = self.redis["a"], self.redis["a"].call
+
+        async def dies_at_the_first_removal(command, *args):
+            if command == "XDEL":
+                del source.call
+                raise RedisUnavailable("the admin process was killed")
+            return await call(command, *args)
+
+        source.call = dies_at_the_first_removal
+        yield self.assertFailure(self.move(), RedisUnavailable)
+        step = yield self.db.query("SELECT step FROM user_moves WHERE userid = ?", self.userid)
+        self.assertEqual(step[0][0], "transfer")
+
+        summary = yield self.move()
+        self.assertEqual(summary["parked_on_source"], 2)
+        self.assertEqual((yield self.parked("b", keys.user_held(self.userid))), [*older, newer])  # each once, in order
+        self.assertEqual((yield self.parked("a", keys.user_held(self.userid))), [])
 
     def test_unknown_users_and_shards_are_refused(self):
         self.assertFailure(self.move("c"), Invalid)

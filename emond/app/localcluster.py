@@ -12,6 +12,11 @@ still the process ``up`` started), and which makes a second ``up`` refuse.
 ``up`` prints one JSON line: ``{"entry": URL, "fronts": [URL, ...], "admin": [argv...],
 "shards": {NAME: {"redis_pid": PID, ...}}, ...}``. The ports are chosen free on the first
 ``up`` and kept for the next (``layout.json``), so the URLs stay the same after ``down``/``up``.
+
+``bin/cluster restart DIR NAME`` starts one process again (``shard-a``, ``storage-b``,
+``front1``, ``redis-a``, ``haproxy``, ...: the names of DIR/run) with the command, folder and
+environment ``up`` recorded for it, stopping it first if it still runs, as an operator or
+systemd would after a crash, and prints ``{"name": NAME, "pid": PID, ...}`` once it answers.
 """
 
 from __future__ import annotations
@@ -190,13 +195,17 @@ def _url(address: tuple[str, int]) -> str:
 @dataclass
 class Started:
     """One process ``up`` started: ``down`` signals ``pid`` only while it is still this
-    process (the same start time in /proc), never a later process that got the number."""
+    process (the same start time in /proc), never a later process that got the number;
+    ``restart`` starts ``argv`` again in ``cwd``."""
 
     name: str
     pid: int
     started: int  # clock ticks after boot, from /proc/PID/stat
     tier: int  # stopped in decreasing tiers: the entry first, the database last
     log: str
+    argv: list[str] = field(default_factory=list)  # empty in a record of an older bin/cluster
+    cwd: str = ""
+    checkout_env: bool = False  # run with programs.checkout_env() (emond's own programs)
 
 
 # Tiers: started in this order (2-4 together), stopped in the reverse one, so that a
@@ -311,14 +320,14 @@ class LocalCluster:
                 raise ClusterError(str(e))
         argv = programs.mariadb_argv(data, self.path("db", "mysqld.sock"), layout.mariadb, DB_HOST)
         mariadb = self._spawn(record, "mariadb", DATABASE_TIER, argv, self.path("db"))
-        redis = {"redis": (self._spawn_redis(record, "redis", self.path("db", "redis"), DB_HOST, layout.redis), DB_HOST, layout.redis)}
+        redis = [self._spawn_redis(record, "redis", self.path("db", "redis"), DB_HOST, layout.redis)]
         for name in self.shards:
             host, port = layout.shard_http(name, "redis")
-            redis[name] = (self._spawn_redis(record, f"redis-{name}", self.path(f"shard-{name}", "redis"), host, port), host, port)
-        self._wait(mariadb, deadline, lambda: _mariadb_answers(DB_HOST, layout.mariadb))
+            redis.append(self._spawn_redis(record, f"redis-{name}", self.path(f"shard-{name}", "redis"), host, port))
+        self._wait(mariadb, deadline, _answers(layout, "mariadb"))
         _create_database(DB_HOST, layout.mariadb, DATABASE)
-        for child, host, port in redis.values():
-            self._wait(child, deadline, lambda host=host, port=port: _redis_answers(host, port))
+        for child in redis:
+            self._wait(child, deadline, _answers(layout, child.started.name))
 
     def _start_emond(self, layout: Layout, record: Record, deadline: float) -> None:
         """Storage servers, shard processes and fronts, together (the links and the schema
@@ -326,27 +335,24 @@ class LocalCluster:
         waiting = []
         for name in self.shards:
             config = self.path(f"shard-{name}", "storage.toml")
-            child = self._spawn_twistd(record, f"storage-{name}", STORAGE_TIER, "emond-storage", config)
-            waiting.append((child, layout.shard_http(name, "storage_http")))
+            waiting.append(self._spawn_twistd(record, f"storage-{name}", STORAGE_TIER, "emond-storage", config))
         for name in self.shards:
-            child = self._spawn_twistd(record, f"shard-{name}", SHARD_TIER, "emond", self.path(f"shard-{name}", "emond.toml"))
-            waiting.append((child, layout.shard_http(name)))
+            waiting.append(self._spawn_twistd(record, f"shard-{name}", SHARD_TIER, "emond", self.path(f"shard-{name}", "emond.toml")))
         for name in FRONTS:
-            child = self._spawn_twistd(record, name, FRONT_TIER, "emond", self.path(name, "emond.toml"))
-            waiting.append((child, layout.front_http(name)))
-        for child, address in waiting:
-            self._wait(child, deadline, lambda address=address: _health_ok(*address))
+            waiting.append(self._spawn_twistd(record, name, FRONT_TIER, "emond", self.path(name, "emond.toml")))
+        for child in waiting:
+            self._wait(child, deadline, _answers(layout, child.started.name))
 
     def _start_entry(self, layout: Layout, record: Record, deadline: float) -> None:
         argv = programs.haproxy_argv(self.path("entry", "haproxy.cfg"))
         haproxy = self._spawn(record, "haproxy", ENTRY_TIER, argv, self.path("entry"))
-        self._wait(haproxy, deadline, lambda: _health_ok(ENTRY_HOST, layout.entry))
+        self._wait(haproxy, deadline, _answers(layout, "haproxy"))
 
     def _summary(self, layout: Layout, record: Record) -> dict[str, Any]:
         """The JSON line: the issue's four keys first, then where the rest is."""
         pids = {p.name: p.pid for p in record.processes}
         shards = {}
-        for i, name in enumerate(self.shards):
+        for i, name in enumerate(layout.shards):
             shards[name] = {
                 "redis": layout.redis_url(name),
                 "redis_pid": pids[f"redis-{name}"],
@@ -399,10 +405,10 @@ class LocalCluster:
 
     def _spawn_twistd(self, record: Record, name: str, tier: int, plugin: str, config: str) -> _Child:
         argv = programs.twistd_argv(plugin, config)
-        return self._spawn(record, name, tier, argv, os.path.dirname(config), env=programs.checkout_env())
+        return self._spawn(record, name, tier, argv, os.path.dirname(config), checkout_env=True)
 
     def _spawn(
-        self, record: Record, name: str, tier: int, argv: list[str], cwd: str, env: dict[str, str] | None = None
+        self, record: Record, name: str, tier: int, argv: list[str], cwd: str, checkout_env: bool = False
     ) -> _Child:
         """Start ``argv`` in a session of its own (it outlives ``up``, and a Ctrl-C of ``up``
         does not reach it), its output appended to DIR/log/NAME.log, its pid in
@@ -410,11 +416,12 @@ class LocalCluster:
         log_path = self.path("log", f"{name}.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         os.makedirs(self.path("run"), exist_ok=True)
+        env = programs.checkout_env() if checkout_env else None
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        started = Started(name, proc.pid, _start_time(proc.pid) or 0, tier, log_path)
+        started = Started(name, proc.pid, _start_time(proc.pid) or 0, tier, log_path, list(argv), cwd, checkout_env)
         record.processes.append(started)
         self._save(record)
         with open(self.path("run", f"{name}.pid"), "w") as f:
@@ -442,15 +449,46 @@ class LocalCluster:
 
     def down(self) -> dict[str, Any]:
         """Stop what ``up`` started (those still running), entry first, database last."""
+        record = self._load()
+        stopped = self._stop(record)
+        os.unlink(self.record_path)
+        return {"stopped": stopped}
+
+    # -- restart -------------------------------------------------------------------
+
+    def restart(self, name: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Start the process ``name`` (as in DIR/run: ``shard-a``, ``storage-b``, ``front1``,
+        ...) again the way ``up`` started it, with the same argv, folder and environment, as
+        an operator or systemd restarts a service: stopped first if it still runs (SIGTERM,
+        as ``down``), then started and waited for until it answers. The new pid goes to the
+        record (``down`` stops it), DIR/run/NAME.pid and the summary; fires with
+        ``{"name": NAME, "pid": NEW, "was": OLD, "was_running": BOOL}``."""
+        record = self._load()
+        old = next((p for p in record.processes if p.name == name), None)
+        if old is None:
+            raise ClusterError(f"no process {name!r} in the cluster in {self.dir}: one of {', '.join(p.name for p in record.processes)}")
+        if not old.argv:
+            raise ClusterError(f"{name} was started by an older bin/cluster that did not record its command: down and up again")
+        with open(self.layout_path) as f:
+            layout = Layout(**json.load(f))
+        running = _alive(old)
+        self._stop(Record([old]))
+        record.processes.remove(old)
+        deadline = time.monotonic() + timeout
+        child = self._spawn(record, name, old.tier, old.argv, old.cwd, checkout_env=old.checkout_env)
+        if record.summary:  # after a failed `up` there is none to keep current
+            record.summary = self._summary(layout, record)
+            self._save(record)
+        self._wait(child, deadline, _answers(layout, name))
+        return {"name": name, "pid": child.started.pid, "was": old.pid, "was_running": running}
+
+    def _load(self) -> Record:
         try:
             with open(self.record_path) as f:
                 data = json.load(f)
         except FileNotFoundError:
             raise ClusterError(f"no cluster is up in {self.dir} (no {self.record_path})")
-        record = Record([Started(**p) for p in data.get("processes", [])], data.get("summary", {}))
-        stopped = self._stop(record)
-        os.unlink(self.record_path)
-        return {"stopped": stopped}
+        return Record([Started(**p) for p in data.get("processes", [])], data.get("summary", {}))
 
     def _stop(self, record: Record) -> dict[str, int]:
         """SIGTERM tier by tier, each tier waited for (SIGKILL after STOP_TIMEOUT): a shard
@@ -668,6 +706,24 @@ def _create_database(host: str, port: int, name: str) -> None:
         conn.close()
 
 
+def _answers(layout: Layout, name: str) -> Callable[[], bool]:
+    """The readiness probe of the cluster's process ``name``: what its clients use."""
+    if name == "mariadb":
+        return lambda: _mariadb_answers(DB_HOST, layout.mariadb)
+    if name == "redis":
+        return lambda: _redis_answers(DB_HOST, layout.redis)
+    if name == "haproxy":
+        return lambda: _health_ok(ENTRY_HOST, layout.entry)
+    if name in FRONT_HOSTS:
+        return lambda: _health_ok(*layout.front_http(name))
+    kind, _, shard = name.partition("-")  # redis-a, shard-a, storage-a
+    if shard in layout.shards and kind == "redis":
+        return lambda: _redis_answers(*layout.shard_http(shard, "redis"))
+    if shard in layout.shards and kind in ("shard", "storage"):
+        return lambda: _health_ok(*layout.shard_http(shard, "http" if kind == "shard" else "storage_http"))
+    raise ClusterError(f"no process {name!r} in a local cluster")
+
+
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy from the environment
 
 
@@ -680,15 +736,19 @@ def _health_ok(host: str, port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``bin/cluster up DIR`` | ``bin/cluster down DIR``: one JSON line on stdout, progress on
-    stderr; an error as ``{"error": ...}`` on stderr with exit status 1."""
+    """``bin/cluster up DIR`` | ``bin/cluster down DIR`` | ``bin/cluster restart DIR NAME``:
+    one JSON line on stdout, progress on stderr; an error as ``{"error": ...}`` on stderr
+    with exit status 1."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="bin/cluster", description="A local emond cluster for trying and testing.")
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "restart"])
     parser.add_argument("dir", help="the folder of the cluster's configs, data, logs and pids")
+    parser.add_argument("name", nargs="?", help="restart: the process, as named in DIR/run (shard-a, storage-b, front1, haproxy, ...)")
     parser.add_argument("--shards", type=int, default=len(SHARDS), help="shards started by up (default 2: a, b)")
     args = parser.parse_args(argv)
+    if (args.name is None) != (args.command != "restart"):
+        parser.error("restart takes DIR NAME; up and down take DIR only")
     say = lambda text: print(f"cluster: {text}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         cluster = LocalCluster(args.dir, say=say, shards=args.shards)
@@ -696,7 +756,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": str(e)}), file=sys.stderr)
         return 1
     try:
-        result = cluster.up() if args.command == "up" else cluster.down()
+        if args.command == "restart":
+            result = cluster.restart(args.name)
+        else:
+            result = cluster.up() if args.command == "up" else cluster.down()
     except (ClusterError, programs.MissingProgram, OSError) as e:
         print(json.dumps({"error": str(e)}), file=sys.stderr)
         return 1

@@ -16,8 +16,11 @@ each safe to run again after a crash of any process:
    times, refusals) from the source's Redis to the target's (DUMP/RESTORE, exact).
 4. ``files``: copy each feed's files to the target's storage server over the stream, checked
    with SHA-256 (``FeedStore.copy``), and point the feed at it.
-5. ``transfer``: the packets the source parked (a front that had not heard of the move yet)
-   join those parked on the target.
+5. ``transfer``: the packets the source parked go in front of those parked on the target:
+   they were accepted before them (those the source's queue still held at the hold, its
+   consumer slow or down, and a front's that had not heard of the move yet), so the target
+   processes the user's packets in the order they were accepted (a kWh feed takes no packet
+   older than its last point: processed out of order, they would leave a hole).
 6. ``release``: lift the hold on the target; its consumer lets the parked packets through
    first, then the new ones.
 7. ``cleanup``: after a grace period (a front's request in flight when the map changed has
@@ -62,6 +65,22 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
   return 1
 end
 return 0
+"""
+
+# The packets gathered from the source (KEYS[1]), then those the target parked (KEYS[2]),
+# become the target's parked stream, in one step its consumer cannot come between. Without
+# KEYS[1] (nothing gathered, or done already by a move resumed after a crash) nothing changes.
+PUT_FIRST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local parked = redis.call('XRANGE', KEYS[2], '-', '+')
+for _, entry in ipairs(parked) do
+  redis.call('XADD', KEYS[1], '*', unpack(entry[2]))
+end
+redis.call('DEL', KEYS[2])
+redis.call('RENAME', KEYS[1], KEYS[2])
+return #parked
 """
 
 
@@ -168,13 +187,18 @@ class Mover:
                 continue  # created on the target's server during the move, or copied already
             report = await self.parts.store.copy(feed, destination)
             copied[str(feed.id)] = {"from": feed.server, "to": destination, "bytes": report.size, "sha256": report.sha256}
+            # Noted before the feed points at its copy: a command killed between the two still
+            # finds, at cleanup, the source's files to delete (the other way round it would not).
+            await self.parts.moves.advance(record, record.step)
             await self.parts.moves.set_feed_server(feed.id, destination)
-            await self.parts.moves.advance(record, record.step)  # keep what was copied
         await self._shards(record)[1].call("INCR", keys.user_version(record.userid))
 
     async def _transfer(self, record: MoveRecord) -> None:
-        moved = await self._move_parked(record, keys.user_held(record.userid))
+        first = keys.user_held_first(record.userid)
+        moved = await self._move_parked(record, first)
         record.marks["transferred"] = record.marks.get("transferred", 0) + moved
+        _, target = self._shards(record)
+        await Scripts(target).run(PUT_FIRST, [first, keys.user_held(record.userid)], [])
 
     async def _release(self, record: MoveRecord) -> None:
         _, target = self._shards(record)

@@ -163,10 +163,13 @@ class FeedStore:
                 first, pieces = pieces[:1] or [(0, b"")], pieces[1:]
                 await self._receive(there, *first[0])
             for i in range(0, len(pieces), COPY_WINDOW):
-                await defer.gatherResults(
-                    [defer.ensureDeferred(self._receive(there, o, d)) for o, d in pieces[i : i + COPY_WINDOW]],
-                    consumeErrors=True,
-                )
+                try:
+                    await defer.gatherResults(
+                        [defer.ensureDeferred(self._receive(there, o, d)) for o, d in pieces[i : i + COPY_WINDOW]],
+                        consumeErrors=True,
+                    )
+                except defer.FirstError as e:  # the piece's own error (the target lost, ...), not a wrapper
+                    e.subFailure.raiseException()
             offset += len(data)
             if len(data) < COPY_READ:
                 break

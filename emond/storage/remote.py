@@ -55,6 +55,9 @@ from emond.stream import (
 )
 
 
+CLOSE_TIMEOUT = 5.0  # seconds a stopping link waits for the server's side of the TLS close, then cuts the connection
+
+
 class RemoteUnavailable(Exception):
     """The storage server cannot be reached now."""
 
@@ -106,7 +109,9 @@ class _Factory(Factory):
         self.link = link
 
     def buildProtocol(self, addr: Any) -> StreamClientProtocol:
-        return StreamClientProtocol(self.link)
+        protocol = StreamClientProtocol(self.link)
+        self.link.latest = protocol  # connected or still in its handshake: what a stop may have to cut
+        return protocol
 
 
 class LinkMetrics:
@@ -150,6 +155,7 @@ class StreamLink(Service):
         self.node_name = node_name
         self.reactor = reactor
         self.protocol: StreamClientProtocol | None = None
+        self.latest: StreamClientProtocol | None = None  # the connection made last (``protocol`` once it said hello)
         self.server_token = 0  # the newest fencing token the server has applied (its hello says)
         self._ready: defer.Deferred[None] = defer.Deferred()
         self._requests: dict[int, tuple[defer.Deferred[Any], list[bytes]]] = {}
@@ -182,7 +188,22 @@ class StreamLink(Service):
         if not self._ready.called:
             self._ready.callback(None)
         if self._client is not None:
-            await self._client.stopService()
+            # A TLS connection closes once the server answers the close: one that hangs (frozen,
+            # or its machine gone without a reset) would hold the stop (a node's shutdown,
+            # emond-admin's exit) for ever; cut after CLOSE_TIMEOUT.
+            stopped = self._client.stopService()
+            cut = self.reactor.callLater(CLOSE_TIMEOUT, self._cut)
+            try:
+                await stopped
+            finally:
+                if cut.active():
+                    cut.cancel()
+
+    def _cut(self) -> None:
+        transport = self.latest.transport if self.latest is not None else None
+        if transport is not None:
+            self.log.warn("stream to storage {id}: no answer to the close in {s:g} s, cut", id=self.server_id, s=CLOSE_TIMEOUT)
+            transport.abortConnection()
 
     def connected(self, protocol: StreamClientProtocol, server_token: int = 0) -> None:
         self.protocol = protocol

@@ -1,0 +1,140 @@
+"""A user's move between shards survives the SIGKILL of any process of the cluster (issue 12
+item 6: "killing any process during a move and re-running the command finishes it").
+
+On a real local cluster (``bin/cluster up``) with the user's device posting through the entry
+point every 100 ms (tests/support/cluster.py), one process is SIGKILLed during
+``emond-admin user move`` and started again as an operator or systemd would, with the same
+command (``bin/cluster restart``); the command is run again if its first run failed. Then
+the user is on the target, every point the device got ``ok`` for is on the target's storage
+server once and in order, the kWh feed climbs without a jump and the source keeps nothing.
+(tests/test_cluster_move.py kills the command itself.)
+
+To kill a process at a chosen step rather than wherever a race puts it, a test holds the move
+where it waits for a process: the source's shard process frozen (SIGSTOP) while the device
+posts leaves packets in its input queue, so the move's drain step waits for them until the
+process goes on (or is killed and started again); the recorded move (``user_moves``) says
+where it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.support.cluster import Cluster, MovingUser
+from tests.support.poll import until
+from tests.support.daemon import Daemon
+
+BACKLOG = 5  # packets the device gets `ok` for while the source's shard process is frozen
+
+
+def ensure(coroutine):
+    return defer.ensureDeferred(coroutine)
+
+
+def position_noted(marks) -> bool:
+    """The drain step noted the source's input queue position it waits for."""
+    return marks.get("positions", {}).get("input") is not None
+
+
+class MoveKillTests(unittest.TestCase):
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.cluster = yield ensure(Cluster.up(self))
+        self.user = yield ensure(MovingUser.make(self, self.cluster))
+        self.source = yield ensure(self.user.shard())
+        self.target = "b" if self.source == "a" else "a"
+        self.user.device.start()
+        # Points on the source's storage server: the move has files to copy.
+        yield ensure(until(lambda: len(self.cluster.series(self.source, self.user.log)) >= 10, 30, "points at the source"))
+
+    @defer.inlineCallbacks
+    def hold_at_drain(self) -> Daemon:
+        """Start the move with packets waiting in the source's input queue, its shard process
+        frozen: the move stops at its drain step until that process goes on; the running
+        command."""
+        os.kill(self.cluster.pid(f"shard-{self.source}"), signal.SIGSTOP)
+        acked = len(self.user.device.acked)
+        yield ensure(until(lambda: len(self.user.device.acked) >= acked + BACKLOG, 30, "packets queued at the frozen source"))
+        move = self.user.start_move(self.target)
+        step = yield ensure(self.user.reached("drain", position_noted))
+        self.assertEqual(step, "drain")  # and it stays there: the frozen process passes nothing
+        return move
+
+    @defer.inlineCallbacks
+    def ended(self, move: Daemon):
+        """The exit code of the move command, and its last line (its JSON answer or error)."""
+        code = yield move.ended
+        lines = move.output.decode().strip().splitlines()
+        return code, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else move.output.decode()
+
+    @defer.inlineCallbacks
+    def test_the_source_shard_process_killed_while_the_move_drains_it(self):
+        move = yield self.hold_at_drain()
+        yield ensure(self.cluster.kill(f"shard-{self.source}"))
+        yield ensure(self.cluster.restart(f"shard-{self.source}"))
+        # The command waited for the restarted process (it takes over the input queue once the
+        # dead one's lease ends) and finished: nothing to run again.
+        code, answer = yield self.ended(move)
+        self.assertEqual(code, 0, answer)
+        self.assertEqual((answer["from"], answer["to"], list(answer["steps"])[:2]), (self.source, self.target, ["hold", "drain"]))
+        yield ensure(self.user.check_moved(self.source, self.target))
+        self.assertEqual(self.user.device.refused, [])
+
+    @defer.inlineCallbacks
+    def test_the_target_shard_process_killed_during_the_move(self):
+        move = self.user.start_move(self.target)
+        yield ensure(self.user.reached("drain"))  # held: the target parks the user's packets
+        yield ensure(self.cluster.kill(f"shard-{self.target}"))
+        self.assertFalse(move.ended.called)  # the move's last step alone lasts GRACE_SECONDS
+        yield ensure(self.cluster.restart(f"shard-{self.target}"))
+        code, answer = yield self.ended(move)
+        self.assertEqual(code, 0, answer)  # the command needs the target's Redis, not its process
+        yield ensure(self.user.check_moved(self.source, self.target))
+        self.assertEqual(self.user.device.refused, [])
+
+    @defer.inlineCallbacks
+    def test_the_target_storage_server_killed_during_the_files_step(self):
+        storage = f"storage-{self.target}"
+        move = yield self.hold_at_drain()
+        # The command's stream to every storage server is up (it connects before the hold).
+        # The target's storage server frozen, the move goes on to the files step and waits there
+        # for that server's answer to the first piece of a copy; killed then, it is lost mid-copy.
+        os.kill(self.cluster.pid(storage), signal.SIGSTOP)
+        os.kill(self.cluster.pid(f"shard-{self.source}"), signal.SIGCONT)
+        step = yield ensure(self.user.reached("files"))
+        self.assertEqual(step, "files")
+        yield ensure(self.cluster.kill(storage))
+        code, answer = yield self.ended(move)
+        self.assertEqual(code, 1, answer)
+        self.assertRegex(answer["error"], r"^user move: storage server \d+.*\(run the command again to go on\)$")
+        row = yield ensure(self.user.move_row())
+        self.assertEqual(row[0], "files")  # what was done stays done
+
+        yield ensure(self.cluster.restart(storage))
+        answer = yield ensure(self.user.move(self.target))
+        self.assertEqual(list(answer["steps"]), ["files", "transfer", "release", "cleanup"])
+        self.assertEqual(set(answer["feeds"]), {str(self.user.log), str(self.user.kwh)})
+        yield ensure(self.user.check_moved(self.source, self.target))
+        self.assertEqual(self.user.device.refused, [])
+
+    @defer.inlineCallbacks
+    def test_a_front_killed_during_the_move(self):
+        move = self.user.start_move(self.target)
+        yield ensure(self.user.reached("drain"))
+        yield ensure(self.cluster.kill("front1"))
+        self.assertFalse(move.ended.called)
+        # HAProxy sends the device's posts to the other front (a post in flight at the killed
+        # front gets no `ok`: the device does not count it).
+        acked = len(self.user.device.acked)
+        yield ensure(until(lambda: len(self.user.device.acked) >= acked + 10, 30, "posts acknowledged through front2"))
+        yield ensure(self.cluster.restart("front1"))
+        code, answer = yield self.ended(move)
+        self.assertEqual(code, 0, answer)
+        yield ensure(self.user.check_moved(self.source, self.target))
