@@ -32,8 +32,8 @@ from emond.app.importer import files
 from emond.app.importer.plan import translate_processlist, unix_time
 from emond.meta.db import Database
 from emond.redis import Redis
-from tests.support import mariadb_server, redis_server
-from tests.support.daemon import ROOT, start_program
+from tests.support import free_port, mariadb_server, redis_server
+from tests.support.daemon import ROOT, remote_storage_config, start_program, started
 from tests.support.node import NodeHarness, drain
 
 ADMIN = os.path.join(ROOT, "bin", "emond-admin")
@@ -51,11 +51,16 @@ def legacy_hash(password: str, salt: str) -> str:
     return hashlib.sha256((salt + hashlib.sha256(password.encode()).hexdigest()).encode()).hexdigest()
 
 
-def fixture_slots(fixture: int) -> list[list]:
-    """The slots emoncms's own PHPFina engine reads back from fixture feed ``fixture``."""
+def fixture_feed(fixture: int) -> dict:
+    """What emoncms's own PHPFina engine wrote as fixture feed ``fixture``: its ``meta`` and
+    the ``slots`` it reads back."""
     with open(os.path.join(FIXTURES, "phpfina", "writes.json")) as f:
         feeds = json.load(f)["feeds"]
-    return next(feed["slots"] for feed in feeds if feed["feedid"] == fixture)
+    return next(feed for feed in feeds if feed["feedid"] == fixture)
+
+
+def fixture_slots(fixture: int) -> list[list]:
+    return fixture_feed(fixture)["slots"]
 
 
 def sha256(path: str) -> str:
@@ -540,3 +545,59 @@ class RulesTests(unittest.TestCase):
         self.assertEqual((result.status, result.verified, result.bytes), ("in place", True, 9))
         after = os.stat(os.path.join(directory, "feed_3.MYD"))
         self.assertEqual((before.st_ino, before.st_mtime_ns), (after.st_ino, after.st_mtime_ns))
+
+
+class RemoteStorageTests(unittest.TestCase):
+    """A node whose users' feeds go to a storage server it reaches over the mutual-TLS stream:
+    the files are sent there and installed by the storage server, verified by SHA-256."""
+
+    @defer.inlineCallbacks
+    def test_files_sent_over_the_stream(self):
+        site = current_site(self)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        stream_port = free_port()
+        storage_config = remote_storage_config(base, stream_port, free_port())
+        yield started(self, "emond-storage", storage_config, base, "storage 1 open on", "Site starting on")
+        node = NodeHarness(self, "sqlite", extra_config=(
+            f'[feeds]\ndefault_server = 1\n[storage.servers]\n1 = {{ endpoint = "tcp:127.0.0.1:{stream_port}", name = "storage1" }}\n'
+            f'[tls]\nca = "{base}/tls/ca.pem"\ncert = "{base}/tls/node0.pem"\n'
+        ))
+        status, _, err = yield admin(node.config_path, *site.args("--adopt"))
+        self.assertEqual(status, 1, err)
+        self.assertIn("--adopt: shard default's storage server 1 is not hosted by this config", err)
+
+        status, report, err = yield admin(node.config_path, *site.args())
+        self.assertEqual(status, 0, err)
+        self.assertEqual(report["counts"]["feeds"], 4)
+        self.assertTrue(report["verified"])
+        remote = os.path.join(base, "remote")
+        for entry in report["files"]:
+            name = entry["file"]
+            self.assertEqual(entry["target"], f"storage1:{name}")
+            self.assertEqual(entry["sha256_source"], sha256(entry["source"]))
+            if name.endswith(".meta"):  # written by the storage server from the interval and start_time sent
+                fixture = {"phpfina/1.meta": 1, "phpfina/2.meta": 2, "phpfina/7.meta": 4}[name]
+                meta = fixture_feed(fixture)["meta"]
+                written = struct.pack("<IIII", 0, 0, meta["interval"], meta["start_time"])
+                with open(os.path.join(remote, name), "rb") as f:
+                    self.assertEqual(f.read(), written)
+                self.assertEqual(entry["sha256_target"], hashlib.sha256(written).hexdigest())
+                self.assertEqual((entry["status"], entry["verified"]), ("written over the stream from interval and start_time", True))
+            else:
+                self.assertEqual(sha256(os.path.join(remote, name)), entry["sha256_source"])
+                self.assertEqual((entry["sha256_target"], entry["status"], entry["verified"]),
+                                 (entry["sha256_source"], "copied over the stream", True))
+
+        status, again, err = yield admin(node.config_path, *site.args())
+        self.assertEqual(status, 0, err)
+        self.assertEqual(again["already"], report["counts"])
+        self.assertEqual({(f["file"].endswith(".meta"), f["unchanged"]) for f in again["files"]}, {(True, None), (False, True)})
+
+        yield node.begin(self)
+        slots = fixture_slots(1)
+        data = yield node.get("feed/data.json", apikey=ALICE.read, id="1", start=str(slots[0][0]), end=str(slots[-1][0]),
+                              interval="10", timeformat="unix")
+        self.assertEqual(data.json(), slots)
+        feeds = {f["id"]: (f["server"], f["time"], f["value"]) for f in (yield node.get("feed/list.json", apikey=ALICE.read)).json()}
+        self.assertEqual(feeds["3"], ("1", TEMPS[-1][0], TEMPS[-1][1]))

@@ -61,13 +61,16 @@ class FileResult:
     bytes: int
     sha256_source: str
     sha256_target: str | None  # None: not written (a dry run)
-    status: str  # copied, linked, in place, already imported, would copy, would adopt
+    status: str  # copied, linked, in place, already imported, would copy, would adopt, ...
+    fields_match: bool | None = None  # a file rewritten from its fields (a meta sent over the stream): they match
 
     @property
     def verified(self) -> bool | None:
         """Whether what this run put in place is the source (None: it put nothing)."""
         if self.sha256_target is None or self.status == ALREADY:
             return None
+        if self.fields_match is not None:
+            return self.fields_match
         return self.sha256_target == self.sha256_source
 
     def as_json(self) -> dict[str, object]:

@@ -30,6 +30,7 @@ from emond.app.importer.plan import (
     translate_processlist,
 )
 from emond.app.importer.progress import ImportProgress
+from emond.app.importer.remote import StreamTargets, StreamUnavailable
 from emond.app.importer.source import EmoncmsDatabase, EmoncmsRedis, Hash, SourceData, SourceFeed, SourceInput, SourceUser
 from emond.app.importer.target import FeedRow, Index, InputRow, NewUser, Writer, describe, load_index
 from emond.app.node import on_central, shard_redis
@@ -37,6 +38,7 @@ from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir, embedded_redi
 from emond.cluster.placement import place_new_user
 from emond.config import NodeConfig
 from emond.meta.db import Database
+from emond.meta.feeds import Feed
 from emond.meta.schema import migrate
 from emond.meta.users import apikey_digest, new_apikey, username_key
 from emond.records import ENGINE_PHPFINA
@@ -132,6 +134,7 @@ class Importer:
         self.targets: dict[str, Redis] = {}
         self.embedded: EmbeddedRedis | None = None
         self.state: Counter[str] = Counter()
+        self.streams = StreamTargets(config, reactor)
         self.placed: dict[str, set[int]] = {"feeds": set(), "inputs": set()}  # source ids now in emond (this run or before)
 
     # -- the whole run ----------------------------------------------------------------------
@@ -183,12 +186,15 @@ class Importer:
             raise ImportFailed(f"--shard: no shard {shard!r} in this config ({', '.join(sorted(self.config.shards))})")
         for name in [shard] if shard is not None else list(self.config.shards):
             server = self.config.default_server(name)
-            if server not in self.locations:
+            if server in self.locations:
+                continue
+            if self.options.adopt:
                 raise ImportFailed(
-                    f"shard {name}: its storage server {server} is not hosted by this config ([node] storage): "
-                    "the import writes feed files into a storage location of this machine; run it with the config "
-                    "of the node that hosts it"
+                    f"--adopt: shard {name}'s storage server {server} is not hosted by this config ([node] storage): "
+                    "files are adopted only where they are on this machine; use --copy (sent over the stream)"
                 )
+            if server not in self.config.storage_servers:
+                raise ImportFailed(f"shard {name}: its storage server {server} is neither hosted nor in [storage.servers]")
 
     async def _read_source(self) -> SourceData:
         source = EmoncmsDatabase(self.options.mysql)
@@ -214,6 +220,7 @@ class Importer:
             raise ImportFailed(f"emond database: {describe(e)}") from e
 
     async def _close(self) -> None:
+        await self.streams.close()
         for client in self.targets.values():
             await client.disconnect()
         if self.old is not None:
@@ -301,9 +308,7 @@ class Importer:
             if (there.userid, there.tag, there.name, there.engine) != (feed.userid, feed.tag, feed.name, feed.engine):
                 self._refuse_feed(feed, f"id {feed.id} is another emond feed's (user {there.userid}, {there.tag}:{there.name})")
                 return
-            # (on a storage server not hosted here, e.g. its user moved since: not compared)
-            target = self._target_dir(there.server, feed.engine) if there.server in self.locations else None
-            results = await threads.deferToThread(fs.check_existing, files, source_dir, target)
+            results = await self._check(feed, there.server, files, source_dir)
             self.report.add_files(results, already=True)
             self.report.count("feeds", True)
             self.placed["feeds"].add(feed.id)
@@ -314,12 +319,12 @@ class Importer:
             self._refuse_feed(feed, f"feed {twin} of the same user has the same tag and name ({feed.tag}:{feed.name}): rename one on emoncms")
             return
         server = self.config.default_server(shard)
-        target = self._target_dir(server, feed.engine)
         interval = files.interval if feed.engine == ENGINE_PHPFINA else 0
         if self.options.dry_run:
+            target = self._target_dir(server, feed.engine)
             results = await threads.deferToThread(fs.plan_feed, files, source_dir, target, self.options.adopt)
         else:
-            results = await self._place(files, source_dir, target)
+            results = await self._place(self._emond_feed(feed, server, interval), files, source_dir)
             try:
                 assert self.writer is not None
                 await self.writer.insert_feed(feed, server, interval)
@@ -332,11 +337,16 @@ class Importer:
         verb = "would be " + ("adopted" if self.options.adopt else "copied") if self.options.dry_run else results[0].status
         self.progress.step(f"feed {feed.id} {feed.tag}:{feed.name}: {verb} ({sum(r.bytes for r in results)} bytes)")
 
-    async def _place(self, files: fs.FeedFiles, source_dir: str, target: str) -> list[fs.FileResult]:
+    async def _place(self, feed: Feed, files: fs.FeedFiles, source_dir: str) -> list[fs.FileResult]:
+        """Copy or adopt into a hosted location, or send to a storage server over the stream."""
         place = fs.adopt_feed if self.options.adopt else fs.copy_feed
         try:
-            results = await threads.deferToThread(place, files, source_dir, target, self.config.engines.sync)
-        except fs.AdoptImpossible as e:
+            if feed.server in self.locations:
+                target = self._target_dir(feed.server, feed.engine)
+                results = await threads.deferToThread(place, files, source_dir, target, self.config.engines.sync)
+            else:
+                results = await self.streams.put(feed, files, source_dir)
+        except (fs.AdoptImpossible, StreamUnavailable) as e:
             raise ImportFailed(str(e)) from e
         except OSError as e:
             raise ImportFailed(f"feed {files.feedid}: {e}") from e
@@ -345,14 +355,29 @@ class Importer:
             raise ImportFailed(f"feed {files.feedid}: {', '.join(bad)} do not match their source")
         return results
 
+    async def _check(self, feed: SourceFeed, server: int, files: fs.FeedFiles, source_dir: str) -> list[fs.FileResult]:
+        """An imported feed's files against the source's, where this config reaches them."""
+        if server in self.locations:
+            return await threads.deferToThread(fs.check_existing, files, source_dir, self._target_dir(server, feed.engine))
+        if server in self.config.storage_servers:
+            try:
+                return await self.streams.check(self._emond_feed(feed, server, files.interval), files, source_dir)
+            except StreamUnavailable as e:
+                raise ImportFailed(str(e)) from e
+        return await threads.deferToThread(fs.check_existing, files, source_dir, None)  # not reachable: not compared
+
+    @staticmethod
+    def _emond_feed(feed: SourceFeed, server: int, interval: int) -> Feed:
+        return Feed(feed.id, feed.userid, feed.name, feed.tag, feed.datatype, feed.public, feed.engine, server, interval, feed.unit)
+
     def _refuse_feed(self, feed: SourceFeed, reason: str) -> None:
         self.report.refuse("feed", feed.id, reason, user=feed.userid, engine=feed.engine)
         self.progress.step(f"feed {feed.id} {feed.tag}:{feed.name}: not imported ({reason})")
 
     def _target_dir(self, server: int, engine: int) -> str:
         location = self.locations.get(server)
-        if location is None:
-            raise ImportFailed(f"storage server {server} is not hosted by this config ([node] storage)")
+        if location is None:  # a storage server reached over the stream
+            return f"storage{server}:{fs.engine_dir(engine)}"
         return os.path.join(location, fs.engine_dir(engine))
 
     # -- inputs -----------------------------------------------------------------------------
