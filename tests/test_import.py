@@ -31,6 +31,7 @@ from twisted.trial import unittest
 from emond.app.importer import files
 from emond.app.importer.plan import translate_processlist, unix_time
 from emond.meta.db import Database
+from emond.processlist import Step, parse_lenient
 from emond.redis import Redis
 from tests.support import free_port, mariadb_server, redis_server
 from tests.support.daemon import ROOT, remote_storage_config, start_program, started
@@ -479,8 +480,11 @@ class RulesTests(unittest.TestCase):
 
     def test_process_lists_keep_their_form_and_lose_only_what_emond_does_not_run(self):
         feeds, inputs = frozenset({5, 6}), frozenset({1})
-        for text in ("1:5,2:0.1,4:6", "process__log_to_feed:5,process__scale:2,process__times_input:1", "", "24:,1:5,"):
+        for text in ("1:5,2:0.1,4:6", "process__log_to_feed:5,process__scale:2,process__times_input:1", "", "24:,1:5,",
+                     "process__whinc_to_kwhd:6"):
             self.assertEqual(translate_processlist(text, feeds, inputs), (text, (), ()))
+        # current emoncms's name for emoncms.org's kwhinc_to_kwhd (8): the list runs it as it is stored
+        self.assertEqual(parse_lenient("process__whinc_to_kwhd:6"), [Step(8, 6)])
         listed = translate_processlist("process__if_zero_skip:,1:5,99:3,1:5:6,2:abc,process__log_to_feed:9,11:2", feeds, inputs)
         self.assertEqual(listed.text, "1:5,process__log_to_feed:9,11:2")
         self.assertEqual([d.item for d in listed.dropped], ["process__if_zero_skip:", "99:3", "1:5:6", "2:abc"])

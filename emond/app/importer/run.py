@@ -41,7 +41,7 @@ from emond.meta.db import Database
 from emond.meta.feeds import Feed
 from emond.meta.schema import migrate
 from emond.meta.users import apikey_digest, new_apikey, username_key
-from emond.records import ENGINE_PHPFINA
+from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
 from emond.redis import Redis, RedisUnavailable
 from emond.storage.location import location_dir
 
@@ -123,7 +123,7 @@ class Importer:
         self.reactor = reactor
         self.progress = progress
         self.report = Report(options.dry_run, "adopt" if options.adopt else "copy")
-        self.dirs = {ENGINE_PHPFINA: options.phpfina, 2: options.phptimeseries}
+        self.dirs = {ENGINE_PHPFINA: options.phpfina, ENGINE_PHPTIMESERIES: options.phptimeseries}
         self.locations = {
             sid: location_dir(config.node.datadir, sid, i == 0) for i, sid in enumerate(config.node.storage)
         }
@@ -233,7 +233,7 @@ class Importer:
     # -- one user ---------------------------------------------------------------------------
 
     async def _user(self, user: SourceUser, feeds: list[SourceFeed], inputs: list[SourceInput]) -> None:
-        verdict = await self._judge_user(user)
+        verdict = await self._judge_user(user, feeds)
         if isinstance(verdict, str):
             self.report.refuse("user", user.id, verdict, username=user.username)
             for feed in feeds:
@@ -260,7 +260,7 @@ class Importer:
         status = "already imported" if new is None else ("would import" if self.options.dry_run else "imported")
         self.progress.step(f"user {user.id} {user.username}: {status} (shard {shard})")
 
-    async def _judge_user(self, user: SourceUser) -> tuple[NewUser | None, str] | str:
+    async def _judge_user(self, user: SourceUser, feeds: list[SourceFeed]) -> tuple[NewUser | None, str] | str:
         """(the row to add or None if imported already, its shard), or why it cannot be imported."""
         there = self.index.users.get(user.id)
         if there is not None:
@@ -286,10 +286,25 @@ class Importer:
         holder = self.index.username_keys.get(username_key(user.username))
         if holder is not None:
             self.report.note("user", user.id, f"user {holder} has this username in another case: each logs in by its exact spelling")
-        shard = self.options.shard
+        shard = self._shard_of_earlier_run(user, feeds) or self.options.shard
         if shard is None:
             shard = await place_new_user(self.db, self.config) if self.db is not None else next(iter(self.config.shards))
         return NewUser(user, shard, timezone, keys_[0], keys_[1], holder is None), shard
+
+    def _shard_of_earlier_run(self, user: SourceUser, feeds: list[SourceFeed]) -> str | None:
+        """The shard an import cut short before the user's row put some of its feeds on: the
+        rest go there too (placement may choose otherwise now)."""
+        for feed in feeds:
+            row = self.index.feeds.get(feed.id)
+            if row is not None and row.userid == user.id:
+                try:
+                    shard = self.config.shard_of_server(row.server)
+                except KeyError:
+                    continue
+                if self.options.shard not in (None, shard):
+                    self.report.note("user", user.id, f"an earlier run put its feeds on shard {shard}: the rest go there too")
+                return shard
+        return None
 
     # -- feeds ------------------------------------------------------------------------------
 
