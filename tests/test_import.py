@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import struct
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -29,11 +30,12 @@ from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 
 from emond.app.importer import files
+from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
 from emond.app.importer.plan import translate_processlist, unix_time
 from emond.meta.db import Database
 from emond.processlist import Step, parse_lenient
 from emond.redis import Redis
-from tests.support import free_port, mariadb_server, redis_server
+from tests.support import free_port, mariadb_server, redis_server, require_program
 from tests.support.daemon import ROOT, remote_storage_config, start_program, started
 from tests.support.node import NodeHarness, drain
 
@@ -605,3 +607,76 @@ class RemoteStorageTests(unittest.TestCase):
         self.assertEqual(data.json(), slots)
         feeds = {f["id"]: (f["server"], f["time"], f["value"]) for f in (yield node.get("feed/list.json", apikey=ALICE.read)).json()}
         self.assertEqual(feeds["3"], ("1", TEMPS[-1][0], TEMPS[-1][1]))
+
+
+class PrivateRedisTests(unittest.TestCase):
+    """A single node without [redis] url: the old Redis's state goes to its private redis-server,
+    started for the import when the node is not running, and stopped after."""
+
+    @defer.inlineCallbacks
+    def test_state_written_to_the_private_redis(self):
+        require_program("redis-server")
+        site = org_site(self)
+        datadir = tempfile.mkdtemp(prefix="emond-")  # short: a Unix socket path must fit
+        self.addCleanup(shutil.rmtree, datadir, True)
+        path = os.path.join(datadir, "emond.toml")
+        with open(path, "w") as f:
+            f.write(f'[node]\ndatadir = "{datadir}"\n[database]\nurl = "sqlite:///{datadir}/emond.db"\n')
+        old = Redis.connect(redis_server().url[:-1] + "2", 5.0, reactor)
+        self.addCleanup(old.disconnect)
+        yield wait(old.call("FLUSHDB"))
+        yield wait(old.pipeline([
+            ("HSET", "feed:11", "time", "1700000990", "value", "148.5", "engine", "5"),  # current emoncms's feed hash
+            ("HSET", "input:lastvalue:21", "time", "1700001460", "value", "5000"),
+        ]))
+        status, report, err = yield admin(path, *site.args("--redis", old.url))
+        self.assertEqual(status, 0, err)
+        self.assertEqual(report["state"], {"from": "redis", "prefix": "", "input_lastvalues": 1, "feed_lastvalues": 1,
+                                           "process_state": 0, "written": 2, "kept": 0})
+        directory = embedded_redis_dir(datadir)
+        self.assertFalse(os.path.exists(os.path.join(directory, "redis.sock")), "the import left its redis-server running")
+        server = EmbeddedRedis(directory, reactor)  # as the node will start it: the state is in its AOF
+        server.startService()
+        self.addCleanup(server.stopService)
+        yield server.ready
+        private = Redis.connect(server.url, 5.0, reactor)
+        self.addCleanup(private.disconnect)
+        found = yield wait(private.pipeline([("HGETALL", "feed:lastvalue:11"), ("HGETALL", "input:lastvalue:21")]))
+        self.assertEqual([sorted(_pairs(r)) for r in found], [
+            [(b"time", b"1700000990"), (b"value", b"148.5")], [(b"time", b"1700001460"), (b"value", b"5000")],
+        ])
+
+
+def _pairs(reply):
+    return dict(reply).items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2])
+
+
+class ShardTests(unittest.TestCase):
+    """Two shards (a MariaDB central database, as several shards need): ``--shard`` places the
+    users, and their feeds' files go to that shard's storage server."""
+
+    @defer.inlineCallbacks
+    def test_users_placed_on_the_shard_named(self):
+        site = current_site(self)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        server = mariadb_server()
+        redis = redis_server()
+        path = os.path.join(base, "emond.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'[node]\ndatadir = "var"\nstorage = [0, 1]\nshard = "a"\n'
+                f'[database]\nurl = "mysql://root@127.0.0.1:{server.port}/{server.create_database()}"\n'
+                f'[shards.a]\nredis = "redis://127.0.0.1:{redis.port}/5"\nstorage = [0]\n'
+                f'[shards.b]\nredis = "redis://127.0.0.1:{redis.port}/6"\nstorage = [1]\n'
+            )
+        status, _, err = yield admin(path, *site.args("--shard", "c"))
+        self.assertEqual(status, 1, err)
+        self.assertIn("--shard: no shard 'c' in this config (a, b)", err)
+        status, report, err = yield admin(path, *site.args("--shard", "b"))
+        self.assertEqual(status, 0, err)
+        self.assertEqual(report["counts"]["feeds"], 4)
+        for entry in report["files"]:
+            self.assertEqual(entry["target"], os.path.join(base, "var", "storage1", entry["file"]))  # storage server 1's location
+        status, shown, err = yield admin(path, "user", "show", "alice")
+        self.assertEqual((status, shown), (0, {"id": 1, "username": "alice", "shard": "b", "feeds": 3, "inputs": 3}), err)

@@ -34,7 +34,7 @@ from emond.app.importer.remote import StreamTargets, StreamUnavailable
 from emond.app.importer.source import EmoncmsDatabase, EmoncmsRedis, Hash, SourceData, SourceFeed, SourceInput, SourceUser
 from emond.app.importer.target import FeedRow, Index, InputRow, NewUser, Writer, describe, load_index
 from emond.app.node import on_central, shard_redis
-from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir, embedded_redis_url
+from emond.app.redisproc import SOCKET, EmbeddedRedis, embedded_redis_dir, embedded_redis_url
 from emond.cluster.placement import place_new_user
 from emond.config import NodeConfig
 from emond.meta.db import Database
@@ -197,7 +197,10 @@ class Importer:
                 raise ImportFailed(f"shard {name}: its storage server {server} is neither hosted nor in [storage.servers]")
 
     async def _read_source(self) -> SourceData:
-        source = EmoncmsDatabase(self.options.mysql)
+        try:
+            source = EmoncmsDatabase(self.options.mysql)
+        except ValueError as e:
+            raise ImportFailed(f"--mysql: {e} (mysql://USER:PASSWORD@HOST:PORT/DB)") from e
         source.open()
         try:
             return await source.read()
@@ -450,7 +453,10 @@ class Importer:
     async def _open_redis(self, data: SourceData) -> None:
         if self.options.redis is None:
             return
-        self.old = EmoncmsRedis(Redis.connect(self.options.redis, self.config.redis.timeout, self.reactor, poolsize=2))
+        try:
+            self.old = EmoncmsRedis(Redis.connect(self.options.redis, self.config.redis.timeout, self.reactor, poolsize=2))
+        except ValueError as e:
+            raise ImportFailed(f"--redis: {e} (redis://[:PASSWORD@]HOST:PORT/DB)") from e
         try:
             prefix = await self.old.find_prefix([i.id for i in data.inputs], [f.id for f in data.feeds])
         except RedisUnavailable as e:
@@ -465,7 +471,7 @@ class Importer:
         if not url:  # a single node's private redis-server: started for the import if it is not running
             url = embedded_redis_url(self.config.node.datadir)
             directory = embedded_redis_dir(self.config.node.datadir)
-            if on_central(self.config, shard) and self.embedded is None and not os.path.exists(os.path.join(directory, "redis.sock")):
+            if on_central(self.config, shard) and self.embedded is None and not os.path.exists(os.path.join(directory, SOCKET)):
                 self.embedded = EmbeddedRedis(directory, self.reactor)
                 self.embedded.startService()
                 await self.embedded.ready
