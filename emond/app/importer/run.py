@@ -5,7 +5,7 @@ is written only once its files are in place and verified (a feed row means its f
 there); a user's row is written last, so its API keys work only once its feeds and inputs
 are imported. Each item is judged against what emond holds (``target``): one imported by
 an earlier run is left as it is and counted as ``already``. Redis state is written only
-where emond has none (``SET_ABSENT``), so it never replaces what emond computed since.
+where emond has none (``state.SET_ABSENT``), so it never replaces what emond computed since.
 Nothing is written on a dry run; the report is the same, with ``would`` statuses.
 """
 
@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from twisted.internet import threads
 
-from emond import keys
 from emond.app.importer import files as fs
 from emond.app.importer.plan import (
     apikey_usable,
@@ -31,10 +30,9 @@ from emond.app.importer.plan import (
 )
 from emond.app.importer.progress import ImportProgress
 from emond.app.importer.remote import StreamTargets, StreamUnavailable
-from emond.app.importer.source import EmoncmsDatabase, EmoncmsRedis, Hash, SourceData, SourceFeed, SourceInput, SourceUser
+from emond.app.importer.source import EmoncmsDatabase, SourceData, SourceFeed, SourceInput, SourceUser
+from emond.app.importer.state import REBUILT, StateCopier, StateUnavailable
 from emond.app.importer.target import FeedRow, Index, InputRow, NewUser, Writer, describe, load_index
-from emond.app.node import on_central, shard_redis
-from emond.app.redisproc import SOCKET, EmbeddedRedis, embedded_redis_dir, embedded_redis_url
 from emond.cluster.placement import place_new_user
 from emond.config import NodeConfig
 from emond.meta.db import Database
@@ -42,22 +40,8 @@ from emond.meta.feeds import Feed
 from emond.meta.schema import migrate
 from emond.meta.users import apikey_digest, new_apikey, username_key
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
-from emond.redis import Redis, RedisUnavailable
 from emond.storage.location import location_dir
 
-# KEYS: {time, value} hashes; ARGV: time, value for each. Each is written only where the key
-# is absent (emond's own state, however old, is never replaced); fires with the number written.
-SET_ABSENT = """
-local n = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('HSET', key, 'time', ARGV[2 * i - 1], 'value', ARGV[2 * i])
-    n = n + 1
-  end
-end
-return n
-"""
-STATE_CHUNK = 200  # keys per script call
 KINDS = ("users", "inputs", "feeds", "files", "bytes")
 
 
@@ -130,10 +114,7 @@ class Importer:
         self.db: Database | None = None
         self.writer: Writer | None = None
         self.index = Index()
-        self.old: EmoncmsRedis | None = None
-        self.targets: dict[str, Redis] = {}
-        self.embedded: EmbeddedRedis | None = None
-        self.state: Counter[str] = Counter()
+        self.state: StateCopier | None = None  # with --redis
         self.streams = StreamTargets(config, reactor)
         self.placed: dict[str, set[int]] = {"feeds": set(), "inputs": set()}  # source ids now in emond (this run or before)
 
@@ -148,7 +129,10 @@ class Importer:
         )
         try:
             await self._open_target()
-            await self._open_redis(data)
+            if self.options.redis is not None:
+                self.state = StateCopier(self.config, self.reactor, self.options.redis, self.options.dry_run)
+                prefix = await self.state.find_prefix([i.id for i in data.inputs], [f.id for f in data.feeds])
+                self.progress.say(f"emoncms redis: keys found under the prefix {prefix!r}")
             self.progress.start(len(data.users) + len(data.feeds))
             users = {u.id for u in data.users}
             feeds_of: dict[int, list[SourceFeed]] = {}
@@ -171,10 +155,12 @@ class Importer:
             if self.writer is not None:
                 for table, items in (("users", data.users), ("inputs", data.inputs), ("feeds", data.feeds)):
                     await self.writer.reserve_ids(table, max((item.id for item in items), default=0))
+        except StateUnavailable as e:
+            raise ImportFailed(str(e)) from e
         finally:
             self.progress.stop()
             await self._close()
-        self.report.state = self._state_summary()
+        self.report.state = self.state.summary() if self.state is not None else dict(REBUILT)
         return self.report.as_json()
 
     def _check_options(self) -> None:
@@ -224,12 +210,8 @@ class Importer:
 
     async def _close(self) -> None:
         await self.streams.close()
-        for client in self.targets.values():
-            await client.disconnect()
-        if self.old is not None:
-            await self.old.redis.disconnect()
-        if self.embedded is not None:
-            await self.embedded.stopService()
+        if self.state is not None:
+            await self.state.close()
         if self.db is not None:
             await self.db.close()
 
@@ -259,7 +241,10 @@ class Importer:
             digests = (apikey_digest(new.apikey_write), apikey_digest(new.apikey_read))
             self.index.add_user(user.id, user.username, shard, new.holds_key, digests)
         self.report.count("users", new is None)
-        await self._copy_state(user.id, shard, [i.id for i in inputs], [f.id for f in feeds])
+        if self.state is not None:  # the state of its inputs and feeds in emond (imported now or before)
+            await self.state.copy(
+                user.id, shard, sorted({i.id for i in inputs} & self.placed["inputs"]), sorted({f.id for f in feeds} & self.placed["feeds"])
+            )
         status = "already imported" if new is None else ("would import" if self.options.dry_run else "imported")
         self.progress.step(f"user {user.id} {user.username}: {status} (shard {shard})")
 
@@ -447,86 +432,3 @@ class Importer:
         if twin is not None:
             return f"input {twin} has the same node and name: emond keeps one input per node and name"
         return False
-
-    # -- Redis state ------------------------------------------------------------------------
-
-    async def _open_redis(self, data: SourceData) -> None:
-        if self.options.redis is None:
-            return
-        try:
-            self.old = EmoncmsRedis(Redis.connect(self.options.redis, self.config.redis.timeout, self.reactor, poolsize=2))
-        except ValueError as e:
-            raise ImportFailed(f"--redis: {e} (redis://[:PASSWORD@]HOST:PORT/DB)") from e
-        try:
-            prefix = await self.old.find_prefix([i.id for i in data.inputs], [f.id for f in data.feeds])
-        except RedisUnavailable as e:
-            raise ImportFailed(f"emoncms redis {self.options.redis}: {e}") from e
-        self.progress.say(f"emoncms redis: keys found under the prefix {prefix!r}")
-
-    async def _target_redis(self, shard: str) -> Redis:
-        client = self.targets.get(shard)
-        if client is not None:
-            return client
-        url = self.config.redis.url
-        if not url:  # a single node's private redis-server: started for the import if it is not running
-            url = embedded_redis_url(self.config.node.datadir)
-            directory = embedded_redis_dir(self.config.node.datadir)
-            if on_central(self.config, shard) and self.embedded is None and not os.path.exists(os.path.join(directory, SOCKET)):
-                self.embedded = EmbeddedRedis(directory, self.reactor)
-                self.embedded.startService()
-                await self.embedded.ready
-        client = shard_redis(self.config, shard, url).client(self.reactor, poolsize=2)
-        client.open()
-        self.targets[shard] = client
-        return client
-
-    async def _copy_state(self, userid: int, shard: str, inputids: list[int], feedids: list[int]) -> None:
-        """The last values and process state of the user's inputs and feeds that are in
-        emond (imported now or before), from the old Redis."""
-        if self.old is None:
-            return
-        inputs = sorted(set(inputids) & self.placed["inputs"])
-        feeds = sorted(set(feedids) & self.placed["feeds"])
-        try:
-            found: list[tuple[str, str, Hash]] = []
-            found += [("input", keys.input_lastvalue(i), h) for i, h in (await self.old.input_lastvalues(inputs)).items()]
-            found += [("feed", keys.feed_lastvalue(f), h) for f, h in (await self.old.feed_lastvalues(feeds)).items()]
-            found += [("process", keys.process_state(n, f), h) for (n, f), h in (await self.old.process_state(feeds)).items()]
-        except RedisUnavailable as e:
-            raise ImportFailed(f"emoncms redis: {e}") from e
-        for kind, _, _ in found:
-            self.state[f"{kind}_found"] += 1
-        if self.options.dry_run or not found:
-            return
-        try:
-            target = await self._target_redis(shard)
-            for chunk in _chunks(found, STATE_CHUNK):
-                args = [x for _, _, h in chunk for x in (h["time"], h["value"])]
-                written = await target.call("EVAL", SET_ABSENT, len(chunk), *[k for _, k, _ in chunk], *args)
-                self.state["written"] += int(written)
-            await target.call("INCR", keys.user_version(userid))  # a running consumer reloads the user
-        except RedisUnavailable as e:
-            raise ImportFailed(f"emond redis (shard {shard}): {e}") from e
-
-    def _state_summary(self) -> dict[str, Any]:
-        if self.old is None:
-            return {
-                "from": "files",
-                "how": "no --redis: emond rebuilds feed last values and totals from the last points on disk, "
-                "and input last values from the emoncms input table's time and value (imported)",
-            }
-        return {
-            "from": "redis",
-            "prefix": self.old.prefix,
-            "input_lastvalues": self.state["input_found"],
-            "feed_lastvalues": self.state["feed_found"],
-            "process_state": self.state["process_found"],
-            "written": self.state["written"],
-            "kept": sum(self.state[k] for k in ("input_found", "feed_found", "process_found")) - self.state["written"]
-            if not self.options.dry_run else 0,
-        }
-
-
-def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
