@@ -10,6 +10,11 @@ imported database and storage and checks that the JSON API answers with the emon
 data: logins with the old passwords, the old keys posting through the imported process lists,
 lists, process lists, ``feed/data.json`` equal to the fixture's slots. Expected values come from
 the fixtures and emoncms's rules, not from emond.
+
+Also: a dry run writes nothing, a second run changes nothing, an import stopped by an error or
+killed finishes when run again; emoncms.org's 2018 schema with its files adopted in place and its
+Redis state carried over (into MariaDB as emond's database); files sent to a storage server over
+the stream; ``--shard`` on a two-shard config; the state written to a single node's private Redis.
 """
 
 from __future__ import annotations
@@ -311,7 +316,7 @@ class CurrentSiteTests(unittest.TestCase):
 
         # the old write keys post, through the imported lists (numeric and named forms)
         answer = yield node.post("input/post.json", apikey=ALICE.write, node="house", time=str(T),
-                                 fulljson=json.dumps({"power": 1000, "temp": 21}))
+                                 fulljson=json.dumps({"power": 1000, "temp": 21, "old": 5}))  # old: a step on feed 4, not imported
         self.assertEqual(answer.code, 200, answer)
         answer = yield node.post("input/post.json", apikey=BOB.write, node="solar", time=str(T), fulljson=json.dumps({"gen": 500}))
         self.assertEqual(answer.code, 200, answer)
@@ -323,6 +328,8 @@ class CurrentSiteTests(unittest.TestCase):
         # rebuild counts from the end of that slot, 1700001460 + 10 - 1
         self.assertEqual(values["2"][0], T)
         self.assertAlmostEqual(values["2"][1], 1495.0 + (T - 1_700_001_469) * 1000 / 3.6e6, places=3)
+        inputs = {i["name"]: (i["time"], i["value"]) for i in (yield node.get("input/list.json", apikey=ALICE.write)).json()}
+        self.assertEqual(inputs, {"power": (T, 1000), "temp": (T, 21), "old": (T, 5)})
         solar = yield node.get("feed/value.json", apikey=BOB.read, id="7")
         self.assertEqual(solar.json(), 500)
         answer = yield node.post("input/post.json", apikey="not-a-key", node="solar", fulljson=json.dumps({"gen": 1}))
