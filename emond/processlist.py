@@ -173,7 +173,9 @@ _TABLE = (
 )
 
 PROCESSES: Mapping[int, Process] = MappingProxyType({p.id: p for p in _TABLE})
-BY_FUNCTION: Mapping[str, int] = MappingProxyType({p.function: p.id for p in _TABLE})
+# current emoncms's names where they differ from emoncms.org's (the same process, the same id)
+RENAMED: Mapping[str, int] = MappingProxyType({"whinc_to_kwhd": 8})
+BY_FUNCTION: Mapping[str, int] = MappingProxyType({**RENAMED, **{p.function: p.id for p in _TABLE}})
 
 
 def processes_json() -> dict[str, dict[str, object]]:

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from prometheus_client import CollectorRegistry
 
+from emond.app import importer
 from emond.app.monitor import sample_streams
 from emond.app.node import central_redis, shard_redis
 from emond.app.redisproc import embedded_redis_url
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         config = load_node_config(args.config)
     except ConfigError as e:
         _fail(str(e))
-    task.react(lambda reactor: defer.ensureDeferred(_run(reactor, config, args)))
+    handler = getattr(args, "handler", _run)  # a command family in a module of its own sets its handler
+    task.react(lambda reactor: defer.ensureDeferred(handler(reactor, config, args)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     move.add_argument("name")
     move.add_argument("shard")
     commands.add_parser("shards", help="users, feeds, queued elements and lag per shard")
+    importer.add_parser(commands)
     return parser
 
 

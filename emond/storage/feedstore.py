@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable, NamedTuple, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from twisted.internet import defer
@@ -150,13 +150,25 @@ class FeedStore:
         checksum and nothing is installed; running the copy again starts it afresh."""
         size, sha256 = await self.checksum(feed)
         meta = await self.meta(feed)
-        there = dataclasses.replace(feed, server=target)
+        args = [meta.interval, meta.start_time] if feed.engine == ENGINE_PHPFINA else []
+
+        def read(offset: int) -> Awaitable[bytes]:
+            return self._read(feed, "read_data", (offset, COPY_READ), lambda e: e.read_data(feed.id, offset, COPY_READ), bytes)
+
+        return await self.install(dataclasses.replace(feed, server=target), read, size, sha256, args)
+
+    async def install(
+        self, there: Feed, read: Callable[[int], Awaitable[bytes]], size: int, sha256: str, meta: list[int]
+    ) -> CopyReport:
+        """Put a feed's data file on ``there``'s storage server, verified end to end:
+        ``read(offset)`` gives the file's bytes from ``offset``, ``COPY_READ`` at a time (fewer
+        at its end), which must have ``size`` and ``sha256``; the server installs what it
+        received only if it has them too, with ``meta`` (PHPFina: [interval, start_time]),
+        and its file is checked once more after. Nothing is installed on a mismatch."""
         sent = hashlib.sha256()
         offset = 0
         while True:
-            data = await self._read(
-                feed, "read_data", (offset, COPY_READ), lambda e, o=offset: e.read_data(feed.id, o, COPY_READ), bytes
-            )
+            data = await read(offset)
             sent.update(data)
             pieces = [(offset + i, data[i : i + COPY_CHUNK]) for i in range(0, len(data), COPY_CHUNK)]
             if offset == 0:  # the first chunk starts the copy afresh at the target: alone, first
@@ -174,11 +186,10 @@ class FeedStore:
             if len(data) < COPY_READ:
                 break
         if (offset, sent.hexdigest()) != (size, sha256):
-            raise FeedError(f"feed {feed.id} changed while it was copied; copy it again")
-        args = [meta.interval, meta.start_time] if feed.engine == ENGINE_PHPFINA else []
-        await self._read(there, "adopt", (size, sha256, args), lambda e: e.adopt(feed.id, size, sha256, args), lambda _: None, write=True)
+            raise FeedError(f"feed {there.id} changed while it was copied; copy it again")
+        await self._read(there, "adopt", (size, sha256, meta), lambda e: e.adopt(there.id, size, sha256, meta), lambda _: None, write=True)
         if await self.checksum(there) != (size, sha256):
-            raise FeedError(f"feed {feed.id}: the copy on storage server {target} does not match its source")
+            raise FeedError(f"feed {there.id}: the copy on storage server {there.server} does not match its source")
         return CopyReport(size, sha256)
 
     async def _receive(self, feed: Feed, offset: int, data: bytes) -> None:

@@ -90,15 +90,21 @@ class NodeHarness:
     @defer.inlineCallbacks
     def start(cls, test: unittest.TestCase, database: str = "sqlite", extra_config: str = "", redis_timeout: float = 5.0, **servers: Any):
         harness = cls(test, database, extra_config, redis_timeout, **servers)
-        harness.service.startService()
-        test.addCleanup(harness.stop)
-        yield harness.app.prepared
-        storage = harness.service.getServiceNamed("storage")
+        yield harness.begin(test)
+        return harness
+
+    @defer.inlineCallbacks
+    def begin(self, test: unittest.TestCase):
+        """Start the tree the constructor built (a test may first put data where its config
+        says: ``start`` builds and begins at once); fires once it serves."""
+        self.service.startService()
+        test.addCleanup(self.stop)
+        yield self.app.prepared
+        storage = self.service.getServiceNamed("storage")
         for location in storage:
             yield location.opened
-        for ctx in harness.app.contexts:  # a front's other shards are checked in the background
-            yield harness.app.shard_checked(ctx.shard)
-        return harness
+        for ctx in self.app.contexts:  # a front's other shards are checked in the background
+            yield self.app.shard_checked(ctx.shard)
 
     def stop(self) -> defer.Deferred[None]:
         """Stop the tree unless the test did already."""
