@@ -17,6 +17,7 @@ setup(
         "msgpack>=1.0",
         "prometheus-client>=0.17",
         "rich>=13.0",  # emond-admin import: the progress bar
+        "sdnotify>=0.3.2",  # sd_notify(3) to systemd (Type=notify, WatchdogSec)
     ],
     entry_points={"console_scripts": ["emond-admin = emond.app.admin:main"]},
     extras_require={"test": ["treq>=23.1", "hypothesis>=6.100", "import-linter>=2.1"]},

@@ -56,7 +56,11 @@ class NodeSection:
     datadir: str = _path(default="var")
     storage: tuple[int, ...] = (0,)
     access_log: bool = False  # one log line per HTTP request (costs ~15% of a post's CPU)
-    drain_timeout: float = 10.0  # seconds a stop waits for HTTP requests in progress, then cuts them
+    # Seconds a stop (SIGTERM) may take: HTTP requests in progress get half of it (then are cut),
+    # the pipeline's work in hand the rest; what is left then is abandoned and logged (nothing
+    # acknowledged is lost: it stays in Redis).
+    drain_timeout: float = 10.0
+    log_level: str = "info"  # debug, info, warn, error or critical (SIGHUP applies a change)
 
 
 REDIS_TLS = "rediss"  # the scheme of a Redis reached over TLS ([tls] ca and cert)
@@ -226,7 +230,11 @@ class StorageSection:
     http: str = _endpoint(default="tcp:7480:interface=127.0.0.1")
     datadir: str = _path(default="var/storage")
     allow: tuple[str, ...] = ()
-    drain_timeout: float = 10.0  # seconds a stop waits for HTTP requests in progress, then cuts them
+    drain_timeout: float = 10.0  # seconds a stop (SIGTERM) may take, as [node] drain_timeout
+    log_level: str = "info"  # as [node] log_level
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")  # twisted.logger.LogLevel names
 
 
 @dataclass(frozen=True)
@@ -493,6 +501,7 @@ def _validate_node(config: NodeConfig) -> None:
         raise ConfigError(f"[redis] url: expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///PATH, got {config.redis.url!r}")
     if config.redis.tls_name and not config.redis.uses_tls:
         raise ConfigError("[redis] tls_name: only with a rediss:// url")
+    _check_stop("[node]", config.node)
     if config.input.queues < 1:
         raise ConfigError(f"[input] queues: must be at least 1, got {config.input.queues}")
     for key in ("max_body", "max_inflated", "max_frames", "max_values"):
@@ -537,6 +546,13 @@ def _validate_node(config: NodeConfig) -> None:
         raise ConfigError(f"[feeds] default_server: server {config.feeds.default_server} is neither hosted nor remote")
 
 
+def _check_stop(where: str, section: NodeSection | StorageSection) -> None:
+    if not section.drain_timeout > 0:
+        raise ConfigError(f"{where} drain_timeout: must be more than 0 seconds, got {section.drain_timeout}")
+    if section.log_level not in LOG_LEVELS:
+        raise ConfigError(f"{where} log_level: expected one of {', '.join(LOG_LEVELS)}, got {section.log_level!r}")
+
+
 def _check_pool(prefix: str, threads: int, queue: int) -> None:
     if threads < 1:
         raise ConfigError(f"{prefix}_threads: must be at least 1, got {threads}")
@@ -561,4 +577,5 @@ def load_storage_config(path: str) -> StorageConfig:
         health=_health(HealthSection, data, base),
     )
     _check_pool("[engines] read", config.engines.read_threads, config.engines.read_queue)
+    _check_stop("[storage]", config.storage)
     return config

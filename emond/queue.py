@@ -602,6 +602,7 @@ class LeasedReader:
         self.retry_delay = retry_delay
         self.error: str | None = None  # the last failure, until a read or handling succeeds
         self._stopping = False
+        self._stopped = False  # stop() has ended: leases given up, connection closed
         self._loop: defer.Deferred[None] | None = None
         self._paused: defer.Deferred[Any] | None = None
         self._idle: list[defer.Deferred[None]] = []
@@ -610,7 +611,7 @@ class LeasedReader:
         self._restarts = 0
 
     def start(self) -> None:
-        self._stopping = False
+        self._stopping = self._stopped = False
         self.blocking.open()  # its own connection, closed again at the end of stop()
         self.holding.start()
         self._loop = defer.ensureDeferred(self._run())
@@ -629,6 +630,13 @@ class LeasedReader:
         except RedisUnavailable:
             pass  # the leases expire by themselves
         await self.blocking.disconnect()
+        self._stopped = True
+
+    def unfinished(self) -> list[str]:
+        """What a stop cut short would leave undone (for the log)."""
+        if self._stopping and not self._stopped:
+            return [f"{self.what}: the elements in hand (not committed: read again by the next holder) and the leases (they lapse)"]
+        return []
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once every queue it should hold has been seen empty after this call, with

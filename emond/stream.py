@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
 
 from emond.records import RECORD
 
@@ -225,6 +227,52 @@ def client_tls(ca_path: str, cert_path: str, server_name: str) -> Any:
         clientCertificate=own,
         extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
     )
+
+
+class TLSFilesError(Exception):
+    """``[tls]`` files that do not make a CA, a certificate and its key (a reload keeps the
+    ones loaded before)."""
+
+
+def _reload(make: Any, ca_path: str, cert_path: str, *args: Any) -> Any:
+    try:
+        return make(ca_path, cert_path, *args)
+    except Exception as e:  # OSError, OpenSSL's errors, VerifyError (a key not the certificate's) ...
+        raise TLSFilesError(f"TLS files {ca_path} and {cert_path} not loaded ({e or type(e).__name__}): the ones loaded before stay in use")
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """``server_tls`` that can read its files again (SIGHUP): each handshake after ``load``
+    presents the new certificate; connections made before keep theirs."""
+
+    def __init__(self, ca_path: str, cert_path: str) -> None:
+        self.load(ca_path, cert_path)
+
+    def load(self, ca_path: str, cert_path: str) -> None:
+        """Read the files; raises (keeping what was loaded before) if they are not a CA and a
+        certificate with its matching key (``_load`` checks the key)."""
+        self._options = _reload(server_tls, ca_path, cert_path)
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return self._options.serverConnectionForTLS(tlsProtocol)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS:
+    """``client_tls`` that can read its files again (SIGHUP): each connection made after
+    ``load`` presents the new certificate and trusts the new CA; open ones keep theirs."""
+
+    def __init__(self, ca_path: str, cert_path: str, server_name: str) -> None:
+        self.server_name = server_name
+        self.load(ca_path, cert_path)
+
+    def load(self, ca_path: str, cert_path: str) -> None:
+        """Read the files; raises (keeping what was loaded before) if they are unusable."""
+        self._options = _reload(client_tls, ca_path, cert_path, self.server_name)
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return self._options.clientConnectionForTLS(tlsProtocol)
 
 
 def peer_names(transport: Any) -> list[str]:

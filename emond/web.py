@@ -107,6 +107,15 @@ class InputAppender:
             self.reactor.callLater(0, self._flush)
         return d
 
+    def unfinished(self) -> list[str]:
+        """What a stop cut short would leave undone (for the log): appends not acknowledged,
+        whose requests have not been answered ``ok``."""
+        waiting = sum(1 for _queue, _packed, d in self._pending if not d.called)
+        parts = [f"{waiting} appends waiting for a flush"] if waiting else []
+        if self._flushing:
+            parts.append("a flush waiting for Redis")
+        return parts
+
     def _too_late(self, result: Any, timeout: float) -> None:
         raise RedisUnavailable(f"redis append: not acknowledged within {timeout:g}s")
 
@@ -202,6 +211,12 @@ class InputPath:
 
     def __post_init__(self) -> None:
         self.limits = input_limits(self.ctx)
+
+    def reconfigure(self) -> None:
+        """Take the limits of ``ctx.config`` again (a reload replaced it)."""
+        self.limits = input_limits(self.ctx)
+        settings = self.ctx.config.input
+        self.limiter.rate, self.limiter.burst = settings.rate_limit, settings.rate_burst
 
 
 def take(path: InputPath, call: Call) -> None:

@@ -270,3 +270,37 @@ class StorageConfigTests(ConfigCase):
 
     def test_tls_always_required(self) -> None:
         self.assertEqual(self.refused(load_storage_config, "[storage]\nid = 1\n"), "[tls] ca: required key missing")
+
+
+class StopAndLogConfigTests(ConfigCase):
+    """[node] and [storage] drain_timeout (the SIGTERM budget) and log_level."""
+
+    STORAGE = '[storage]\nid = 1\n{extra}[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
+
+    def storage(self, extra: str) -> str:
+        path = self.write(self.STORAGE.format(extra=extra), "storage.toml")
+        self.certs(os.path.join(os.path.dirname(path), "tls"), "storage1")
+        return path
+
+    def test_defaults(self) -> None:
+        node = load_node_config(self.write(""))
+        self.assertEqual((node.node.drain_timeout, node.node.log_level), (10.0, "info"))
+        storage = load_storage_config(self.storage(""))
+        self.assertEqual((storage.storage.drain_timeout, storage.storage.log_level), (10.0, "info"))
+
+    def test_levels(self) -> None:
+        for level in ("debug", "info", "warn", "error", "critical"):
+            self.assertEqual(load_node_config(self.write(f'[node]\nlog_level = "{level}"\n')).node.log_level, level)
+        self.assertEqual(
+            self.refused(load_node_config, '[node]\nlog_level = "verbose"\n'),
+            "[node] log_level: expected one of debug, info, warn, error, critical, got 'verbose'",
+        )
+        error = self.assertRaises(ConfigError, load_storage_config, self.storage('log_level = "WARN"\n'))
+        self.assertEqual(str(error), "[storage] log_level: expected one of debug, info, warn, error, critical, got 'WARN'")
+
+    def test_drain_timeout_must_be_positive(self) -> None:
+        self.assertEqual(
+            self.refused(load_node_config, "[node]\ndrain_timeout = 0\n"), "[node] drain_timeout: must be more than 0 seconds, got 0.0"
+        )
+        error = self.assertRaises(ConfigError, load_storage_config, self.storage("drain_timeout = -1.0\n"))
+        self.assertEqual(str(error), "[storage] drain_timeout: must be more than 0 seconds, got -1.0")

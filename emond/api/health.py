@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, Callable, Sequence, Union
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.internet import defer
@@ -138,11 +138,21 @@ class HealthResource(Resource):
         defer.ensureDeferred(self._render(request))
         return NOT_DONE_YET
 
-    async def _render(self, request: Request) -> None:
-        names = list(self._checks)
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The checks' names."""
+        return tuple(self._checks)
+
+    async def evaluate(self, names: Sequence[str] | None = None) -> tuple[bool, dict[str, Any]]:
+        """(whether every check said ok, each check's answer by name): of ``names`` only, if
+        given (a daemon's readiness)."""
+        names = list(self._checks) if names is None else [name for name in names if name in self._checks]
         results = await defer.gatherResults([self._checks[name]() for name in names])
         parts = dict(zip(names, results))
-        healthy = all(part.get("ok") is True for part in parts.values())
+        return all(part.get("ok") is True for part in parts.values()), parts
+
+    async def _render(self, request: Request) -> None:
+        healthy, parts = await self.evaluate()
         payload: dict[str, Any] = {"status": "ok" if healthy else "degraded"}
         if self._access.allows(request):
             payload.update(

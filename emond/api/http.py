@@ -395,6 +395,10 @@ class ApiResource(Resource):
         """The routes this resource serves."""
         return self._router
 
+    def child(self, name: bytes) -> Resource | None:
+        """The resource served at ``/<name>`` from ``extra`` (e.g. ``/health``)."""
+        return self._extra.get(name)
+
     def render(self, request: Request) -> Any:
         first = request.postpath[0] if request.postpath else b""
         if first in self._extra and len(request.postpath) == 1:

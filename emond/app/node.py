@@ -190,6 +190,7 @@ class NodeAppService(Service):
         self._shard_checks: dict[str, defer.Deferred[None]] = {}
         self._shard_retries: dict[str, Any] = {}
         self._shard_waiters: dict[str, list[defer.Deferred[None]]] = {}
+        self.input_paths: list[InputPath] = []  # the input endpoint's, one per shard (make_api)
 
     @property
     def central(self) -> Redis:
@@ -313,6 +314,21 @@ class NodeAppService(Service):
         own = shards.get(self.role, {"ok": True})["ok"]
         return {"ok": own, "shards": shards}
 
+    def reconfigure(self, config: NodeConfig) -> None:
+        """Serve with ``config`` from now on: a reload's, which differs from the running one
+        only in settings read per request or applied here (limits, trusted proxies)."""
+        for ctx in self.contexts:
+            ctx.config = config
+            ctx.feeds.max_feeds = config.users.max_feeds
+        self.ctx.auth.reconfigure(config.users.session_days * 86400, config.users.trusted_proxies)
+        self.ctx.store.read_timeout = config.feeds.read_timeout
+        for path in self.input_paths:
+            path.reconfigure()
+
+    def unfinished(self) -> list[str]:
+        """What a stop cut short would leave undone (for the log)."""
+        return [f"shard {path.ctx.shard}: {part}" for path in self.input_paths for part in path.appender.unfinished()]
+
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.ensureDeferred(self._stop())
@@ -343,6 +359,7 @@ def make_api(app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) 
     limiter = UserRateLimit(settings.rate_limit, settings.rate_burst)  # a user is on one shard at a time
     metrics = InputMetrics(ctx.registry)
     paths = {c.shard: InputPath(c, _appender(c, app, reactor), limiter, metrics) for c in contexts}
+    app.input_paths = list(paths.values())
     if len(contexts) == 1:
         router.add_routes(INPUT_PATH_ROUTES, paths[ctx.shard])
         for routes in (USER_ROUTES, FEED_ROUTES, INPUT_ROUTES):

@@ -28,6 +28,8 @@ PACKAGES = MappingProxyType({
     "mysql_install_db": "mariadb-server",
     "openssl": "openssl",
     "haproxy": "haproxy",
+    "systemd-analyze": "systemd",
+    "systemd-sysusers": "systemd",
 })
 
 # What each server prints once it serves.

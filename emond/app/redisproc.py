@@ -40,7 +40,7 @@ class _RedisProtocol(ProcessProtocol):
                 self.ready.callback(None)
         for line in data.decode("utf-8", "replace").splitlines():
             if line.strip():
-                self.log.debug("redis-server: {line}", line=line)
+                self.log.info("redis-server: {line}", line=line)  # its own log, at its verbosity
 
     errReceived = outReceived
 
@@ -123,6 +123,11 @@ class EmbeddedRedis(Service):
             return {"ok": os.path.exists(f"/proc/{self._adopted}"), "embedded": True, "socket": self.socket}
         up = self.ready.called and self._protocol is not None and not self._protocol.ended.called
         return {"ok": up, "embedded": True, "socket": self.socket}
+
+    def abandon(self) -> defer.Deferred[None]:
+        """emond's stop was cut short before it came to Redis: stop it now (it writes its AOF
+        out), rather than leave it running in its own session; fires once it has ended."""
+        return self.stopService() if self.running else defer.succeed(None)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application.internet import StreamServerEndpointService
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.internet import defer, endpoints
 from twisted.web.resource import Resource
@@ -33,25 +33,8 @@ from emond.web import limited_request_factory
 from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
 from emond.storage.location import StorageLocationService, location_dir
 from emond.storage.server import StreamServer, StreamServerFactory
-from emond.stream import server_tls
-
-
-class OrderedMultiService(MultiService):
-    """Stops its children one after another, last started first, each finishing
-    before the next stops (``MultiService`` stops them all at once): HTTP stops
-    taking requests, then the pipeline drains, then the API, storage and Redis
-    go away."""
-
-    def stopService(self) -> defer.Deferred[None]:
-        Service.stopService(self)
-        return defer.ensureDeferred(self._stop_in_order())
-
-    async def _stop_in_order(self) -> None:
-        for child in reversed(list(self)):
-            try:
-                await defer.maybeDeferred(child.stopService)
-            except Exception:
-                log.failure("stopping {name} failed", name=child.name)
+from emond.stream import ServerTLS
+from emond.app.tree import Listening, OrderedMultiService, ProcessTree
 
 
 log = Logger()
@@ -76,8 +59,19 @@ class DrainingSite(Site):
         if self._access_log:
             super().log(request)
 
+    def reconfigure(self, max_body: int | None, access_log: bool) -> None:
+        """Bodies of requests from now on limited to ``max_body`` (None: as they are); whether
+        each request is logged."""
+        if max_body is not None:
+            self._make_request.max_body = max_body  # type: ignore[attr-defined]  # this site's own class
+        self._access_log = access_log
+
     def open_connections(self) -> int:
         return len(self._connections)
+
+    def in_progress(self) -> int:
+        """Requests not answered yet."""
+        return sum(self._busy.values())
 
     def connection_made(self, transport: Any) -> None:
         self._connections.add(transport)
@@ -153,9 +147,18 @@ class DrainingHTTPService(StreamServerEndpointService):
     progress be answered (at most ``drain_timeout`` seconds) and closes every connection."""
 
     def __init__(self, endpoint: Any, site: DrainingSite, drain_timeout: float) -> None:
-        super().__init__(endpoint, _WatchedConnections(site))
+        self.listening = Listening(endpoint)
+        super().__init__(self.listening, _WatchedConnections(site))
         self.site = site
         self.drain_timeout = drain_timeout
+
+    def reconfigure(self, drain_timeout: float, max_body: int | None, access_log: bool) -> None:
+        self.drain_timeout = drain_timeout
+        self.site.reconfigure(max_body, access_log)
+
+    def unfinished(self) -> list[str]:
+        n = self.site.in_progress()
+        return [f"{n} HTTP requests in progress (cut: their clients got no answer)"] if n else []
 
     def stopService(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._stop())
@@ -178,6 +181,12 @@ def anonymous_request_factory(max_body: int) -> type[Request]:
     return AnonymousRequest
 
 
+def http_drain(drain_timeout: float) -> float:
+    """The part of a stop's ``drain_timeout`` that HTTP requests in progress get: half (the
+    pipeline's work in hand, and closing, get the rest)."""
+    return drain_timeout / 2
+
+
 def _http_service(
     reactor: Any,
     description: str,
@@ -188,7 +197,7 @@ def _http_service(
 ) -> DrainingHTTPService:
     site = DrainingSite(root, anonymous_request_factory(max_body), reactor, access_log)
     site.displayTracebacks = False  # no stack trace reaches a client
-    service = DrainingHTTPService(endpoints.serverFromString(reactor, description), site, drain_timeout)
+    service = DrainingHTTPService(endpoints.serverFromString(reactor, description), site, http_drain(drain_timeout))
     service.setName("http")
     return service
 
@@ -207,7 +216,7 @@ def _foreign_storage(config: NodeConfig) -> None:
             )
 
 
-def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
+def make_node_service(config: NodeConfig, reactor: Any) -> ProcessTree:
     """The tree of a node: private Redis (if none configured), hosted storage, the API, the
     pipeline (consumer, senders, monitor), HTTP.
 
@@ -224,7 +233,7 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
     and storage and Redis go away.
     """
     _foreign_storage(config)
-    root = OrderedMultiService()
+    root = ProcessTree()
     checks: dict[str, HealthCheck] = {}
     redis_url = config.redis.url
     if not redis_url:
@@ -277,11 +286,25 @@ def make_node_service(config: NodeConfig, reactor: Any) -> MultiService:
                 link.setName(f"reader{server_id}")
                 link.setServiceParent(pipeline)
                 ctx.store.remotes[server_id] = link
-        web: Resource = make_api(app, checks, reactor)
+        api = make_api(app, checks, reactor)
+        health = api.child(b"health")
+        web: Resource = api
     else:
-        web = _health_only(app, checks, reactor)
+        only = _health_only(app, checks, reactor)
+        health, web = only.health, only
+    assert isinstance(health, HealthResource)
+    root.health = health
+    # Ready to serve once its own parts answer, whatever its remote storage servers and queue
+    # lags say: it is there to queue while a storage server is down or catching up.
+    root.readiness = tuple(name for name in health.names if name not in ("senders", "queues"))
     http = _http_service(reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log)
     http.setServiceParent(root)
+    root.listeners.append(http.listening)
+    root.reloads.append(app.reconfigure)
+    root.reloads.append(lambda c: http.reconfigure(http_drain(c.node.drain_timeout), c.input.max_body, c.node.access_log))
+    for link in pipeline:
+        if isinstance(link, StreamLink):
+            root.reloads.append(lambda _c, link=link: link.reload_tls())
     return root
 
 
@@ -365,15 +388,22 @@ def _shard_pipeline(
     return senders
 
 
-def _health_only(app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) -> Resource:
+class HealthOnly(Resource):
     """The HTTP root of a process without the front role: /health and /metrics, nothing else."""
+
+    def __init__(self, health: HealthResource, metrics: Resource) -> None:
+        super().__init__()
+        self.health = health
+        self.putChild(b"health", health)
+        self.putChild(b"metrics", metrics)
+
+
+def _health_only(app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) -> HealthOnly:
     ctx = app.ctx
     checks = {**checks, "database": app.database_status, "redis_client": app.redis_status, "shard_redis": app.shards_status}
     access = OperatorAccess(ctx.config.health, ctx.auth.client)
-    root = Resource()
-    root.putChild(b"health", HealthResource("emond", checks, access, ctx.config.health.check_timeout, reactor))
-    root.putChild(b"metrics", OperatorOnly(MetricsPage(ctx.registry), access))
-    return root
+    health = HealthResource("emond", checks, access, ctx.config.health.check_timeout, reactor)
+    return HealthOnly(health, OperatorOnly(MetricsPage(ctx.registry), access))
 
 
 async def _owners(ctx: Any, feedids: list[int]) -> dict[int, int]:
@@ -385,29 +415,33 @@ async def _owners(ctx: Any, feedids: list[int]) -> dict[int, int]:
     return owners
 
 
-def make_storage_service(config: StorageConfig, reactor: Any) -> MultiService:
+def make_storage_service(config: StorageConfig, reactor: Any) -> ProcessTree:
     """The tree of a storage server: its storage location, the TLS stream listener, HTTP health."""
-    root = OrderedMultiService()
+    root = ProcessTree()
     location = StorageLocationService(config.storage.id, config.storage.datadir, config.engines, reactor)
     location.setName("storage")
     location.setServiceParent(root)
     registry = CollectorRegistry()
     watch_pools(registry, location.pools)
     server = StreamServer(location, config.storage.allow, registry)
-    # TLS is applied here, from [tls]: the ssl: endpoint string cannot require client certificates.
-    tls = server_tls(config.tls.ca, config.tls.cert)
+    # TLS is applied here, from [tls]: the ssl: endpoint string cannot require client
+    # certificates. A reload reads the files again for the handshakes after it.
+    tls = ServerTLS(config.tls.ca, config.tls.cert)
     factory = TLSMemoryBIOFactory(tls, False, StreamServerFactory(server, config.storage.id))
     listener = StreamServerDrainingService(
         endpoints.serverFromString(reactor, config.storage.listen), factory, server
     )
     listener.setName("stream")
     listener.setServiceParent(root)
-    web = Resource()
     access = OperatorAccess(config.health)
     checks: dict[str, HealthCheck] = {"storage": location.status, "stream": server.status}
-    web.putChild(b"health", HealthResource("emond-storage", checks, access, config.health.check_timeout, reactor))
-    web.putChild(b"metrics", OperatorOnly(MetricsPage(registry), access))
-    _http_service(reactor, config.storage.http, web, config.storage.drain_timeout).setServiceParent(root)
+    root.health = HealthResource("emond-storage", checks, access, config.health.check_timeout, reactor)
+    http = _http_service(reactor, config.storage.http, HealthOnly(root.health, OperatorOnly(MetricsPage(registry), access)), config.storage.drain_timeout)
+    http.setServiceParent(root)
+    root.listeners += [listener.listening, http.listening]
+    root.reloads.append(lambda c: tls.load(c.tls.ca, c.tls.cert))
+    root.reloads.append(lambda c: server.reconfigure(c.storage.allow))
+    root.reloads.append(lambda c: http.reconfigure(http_drain(c.storage.drain_timeout), None, True))
     return root
 
 
@@ -415,8 +449,12 @@ class StreamServerDrainingService(StreamServerEndpointService):
     """Stops listening, then lets the batch in hand finish before connections close."""
 
     def __init__(self, endpoint: Any, factory: Any, server: StreamServer) -> None:
-        super().__init__(endpoint, factory)
+        self.listening = Listening(endpoint)
+        super().__init__(self.listening, factory)
         self._server = server
+
+    def unfinished(self) -> list[str]:
+        return self._server.unfinished()
 
     def stopService(self) -> defer.Deferred[None]:
         stopped = super().stopService()

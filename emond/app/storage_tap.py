@@ -16,6 +16,8 @@ class Options(ConfigOptions):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from emond.app.daemon import Daemon
     from emond.app.service import make_storage_service
 
-    return make_storage_service(options["loaded"], reactor)
+    config = options["loaded"]
+    return Daemon(make_storage_service(config, reactor), config, load_storage_config, reactor, getattr(options, "parent", None))

@@ -31,6 +31,8 @@ class Options(ConfigOptions):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from emond.app.daemon import Daemon
     from emond.app.service import make_node_service
 
-    return make_node_service(options["loaded"], reactor)
+    config = options["loaded"]
+    return Daemon(make_node_service(config, reactor), config, load_node_config, reactor, getattr(options, "parent", None))

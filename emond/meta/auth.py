@@ -120,10 +120,14 @@ class Authenticator:
     ) -> None:
         self.users = users
         self.redis = redis
-        self.session_ttl = session_ttl
-        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
         self._clock = clock
         self._keys: dict[str, tuple[int, bool, float]] = {}
+        self.reconfigure(session_ttl, trusted_proxies)
+
+    def reconfigure(self, session_ttl: int, trusted_proxies: tuple[str, ...]) -> None:
+        """New sessions' lifetime and the proxies believed from now on (a reload)."""
+        self.session_ttl = session_ttl
+        self._trusted = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
 
     async def __call__(self, request: Request, params: dict[str, str]) -> Auth | None:
         key = params.get("apikey") or _bearer(request)

@@ -176,6 +176,10 @@ class InputConsumerService(Service, ElementHandler):
         await self._saver.stop()  # a save in progress ends first
         await self.save_lastvalues()
 
+    def unfinished(self) -> list[str]:
+        """What a stop cut short would leave undone (for the log)."""
+        return self.reader.unfinished()
+
     def saved(self) -> defer.Deferred[None]:
         """Fires after the next write of input last values to the database has ended (tests)."""
         d: defer.Deferred[None] = defer.Deferred()

@@ -47,9 +47,9 @@ from emond.stream import (
     RESPONSE,
     SEQ,
     VERSION,
+    ClientTLS,
     FrameProtocol,
     batch_frame,
-    client_tls,
     encode_json,
     request_frame,
 )
@@ -162,6 +162,7 @@ class StreamLink(Service):
         self._ids = itertools.count(1)
         self._stopping = False
         self._client: ClientService | None = None
+        self._tls: ClientTLS | None = None  # what each new connection's handshake uses
         label = str(server_id)
         self.m_connected = metrics.connected.labels(label)
         self.m_fail = metrics.fail.labels(label)
@@ -176,9 +177,8 @@ class StreamLink(Service):
         self._stopping = False
         host = self.remote.endpoint.split(":")[1] if self.remote.endpoint.count(":") >= 2 else ""
         name = self.remote.name or host
-        endpoint = endpoints.wrapClientTLS(
-            client_tls(self.tls.ca, self.tls.cert, name), endpoints.clientFromString(self.reactor, self.remote.endpoint)
-        )
+        self._tls = ClientTLS(self.tls.ca, self.tls.cert, name)
+        endpoint = endpoints.wrapClientTLS(self._tls, endpoints.clientFromString(self.reactor, self.remote.endpoint))
         self._client = ClientService(endpoint, _Factory(self), retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0), clock=self.reactor)
         self._client.startService()
 
@@ -198,6 +198,17 @@ class StreamLink(Service):
             finally:
                 if cut.active():
                     cut.cancel()
+
+    def reload_tls(self) -> None:
+        """Read the ``[tls]`` files again (SIGHUP): the next connection presents the new
+        certificate; the one open now goes on with the old. Raises if the files are unusable
+        (the old ones stay in use)."""
+        if self._tls is not None:
+            self._tls.load(self.tls.ca, self.tls.cert)
+
+    def unfinished(self) -> list[str]:
+        """What a stop cut short would leave undone (for the log)."""
+        return []
 
     def _cut(self) -> None:
         transport = self.latest.transport if self.latest is not None else None
@@ -373,6 +384,13 @@ class RemoteLink(StreamLink, ElementHandler):
 
     def _oldest_unacked(self) -> float | None:
         return min((sent for _entry, _batch, sent in self.unacked.values()), default=None)
+
+    def unfinished(self) -> list[str]:
+        parts = self.reader.unfinished()
+        if self.unacked:
+            seqs = ", ".join(str(seq) for seq in sorted(self.unacked))
+            parts.append(f"storage {self.server_id}: batches {seqs} sent and not acknowledged (they stay in its storage queue)")
+        return parts
 
     # -- the sender --------------------------------------------------------------------
 

@@ -125,6 +125,10 @@ class LocalSenderService(Service, ElementHandler):
         """Fires once the queue has been seen empty after this call (tests, drains)."""
         return self.reader.idle()
 
+    def unfinished(self) -> list[str]:
+        """What a stop cut short would leave undone (for the log)."""
+        return self.reader.unfinished()
+
     async def ready(self) -> None:
         await self.location.opened
 

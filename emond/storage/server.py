@@ -200,6 +200,17 @@ class StreamServer:
             "fencing_token": self.max_token,
         }
 
+    def reconfigure(self, allow: tuple[str, ...]) -> None:
+        """Let in the client names of ``allow`` from the next handshake on (a reload); the
+        connections open now stay."""
+        self.allow = set(allow)
+
+    def unfinished(self) -> list[str]:
+        """What a stop cut short would leave undone (for the log)."""
+        if self.lock.locked:
+            return ["a batch being applied (unacknowledged: its node sends it again)"]
+        return []
+
     async def drain(self) -> None:
         """Finish the batch in hand; acknowledge nothing after it."""
         await self.lock.acquire()
@@ -239,7 +250,9 @@ class StorageStreamProtocol(FrameProtocol):
         self.peer = names[0]
         self.server.connections.add(self)
         self.server.connected.set(len(self.server.connections))
-        self.log.info("stream: {peer} connected", peer=self.peer)
+        # The serial tells which of the peer's certificates it presented (after a renewal).
+        serial = self.transport.getPeerCertificate().get_serial_number()
+        self.log.info("stream: {peer} connected (certificate serial {serial:x})", peer=self.peer, serial=serial)
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self.verified:

@@ -74,20 +74,35 @@ class Daemon(ProcessProtocol):
         return self.ended
 
 
-def start_daemon(plugin: str, config: str, cwd: str, prefix: list[str] | None = None) -> Daemon:
+def start_daemon(plugin: str, config: str, cwd: str, prefix: list[str] | None = None, env: dict[str, str] | None = None) -> Daemon:
     """Start ``twistd -n <plugin> --config <config>`` with this checkout's code; ``prefix``
-    is a command that execs it (e.g. ``setsid``: a process group of its own)."""
-    return start_program([*(prefix or []), *twistd_argv(plugin, config)], cwd, checkout_env())
+    is a command that execs it (e.g. ``setsid``: a process group of its own); ``env``: more
+    environment variables (e.g. systemd's ``NOTIFY_SOCKET``)."""
+    return start_program([*(prefix or []), *twistd_argv(plugin, config)], cwd, {**checkout_env(), **(env or {})})
 
 
 @defer.inlineCallbacks
-def started(test: Any, plugin: str, config: str, cwd: str, *ready: str):
+def started(test: Any, plugin: str, config: str, cwd: str, *ready: str, env: dict[str, str] | None = None):
     """``start_daemon`` for a test: killed at its end; fires once each of ``ready`` is logged."""
-    daemon = start_daemon(plugin, config, cwd)
+    daemon = start_daemon(plugin, config, cwd, env=env)
     test.addCleanup(daemon.signal, signal.SIGKILL)
     for line in ready:
         yield daemon.logged(line)
     return daemon
+
+
+def stop_private_redis(datadir: str) -> None:
+    """End the private redis-server of a node whose ``[node] datadir`` is ``datadir``, if it
+    runs: a node killed by a test's cleanup (SIGKILL) leaves it running, in its own session."""
+    try:
+        with open(os.path.join(datadir, "redis", "redis.pid")) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"redis-server" not in f.read():
+                return
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return  # none left (it removes its pid file when it ends)
 
 
 def remote_storage_config(base: str, stream_port: int, http_port: int, http_host: str = "127.0.0.1", extra: str = "") -> str:

@@ -36,7 +36,36 @@ class Answer:
         return f"<Answer {self.code} {self.body[:200]!r}>"
 
 
-class NodeHarness:
+class NodeClient:
+    """HTTP calls to the node at ``base`` (``http://HOST:PORT/``): a ``NodeHarness``, or a
+    ``twistd emond`` process."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    @defer.inlineCallbacks
+    def request(self, method: str, path: str, params: dict | None = None, data: Any = None, headers: dict | None = None, cookies: Any = None):
+        url = self.base + path.lstrip("/")
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params)
+        kwargs: dict[str, Any] = {"persistent": False, "headers": headers or {}}
+        if cookies is not None:
+            kwargs["cookies"] = cookies
+        if data is not None:
+            kwargs["data"] = data
+        response = yield treq.request(method, url, **kwargs)
+        body = yield response.content()
+        self.last_cookies = response.cookies()
+        return Answer(response.code, response.headers, body)
+
+    def get(self, path: str, **params: Any):
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, data: Any = None, **params: Any):
+        return self.request("POST", path, params=params, data=data)
+
+
+class NodeHarness(NodeClient):
     """``yield NodeHarness.start(self, "sqlite")`` in an inlineCallbacks setUp."""
 
     def __init__(
@@ -113,27 +142,6 @@ class NodeHarness:
     @property
     def ctx(self):
         return self.app.ctx
-
-    @defer.inlineCallbacks
-    def request(self, method: str, path: str, params: dict | None = None, data: Any = None, headers: dict | None = None, cookies: Any = None):
-        url = self.base + path.lstrip("/")
-        if params:
-            url += ("&" if "?" in url else "?") + urlencode(params)
-        kwargs: dict[str, Any] = {"persistent": False, "headers": headers or {}}
-        if cookies is not None:
-            kwargs["cookies"] = cookies
-        if data is not None:
-            kwargs["data"] = data
-        response = yield treq.request(method, url, **kwargs)
-        body = yield response.content()
-        self.last_cookies = response.cookies()
-        return Answer(response.code, response.headers, body)
-
-    def get(self, path: str, **params: Any):
-        return self.request("GET", path, params=params)
-
-    def post(self, path: str, data: Any = None, **params: Any):
-        return self.request("POST", path, params=params, data=data)
 
 
 def pipeline(harness: NodeHarness, name: str):
