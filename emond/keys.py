@@ -128,6 +128,11 @@ def apikey(digest: str) -> bytes:
     return b"emond:apikey:" + digest.encode()
 
 
+# Bumped whenever cached key owners are dropped (a key replaced, an account disabled): a key
+# looked up in the database before that is not cached after it (emond.meta.auth).
+APIKEY_EPOCH = b"emond:apikey:epoch"
+
+
 def session(token: bytes) -> bytes:
     """A session, by the sha256 of its cookie's token (the token itself is never stored)."""
     return b"emond:session:" + hashlib.sha256(token).hexdigest().encode()

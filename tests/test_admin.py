@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-from twisted.internet import defer, reactor, utils
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
@@ -22,11 +21,10 @@ from emond.meta.db import Database
 from emond.meta.schema import migrate
 from emond.redis import Redis
 from tests.support import free_port, mariadb_server, redis_server, require_program
-from tests.support.daemon import ROOT
+from tests.support.admin import run_admin
 from tests.support.node import NodeHarness, drain
 from tests.support.servers import private_redis
 
-ADMIN = os.path.join(os.path.dirname(sys.executable), "emond-admin")  # the console script setup.py installs
 STILL = "[input]\nconsume = false\n"  # a front only: what is posted stays queued
 OLD = 90.0  # seconds: the age given to the oldest element of a queue
 
@@ -35,12 +33,9 @@ def wait(coroutine):
     return defer.ensureDeferred(coroutine)
 
 
-@defer.inlineCallbacks
-def admin(config_path: str, *args: str):
+def admin(config_path: str, *args: str, stdin: str | None = None):
     """Run ``emond-admin --config config_path args``: (exit status, stdout JSON, stderr JSON)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out, err, status = yield utils.getProcessOutputAndValue(ADMIN, ["--config", config_path, *args], env=env, path=ROOT)
-    return status, json.loads(out) if out else None, json.loads(err) if err else None
+    return run_admin("--config", config_path, *args, stdin=stdin)
 
 
 def old_id(seconds: float) -> str:
@@ -68,12 +63,24 @@ class NodeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_user_show(self):
         node = yield NodeHarness.start(self, "sqlite")
+        began = int(time.time())
         userid = yield self.user(node, "alice", 2, [{"power1": 1, "power2": 2}, {"power1": 3, "temp": 20}])
         yield self.user(node, "bob", 1, [{"power1": 1}])
+        registered = int(time.time())
         yield drain(node)  # the consumer created alice's inputs power1, power2 and temp
         status, out, err = yield admin(node.config_path, "user", "show", "alice")
         self.assertEqual((status, err), (0, None))
-        self.assertEqual(out, {"id": userid, "username": "alice", "shard": "default", "feeds": 2, "inputs": 3})
+        created = out.pop("created")
+        self.assertTrue(began <= created <= registered, (began, created, registered))
+        self.assertEqual(out, {
+            "id": userid, "username": "alice", "shard": "default", "feeds": 2, "inputs": 3,
+            # what else emond knows of the account: the first user registered is the admin
+            "email": "alice@example.org", "disabled": False, "admin": True, "timezone": "UTC", "lastlogin": None,
+        })
+        login = yield node.post("user/login.json", data={"username": "alice", "password": "secret1"})
+        self.assertEqual(login.code, 200, login)
+        status, out, _ = yield admin(node.config_path, "user", "show", "alice")
+        self.assertTrue(registered <= out["lastlogin"] <= int(time.time()), out)
         # as logging in, the name in any case
         status, out, _ = yield admin(node.config_path, "user", "show", "ALICE")
         self.assertEqual((status, out["id"]), (0, userid))

@@ -304,3 +304,63 @@ class StopAndLogConfigTests(ConfigCase):
         )
         error = self.assertRaises(ConfigError, load_storage_config, self.storage("drain_timeout = -1.0\n"))
         self.assertEqual(str(error), "[storage] drain_timeout: must be more than 0 seconds, got -1.0")
+
+
+class EveryProblemTests(ConfigCase):
+    """Checking goes on past the first problem: ConfigError holds each with its line; its
+    message stays the first, one line (what the daemons and the tests above read)."""
+
+    def test_every_problem_with_its_line(self) -> None:
+        text = "[input]\nqueues = 'many'\nmax_values = -3\n[users]\nkdf_threads = 0\n[bogus]\n"
+        error = self.assertRaises(ConfigError, load_node_config, self.write(text))
+        self.assertEqual(str(error), "[bogus]: unknown section")  # the first checked
+        # in the order checked: sections, then their keys, then the values' ranges
+        self.assertEqual([(p.table, p.key, p.line) for p in error.problems], [
+            ("bogus", None, 6), ("input", "queues", 2), ("input", "max_values", 3), ("users", "kdf_threads", 5),
+        ])
+        self.assertEqual(error.located(), [
+            f"{error.path}:2: [input] queues: expected an integer, got 'many'",
+            f"{error.path}:3: [input] max_values: must be at least 1, got -3",
+            f"{error.path}:5: [users] kdf_threads: must be at least 1, got 0",
+            f"{error.path}:6: [bogus]: unknown section",
+        ])
+
+    def test_a_refused_value_is_not_judged_again(self) -> None:
+        # the bad list is refused once; the shards are not told its servers are unknown
+        text = "[node]\nstorage = 'x'\nshard = 's'\n[shards.s]\nredis = 'redis://h:1/0'\nstorage = [0]\n"
+        error = self.assertRaises(ConfigError, load_node_config, self.write(text))
+        self.assertEqual([str(p) for p in error.problems], ["[node] storage: expected a list, got 'x'"])
+
+    def test_legacy_raise_keeps_its_key(self) -> None:
+        error = ConfigError("[node] drain_timeout: must be more than 0, got 0")
+        self.assertEqual((error.problems[0].table, error.problems[0].key, str(error)),
+                         ("node", "drain_timeout", "[node] drain_timeout: must be more than 0, got 0"))
+
+
+class KeyLinesTests(unittest.TestCase):
+    def test_tables_keys_inline_tables_and_strings(self) -> None:
+        from emond.tomllines import KeyLines
+
+        lines = KeyLines(
+            "top = 1\n"
+            "[node]  # the node\n"
+            "name = 'x'\n"
+            "notes = '''\n"
+            "fake = 1\n"
+            "'''\n"
+            "[storage.servers]\n"
+            "1 = { endpoint = 'tcp:h:1', name = 'storage1' }\n"
+            "[shards.a]\n"
+            "redis.url = 'x'\n"
+            '[shards."b"]\n'
+        )
+        self.assertEqual(lines.line(None, "top"), 1)
+        self.assertEqual(lines.line("node"), 2)
+        self.assertEqual(lines.line("node", "name"), 3)
+        self.assertEqual(lines.line("node", "fake"), 2)  # inside a multi-line string: not a key; its table's line
+        self.assertEqual(lines.line("storage.servers.1", "name"), 8)
+        self.assertEqual(lines.line("storage.servers", "2"), 7)
+        self.assertEqual(lines.line("shards"), 9)
+        self.assertEqual(lines.line("shards.a", "redis"), 10)
+        self.assertEqual(lines.line("shards.b", "storage[0]"), 11)
+        self.assertIsNone(lines.line("tls", "ca"))

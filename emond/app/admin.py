@@ -1,7 +1,8 @@
 """``emond-admin``: the operator's view of users and shards (architecture §7), from a node's config.
 
     emond-admin --config FILE user show NAME
-        {"id": .., "username": .., "shard": .., "feeds": N, "inputs": N}
+        {"id": .., "username": .., "shard": .., "feeds": N, "inputs": N, "email": .., "disabled": false,
+         "admin": .., "timezone": .., "created": SECONDS, "lastlogin": SECONDS | null}
     emond-admin --config FILE shards
         {"NAME": {"storage": [ids], "users": N, "feeds": N, "input_queued": N,
                   "storage_queued": N, "lag": SECONDS}, ...}
@@ -14,25 +15,34 @@ It reads the central database and each shard's Redis as a node configured by FIL
 answer is one JSON line on stdout (exit 0); an error is ``{"error": "..."}`` on stderr (exit 1;
 exit 2 for a usage error). A move reaches every storage server over the stream, so FILE must
 list them all in [storage.servers], with a [tls] certificate they allow.
+
+The other commands live in modules of their own, each registering its subcommands here:
+``check-config`` (emond.app.checkconfig), ``user list|disable|enable|reset-password``
+(emond.app.admin_users), ``feed show|verify`` (emond.app.admin_feeds), ``queues`` and
+``links`` (emond.app.admin_queues). Their shared parts are in emond.app.admin_common.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-from typing import Any, Awaitable, NoReturn, TypeVar
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
-from prometheus_client import CollectorRegistry
-
-from emond.app import importer
+from emond.app import admin_feeds, admin_queues, admin_users, checkconfig, importer
+from emond.app.admin_common import (
+    AdminError,
+    central_url,
+    connected as _connected,
+    fail as _fail,
+    from_database as _from_database,
+    open_database as _open_database,
+    stream_links,
+)
 from emond.app.monitor import sample_streams
 from emond.app.node import central_redis, shard_redis
-from emond.app.redisproc import embedded_redis_url
 from emond.cluster.move import MoveParts, Mover
 from emond.cluster.topology import configured_topology, storage_ids
 from emond.config import ConfigError, NodeConfig, load_node_config
@@ -42,21 +52,20 @@ from emond.meta.db import Database
 from emond.meta.feeds import Feeds
 from emond.meta.inputs import Inputs
 from emond.meta.moves import Moves
-from emond.meta.shards import recorded_shards, shard_counts, user_placement
+from emond.meta.accounts import user_details
+from emond.meta.shards import recorded_shards, shard_counts
 from emond.redis import RedisUnavailable
 from emond.storage.feedstore import FeedStore
-from emond.storage.remote import LinkMetrics, StreamLink
 
-T = TypeVar("T")
-
-
-class AdminError(Exception):
-    """What the command could not do, said to the operator."""
+__all__ = ["AdminError", "central_url", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
     """The ``emond-admin`` console script."""
     args = _parser().parse_args(argv)
+    if getattr(args, "offline", None) is not None:
+        args.offline(args)  # needs neither a node's config nor a reactor (check-config)
+        return
     try:
         config = load_node_config(args.config)
     except ConfigError as e:
@@ -76,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     move.add_argument("shard")
     commands.add_parser("shards", help="users, feeds, queued elements and lag per shard")
     importer.add_parser(commands)
+    # Each module adds its subcommands, with ``handler`` (async, given reactor, config and args;
+    # it prints the answer) or ``offline`` (given args alone, before any config is read).
+    admin_users.register(user)
+    admin_feeds.register(commands)
+    admin_queues.register(commands)
+    checkconfig.register(commands)
     return parser
 
 
@@ -96,29 +111,10 @@ async def _run(reactor: Any, config: NodeConfig, args: argparse.Namespace) -> No
     print(json.dumps(answer))
 
 
-def _fail(message: str, status: int = 1) -> NoReturn:
-    print(json.dumps({"error": message}), file=sys.stderr)
-    raise SystemExit(status)  # task.react exits with it
-
-
-def _open_database(config: NodeConfig) -> Database:
-    path = config.sqlite_path
-    if path is not None and not os.path.exists(path):
-        raise AdminError(f"database: no such file: {path} (a node creates it at its first start)")
-    return Database.connect(config.database.url, path)
-
-
-async def _from_database(work: Awaitable[T]) -> T:
-    """``work``'s result; a database error becomes an AdminError naming it."""
-    try:
-        return await work
-    except Exception as e:
-        raise AdminError(f"database: {e}") from e
-
-
 async def user_report(db: Database, name: str) -> dict[str, Any]:
-    """``user show NAME``: the user's id, name, shard and how many feeds and inputs they have."""
-    found = await _from_database(user_placement(db, name))
+    """``user show NAME``: the user's id, name, shard and how many feeds and inputs they have,
+    and email, disabled, admin, timezone, created and lastlogin (emond.meta.accounts)."""
+    found = await _from_database(user_details(db, name))
     if found is None:
         raise AdminError(f"no user named {name!r}")
     return found
@@ -178,8 +174,7 @@ async def move_user(db: Database, config: NodeConfig, reactor: Any, name: str, s
     central = central_redis(config, central_url(config)).client(reactor)
     central.open()
     redis = {s: shard_redis(config, s, central.url).client(reactor) for s in config.shards}
-    metrics = LinkMetrics(CollectorRegistry())
-    links = {sid: StreamLink(sid, remote, config.tls, config.node.name, metrics, reactor) for sid, remote in config.storage_servers.items()}
+    links = stream_links(config, reactor)
     store = FeedStore({}, reactor, config.feeds.read_timeout)
     try:
         for client in redis.values():
@@ -197,20 +192,3 @@ async def move_user(db: Database, config: NodeConfig, reactor: Any, name: str, s
             await link.stopService()
         for client in [central, *redis.values()]:
             await client.disconnect()
-
-
-async def _connected(links: dict[int, StreamLink], timeout: float, reactor: Any) -> None:
-    """Wait until every link's stream is up; an AdminError naming those that are not."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        down = sorted(sid for sid, link in links.items() if link.protocol is None)
-        if not down:
-            return
-        if reactor.seconds() > deadline:
-            raise AdminError(f"storage servers {down}: no stream within {timeout:g} s")
-        await task.deferLater(reactor, 0.1, lambda: None)
-
-
-def central_url(config: NodeConfig) -> str:
-    """The central Redis: the node's [redis], else its private redis-server (a single node)."""
-    return config.redis.url or embedded_redis_url(config.node.datadir)

@@ -12,7 +12,8 @@ from emond.config import ConfigError, load_node_config
 
 class ConfigOptions(usage.Options):
     """``--config``: the process's TOML file, loaded and checked before the reactor runs
-    (a bad file is a usage error naming the problem)."""
+    (a bad file is a usage error naming every problem, one line each: ``FILE:LINE: [table]
+    key: message``, as ``emond-admin check-config`` prints them)."""
 
     load: Callable[[str], Any]
 
@@ -20,7 +21,7 @@ class ConfigOptions(usage.Options):
         try:
             self["loaded"] = type(self).load(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError("refusing to start: the config has errors:\n" + "\n".join(e.located()))
 
 
 class Options(ConfigOptions):

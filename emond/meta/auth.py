@@ -3,8 +3,12 @@ guessing and registrations.
 
 A key is resolved by its sha256 digest: an in-process cache of a few
 seconds, then Redis (``emond:apikey:<digest>``), then the database. A
-regenerated key's Redis entry is deleted, so every process stops accepting
-the old key within the in-process cache's lifetime. Sessions live in Redis
+regenerated key's Redis entry is deleted (as are both keys of an account an
+operator disables), so every process stops accepting the old key within the
+in-process cache's lifetime. A lookup that read the database before such a
+change cannot put the key back in Redis after it: every change bumps
+``emond:apikey:epoch``, and a lookup caches what it read only if the epoch is
+still the one it saw before reading. Sessions live in Redis
 (any emond process serves them), under the digest of their token. Nothing
 secret (a key, a token, a password) is logged or used raw in a key name.
 """
@@ -40,6 +44,14 @@ class Auth:
     userid: int
     write: bool
     via: str  # "apikey" or "session"
+
+# KEYS: a key's cache entry, the epoch. ARGV: the epoch read before the database was, the
+# entry, its TTL. Cached only if no key was forgotten since that read.
+_CACHE_KEY = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
 
 # KEYS: the session; ARGV[1]: the generation key prefix. The session's value if it is of
 # the user's current generation; a session of an older generation is deleted.
@@ -146,7 +158,7 @@ class Authenticator:
         cached = self._keys.get(digest)
         if cached is not None and cached[2] > now:
             return cached[0], cached[1]
-        entry = await self.redis.call("GET", keys.apikey(digest))
+        entry, epoch = await self.redis.call("MGET", keys.apikey(digest), keys.APIKEY_EPOCH)
         if entry is not None:
             uid, kind = entry.split(b":")
             owner = (int(uid), kind == b"w")
@@ -156,7 +168,7 @@ class Authenticator:
                 return None
             owner = (found.userid, found.write)
             value = f"{owner[0]}:{'w' if owner[1] else 'r'}"
-            await self.redis.call("SET", keys.apikey(digest), value, "EX", REDIS_KEY_TTL)
+            await self.redis.call("EVAL", _CACHE_KEY, 2, keys.apikey(digest), keys.APIKEY_EPOCH, epoch or b"", value, REDIS_KEY_TTL)
         if len(self._keys) > 100_000:
             self._keys.clear()  # bounded: a flood of distinct valid keys cannot grow it forever
         self._keys[digest] = (owner[0], owner[1], now + KEY_CACHE_SECONDS)
@@ -165,7 +177,7 @@ class Authenticator:
     async def forget_key(self, digest: str) -> None:
         """A key was replaced: stop accepting it (other processes within seconds)."""
         self._keys.pop(digest, None)
-        await self.redis.call("DEL", keys.apikey(digest))
+        await forget_keys(self.redis, [digest])
 
     # -- sessions ----------------------------------------------------------
     #
@@ -213,7 +225,7 @@ class Authenticator:
 
     async def end_all_sessions(self, userid: int) -> int:
         """End every session of the user (all processes); fires with the new generation."""
-        return int(await self.redis.call("INCR", keys.session_generation(userid)))
+        return await end_sessions(self.redis, userid)
 
     def is_https(self, request: Request) -> bool:
         if request.isSecure():
@@ -284,6 +296,19 @@ class Authenticator:
         wait = await self.redis.call("EVAL", _COUNT, 1, key, limits.registration_window, limits.registrations_per_address)
         if int(wait) > 0:
             raise TooMany(TOO_MANY_REGISTRATIONS, int(wait))
+
+
+async def forget_keys(redis: Redis, digests: list[str]) -> None:
+    """Keys replaced, or of an account disabled (already so in the database): drop their
+    cached owners from the central Redis, so that every process looks them up again once its
+    in-process cache (KEY_CACHE_SECONDS) has expired. The epoch goes first: a lookup that read
+    the database before the change no longer caches what it read."""
+    await redis.pipeline([("INCR", keys.APIKEY_EPOCH), *(("DEL", keys.apikey(d)) for d in digests)])
+
+
+async def end_sessions(redis: Redis, userid: int) -> int:
+    """End every session of the user, on every process (its generation grows); the new one."""
+    return int(await redis.call("INCR", keys.session_generation(userid)))
 
 
 def _bearer(request: Request) -> str | None:

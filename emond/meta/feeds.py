@@ -57,6 +57,11 @@ class Feed:
         return cls(int(i), int(userid), name, tag, int(datatype), int(public), int(engine), int(server), int(interval), unit)
 
 
+async def feed_by_id(db: Database, feedid: int) -> Feed | None:
+    row = await db.one(f"SELECT {COLUMNS} FROM feeds WHERE id = ?", feedid)
+    return Feed.from_row(row) if row else None
+
+
 def check_name(name: str, what: str = "feed name") -> None:
     if len(name) > MAX_NAME:
         raise Invalid(f"{what} must be {MAX_NAME} characters or less")
@@ -136,8 +141,7 @@ class Feeds:
         return Feed(feedid, userid, name, tag, datatype, 0, engine, server, interval, unit)
 
     async def get(self, feedid: int) -> Feed | None:
-        row = await self.db.one(f"SELECT {COLUMNS} FROM feeds WHERE id = ?", feedid)
-        return Feed.from_row(row) if row else None
+        return await feed_by_id(self.db, feedid)
 
     async def get_many(self, feedids: Iterable[int]) -> dict[int, Feed]:
         """The feeds of ``feedids`` that exist, by id (one query)."""

@@ -142,6 +142,11 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
             updated BIGINT NOT NULL
         ){engine}""",
     ),
+    (
+        # An account an operator disabled (emond-admin user disable): its API keys and its
+        # password are refused until it is enabled again; its data stays.
+        "ALTER TABLE users ADD COLUMN disabled INT NOT NULL DEFAULT 0",
+    ),
 )
 
 

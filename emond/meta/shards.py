@@ -3,10 +3,9 @@ shard's name and its storage server ids as text, "1,2") and what each shard hold
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 from emond.meta.db import Database, Transaction
-from emond.meta.users import username_key
 
 
 def recorded_topology(txn: Transaction) -> dict[str, str]:
@@ -38,22 +37,3 @@ async def shard_counts(db: Database) -> dict[str, dict[str, int]]:
 
 async def recorded_shards(db: Database) -> dict[str, str]:
     return await db.transaction(recorded_topology)
-
-
-async def user_placement(db: Database, username: str) -> dict[str, Any] | None:
-    """``{"id", "username", "shard", "feeds", "inputs"}`` of the user of that exact name, else
-    of the one holding it whatever its case (emond.meta.users: names are unique whatever their
-    case; older twins keep their exact spelling); None when there is none."""
-    statement = (
-        "SELECT u.id, u.username, u.shard,"
-        " (SELECT COUNT(*) FROM feeds f WHERE f.userid = u.id),"
-        " (SELECT COUNT(*) FROM inputs i WHERE i.userid = u.id)"
-        " FROM users u WHERE {where} ORDER BY u.id"
-    )
-    row = await db.one(statement.format(where="u.username = ?"), username)
-    if row is None:
-        row = await db.one(statement.format(where="u.username_key = ?"), username_key(username))
-    if row is None:
-        return None
-    userid, name, shard, feeds, inputs = row
-    return {"id": int(userid), "username": name, "shard": shard, "feeds": int(feeds), "inputs": int(inputs)}

@@ -36,6 +36,9 @@ APIKEY = re.compile(r"^[0-9a-f]{32}$")
 DUMMY_HASH = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${'00' * 16}${'00' * 64}"
 # current emoncms's answers, the same for an unknown username and a wrong password
 LOGIN_FAILED = "Incorrect username or password"
+# emoncms's answer for an account whose login an administrator turned off (access = 0), given
+# only after the right password, so it tells a guesser nothing
+LOGIN_DISABLED = "Login disabled for this account"
 # user/get.json and user/set.json fields, as emoncms names them
 PROFILE_FIELDS = ("name", "location", "timezone", "language", "bio", "gravatar", "startingpage", "email")
 USER_COLUMNS = (
@@ -174,12 +177,13 @@ class Users:
         A username matches whatever its case, as on emoncms (MySQL's default collations ignore
         case, so emoncms users type their name in any case). Twins that predate unique
         usernames (see emond.meta.schema) each still match their exact spelling; another spelling
-        matches the oldest.
+        matches the oldest. A disabled account (``emond-admin user disable``) is refused with
+        LOGIN_DISABLED once its password is found right.
         """
         if not username or not password:
             raise Invalid("Username or password empty")
         rows = await self.db.query(
-            "SELECT id, username, password, salt FROM users WHERE username_key = ? OR username = ? ORDER BY id",
+            "SELECT id, username, password, salt, disabled FROM users WHERE username_key = ? OR username = ? ORDER BY id",
             username_key(username), username,
         )
         exact = [r for r in rows if r[1] == username]
@@ -188,6 +192,8 @@ class Users:
         correct = await self.kdf.run(check_password, password, stored, salt)
         if row is None or not correct:
             raise Invalid(failed)
+        if row[4]:
+            raise Invalid(LOGIN_DISABLED)
         userid = int(row[0])
         if not stored.startswith("scrypt$"):
             try:
@@ -199,17 +205,19 @@ class Users:
         return Verified(userid, stored)
 
     async def still_current(self, verified: Verified) -> bool:
-        """Whether the password checked at login is still the user's (not changed since)."""
-        row = await self.db.one("SELECT password FROM users WHERE id = ?", verified.userid)
-        return row is not None and hmac.compare_digest(row[0], verified.password_hash)
+        """Whether the password checked at login is still the user's (not changed since), and
+        the account not disabled since."""
+        row = await self.db.one("SELECT password, disabled FROM users WHERE id = ?", verified.userid)
+        return row is not None and not row[1] and hmac.compare_digest(row[0], verified.password_hash)
 
     async def by_apikey(self, key: str) -> KeyOwner | None:
-        """Who owns a key, and whether it is the write key."""
+        """Who owns a key, and whether it is the write key; None for a disabled account's."""
         if not APIKEY.match(key):
             return None
         digest = apikey_digest(key)
         row = await self.db.one(
-            "SELECT id, apikey_write_hash FROM users WHERE apikey_write_hash = ? OR apikey_read_hash = ?", digest, digest
+            "SELECT id, apikey_write_hash FROM users WHERE (apikey_write_hash = ? OR apikey_read_hash = ?) AND disabled = 0",
+            digest, digest,
         )
         if row is None:
             return None

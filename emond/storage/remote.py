@@ -458,6 +458,7 @@ class RemoteLink(StreamLink, ElementHandler):
             "ok": self.protocol is not None and error is None,
             "connected": self.protocol is not None,
             "holding_queue": bool(self.lease.token),
+            "window": self.window.size,  # batches that may be sent before one is acknowledged
             "window_in_use": len(self.unacked),
             "rtt": self.last_rtt,
             "error": error,

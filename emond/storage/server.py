@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from emond.engine import DataQuery, FeedError, decode_chunk, disk_summary
 from emond.records import ENGINE_PHPFINA
+from emond.storage.inspect import inspect_feed
 from emond.storage.location import StorageEngines, StorageLocationService
 from emond.stream import (
     ACK,
@@ -161,6 +162,8 @@ class StreamServer:
         if op == "summaries":
             wanted = [(int(f), int(e)) for f, e in args[0]]
             return await reads.run(_summaries, engines, wanted)
+        if op == "inspect":  # emond-admin feed show|verify: the feed's files, read only
+            return await reads.run(inspect_feed, engines.datadir, engine, feed, bool(args[0]) if args else False)
         target = engines.engine(engine)
         if op == "query":
             query = DataQuery.from_wire(args[0])
