@@ -276,6 +276,8 @@ def post_steps(params: dict[str, str], subactions: list[str], now: int, limits: 
             when = json_time
     else:
         values, refused_names = yield from _legacy(text)
+    if len(values) > limits.max_values:  # the comma count above is a cheap bound, not the count
+        raise too_many_values(limits)
     when = now if when is None else when
     reason = time_refusal(when, limits, now)
     if reason is not None:

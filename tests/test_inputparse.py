@@ -6,7 +6,7 @@ import json
 
 from twisted.trial import unittest
 
-from emond.errors import Invalid
+from emond.errors import Invalid, TooLarge
 from emond.inputparse import Bulk, FrameRefusal, Limits, Packet, TimeRefused, frame_node, frame_values, parse_bulk, parse_post
 
 NOW = 1_700_000_600
@@ -114,6 +114,14 @@ class BulkTimingTests(unittest.TestCase):
 
 
 class PostTests(unittest.TestCase):
+    def test_values_beyond_max_values_are_refused(self) -> None:
+        limits = Limits(max_values=5)
+        self.assertEqual(len(parse_post({"node": "n", "csv": "1,2,3,4,5"}, [], NOW, limits).packet.values), 5)
+        for params in ({"csv": "1,2,3,4,5,6"}, {"fulljson": '{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}'}):
+            with self.assertRaises(TooLarge) as refused:
+                parse_post({"node": "n", **params}, [], NOW, limits)
+            self.assertIn("more than 5", str(refused.exception.message))
+
     def test_csv_positions_and_named_pairs(self) -> None:
         packet, full, _ = parse_post({"node": "10", "json": "{power1:100,power2:200,17}"}, [], NOW)
         self.assertEqual((packet, full), (Packet(NOW, "10", {"power1": 100.0, "power2": 200.0, "1": 17.0}), False))
