@@ -407,9 +407,10 @@ class ApiResource(Resource):
         d.addErrback(self._crashed, request)
         return NOT_DONE_YET
 
-    async def _handle(self, request: Request) -> None:
-        gone: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: gone.append(True))
+    async def respond(self, request: Any) -> Raw | Streamed:
+        """The answer to a request, errors included, counted in the metrics (a Streamed one
+        when it is written). Anything raised is a crash (``crashed``). The lean input
+        protocol (``emond.web.lean``) calls it too, so both give the same answers."""
         try:
             answer = await self._answer(request)
         except ANSWERED as e:
@@ -417,12 +418,20 @@ class ApiResource(Resource):
                 self.log.warn("redis unavailable: {error}", error=str(e))
             answer = error_answer(e)
         if isinstance(answer, Streamed):
-            await self._stream(request, answer, gone)
-            return
+            return answer
         if not isinstance(answer, Raw):
             answer = Raw(json_bytes(answer))
         if self._requests is not None:
             self._count(getattr(request, "emond_route", "other"), answer.code)
+        return answer
+
+    async def _handle(self, request: Request) -> None:
+        gone: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: gone.append(True))
+        answer = await self.respond(request)
+        if isinstance(answer, Streamed):
+            await self._stream(request, answer, gone)
+            return
         if gone:
             return  # the client went away while we worked
         request.setResponseCode(answer.code)
@@ -486,10 +495,18 @@ class ApiResource(Resource):
             child = self._children[(route, code)] = self._requests.labels(route, str(code))
         child.inc()
 
+    def crashed(self, failure: Failure, path: bytes) -> Raw:
+        """Logs a handler's crash; the answer the client gets (no detail)."""
+        self.log.failure("API handler failed for {path}", failure, path=path)
+        return CRASHED
+
     def _crashed(self, failure: Failure, request: Request) -> None:
-        self.log.failure("API handler failed for {path}", failure, path=request.path)
+        answer = self.crashed(failure, request.path)
         if not request.finished and not request._disconnected:
-            request.setResponseCode(500)
-            request.setHeader(b"Content-Type", b"application/json")
-            request.write(json_bytes({"success": False, "message": "Internal server error"}))
+            request.setResponseCode(answer.code)
+            request.setHeader(b"Content-Type", answer.content_type)
+            request.write(answer.body)
             request.finish()
+
+
+CRASHED = Raw(json_bytes({"success": False, "message": "Internal server error"}), code=500)

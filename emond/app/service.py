@@ -29,7 +29,9 @@ from emond.pools import PoolsService, watch_pools
 from emond.storage.remote import LinkMetrics, RemoteLink, StreamLink
 from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.queue import QueueLayout
+from emond.api.http import ApiResource
 from emond.web import limited_request_factory
+from emond.web.lean import Dates, LeanChannel
 from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
 from emond.storage.location import StorageLocationService, location_dir
 from emond.storage.server import StreamServer, StreamServerFactory
@@ -46,10 +48,17 @@ class DrainingSite(Site):
     connection at once, a busy one when its last request has been answered, and whatever
     is left when the drain timeout has passed."""
 
-    def __init__(self, resource: Resource, request_factory: type[Request], reactor: Any, access_log: bool = True) -> None:
+    def __init__(
+        self, resource: Resource, request_factory: type[Request], reactor: Any, access_log: bool = True, lean: ApiResource | None = None
+    ) -> None:
+        """``lean``: the API whose input routes ``emond.web.lean`` serves on this site's
+        connections (None: twisted.web serves every request)."""
         super().__init__(resource, requestFactory=self._request, reactor=reactor)
         self._make_request = request_factory
         self._access_log = access_log
+        self._lean = lean
+        self.lean_served = 0  # requests the lean protocol answered (the tests check it is used)
+        self._dates = Dates()
         self._connections: set[Any] = set()  # their transports
         self._busy: dict[Any, int] = {}  # a connection's transport -> its requests in progress
         self._open = InFlight()  # connections: drained() fires once all are closed
@@ -65,6 +74,29 @@ class DrainingSite(Site):
         if max_body is not None:
             self._make_request.max_body = max_body  # type: ignore[attr-defined]  # this site's own class
         self._access_log = access_log
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self._lean is None:
+            return super().buildProtocol(addr)
+        return LeanChannel(self, self._lean, self._dates)
+
+    def plain_protocol(self, addr: Any) -> Any:
+        """twisted.web's own channel, for a connection ``LeanChannel`` hands over."""
+        return super().buildProtocol(addr)
+
+    def access_logged(self) -> bool:
+        return self._access_log
+
+    def max_body(self) -> int:
+        return self._make_request.max_body  # type: ignore[attr-defined,no-any-return]
+
+    def request_began(self, transport: Any) -> None:
+        """A request of ``LeanChannel`` in progress on that connection (as ``_request``)."""
+        self._busy[transport] = self._busy.get(transport, 0) + 1
+        self.lean_served += 1
+
+    def request_ended(self, transport: Any) -> None:
+        self._request_ended(None, transport)
 
     def open_connections(self) -> int:
         return len(self._connections)
@@ -194,8 +226,9 @@ def _http_service(
     drain_timeout: float,
     max_body: int = 1 << 20,
     access_log: bool = True,
+    lean: ApiResource | None = None,
 ) -> DrainingHTTPService:
-    site = DrainingSite(root, anonymous_request_factory(max_body), reactor, access_log)
+    site = DrainingSite(root, anonymous_request_factory(max_body), reactor, access_log, lean)
     site.displayTracebacks = False  # no stack trace reaches a client
     service = DrainingHTTPService(endpoints.serverFromString(reactor, description), site, http_drain(drain_timeout))
     service.setName("http")
@@ -297,7 +330,12 @@ def make_node_service(config: NodeConfig, reactor: Any) -> ProcessTree:
     # Ready to serve once its own parts answer, whatever its remote storage servers and queue
     # lags say: it is there to queue while a storage server is down or catching up.
     root.readiness = tuple(name for name in health.names if name not in ("senders", "queues"))
-    http = _http_service(reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log)
+    # The input routes on the lean protocol (emond.web.lean), but for TLS endpoints: twisted.web
+    # negotiates HTTP/2 there, and the lean protocol speaks HTTP/1.1 alone.
+    lean = web if isinstance(web, ApiResource) and not any(k in config.node.http for k in ("ssl:", "tls:")) else None
+    http = _http_service(
+        reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log, lean
+    )
     http.setServiceParent(root)
     root.listeners.append(http.listening)
     root.reloads.append(app.reconfigure)
