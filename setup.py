@@ -16,6 +16,7 @@ setup(
         "numpy>=1.26",
         "msgpack>=1.0",
         "prometheus-client>=0.17",
+        "orjson>=3.9",  # bulk frames decoded 4-5x faster than json.loads (emond/inputparse.py _decode)
         "httptools>=0.6",  # the lean HTTP/1.1 protocol of the input routes (emond/web/lean.py): heads parsed in C
         "rich>=13.0",  # emond-admin import: the progress bar
         "sdnotify>=0.3.2",  # sd_notify(3) to systemd (Type=notify, WatchdogSec)

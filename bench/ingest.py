@@ -11,8 +11,10 @@ twisted.web server (one leaf Resource answering ``ok``). The servers
 (``taskset -c 0``), wrk to the other (``taskset -c 1``). Then, alternating,
 ``wrk -t1 -c32 --latency`` for 10 s per run against emond's
 ``GET /input/post.json?apikey=KEY&node=bench&csv=1,2,3`` and against the bare
-server, 3 rounds each; then 3 runs of ``POST /input/bulk.json`` with 100
-frames per request (a wrk Lua script).
+server, 3 rounds each; then, 3 rounds each, emond's input/post at half load (each
+connection waits before each request, a wrk Lua ``delay()``, so that all together post
+about half the median rate just measured; p50/p99) and the bare server at the same pace;
+then 3 runs of ``POST /input/bulk.json`` with 100 frames per request (a wrk Lua script).
 
 Before each run the emond input queues are waited empty: the node process
 also consumes what it accepted (the consumer runs in the same process, on
@@ -46,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import HOST, ROOT, Harness, Redis, profile, register, wait_drained  # noqa: E402
 
 POST_TARGET, POST_GOAL = 0.5, 0.75  # emond input/post requests/s over the bare server's
+HALF_P99_GOAL = 5.0  # ms: input/post's p99 at half the measured maximum rate (issue 14)
 BULK_TARGET = 100_000  # frames/s
 DRAIN_TIMEOUT = 900.0
 
@@ -142,6 +145,16 @@ def lua_post(path: str, body: str) -> None:
         f.write('wrk.method = "POST"\n')
         f.write('wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"\n')
         f.write(f"wrk.body = {json.dumps(body)}\n")  # a JSON string literal is a valid Lua one here (ASCII, no \\u)
+
+
+def lua_paced(path: str, rate: float, connections: int) -> float:
+    """A wrk script that waits before each request of a connection so that ``connections``
+    connections together post about ``rate`` requests/s (less by the answers' own time);
+    the delay in ms."""
+    delay = max(1, round(1000.0 * connections / rate))
+    with open(path, "w") as f:
+        f.write(f"function delay()\n  return {delay}\nend\n")
+    return delay
 
 
 def emonhub_body(frames: int) -> bytes:
@@ -251,6 +264,23 @@ def main() -> None:
         bmed = {k: statistics.median(r[k] for r in bare_runs) for k in ("rps", "p50", "p99")}
         ratio = med["rps"] / bmed["rps"]
 
+        # Half load: the latency a device sees when the node is not saturated (the goal's p99).
+        paced = os.path.join(harness.base, "paced.lua")
+        delay = lua_paced(paced, med["rps"] / 2, args.connections)
+        print(f"\ninput/post at half load: wrk -t1 -c{args.connections}, each connection waiting {delay} ms before each request "
+              f"(about {med['rps'] / 2:,.0f} req/s, half the median above); the bare server at the same pace", flush=True)
+        half_runs, bare_half_runs = [], []
+        for r in range(1, args.rounds + 1):
+            wait_drained(redis, DRAIN_TIMEOUT)
+            e = run_wrk(wrk, args.wrk_cpu, post_url, args.duration, args.connections, paced)
+            print(line(f"round {r} emond half", e), flush=True)
+            b = run_wrk(wrk, args.wrk_cpu, bare_url, args.duration, args.connections, paced)
+            print(line(f"round {r} bare same pace", b), flush=True)
+            half_runs.append(e)
+            bare_half_runs.append(b)
+        half = {k: statistics.median(r[k] for r in half_runs) for k in ("rps", "p50", "p99")}
+        bare_half = {k: statistics.median(r[k] for r in bare_half_runs) for k in ("rps", "p50", "p99")}
+
         print(f"\ninput/bulk, {args.frames} frames per request: wrk -t1 -c{args.connections} --latency, {args.duration:.0f} s per run", flush=True)
         bulk_med = bulk_rounds("emond bulk", bulk_url, script, args, wrk, redis, metrics_port)
         expect_ok("emond input/bulk after the runs", bulk_url, body.encode())
@@ -271,6 +301,10 @@ def main() -> None:
         print(f"  bare twisted.web   {bmed['rps']:>10,.0f} req/s     p50 {bmed['p50']:.2f} ms  p99 {bmed['p99']:.2f} ms")
         verdict = "goal met" if ratio >= POST_GOAL else ("target met" if ratio >= POST_TARGET else "MISSES the target")
         print(f"  RATIO emond/bare   {ratio:.2f}   (target >= {POST_TARGET}, goal {POST_GOAL}: {verdict})")
+        verdict = "goal met" if half["p99"] <= HALF_P99_GOAL else "MISSES the goal"
+        print(f"  emond post, half load {half['rps']:>7,.0f} req/s     p50 {half['p50']:.2f} ms  p99 {half['p99']:.2f} ms   "
+              f"(goal p99 <= {HALF_P99_GOAL:g} ms: {verdict}); bare at the same pace: p50 {bare_half['p50']:.2f} ms  "
+              f"p99 {bare_half['p99']:.2f} ms")
         verdict = "target met" if frames >= BULK_TARGET else "MISSES the target"
         print(f"  emond input/bulk   {bulk_med['rps']:>10,.0f} req/s  =  {frames:,.0f} frames/s   p50 {bulk_med['p50']:.2f} ms  "
               f"p99 {bulk_med['p99']:.2f} ms   (target >= {BULK_TARGET:,}: {verdict})")

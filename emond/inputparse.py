@@ -31,6 +31,8 @@ from math import isfinite
 from operator import itemgetter
 from typing import Any, Callable, Generator, Iterable, NamedTuple, TypeVar
 
+import orjson
+
 from emond.errors import Invalid, TooLarge
 from emond.names import MAX_INPUT_NAME, MAX_NODE, valid_input_name
 from emond.numbers import PHP_NUMERIC
@@ -526,11 +528,25 @@ def _count_items(text: str, limits: Limits, counted: int, start: int, end: int) 
 
 
 def _decode(text: str) -> Any:
-    """The JSON value of ``text``, or None if it is not valid JSON."""
+    """The JSON value of ``text`` as ``json.loads`` gives it, or None if it is not valid JSON.
+
+    orjson first (4-5x faster: it was half of a bulk request's decoding); whatever orjson
+    refuses goes to ``json.loads``, which decides (NaN, Infinity, 1e400, lone surrogates,
+    deep nesting: accepted or refused as before). The one value orjson reads otherwise is
+    an integer beyond 64 bits (it makes it a float): a text with a run of 19 digits takes
+    ``json.loads`` at once. tests/test_inputparse_orjson.py compares the two on many inputs."""
+    if _LONG_DIGITS.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except ValueError:  # orjson.JSONDecodeError, and a str it cannot encode (lone surrogates)
+            pass
     try:
         return json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return None
+
+
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
 
 
 def frame_values(frame: list[Any]) -> Iterable[tuple[str, float]]:
