@@ -534,11 +534,23 @@ def _decode(text: str) -> Any:
     refuses goes to ``json.loads``, which decides (NaN, Infinity, 1e400, lone surrogates,
     deep nesting: accepted or refused as before). The one value orjson reads otherwise is
     an integer beyond 64 bits (it makes it a float): a text with a run of 19 digits takes
-    ``json.loads`` at once. tests/test_inputparse_orjson.py compares the two on many inputs."""
-    if _LONG_DIGITS.search(text) is None:
+    ``json.loads`` at once (found by mapping every digit to 0 in C and looking for 19 of
+    them: a regex search cost twice orjson's decoding). A text with lone surrogates (not
+    UTF-8) takes it too, and so does a text longer than ``ORJSON_MAX``: most requests devices
+    send are shorter, and for long ones (a 5,000-member fulljson) orjson's time came near
+    the linear-time bound of tests/test_input_properties.py on this box, where json.loads's
+    stays well inside it (orjson's own time is bounded by the cap). tests/test_inputparse_orjson.py compares the two
+    decoders on many inputs."""
+    raw: bytes | None = None
+    if len(text) <= ORJSON_MAX:
         try:
-            return orjson.loads(text)
-        except ValueError:  # orjson.JSONDecodeError, and a str it cannot encode (lone surrogates)
+            raw = text.encode()
+        except UnicodeEncodeError:
+            pass
+    if raw is not None and _NINETEEN_DIGITS not in raw.translate(_DIGITS_TO_ZERO):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
             pass
     try:
         return json.loads(text)
@@ -546,7 +558,11 @@ def _decode(text: str) -> Any:
         return None
 
 
-_LONG_DIGITS = re.compile(r"[0-9]{19}")
+# characters: a 100-frame bulk is ~2,200 (a longer text, e.g. emonhub's 1000 frames, ~22,000, takes
+# json.loads); below the texts of the linear-time tests, so both their n and 4n use one decoder
+ORJSON_MAX = 8192
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_DIGITS = b"0" * 19
 
 
 def frame_values(frame: list[Any]) -> Iterable[tuple[str, float]]:
