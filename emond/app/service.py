@@ -30,6 +30,7 @@ from emond.storage.remote import LinkMetrics, RemoteLink, StreamLink
 from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
 from emond.queue import QueueLayout
 from emond.web import limited_request_factory
+from emond.app.reuseport import server_endpoint
 from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
 from emond.storage.location import StorageLocationService, location_dir
 from emond.storage.server import StreamServer, StreamServerFactory
@@ -194,10 +195,11 @@ def _http_service(
     drain_timeout: float,
     max_body: int = 1 << 20,
     access_log: bool = True,
+    reuse_port: bool = False,
 ) -> DrainingHTTPService:
     site = DrainingSite(root, anonymous_request_factory(max_body), reactor, access_log)
     site.displayTracebacks = False  # no stack trace reaches a client
-    service = DrainingHTTPService(endpoints.serverFromString(reactor, description), site, http_drain(drain_timeout))
+    service = DrainingHTTPService(server_endpoint(reactor, description, reuse_port), site, http_drain(drain_timeout))
     service.setName("http")
     return service
 
@@ -297,7 +299,8 @@ def make_node_service(config: NodeConfig, reactor: Any) -> ProcessTree:
     # Ready to serve once its own parts answer, whatever its remote storage servers and queue
     # lags say: it is there to queue while a storage server is down or catching up.
     root.readiness = tuple(name for name in health.names if name not in ("senders", "queues"))
-    http = _http_service(reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log)
+    http = _http_service(reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log,
+                         config.node.reuse_port)
     http.setServiceParent(root)
     root.listeners.append(http.listening)
     root.reloads.append(app.reconfigure)
