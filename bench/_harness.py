@@ -245,15 +245,16 @@ SUMMARY = "EMOND_BENCH_SUMMARY"  # bench/all sets it: a file each bench appends 
 
 
 def report(measure: str, figure: float, unit: str, anchor: float | None = None, anchor_is: str = "",
-           better: str = "higher", note: str = "") -> None:
+           better: str = "higher", goal: float | None = 1.0, note: str = "") -> None:
     """One figure for ``bench/all``'s table (a JSON line appended to ``$EMOND_BENCH_SUMMARY``;
-    nothing without it). ``anchor``: what the figure is judged against (a goal, or another
-    server's figure), ``anchor_is`` says which; ``better``: "higher" or "lower"."""
+    nothing without it). ``anchor``: what the figure is set against (a goal, or another
+    server's figure; ``anchor_is`` says which); the ratio is figure / anchor, and ``goal`` the
+    ratio to reach: at least it if ``better`` is "higher", at most it if "lower" (None: no goal)."""
     path = os.environ.get(SUMMARY)
     if not path:
         return
     row = {"measure": measure, "figure": figure, "unit": unit, "anchor": anchor, "anchor_is": anchor_is,
-           "better": better, "note": note}
+           "better": better, "goal": goal, "note": note}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 

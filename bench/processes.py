@@ -93,7 +93,7 @@ def main() -> None:
               f"({m2['rps'] / m1['rps']:.2f} x)")
         print(f"  load average {os.getloadavg()[0]:.2f} at the end (the machine is shared)", flush=True)
         report("input/post req/s, 2 processes on one port (SO_REUSEPORT)", m2["rps"], "req/s", m1["rps"], "1 process",
-               note=f"{os.cpu_count()} cores shared with Redis and wrk")
+               goal=None, note=f"{os.cpu_count()} cores shared with Redis and wrk")
     finally:
         if redis is not None:
             redis.close()
