@@ -64,6 +64,8 @@ class ProcessState:
     records: dict[int, list[Record]] = field(default_factory=dict)  # by storage server
     day_only: set[int] = field(default_factory=set)  # rebuilt daily feeds: the day of their last packet is known, not its time
     refused: list[tuple[int, int, str]] = field(default_factory=list)  # (input, packet time, reason) since the last commit
+    # RECORD arrays by storage server, from passes run as array operations (emond.process.plans)
+    arrays: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
     def set_input(self, inputid: int, when: int, value: float) -> None:
         last = self.inputs.get(inputid)
@@ -90,6 +92,7 @@ class ProcessState:
         self.dirty_steps.clear()
         self.dirty_extra.clear()
         self.records = {}
+        self.arrays = {}
         self.refused = []
 
 

@@ -265,4 +265,8 @@ def to_commit(state: ProcessState, commit: Commit) -> None:
         if flat:
             commit.command("HSET", keys.process_state(*key), *flat)
     for server, records in state.records.items():
-        commit.append_storage(server, np.array(records, dtype=RECORD).tobytes())
+        parts = [np.array(records, dtype=RECORD), *state.arrays.get(server, [])]
+        commit.append_storage(server, (parts[0] if len(parts) == 1 else np.concatenate(parts)).tobytes())
+    for server, arrays in state.arrays.items():  # passes run as array operations (emond.process.plans)
+        if server not in state.records:
+            commit.append_storage(server, (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).tobytes())
