@@ -26,14 +26,16 @@ two cores are the kernel's to share):
   and a consumer-only ``twistd emond`` (``storage = []``), as ``bench/ingest.py --split``;
 - ``split-store``: the front only accepts (``storage = []``); the consumer
   process also hosts the storage (feeds are created through its API);
-- ``two``: two whole nodes, both accepting (the clients alternate between
-  them) and consuming (one user: one input queue, so one of them holds it);
-  the first hosts the storage.
+- ``two``: two whole nodes on one port (``[node] reuse_port = true``: the
+  kernel spreads the clients' connections), both accepting and consuming
+  (one user: one input queue, so one of them holds it at a time); the first
+  hosts the storage.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import struct
@@ -46,7 +48,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import HOST, ROOT, Harness, Redis, call, register, start_profile, stop_profile, wait_drained  # noqa: E402
+from _harness import (  # noqa: E402
+    HOST, QUEUES, ROOT, Harness, Redis, call, free_port, register, report, start_profile, stop_profile, wait_drained,
+)
+from emond.keys import input_queue, lease  # noqa: E402
 
 TARGET = 250_000  # datapoints/s, end to end on 2 cores (issue 14; the first target was 50,000)
 INTERVAL = 10
@@ -70,19 +75,18 @@ def bodies(key: str, feeds: int, frames: int, requests: int, t0: int) -> list[by
     return out
 
 
-def post_all(ports: list[int], payloads: list[bytes], clients: int) -> tuple[float, float, int]:
-    """Post every payload with ``clients`` concurrent treq clients (client k posts to
-    ``ports[k % len(ports)]``); (start, all acknowledged, bad answers)."""
+def post_all(port: int, payloads: list[bytes], clients: int) -> tuple[float, float, int]:
+    """Post every payload with ``clients`` concurrent treq clients; (start, all acknowledged, bad answers)."""
     import treq
     from twisted.internet import defer
     from twisted.python.failure import Failure
     from twisted.web.client import HTTPConnectionPool
 
-    urls = [f"http://{HOST}:{port}/input/bulk.json".encode() for port in ports]
+    url = f"http://{HOST}:{port}/input/bulk.json".encode()
     times: dict[str, float] = {}
     bad: list[str] = []
 
-    async def worker(reactor: object, pool: HTTPConnectionPool, work: "list[bytes]", url: bytes) -> None:
+    async def worker(reactor: object, pool: HTTPConnectionPool, work: "list[bytes]") -> None:
         while work and not bad:
             body = work.pop()
             response = await treq.post(url, data=body, headers={b"Content-Type": [b"application/x-www-form-urlencoded"]}, pool=pool)
@@ -95,7 +99,7 @@ def post_all(ports: list[int], payloads: list[bytes], clients: int) -> tuple[flo
         pool.maxPersistentPerHost = clients
         work = list(reversed(payloads))  # pop() from the end: in time order
         times["start"] = time.monotonic()
-        await defer.gatherResults([defer.ensureDeferred(worker(reactor, pool, work, urls[k % len(urls)])) for k in range(clients)], consumeErrors=True)
+        await defer.gatherResults([defer.ensureDeferred(worker(reactor, pool, work)) for _ in range(clients)], consumeErrors=True)
         times["acked"] = time.monotonic()
         await pool.closeCachedConnections()
 
@@ -110,6 +114,20 @@ def post_all(ports: list[int], payloads: list[bytes], clients: int) -> tuple[flo
     if bad:
         raise SystemExit(f"FAIL: {len(bad)} bulk posts not answered 200 'ok', e.g. {bad[0]}")
     return times["start"], times["acked"], len(bad)
+
+
+def wait_shared(redis: Redis, consumers: int, timeout: float = 60.0) -> float:
+    """Wait until the input queues' leases are spread evenly over ``consumers`` readers (a
+    reader joining takes its share within two lease renewals); the seconds it took."""
+    began = time.monotonic()
+    while True:
+        holders = redis.pipeline([("GET", lease(input_queue(q))) for q in range(QUEUES)])
+        owners = collections.Counter(h.rsplit(b":", 1)[0] for h in holders if h is not None)
+        if sum(owners.values()) == QUEUES and len(owners) == consumers and max(owners.values()) == -(-QUEUES // consumers):
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout:
+            raise SystemExit(f"the input queues' leases did not settle over {consumers} consumers: {dict(owners)}")
+        time.sleep(0.1)
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -186,19 +204,23 @@ def main() -> None:
         redis_server, redis_port = harness.redis()
         shape = args.shape
         front_storage = "[]" if shape == "split-store" else "[0]"
+        shared = "reuse_port = true\n" if shape == "two" else ""
         node, port, datadir = harness.emond(redis_port, extra="consume = false\n" if shape.startswith("split") else "",
-                                            storage=front_storage)
+                                            storage=front_storage, port=free_port(), node_extra=shared)
         processes = [("emond", node)]  # (role, server) of every twistd, for the profile
-        ports = [port]
         api = port  # where feeds are created: the process hosting storage 0
-        if shape != "single":
+
+        def second() -> None:
+            nonlocal processes, api, datadir
             other, other_port, other_datadir = harness.emond(redis_port, consumer_of=datadir,
-                                                             storage="[0]" if shape == "split-store" else "[]")
+                                                             storage="[0]" if shape == "split-store" else "[]",
+                                                             port=port if shape == "two" else None, node_extra=shared)
             processes = [("front" if shape != "two" else "node 1", node), ("consumer" if shape != "two" else "node 2", other)]
             if shape == "split-store":
                 api, datadir = other_port, other_datadir
-            if shape == "two":
-                ports.append(other_port)
+
+        if shape.startswith("split"):
+            second()
         redis = Redis(redis_port)
         key = register(port)
         feedids = []
@@ -223,9 +245,13 @@ def main() -> None:
             if not isinstance(answer, dict) or not answer.get("success"):
                 raise SystemExit(f"input/process/set.json failed: {answer!r}")
         wait_drained(redis, 60)
+        if shape == "two":  # now: on the shared port, feed/create could reach the node without storage
+            second()
+            wait_drained(redis, 60)
+            print(f"two: the input queues' leases settled over both nodes in {wait_shared(redis, 2):.1f} s", flush=True)
         built = time.monotonic()
         payloads = bodies(key, feeds, frames, requests, t0)
-        print(f"{shape}: " + ", ".join(f"{role} pid {server.pid}" for role, server in processes) + f" on :{' :'.join(map(str, ports))}; {feeds} feeds; {requests} bulk requests of {frames} frames x {feeds} values "
+        print(f"{shape}: " + ", ".join(f"{role} pid {server.pid}" for role, server in processes) + f" on :{port}; {feeds} feeds; {requests} bulk requests of {frames} frames x {feeds} values "
               f"({sum(map(len, payloads)) / len(payloads):,.0f} bytes each, built in {time.monotonic() - built:.1f} s); "
               f"{total:,} datapoints, {args.clients} clients", flush=True)
 
@@ -233,7 +259,7 @@ def main() -> None:
                  for n, (role, server) in enumerate(processes)] if args.profile else []
         counted = [*processes, ("redis-server", redis_server)]
         cpu_before = [cpu_seconds(server.pid) for _role, server in counted] + [cpu_seconds()]
-        began, acked, _ = post_all(ports, payloads, args.clients)
+        began, acked, _ = post_all(port, payloads, args.clients)
         drained_after = wait_drained(redis, 1800, poll=0.02)
         done = time.monotonic()
         cpu = [after - before for after, before in zip([cpu_seconds(server.pid) for _role, server in counted] + [cpu_seconds()], cpu_before)]
@@ -259,6 +285,8 @@ def main() -> None:
             for (role, _server), seconds in zip([*counted, ("bench client", None)], cpu)) +
             f"; all {sum(cpu):.2f} s of {2 * (done - began):.2f} core-seconds")
         print(f"  load average {os.getloadavg()[0]:.2f} at the end (the machine is shared)", flush=True)
+        report(f"end to end, bulk posts to values on disk, all verified ({shape})", e2e_rate, "datapoints/s", TARGET, "goal",
+               note=f"{os.cpu_count()} cores shared with Redis and the client; CPU {sum(cpu) * 1e6 / total:.1f} µs/datapoint")
         for role, summary in summaries:
             print(f"\nPROFILE {role}, first post until drained (py-spy record)\n{summary}", flush=True)
         if problems:
