@@ -21,7 +21,7 @@ from emond.meta.feeds import Feed
 from emond.meta.inputs import Input
 from emond.processlist import Step
 from emond.process.functions import ProcessState, StepRun, run_steps
-from emond.process.plans import EMPTY_PLAN, gather, make_plan, reads, run_columns
+from emond.process.plans import EMPTY_PLAN, chunks, gather, make_plan, reads, run_columns
 from emond.process.state import to_commit
 from emond.queue import Commit
 from emond.records import ENGINE_PHPFINA, ENGINE_PHPTIMESERIES
@@ -63,8 +63,8 @@ def general(state: ProcessState, groups: list[list], users: dict[int, User]) -> 
 
 
 def committed(state: ProcessState) -> tuple[list, list]:
-    """The commit's state writes (in any order: each names its own key) and its storage
-    batches (in order, byte for byte)."""
+    """The commit's state writes and its storage batches, byte for byte, in any order: each
+    names its own key, and a commit has one batch per storage queue."""
     commit = Commit()
     to_commit(state, commit)
     writes, batches = [], []
@@ -73,7 +73,7 @@ def committed(state: ProcessState) -> tuple[list, list]:
         name, n = ops[0], ops[1]
         command, ops = ops[: 2 + n], ops[2 + n :]
         (batches if name == "XADDSEQ" else writes).append(tuple(map(str, command)))
-    return sorted(writes), batches
+    return sorted(writes), sorted(batches)
 
 
 def snapshot(state: ProcessState) -> tuple:
@@ -175,6 +175,31 @@ class ArrayPassTests(unittest.TestCase):
     def test_passes_with_stateful_lists_or_named_values_decline_or_agree(self):
         for seed in range(400):
             self.check(1000 + seed, stateful=True, named=True)
+
+    def test_passes_in_chunks_equal_the_general_path(self):
+        # as the consumer runs a pass: chunk by chunk as arrays, from the first chunk that
+        # declines on value by value; the frames in order, cut anywhere
+        for seed in range(300):
+            passes = RandomPasses(2000 + seed)
+            users = passes.users(stateful=seed % 3 == 0)
+            state_a, state_b = ProcessState(), ProcessState()
+            for _ in range(3):
+                groups = passes.groups(users, named=seed % 5 == 0)
+                limit = passes.rng.choice((1, 5, 17, 1000))
+                parts = list(chunks(groups, limit))
+                # every frame once, in order, under its own group's header
+                self.assertEqual([(*g[:3], id(f)) for part in parts for g in part for f in g[3]],
+                                 [(*g[:3], id(f)) for g in groups for f in g[3]])
+                for n, chunk in enumerate(parts):
+                    columns = gather(chunk, users)
+                    if columns is None or not run_columns(state_a, columns):
+                        general(state_a, [g for part in parts[n:] for g in part], users)
+                        break
+                general(state_b, groups, users)
+                self.assertEqual(snapshot(state_a), snapshot(state_b))
+                self.assertEqual(committed(state_a), committed(state_b))
+                state_a.clear_changes()
+                state_b.clear_changes()
 
     def test_what_a_pass_reads(self):
         feeds = [Feed(1, 7, "a", "", 1, 0, ENGINE_PHPFINA, 0, 10, "")]

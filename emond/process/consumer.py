@@ -61,7 +61,7 @@ from emond.meta.refusals import Refusals, Refused
 from emond.meta.users import Users
 from emond.process.state import StateLoader, StorageUnreadable, to_commit
 from emond.process.functions import ExtraKey, ProcessState, StepRun, daily_feeds, run_steps
-from emond.process.plans import EMPTY_PLAN, Plan, gather, make_plan, reads, run_columns
+from emond.process.plans import EMPTY_PLAN, Plan, chunks, gather, make_plan, reads, run_columns
 from emond.storage.feedstore import FeedStore
 
 POISON_AFTER = 5  # failed attempts before an element is set aside
@@ -69,6 +69,7 @@ POISON_AFTER = 5  # failed attempts before an element is set aside
 # this bounds how long HTTP requests wait behind it; the awaits between passes let them in.
 PASS_PACKETS = 4096
 SLICE_MASK = 1023  # the slicer's clock is read once per this many values
+CHUNK_VALUES = 16384  # values a pass runs as arrays between reactor turns (a few ms)
 HELD_CHUNK = 256  # parked elements of a released user let through per pass
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
@@ -226,9 +227,18 @@ class InputConsumerService(Service, ElementHandler):
         if tenure.state is None:
             tenure.state = ProcessState()  # a new tenure, or one whose pass failed: from what Redis has
         state = tenure.state
-        packets = await self._run_columns(state, groups, users)
-        if packets is None:
-            packets = await self._run_values(state, groups, users, refused)
+        # As arrays, a chunk at a time (the reactor gets a turn between them); from the first
+        # chunk that needs the general path on, value by value.
+        packets = 0
+        slicer = Slicer(self.reactor)
+        parts = list(chunks(groups, CHUNK_VALUES))
+        for n, chunk in enumerate(parts):
+            ran = await self._run_columns(state, chunk, users)
+            if ran is None:
+                packets += await self._run_values(state, [g for part in parts[n:] for g in part], users, refused)
+                break
+            packets += ran
+            await slicer.turn()
         committed_inputs = list(state.dirty_inputs)
         to_commit(state, commit)
         try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
-from typing import Any, Iterable, Mapping, NamedTuple, Protocol
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Protocol
 
 import numpy as np
 
@@ -41,7 +41,6 @@ PASSTHROUGH = frozenset({9, 10, 13, 16, 17, 18, 19})  # no-ops emoncms.org kept:
 ARRAY_OPS = frozenset({LOG, SCALE, OFFSET, ALLOWPOSITIVE, ALLOWNEGATIVE, SIGNED2UNSIGNED, RESET2ZERO}) | PASSTHROUGH
 MAX_OPS = 16  # steps of a planned list (the sequence key keeps room for this many per value)
 _COLUMNS = 256  # values a positional frame can carry, at most (the sequence key's room per frame)
-_NUMBERS = frozenset((int, float))
 _INT = frozenset((int,))
 _OFFSET, _NODE, _VALUES = itemgetter(0), itemgetter(1), itemgetter(slice(2, None))
 
@@ -140,15 +139,11 @@ def gather(groups: Iterable[list[Any]], users: Mapping[int, PlannedUser]) -> Col
         whens = np.array(offsets, dtype=np.int64) + time_ref
         numbers = np.arange(frame_no, frame_no + n, dtype=np.int64)
         for node, width, rows in parts:
-            mine = frames if rows is None else [frames[i] for i in rows]
-            values = list(map(_VALUES, mine))
-            if not set(map(type, chain.from_iterable(values))) <= _NUMBERS:
-                return None
             key = (user, node if type(node) is str else str(node), width - 2)
             if rows is None:
-                blocks.setdefault(key, []).append((numbers, whens, values))
+                blocks.setdefault(key, []).append((numbers, whens, frames))
             else:
-                blocks.setdefault(key, []).append((numbers[rows], whens[rows], values))
+                blocks.setdefault(key, []).append((numbers[rows], whens[rows], [frames[i] for i in rows]))
         frame_no += n
     pieces: dict[int, list[Column]] = {}
     plans: dict[int, Plan] = {}
@@ -156,7 +151,13 @@ def gather(groups: Iterable[list[Any]], users: Mapping[int, PlannedUser]) -> Col
         user = users[userid]
         numbers = np.concatenate([f[0] for f in found]) * _COLUMNS if len(found) > 1 else found[0][0] * _COLUMNS
         whens = np.concatenate([f[1] for f in found]) if len(found) > 1 else found[0][1]
-        matrix = np.array(list(chain.from_iterable(f[2] for f in found)), dtype=np.float64).reshape(-1, width)
+        frames = list(chain.from_iterable(f[2] for f in found))
+        try:  # float() of each value, as frame_values does, without a Python float per value kept
+            matrix = np.fromiter(chain.from_iterable(map(_VALUES, frames)), np.float64, len(frames) * width).reshape(-1, width)
+        except (TypeError, ValueError):  # not numbers (queued frames' values are): the general path decides
+            return None
+        if not np.isfinite(matrix).all():  # None gives NaN here, where float() raises
+            return None
         names = POSITIONS[1 : width + 1]
         for c, name in enumerate(names):
             inp = user.inputs.get((node, name))
@@ -172,6 +173,29 @@ def gather(groups: Iterable[list[Any]], users: Mapping[int, PlannedUser]) -> Col
         for inputid, found in pieces.items()
     }
     return Columns(columns, plans, packets)
+
+
+def chunks(groups: list[list[Any]], limit: int) -> Iterator[list[list[Any]]]:
+    """``groups`` in order, in chunks of about ``limit`` values (a group cut between its frames
+    when it alone is larger), so that a pass gives the reactor a turn between chunks."""
+    chunk: list[list[Any]] = []
+    size = 0
+    for group in groups:
+        frames = group[3]
+        values = sum(map(len, frames)) - 2 * len(frames)  # positional frames: their values
+        if values > limit and len(frames) > 1:
+            step = max(1, len(frames) * limit // values)
+            parts = [[*group[:3], frames[i : i + step]] for i in range(0, len(frames), step)]
+        else:
+            parts = [group]
+        for part in parts:
+            if chunk and size >= limit:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(part)
+            size += values * len(part[3]) // max(1, len(frames))
+    if chunk:
+        yield chunk
 
 
 def reads(columns: Columns) -> tuple[set[int], set[int]]:
@@ -249,12 +273,13 @@ def run_columns(state: ProcessState, columns: Columns) -> bool:
         by_server.setdefault(feed.server, []).append((feed, column))
     for server, found in by_server.items():
         seq = np.concatenate([c.seq for _f, c in found])
-        order = np.argsort(seq, kind="stable")
+        order = np.argsort(seq)  # the keys are unique: any sort gives the one order
+        lengths = [len(c.seq) for _f, c in found]
         records = np.empty(len(seq), dtype=RECORD)
-        records["feed"] = np.concatenate([np.full(len(c.seq), f.id, dtype=np.uint32) for f, c in found])[order]
+        records["feed"] = np.repeat(np.array([f.id for f, _c in found], dtype=np.uint32), lengths)[order]
         records["time"] = np.concatenate([c.when for _f, c in found])[order]
         records["value"] = np.concatenate([c.value for _f, c in found])[order]
-        records["engine"] = np.concatenate([np.full(len(c.seq), f.engine, dtype=np.uint8) for f, c in found])[order]
+        records["engine"] = np.repeat(np.array([f.engine for f, _c in found], dtype=np.uint8), lengths)[order]
         records["padding"] = PADDING_NAN
         state.arrays.setdefault(server, []).append(records)
     return True
