@@ -268,6 +268,6 @@ def to_commit(state: ProcessState, commit: Commit) -> None:
     # arrays before it runs any value by value.
     for server in [*state.arrays, *(s for s in state.records if s not in state.arrays)]:
         parts = list(state.arrays.get(server, ()))
-        if state.records.get(server):
+        if server in state.records:
             parts.append(np.array(state.records[server], dtype=RECORD))
         commit.append_storage(server, (parts[0] if len(parts) == 1 else np.concatenate(parts)).tobytes())
