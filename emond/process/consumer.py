@@ -7,6 +7,9 @@ a batch of elements it creates the inputs seen for the first time (within
 the node and input limits; beyond them the values are refused and counted),
 runs the process lists, and commits — input last values, process state,
 storage records and the removal of the elements — in one fenced script.
+Lists that only log, scale or offset run per input column as arrays
+(``emond.process.plans``), a chunk of the pass at a time; anything else, and
+everything after a chunk that needs it, value by value (``functions.run_steps``).
 
 A user moving onto this shard (``emond.cluster.move``) is held: while ``keys.user_hold``
 is set, its packets are parked in ``keys.user_held`` (in the commit that removes their

@@ -120,6 +120,9 @@ def day_start(when: int, tz: zoneinfo.ZoneInfo) -> int:
 
 
 _NO_EXTRA: Mapping[str, str] = MappingProxyType({})
+# The field names of step times (``emond:step``), "<index>:<process>", for the usual list lengths.
+_FIELD_INDEXES, _FIELD_PROCESSES = 32, 64
+_STEP_FIELDS = tuple(tuple(f"{i}:{p}" for p in range(_FIELD_PROCESSES)) for i in range(_FIELD_INDEXES))
 
 
 @dataclass
@@ -168,6 +171,8 @@ class StepRun:
 
     @property
     def _step_field(self) -> str:
+        if self.index < _FIELD_INDEXES and 0 <= self.process < _FIELD_PROCESSES:
+            return _STEP_FIELDS[self.index][self.process]  # made once: read twice per stateful step and value
         return f"{self.index}:{self.process}"
 
     def last_applied(self) -> int:
