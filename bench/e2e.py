@@ -20,7 +20,8 @@ float32).
 ``--shape`` chooses how the work is spread over processes (nothing pinned: the
 two cores are the kernel's to share):
 
-- ``single`` (the default): the one node accepts, consumes and stores;
+- ``single``: the one node accepts, consumes and stores (the shape of the
+  figures before issue 14);
 - ``split``: a front node that only accepts (``[input] consume = false``) and
   hosts the storage (``[node] storage = [0]``: its sender writes the files),
   and a consumer-only ``twistd emond`` (``storage = []``), as ``bench/ingest.py --split``;
@@ -29,7 +30,8 @@ two cores are the kernel's to share):
 - ``two``: two whole nodes on one port (``[node] reuse_port = true``: the
   kernel spreads the clients' connections), both accepting and consuming
   (one user: one input queue, so one of them holds it at a time); the first
-  hosts the storage.
+  hosts the storage. The default: what the two cores do best (bench/README.md,
+  "Issue 14: end to end").
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=1_000_000, help="datapoints to post (rounded up to whole requests)")
     parser.add_argument("--frames", type=int, default=100, help="frames per bulk request")
     parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
-    parser.add_argument("--shape", choices=("single", "split", "split-store", "two"), default="single",
+    parser.add_argument("--shape", choices=("single", "split", "split-store", "two"), default="two",
                         help="processes: one node; a front + a consumer (storage in the front, or in the consumer); two whole nodes")
     parser.add_argument("--profile", action="store_true", help="py-spy record emond from the first post until drained")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, raw profiles)")
