@@ -125,8 +125,8 @@ def gather(groups: Iterable[list[Any]], users: Mapping[int, PlannedUser]) -> Col
         if dict in set(map(type, map(itemgetter(2), frames))):
             return None  # named values (the careful path's frames)
         offsets = list(map(_OFFSET, frames))
-        if set(map(type, offsets)) != _INT:
-            return None
+        if set(map(type, offsets)) != _INT or type(time_ref) is not int:
+            return None  # times as the general path computes them: int + int
         nodes = list(map(_NODE, frames))
         user = int(userid)
         if len(lens) == 1 and len(set(nodes)) == 1:
