@@ -184,17 +184,21 @@ class Harness:
         raise AssertionError("unreachable")
 
     def emond(self, redis_port: int, cpu: str | None = None, extra: str = "", consumer_of: str | None = None,
-              prelude: str = "") -> tuple[Server, int, str]:
+              prelude: str = "", port: int | None = None, node_extra: str = "", name: str = "",
+              storage: str | None = None) -> tuple[Server, int, str]:
         """A real ``twistd -n emond`` with a temp config: free port, temp datadir, SQLite, no rate limit.
         ``consumer_of``: the datadir of a node this one only consumes for (same database, no storage).
-        ``prelude``: Python run in the twistd process before twistd starts (instrumentation)."""
-        d = self.dir("consumer" if consumer_of else "node")
-        port = free_port()
+        ``prelude``: Python run in the twistd process before twistd starts (instrumentation).
+        ``port``: this HTTP port instead of a free one; ``node_extra``: more ``[node]`` keys;
+        ``name``: its folder (default ``node``, or ``consumer`` with ``consumer_of``);
+        ``storage``: its ``[node] storage`` (default ``[0]``, or ``[]`` with ``consumer_of``)."""
+        d = self.dir(name or ("consumer" if consumer_of else "node"))
+        port = port or free_port()
         config = os.path.join(d, "emond.toml")
         database = os.path.join(os.path.dirname(consumer_of), "emond.db") if consumer_of else "emond.db"
         with open(config, "w") as f:
             f.write(
-                f'[node]\nhttp = "tcp:{port}:interface={HOST}"\ndatadir = "var"\nstorage = {"[]" if consumer_of else "[0]"}\n'
+                f'[node]\nhttp = "tcp:{port}:interface={HOST}"\ndatadir = "var"\nstorage = {storage or ("[]" if consumer_of else "[0]")}\n{node_extra}'
                 f'[redis]\nurl = "redis://{HOST}:{redis_port}/0"\n'
                 f'[database]\nurl = "sqlite:///{database}"\n'
                 f"[input]\nqueues = {QUEUES}\nrate_limit = 0.0\n{extra}"
@@ -237,6 +241,24 @@ class Harness:
             print(f"kept {self.base}", file=sys.stderr)
         else:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+SUMMARY = "EMOND_BENCH_SUMMARY"  # bench/all sets it: a file each bench appends its figures to
+
+
+def report(measure: str, figure: float, unit: str, anchor: float | None = None, anchor_is: str = "",
+           better: str = "higher", goal: float | None = 1.0, note: str = "") -> None:
+    """One figure for ``bench/all``'s table (a JSON line appended to ``$EMOND_BENCH_SUMMARY``;
+    nothing without it). ``anchor``: what the figure is set against (a goal, or another
+    server's figure; ``anchor_is`` says which); the ratio is figure / anchor, and ``goal`` the
+    ratio to reach: at least it if ``better`` is "higher", at most it if "lower" (None: no goal)."""
+    path = os.environ.get(SUMMARY)
+    if not path:
+        return
+    row = {"measure": measure, "figure": figure, "unit": unit, "anchor": anchor, "anchor_is": anchor_is,
+           "better": better, "goal": goal, "note": note}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def call(port: int, path: str, host: str = HOST, **params: str) -> Any:

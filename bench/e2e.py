@@ -1,6 +1,6 @@
 """End-to-end benchmark: datapoints/s from ``input/bulk`` posts to values in PHPFina files, all verified.
 
-Run: ``python bench/e2e.py [--feeds 20] [--points 1000000] [--clients 8] [--profile]``.
+Run: ``python bench/e2e.py [--feeds 20] [--points 1000000] [--clients 8] [--shape single|split|split-store|two] [--profile]``.
 Prints figures; it is not a test.
 
 One node on this machine (nothing pinned): a private redis-server (free
@@ -16,11 +16,28 @@ the storage queue ``emond:st:0`` are empty (Redis polled every 20 ms); then
 every feed's ``.dat`` is read with numpy and every value compared with what
 was posted (exact: the values are multiples of 0.25 below 2^18, exact in
 float32).
+
+``--shape`` chooses how the work is spread over processes (nothing pinned: the
+two cores are the kernel's to share):
+
+- ``single``: the one node accepts, consumes and stores (the shape of the
+  figures before issue 14);
+- ``split``: a front node that only accepts (``[input] consume = false``) and
+  hosts the storage (``[node] storage = [0]``: its sender writes the files),
+  and a consumer-only ``twistd emond`` (``storage = []``), as ``bench/ingest.py --split``;
+- ``split-store``: the front only accepts (``storage = []``); the consumer
+  process also hosts the storage (feeds are created through its API);
+- ``two``: two whole nodes on one port (``[node] reuse_port = true``: the
+  kernel spreads the clients' connections), both accepting and consuming
+  (one user: one input queue, so one of them holds it at a time); the first
+  hosts the storage. The default: what the two cores do best (bench/README.md,
+  "Issue 14: end to end").
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import struct
@@ -33,9 +50,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import HOST, ROOT, Harness, Redis, call, register, start_profile, stop_profile, wait_drained  # noqa: E402
+from _harness import (  # noqa: E402
+    HOST, QUEUES, ROOT, Harness, Redis, call, free_port, register, report, start_profile, stop_profile, wait_drained,
+)
+from emond.keys import input_queue, lease  # noqa: E402
 
-TARGET = 50_000  # datapoints/s, end to end
+TARGET = 250_000  # datapoints/s, end to end on 2 cores (issue 14; the first target was 50,000)
 INTERVAL = 10
 NODE = "e2e"
 
@@ -98,6 +118,30 @@ def post_all(port: int, payloads: list[bytes], clients: int) -> tuple[float, flo
     return times["start"], times["acked"], len(bad)
 
 
+def wait_shared(redis: Redis, consumers: int, timeout: float = 60.0) -> float:
+    """Wait until the input queues' leases are spread evenly over ``consumers`` readers (a
+    reader joining takes its share within two lease renewals); the seconds it took."""
+    began = time.monotonic()
+    while True:
+        holders = redis.pipeline([("GET", lease(input_queue(q))) for q in range(QUEUES)])
+        owners = collections.Counter(h.rsplit(b":", 1)[0] for h in holders if h is not None)
+        if sum(owners.values()) == QUEUES and len(owners) == consumers and max(owners.values()) == -(-QUEUES // consumers):
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout:
+            raise SystemExit(f"the input queues' leases did not settle over {consumers} consumers: {dict(owners)}")
+        time.sleep(0.1)
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads); None: this one."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def verify(datadir: str, feedids: list[int], slots: int, t0: int) -> tuple[int, list[str]]:
     """Every value of every feed against what was posted: (values checked, problems)."""
     problems: list[str] = []
@@ -140,6 +184,8 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=1_000_000, help="datapoints to post (rounded up to whole requests)")
     parser.add_argument("--frames", type=int, default=100, help="frames per bulk request")
     parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    parser.add_argument("--shape", choices=("single", "split", "split-store", "two"), default="two",
+                        help="processes: one node; a front + a consumer (storage in the front, or in the consumer); two whole nodes")
     parser.add_argument("--profile", action="store_true", help="py-spy record emond from the first post until drained")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, raw profiles)")
     args = parser.parse_args()
@@ -157,13 +203,31 @@ def main() -> None:
     harness = Harness("e2e")
     redis = None
     try:
-        _, redis_port = harness.redis()
-        node, port, datadir = harness.emond(redis_port)
+        redis_server, redis_port = harness.redis()
+        shape = args.shape
+        front_storage = "[]" if shape == "split-store" else "[0]"
+        shared = "reuse_port = true\n" if shape == "two" else ""
+        node, port, datadir = harness.emond(redis_port, extra="consume = false\n" if shape.startswith("split") else "",
+                                            storage=front_storage, port=free_port(), node_extra=shared)
+        processes = [("emond", node)]  # (role, server) of every twistd, for the profile
+        api = port  # where feeds are created: the process hosting storage 0
+
+        def second() -> None:
+            nonlocal processes, api, datadir
+            other, other_port, other_datadir = harness.emond(redis_port, consumer_of=datadir,
+                                                             storage="[0]" if shape == "split-store" else "[]",
+                                                             port=port if shape == "two" else None, node_extra=shared)
+            processes = [("front" if shape != "two" else "node 1", node), ("consumer" if shape != "two" else "node 2", other)]
+            if shape == "split-store":
+                api, datadir = other_port, other_datadir
+
+        if shape.startswith("split"):
+            second()
         redis = Redis(redis_port)
         key = register(port)
         feedids = []
         for f in range(feeds):
-            answer = call(port, "feed/create.json", apikey=key, name=f"e2e{f + 1}", engine="5", options='{"interval":10}')
+            answer = call(api, "feed/create.json", apikey=key, name=f"e2e{f + 1}", engine="5", options='{"interval":10}')
             if not isinstance(answer, dict) or not answer.get("success"):
                 raise SystemExit(f"feed/create.json failed: {answer!r}")
             feedids.append(int(answer["feedid"]))
@@ -183,17 +247,25 @@ def main() -> None:
             if not isinstance(answer, dict) or not answer.get("success"):
                 raise SystemExit(f"input/process/set.json failed: {answer!r}")
         wait_drained(redis, 60)
+        if shape == "two":  # now: on the shared port, feed/create could reach the node without storage
+            second()
+            wait_drained(redis, 60)
+            print(f"two: the input queues' leases settled over both nodes in {wait_shared(redis, 2):.1f} s", flush=True)
         built = time.monotonic()
         payloads = bodies(key, feeds, frames, requests, t0)
-        print(f"emond pid {node.pid} on :{port}; {feeds} feeds; {requests} bulk requests of {frames} frames x {feeds} values "
+        print(f"{shape}: " + ", ".join(f"{role} pid {server.pid}" for role, server in processes) + f" on :{port}; {feeds} feeds; {requests} bulk requests of {frames} frames x {feeds} values "
               f"({sum(map(len, payloads)) / len(payloads):,.0f} bytes each, built in {time.monotonic() - built:.1f} s); "
               f"{total:,} datapoints, {args.clients} clients", flush=True)
 
-        spy = start_profile(node.pid, os.path.join(harness.base, "profile.txt")) if args.profile else None
+        spies = [(role, start_profile(server.pid, os.path.join(harness.base, f"profile-{n}.txt")), os.path.join(harness.base, f"profile-{n}.txt"))
+                 for n, (role, server) in enumerate(processes)] if args.profile else []
+        counted = [*processes, ("redis-server", redis_server)]
+        cpu_before = [cpu_seconds(server.pid) for _role, server in counted] + [cpu_seconds()]
         began, acked, _ = post_all(port, payloads, args.clients)
         drained_after = wait_drained(redis, 1800, poll=0.02)
         done = time.monotonic()
-        summary = stop_profile(spy, os.path.join(harness.base, "profile.txt")) if args.profile else None
+        cpu = [after - before for after, before in zip([cpu_seconds(server.pid) for _role, server in counted] + [cpu_seconds()], cpu_before)]
+        summaries = [(role, stop_profile(spy, out)) for role, spy, out in spies]
 
         checked, problems = verify(datadir, feedids, slots, t0)
         accepted_rate = total / (acked - began)
@@ -210,9 +282,15 @@ def main() -> None:
                 print(f"    {p}")
         else:
             print(f"  verification  OK: all {checked:,} values in {feeds} feeds equal what was posted, no NaN, no extra slot")
+        print("  CPU, first post until drained: " + ", ".join(
+            f"{role} {seconds:.2f} s ({seconds * 1e6 / total:.2f} µs/datapoint)"
+            for (role, _server), seconds in zip([*counted, ("bench client", None)], cpu)) +
+            f"; all {sum(cpu):.2f} s of {2 * (done - began):.2f} core-seconds")
         print(f"  load average {os.getloadavg()[0]:.2f} at the end (the machine is shared)", flush=True)
-        if summary:
-            print(f"\nPROFILE emond, first post until drained (py-spy record)\n{summary}", flush=True)
+        report(f"end to end, bulk posts to values on disk, all verified ({shape})", e2e_rate, "datapoints/s", TARGET, "goal",
+               note=f"{os.cpu_count()} cores shared with Redis and the client; CPU {sum(cpu) * 1e6 / total:.1f} µs/datapoint")
+        for role, summary in summaries:
+            print(f"\nPROFILE {role}, first post until drained (py-spy record)\n{summary}", flush=True)
         if problems:
             sys.exit(1)
     finally:

@@ -97,6 +97,9 @@ class NodeSection:
     front: bool = True
     shard: str = DEFAULT_SHARD
     http: str = _endpoint(default="tcp:8080:interface=127.0.0.1")
+    # true: the http port is opened with SO_REUSEPORT, so several `twistd emond` processes on
+    # the same Redis and database share it (the kernel spreads connections); tcp: endpoints only
+    reuse_port: bool = False
     datadir: str = _path(default="var")
     storage: tuple[int, ...] = (0,)
     access_log: bool = False  # one log line per HTTP request (costs ~15% of a post's CPU)
@@ -669,6 +672,8 @@ def _validate_node(config: NodeConfig, problems: _Problems) -> None:
     if config.redis.tls_name and not config.redis.uses_tls:
         add("redis", "tls_name", "only with a rediss:// url")
     _check_stop(problems, "node", config.node)
+    if config.node.reuse_port and not config.node.http.startswith(("tcp:", "tcp6:")):
+        add("node", "reuse_port", f"only for a tcp: or tcp6: http endpoint, got {config.node.http!r}")
     if config.input.queues < 1:
         add("input", "queues", f"must be at least 1, got {config.input.queues}")
     for key in ("max_body", "max_inflated", "max_frames", "max_values"):

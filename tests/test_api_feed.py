@@ -597,3 +597,19 @@ class FeedApiSQLiteTests(FeedApiMixin, unittest.TestCase):
 
 class FeedApiMariaDBTests(FeedApiMixin, unittest.TestCase):
     database = "mysql"
+
+
+class NoStorageNodeTests(unittest.TestCase):
+    """A node hosting no storage and knowing no remote server (one that only accepts and
+    consumes beside others) refuses a new feed with a clear message, not an error."""
+
+    @defer.inlineCallbacks
+    def test_create_refused(self):
+        node = yield NodeHarness.start(self, "sqlite", node_config="storage = []\n")
+        answer = yield node.post(
+            "user/register.json", data={"username": "alice", "password": "secret1", "email": "alice@example.org"}
+        )
+        answer = yield node.get("feed/create.json", apikey=answer.json()["apikey_write"], name="power", engine="5",
+                                options='{"interval":10}')
+        self.assertEqual(answer.code, 400, answer)
+        self.assertEqual(answer.json(), {"success": False, "message": "No storage server is configured for new feeds on this node"})

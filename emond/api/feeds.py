@@ -183,6 +183,8 @@ async def feed_create(ctx: NodeContext, call: Call) -> Any:
     # The storage servers of the caller's shard: its storage queues are in the shard's Redis.
     server = small_int(call.get("server"), ctx.config.default_server(ctx.shard), "server must be a number")
     servers = sorted(ctx.config.shards[ctx.shard].storage)
+    if not servers:  # a node that only accepts and consumes, on a database shared with others
+        raise Invalid("No storage server is configured for new feeds on this node")
     if server not in servers:
         raise Invalid(f"server must be {or_list(servers)}")
     interval = 0

@@ -32,6 +32,7 @@ from emond.queue import QueueLayout
 from emond.api.http import ApiResource
 from emond.web import limited_request_factory
 from emond.web.lean import Dates, LeanChannel
+from emond.app.reuseport import server_endpoint
 from emond.app.redisproc import EmbeddedRedis, embedded_redis_dir
 from emond.storage.location import StorageLocationService, location_dir
 from emond.storage.server import StreamServer, StreamServerFactory
@@ -226,11 +227,12 @@ def _http_service(
     drain_timeout: float,
     max_body: int = 1 << 20,
     access_log: bool = True,
+    reuse_port: bool = False,
     lean: ApiResource | None = None,
 ) -> DrainingHTTPService:
     site = DrainingSite(root, anonymous_request_factory(max_body), reactor, access_log, lean)
     site.displayTracebacks = False  # no stack trace reaches a client
-    service = DrainingHTTPService(endpoints.serverFromString(reactor, description), site, http_drain(drain_timeout))
+    service = DrainingHTTPService(server_endpoint(reactor, description, reuse_port), site, http_drain(drain_timeout))
     service.setName("http")
     return service
 
@@ -334,7 +336,8 @@ def make_node_service(config: NodeConfig, reactor: Any) -> ProcessTree:
     # negotiates HTTP/2 there, and the lean protocol speaks HTTP/1.1 alone.
     lean = web if isinstance(web, ApiResource) and not any(k in config.node.http for k in ("ssl:", "tls:")) else None
     http = _http_service(
-        reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log, lean
+        reactor, config.node.http, web, config.node.drain_timeout, config.input.max_body, config.node.access_log,
+        config.node.reuse_port, lean,
     )
     http.setServiceParent(root)
     root.listeners.append(http.listening)

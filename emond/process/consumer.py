@@ -7,6 +7,9 @@ a batch of elements it creates the inputs seen for the first time (within
 the node and input limits; beyond them the values are refused and counted),
 runs the process lists, and commits — input last values, process state,
 storage records and the removal of the elements — in one fenced script.
+Lists that only log, scale or offset run per input column as arrays
+(``emond.process.plans``), a chunk of the pass at a time; anything else, and
+everything after a chunk that needs it, value by value (``functions.run_steps``).
 
 A user moving onto this shard (``emond.cluster.move``) is held: while ``keys.user_hold``
 is set, its packets are parked in ``keys.user_held`` (in the commit that removes their
@@ -42,7 +45,7 @@ from emond.meta.db import is_duplicate
 from emond.inputparse import frame_node, frame_values
 from emond.meta.inputs import Input, Inputs
 from emond.loops import Slicer, steady_loop
-from emond.processlist import FEEDID, INPUTID, PROCESSES, parse_lenient
+from emond.processlist import parse_lenient
 from emond.queue import (
     Commit,
     ElementHandler,
@@ -60,7 +63,8 @@ from emond.redis import Redis
 from emond.meta.refusals import Refusals, Refused
 from emond.meta.users import Users
 from emond.process.state import StateLoader, StorageUnreadable, to_commit
-from emond.process.functions import ExtraKey, ProcessState, StepRun, daily_feeds, references, run_steps
+from emond.process.functions import ExtraKey, ProcessState, StepRun, daily_feeds, run_steps
+from emond.process.plans import EMPTY_PLAN, Plan, chunks, gather, make_plan, reads, run_columns
 from emond.storage.feedstore import FeedStore
 
 POISON_AFTER = 5  # failed attempts before an element is set aside
@@ -68,6 +72,7 @@ POISON_AFTER = 5  # failed attempts before an element is set aside
 # this bounds how long HTTP requests wait behind it; the awaits between passes let them in.
 PASS_PACKETS = 4096
 SLICE_MASK = 1023  # the slicer's clock is read once per this many values
+CHUNK_VALUES = 16384  # values a pass runs as arrays between reactor turns (a few ms)
 HELD_CHUNK = 256  # parked elements of a released user let through per pass
 REASON_NODE_LIMIT = "node_limit"
 REASON_INPUT_LIMIT = "input_limit"
@@ -83,6 +88,7 @@ class UserCache:
     tz: zoneinfo.ZoneInfo
     nodes: set[str] = field(default_factory=set)
     daily: set[int] = field(default_factory=set)  # feeds a daily step writes (one point per day)
+    plans: dict[int, Plan] = field(default_factory=dict)  # input id -> its list, planned (emond.process.plans)
 
 
 class ConsumerContext(Protocol):
@@ -106,16 +112,6 @@ class Hold:
 
     holding: bool
     backlog: int
-
-
-def _feed_arg(process: int) -> bool:
-    p = PROCESSES.get(process)
-    return p is not None and p.argtype == FEEDID
-
-
-def _input_arg(process: int) -> bool:
-    p = PROCESSES.get(process)
-    return p is not None and p.argtype == INPUTID
 
 
 class InputConsumerService(Service, ElementHandler):
@@ -234,6 +230,44 @@ class InputConsumerService(Service, ElementHandler):
         if tenure.state is None:
             tenure.state = ProcessState()  # a new tenure, or one whose pass failed: from what Redis has
         state = tenure.state
+        # As arrays, a chunk at a time (the reactor gets a turn between them); from the first
+        # chunk that needs the general path on, value by value.
+        packets = 0
+        slicer = Slicer(self.reactor)
+        parts = list(chunks(groups, CHUNK_VALUES))
+        for n, chunk in enumerate(parts):
+            ran = await self._run_columns(state, chunk, users)
+            if ran is None:
+                packets += await self._run_values(state, [g for part in parts[n:] for g in part], users, refused)
+                break
+            packets += ran
+            await slicer.turn()
+        committed_inputs = list(state.dirty_inputs)
+        to_commit(state, commit)
+        try:
+            await tenure.commit(ids, commit)
+        finally:
+            state.clear_changes()
+        for inputid in committed_inputs:
+            self._unsaved[inputid] = state.inputs[inputid]
+        self.packets.inc(packets)
+        for userid, items in refused.items():
+            await self.ctx.refusals.record(userid, items)
+
+    async def _run_columns(self, state: ProcessState, groups: list[list[Any]], users: dict[int, UserCache]) -> int | None:
+        """The pass as array operations (``emond.process.plans``): its packets, or None when
+        some of it needs the general path (nothing changed then)."""
+        columns = gather(groups, users)
+        if columns is None:
+            return None
+        inputids, feedids = reads(columns)
+        await self.loader.load(state, inputids, feedids, (), {})
+        return columns.packets if run_columns(state, columns) else None
+
+    async def _run_values(
+        self, state: ProcessState, groups: list[list[Any]], users: dict[int, UserCache], refused: dict[int, list[Refused]]
+    ) -> int:
+        """The general path: every value through its input's list (``functions.run_steps``)."""
         # One pass: find (or create) each value's input and what its list reads.
         work: list[tuple[UserCache, Input, int, float]] = []
         seen: set[int] = set()
@@ -266,14 +300,12 @@ class InputConsumerService(Service, ElementHandler):
                         continue
                     seen.add(inp.id)
                     inputids.add(inp.id)
-                    steps = user.steps.get(inp.id)
-                    if steps:
-                        refs = references(steps, _feed_arg, _input_arg)
-                        feedids |= refs.feeds
-                        for feedid in refs.read_feeds:
-                            read_feeds.setdefault(feedid, user)
-                        inputids |= refs.inputs
-                        extra |= refs.extra
+                    refs = user.plans.get(inp.id, EMPTY_PLAN).refs
+                    feedids |= refs.feeds
+                    for feedid in refs.read_feeds:
+                        read_feeds.setdefault(feedid, user)
+                    inputids |= refs.inputs
+                    extra |= refs.extra
         await self.loader.load(state, inputids, feedids, extra, read_feeds)
         for n, (user, inp, when, value) in enumerate(work):
             if n & SLICE_MASK == 0:
@@ -284,17 +316,7 @@ class InputConsumerService(Service, ElementHandler):
                 run_steps(steps, StepRun(state, user.feeds, user.tz, inp.id, when), value)
         if state.refused:
             self._refused_values(state, work, refused)
-        committed_inputs = list(state.dirty_inputs)
-        to_commit(state, commit)
-        try:
-            await tenure.commit(ids, commit)
-        finally:
-            state.clear_changes()
-        for inputid in committed_inputs:
-            self._unsaved[inputid] = state.inputs[inputid]
-        self.packets.inc(packets)
-        for userid, items in refused.items():
-            await self.ctx.refusals.record(userid, items)
+        return packets
 
     def _refused_values(self, state: ProcessState, work: list[tuple[UserCache, Input, int, float]], refused: dict[int, list[Refused]]) -> None:
         """Values the process lists refused (not a finite float32), to the refusals recorder."""
@@ -361,12 +383,14 @@ class InputConsumerService(Service, ElementHandler):
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             tz = zoneinfo.ZoneInfo("UTC")
         steps = {i.id: parse_lenient(i.processlist) for i in inputs if i.processlist}
+        by_id = {f.id: f for f in feeds}
         return UserCache(
             version=version,
             inputs={(i.nodeid, i.name): i for i in inputs},
             steps=steps,
-            feeds={f.id: f for f in feeds},
+            feeds=by_id,
             tz=tz,
+            plans={inputid: make_plan(list_, by_id) for inputid, list_ in steps.items()},
             nodes={i.nodeid for i in inputs},
             daily=daily_feeds(steps.values()),
         )

@@ -64,6 +64,8 @@ class ProcessState:
     records: dict[int, list[Record]] = field(default_factory=dict)  # by storage server
     day_only: set[int] = field(default_factory=set)  # rebuilt daily feeds: the day of their last packet is known, not its time
     refused: list[tuple[int, int, str]] = field(default_factory=list)  # (input, packet time, reason) since the last commit
+    # RECORD arrays by storage server, from passes run as array operations (emond.process.plans)
+    arrays: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
     def set_input(self, inputid: int, when: int, value: float) -> None:
         last = self.inputs.get(inputid)
@@ -90,6 +92,7 @@ class ProcessState:
         self.dirty_steps.clear()
         self.dirty_extra.clear()
         self.records = {}
+        self.arrays = {}
         self.refused = []
 
 
@@ -117,6 +120,9 @@ def day_start(when: int, tz: zoneinfo.ZoneInfo) -> int:
 
 
 _NO_EXTRA: Mapping[str, str] = MappingProxyType({})
+# The field names of step times (``emond:step``), "<index>:<process>", for the usual list lengths.
+_FIELD_INDEXES, _FIELD_PROCESSES = 32, 64
+_STEP_FIELDS = tuple(tuple(f"{i}:{p}" for p in range(_FIELD_PROCESSES)) for i in range(_FIELD_INDEXES))
 
 
 @dataclass
@@ -165,6 +171,8 @@ class StepRun:
 
     @property
     def _step_field(self) -> str:
+        if self.index < _FIELD_INDEXES and 0 <= self.process < _FIELD_PROCESSES:
+            return _STEP_FIELDS[self.index][self.process]  # made once: read twice per stateful step and value
         return f"{self.index}:{self.process}"
 
     def last_applied(self) -> int:

@@ -264,5 +264,10 @@ def to_commit(state: ProcessState, commit: Commit) -> None:
         flat = [x for k, v in state.extra[key].items() for x in (k, v)]
         if flat:
             commit.command("HSET", keys.process_state(*key), *flat)
-    for server, records in state.records.items():
-        commit.append_storage(server, np.array(records, dtype=RECORD).tobytes())
+    # Records a pass ran as arrays (emond.process.plans) come first: a pass runs its chunks as
+    # arrays before it runs any value by value.
+    for server in [*state.arrays, *(s for s in state.records if s not in state.arrays)]:
+        parts = list(state.arrays.get(server, ()))
+        if server in state.records:
+            parts.append(np.array(state.records[server], dtype=RECORD))
+        commit.append_storage(server, (parts[0] if len(parts) == 1 else np.concatenate(parts)).tobytes())
