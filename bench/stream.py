@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from emond.keys import lease, storage_queue, storage_seq, storage_stream  # noqa
 from emond.queue import APPEND_SEQ, Scripts  # noqa: E402
 from emond.records import make_records  # noqa: E402
 from emond.redis import Redis  # noqa: E402
-from emond.storage.remote import LinkMetrics, RemoteLink  # noqa: E402
+from emond.storage.remote import FRAME_BYTES, FRAME_ENTRIES, LinkMetrics, RemoteLink  # noqa: E402
 
 NOW = int(time.time()) // 10 * 10
 TARGET = 1_000_000
@@ -87,7 +88,8 @@ async def run(reactor, args) -> None:
             LinkMetrics(CollectorRegistry()),
             reactor,
             window=args.window,
-            batch=args.window,
+            batch=args.entries,
+            frame_bytes=args.frame_bytes,
         )
         # Hold the sender back until the feeds exist: create them over the stream first.
         await redis.call("SET", lease(storage_queue(1)), "someone-else:999999", "PX", 60_000)
@@ -98,6 +100,9 @@ async def run(reactor, args) -> None:
         warm = link.idle()
         await redis.call("DEL", lease(storage_queue(1)))
         await warm
+        profilers = profile(args.profile, {"server": server.pid, "node": os.getpid()}) if args.profile else []
+        if profilers:
+            await task.deferLater(reactor, 2.0, lambda: None)  # py-spy attaches
         total = 0
         idle = link.idle()
         started = time.perf_counter()
@@ -106,14 +111,19 @@ async def run(reactor, args) -> None:
             batch = make_records(np.tile(feeds, args.points), np.repeat(times, args.feeds), np.random.rand(args.feeds * args.points))
             await enqueue(batch)
             total += batch.shape[0]
+        appended = time.perf_counter() - started
         last_batch = batch
         print(f"{args.batches} batches of {args.feeds:,} feeds x {args.points} points = {total:,} points; "
               f"window {args.window} batches, sync on; timed from the first append to the last acknowledgement", flush=True)
         await idle
         elapsed = time.perf_counter() - started
+        for p in profilers:
+            p.send_signal(signal.SIGINT)
+            p.wait()
         rate = total / elapsed
         print(f"applied and acknowledged: {total:,} points in {elapsed:.2f} s = {rate:,.0f} points/s "
-              f"(target >= {TARGET:,}); {total * 14 / elapsed / 1e6:.1f} MB/s of records over TLS", flush=True)
+              f"(target >= {TARGET:,}); {total * 14 / elapsed / 1e6:.1f} MB/s of records over TLS; "
+              f"the appends took {appended:.2f} s of it", flush=True)
         # Check the last batch's values landed.
         data = np.fromfile(os.path.join(d, "data", "phpfina", f"{args.feeds}.dat"), dtype="<f4")
         expected = last_batch["value"][last_batch["feed"] == args.feeds]
@@ -125,12 +135,27 @@ async def run(reactor, args) -> None:
         harness.close()
 
 
+def profile(directory: str, pids: dict[str, int]) -> list[subprocess.Popen]:
+    """py-spy sampling each process (every thread, idle ones left out) into ``directory``/<name>.txt
+    (collapsed stacks), until sent SIGINT."""
+    os.makedirs(directory, exist_ok=True)
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return [
+        subprocess.Popen([spy, "record", "--pid", str(pid), "--threads", "--nonblocking", "--rate", "200", "--format", "raw",
+                          "--output", os.path.join(directory, f"{name}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for name, pid in pids.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--feeds", type=int, default=1000)
     parser.add_argument("--points", type=int, default=100)
-    parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--window", type=int, default=4, help="batch frames unacknowledged at most")
+    parser.add_argument("--entries", type=int, default=FRAME_ENTRIES, help="queue entries joined in one frame at most")
+    parser.add_argument("--frame-bytes", type=int, default=FRAME_BYTES, help="bytes of records joined in one frame")
+    parser.add_argument("--profile", metavar="DIR", help="sample both ends with py-spy (pip install py-spy) over the timed part")
     args = parser.parse_args()
     task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
 
