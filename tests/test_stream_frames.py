@@ -10,17 +10,32 @@ unless one entry alone is larger; a feed's disk value is its latest time's last 
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import time
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from emond.records import RECORD, make_records
-from emond.storage.remote import FRAME_BYTES, FrameWindow, frames_of
+from emond import keys
+from emond.app.service import make_storage_service
+from emond.config import RemoteServer, TLSSection, load_storage_config
+from emond.queue import APPEND_SEQ, Scripts
+from emond.records import RECORD, Refusal, make_records
+from emond.redis import Redis
+from emond.storage.remote import FRAME_BYTES, FrameWindow, LinkMetrics, RemoteLink, frames_of
 from emond.storage.sender import last_per_feed
 from emond.stream import BATCH, FRAME_LENGTH, MAX_FRAME, FrameProtocol, batch_frame, batch_parts, decode_batch
+from tests.support import free_port, redis_server
+from tests.support.daemon import ROOT
+
+T0 = int(time.time()) // 10 * 10 - 86400  # within the engines' time window
+FEED_A, FEED_B, NO_FEED = 7, 8, 9
 
 
 def reference_last_per_feed(batch: np.ndarray, refused: set[tuple[int, int]]) -> list[tuple[int, int, float]]:
@@ -75,15 +90,12 @@ class FrameTests(unittest.TestCase):
         window = FrameWindow(2, 1000, 64)
         self.assertEqual(window.room(), 1)  # nothing seen yet: one entry
         window.seen([100, 90])
-        self.assertEqual(window.room(), 2)  # the estimate falls by halves (1000 -> 500)...
-        window.seen([100])
-        window.seen([100])
-        window.seen([100])
-        self.assertEqual(window.room(), 10)  # ... down to the entries seen (100)
+        self.assertEqual(window.room(), 10)  # a frame's worth of entries like the largest just read
         window.seen([500])
-        self.assertEqual(window.room(), 2)  # and rises at once
-        for _ in range(10):
-            window.seen([1])
+        self.assertEqual(window.room(), 2)
+        window.seen([])
+        self.assertEqual(window.room(), 2)
+        window.seen([1])
         self.assertEqual(window.room(), 64)  # at most ``entries``
         window.pending.update({1: None, 2: None})
         self.assertEqual((window.frames(), window.room()), (0, 0))  # full: the reader waits
@@ -107,3 +119,88 @@ class FrameTests(unittest.TestCase):
         self.assertEqual((data[4:5], seq, token), (BATCH, 9, 4))
         self.assertEqual(records.tolist(), np.frombuffer(a + b, dtype=RECORD).tolist())
         self.assertLess(FRAME_BYTES + 64, MAX_FRAME)  # a frame of joined entries is never one the server refuses
+
+
+class Collected:
+    """A refusal recorder that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.refusals: list[Refusal] = []
+
+    async def record(self, refusals: list[Refusal]) -> None:
+        self.refusals += refusals
+
+
+class JoinedFramesTests(unittest.TestCase):
+    """A link whose queue holds several entries when it reads: they go out joined in fewer frames
+    than entries to a real storage server (real mutual TLS, engines on disk), and each entry's
+    records land and leave the queue as if sent alone: values on disk in order, the feeds'
+    disk values, refusals from a middle entry recorded and left out of the disk values."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        redis_server().flushall()
+        self.redis = Redis.connect(redis_server().url, 5.0, reactor)
+        self.addCleanup(self.redis.disconnect)
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        self.tls = os.path.join(base, "tls")
+        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), self.tls, "node0", "storage1"], check=True, capture_output=True)
+        self.port = free_port()
+        path = os.path.join(base, "storage.toml")
+        with open(path, "w") as f:
+            f.write(
+                f'[storage]\nid = 1\nlisten = "tcp:{self.port}:interface=127.0.0.1"\nhttp = "tcp:{free_port()}:interface=127.0.0.1"\n'
+                f'datadir = "data"\nallow = ["node0"]\n[engines]\nsync = false\n'
+                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
+            )
+        self.datadir = os.path.join(base, "data")
+        server = make_storage_service(load_storage_config(path), reactor)
+        server.startService()
+        self.addCleanup(server.stopService)
+        engines = yield server.getServiceNamed("storage").opened
+        for feed in (FEED_A, FEED_B):
+            engines.phpfina.create(feed, 10)
+
+    @defer.inlineCallbacks
+    def test_entries_joined_in_frames_land_as_if_sent_alone(self):
+        scripts = Scripts(self.redis)
+        entries = [
+            make_records([FEED_A, FEED_B], [T0, T0], [1.0, 10.0]),
+            make_records([FEED_A, NO_FEED, FEED_B], [T0 + 10, T0 + 10, T0 + 10], [2.0, 99.0, 20.0]),
+            make_records([FEED_A], [T0 + 20], [3.0]),
+            make_records([FEED_A, FEED_B], [T0 + 10, T0 + 30], [2.5, 40.0]),  # rewrites a slot of entry 2
+        ]
+        for batch in entries:
+            yield defer.ensureDeferred(scripts.run(APPEND_SEQ, [keys.storage_stream(1), keys.storage_seq(1)], [batch.tobytes()]))
+        registry = CollectorRegistry()
+        recorder = Collected()
+        blocking = Redis.connect(redis_server().url, 5.0, reactor, poolsize=1)
+        link = RemoteLink(
+            1, RemoteServer(endpoint=f"tcp:127.0.0.1:{self.port}", name="storage1"),
+            TLSSection(ca=os.path.join(self.tls, "ca.pem"), cert=os.path.join(self.tls, "node0.pem")),
+            "node0", self.redis, blocking, recorder, LinkMetrics(registry), reactor, block_ms=100,
+        )
+        link.window.seen([RECORD.itemsize])  # as after a read of small entries: the next read takes them all
+        link.startService()
+        self.addCleanup(lambda: link.stopService() if link.running else None)
+        yield link.idle()
+        yield link.stopService()
+
+        frames = registry.get_sample_value("emond_stream_batches_sent_total", {"server": "1"})
+        self.assertEqual(frames, 1.0)  # the four entries in one frame
+        self.assertEqual(registry.get_sample_value("emond_stream_points_sent_total", {"server": "1"}), 8.0)
+        self.assertEqual(int((yield defer.ensureDeferred(self.redis.call("XLEN", keys.storage_stream(1))))), 0)
+        self.assertEqual(self.values(FEED_A), [1.0, 2.5, 3.0])  # the later record of a slot wins
+        self.assertEqual(self.values(FEED_B), [10.0, 20.0, None, 40.0])
+        self.assertEqual(recorder.refusals, [Refusal(NO_FEED, T0 + 10, "no_feed")])
+        for feed, (when, value) in ((FEED_A, (T0 + 20, 3.0)), (FEED_B, (T0 + 30, 40.0))):
+            disk = yield defer.ensureDeferred(self.redis.call("HMGET", keys.feed_disk(feed), "time", "value"))
+            self.assertEqual((int(disk[0]), float(disk[1])), (when, value))
+        self.assertFalse((yield defer.ensureDeferred(self.redis.call("EXISTS", keys.feed_disk(NO_FEED)))))
+
+    def values(self, feed: int) -> list[float | None]:
+        data = np.fromfile(os.path.join(self.datadir, "phpfina", f"{feed}.dat"), dtype="<f4")
+        return [None if np.isnan(v) else float(v) for v in data]

@@ -126,8 +126,9 @@ class FrameWindow(Window):
     ``frame_bytes`` of queue entries.
 
     ``room`` (what the reader asks before reading) is the number of entries to read: about
-    one frame's worth, judged from the largest entry seen lately (XREAD cannot bound bytes),
-    at most ``entries``; one until an entry has been seen."""
+    one frame's worth, judged from the largest entry of the last read (XREAD cannot bound
+    bytes), at most ``entries`` (which bounds a read at ``entries`` times the largest entry,
+    whatever the estimate); one until an entry has been seen."""
 
     def __init__(self, size: int, frame_bytes: int, entries: int) -> None:
         super().__init__(size)
@@ -145,8 +146,9 @@ class FrameWindow(Window):
         return max(1, min(self.entries, self.frame_bytes // max(self.entry_bytes, 1)))
 
     def seen(self, sizes: list[int]) -> None:
-        """Entries of these sizes were read: the estimate follows a rise at once, a fall by halves."""
-        self.entry_bytes = max(max(sizes, default=0), self.entry_bytes // 2, RECORD.itemsize)
+        """Entries of these sizes were read."""
+        if sizes:
+            self.entry_bytes = max(max(sizes), RECORD.itemsize)
 
 
 def frames_of(entries: list[Entry], frame_bytes: int) -> list[list[Entry]]:
