@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -33,6 +34,7 @@ from emond.storage.sender import last_per_feed
 from emond.stream import BATCH, FRAME_LENGTH, MAX_FRAME, FrameProtocol, batch_frame, batch_parts, decode_batch
 from tests.support import free_port, redis_server
 from tests.support.daemon import ROOT
+from tests.support.poll import until
 
 T0 = int(time.time()) // 10 * 10 - 86400  # within the engines' time window
 FEED_A, FEED_B, NO_FEED = 7, 8, 9
@@ -100,6 +102,23 @@ class FrameTests(unittest.TestCase):
         window.pending.update({1: None, 2: None})
         self.assertEqual((window.frames(), window.room()), (0, 0))  # full: the reader waits
 
+    def test_a_drained_queue_keeps_two_frames_in_flight_a_backlog_the_whole_window(self):
+        window = FrameWindow(4, 1000, 64)
+        window.pending.update({1: None})
+        self.assertEqual(window.room(), 1)
+        window.seen([10])  # got what it asked for: more may be queued
+        self.assertEqual(window.frames(), 3)
+        self.assertEqual(window.room(), 64)
+        window.seen([10] * 5)  # fewer than asked: the queue is drained
+        self.assertEqual(window.frames(), 1)
+        window.pending.update({2: None})
+        self.assertEqual((window.frames(), window.room()), (0, 0))  # the next entries wait for an ack, and go out joined
+        del window.pending[1]
+        self.assertEqual(window.room(), 64)
+        window.seen([10] * 64)
+        window.pending.update({3: None, 4: None})
+        self.assertEqual(window.frames(), 1)  # a backlog: up to the whole window
+
     def test_a_joined_frame_is_the_frame_of_its_records_together(self):
         a = make_records(7, [100, 110], [1.0, 2.0]).tobytes()
         b = make_records(8, [100], [3.0]).tobytes()
@@ -119,6 +138,10 @@ class FrameTests(unittest.TestCase):
         self.assertEqual((data[4:5], seq, token), (BATCH, 9, 4))
         self.assertEqual(records.tolist(), np.frombuffer(a + b, dtype=RECORD).tolist())
         self.assertLess(FRAME_BYTES + 64, MAX_FRAME)  # a frame of joined entries is never one the server refuses
+
+
+def wait_for(condition, what: str) -> defer.Deferred:
+    return defer.ensureDeferred(until(condition, 30, what))
 
 
 class Collected:
@@ -160,9 +183,17 @@ class JoinedFramesTests(unittest.TestCase):
         server = make_storage_service(load_storage_config(path), reactor)
         server.startService()
         self.addCleanup(server.stopService)
-        engines = yield server.getServiceNamed("storage").opened
+        self.engines = yield server.getServiceNamed("storage").opened
         for feed in (FEED_A, FEED_B):
-            engines.phpfina.create(feed, 10)
+            self.engines.phpfina.create(feed, 10)
+
+    def link(self, registry: CollectorRegistry, recorder: Collected) -> RemoteLink:
+        blocking = Redis.connect(redis_server().url, 5.0, reactor, poolsize=1)
+        return RemoteLink(
+            1, RemoteServer(endpoint=f"tcp:127.0.0.1:{self.port}", name="storage1"),
+            TLSSection(ca=os.path.join(self.tls, "ca.pem"), cert=os.path.join(self.tls, "node0.pem")),
+            "node0", self.redis, blocking, recorder, LinkMetrics(registry), reactor, block_ms=100,
+        )
 
     @defer.inlineCallbacks
     def test_entries_joined_in_frames_land_as_if_sent_alone(self):
@@ -177,12 +208,7 @@ class JoinedFramesTests(unittest.TestCase):
             yield defer.ensureDeferred(scripts.run(APPEND_SEQ, [keys.storage_stream(1), keys.storage_seq(1)], [batch.tobytes()]))
         registry = CollectorRegistry()
         recorder = Collected()
-        blocking = Redis.connect(redis_server().url, 5.0, reactor, poolsize=1)
-        link = RemoteLink(
-            1, RemoteServer(endpoint=f"tcp:127.0.0.1:{self.port}", name="storage1"),
-            TLSSection(ca=os.path.join(self.tls, "ca.pem"), cert=os.path.join(self.tls, "node0.pem")),
-            "node0", self.redis, blocking, recorder, LinkMetrics(registry), reactor, block_ms=100,
-        )
+        link = self.link(registry, recorder)
         link.window.seen([RECORD.itemsize])  # as after a read of small entries: the next read takes them all
         link.startService()
         self.addCleanup(lambda: link.stopService() if link.running else None)
@@ -204,3 +230,37 @@ class JoinedFramesTests(unittest.TestCase):
     def values(self, feed: int) -> list[float | None]:
         data = np.fromfile(os.path.join(self.datadir, "phpfina", f"{feed}.dat"), dtype="<f4")
         return [None if np.isnan(v) else float(v) for v in data]
+
+    @defer.inlineCallbacks
+    def test_a_connection_lost_while_the_window_is_full_resends_everything(self):
+        """The sender waits for room (two frames unacknowledged: the queue drained each time);
+        the connection goes: the sender, woken by the window's reset, waits for the next
+        connection (it used to find the old one's readiness and loop without yielding, the
+        node's reactor stuck), then sends everything again from the head of the queue."""
+        engines = self.engines
+        gate = threading.Event()
+        real = engines.apply_batch
+
+        def held(*args, **kwargs):
+            gate.wait(30)  # the server's write thread: nothing is acknowledged until the gate opens
+            return real(*args, **kwargs)
+
+        engines.apply_batch = held
+        self.addCleanup(gate.set)
+        scripts = Scripts(self.redis)
+        link = self.link(CollectorRegistry(), Collected())
+        link.startService()
+        self.addCleanup(lambda: link.stopService() if link.running else None)
+        for n in range(3):
+            batch = make_records(FEED_A, [T0 + 10 * n], [float(n)])
+            yield defer.ensureDeferred(scripts.run(APPEND_SEQ, [keys.storage_stream(1), keys.storage_seq(1)], [batch.tobytes()]))
+            if n < 2:
+                yield wait_for(lambda: len(link.unacked) == n + 1, f"{n + 1} frames unacknowledged")
+        yield wait_for(lambda: link.reader._paused is not None, "the sender waiting for room")
+        link.protocol.transport.abortConnection()
+        yield wait_for(lambda: link.protocol is None, "the link down")
+        gate.set()
+        yield wait_for(lambda: link.protocol is not None, "the link up again")
+        yield link.idle()
+        self.assertEqual(self.values(FEED_A), [0.0, 1.0, 2.0])
+        self.assertEqual(int((yield defer.ensureDeferred(self.redis.call("XLEN", keys.storage_stream(1))))), 0)

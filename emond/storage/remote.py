@@ -134,19 +134,25 @@ class FrameWindow(Window):
         super().__init__(size)
         self.frame_bytes = frame_bytes
         self.entries = max(1, entries)
-        self.entry_bytes = frame_bytes  # the largest entry seen lately
+        self.entry_bytes = frame_bytes  # the largest entry of the last read
+        self.asked = 0  # entries the last read asked for
+        self.backlog = False  # the last read got all it asked for: more may be queued
 
     def frames(self) -> int:
-        """Frames that may be sent now."""
-        return self.size - len(self.pending)
+        """Frames that may be sent now: ``size``, or while the queue is drained as fast as it
+        fills, two (one applied, one waiting behind it); the entries that come meanwhile go
+        out joined, not as one small frame each (each costs the server a pass)."""
+        return (self.size if self.backlog else min(self.size, 2)) - len(self.pending)
 
     def room(self) -> int:
         if self.frames() <= 0:
             return 0
-        return max(1, min(self.entries, self.frame_bytes // max(self.entry_bytes, 1)))
+        self.asked = max(1, min(self.entries, self.frame_bytes // max(self.entry_bytes, 1)))
+        return self.asked
 
     def seen(self, sizes: list[int]) -> None:
         """Entries of these sizes were read."""
+        self.backlog = len(sizes) >= self.asked
         if sizes:
             self.entry_bytes = max(max(sizes), RECORD.itemsize)
 
@@ -283,8 +289,10 @@ class StreamLink(Service):
             return
         self.protocol = None
         self.m_connected.set(0)
-        self._lost()
+        # A new one before ``_lost``: the sender it wakes (a full window cleared) must wait
+        # for the next connection, not find the last one's fired and loop without yielding.
         self._ready = defer.Deferred()
+        self._lost()
         for d, _ in self._requests.values():
             d.errback(RemoteUnavailable(f"storage server {self.server_id}: connection lost"))
         self._requests.clear()
