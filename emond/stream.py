@@ -108,10 +108,11 @@ def decode_batch(frame: bytes) -> tuple[int, int, np.ndarray]:
     if len(frame) < 1 + BATCH_HEAD.size:
         raise ProtocolError("batch_short", f"{len(frame)} bytes, shorter than a batch header ({1 + BATCH_HEAD.size})")
     seq, token = BATCH_HEAD.unpack_from(frame, 1)
-    body = frame[1 + BATCH_HEAD.size :]
-    if len(body) % RECORD.itemsize:
-        raise ProtocolError("batch_record_size", f"{len(body)} bytes of records, not a multiple of {RECORD.itemsize}")
-    return seq, token, np.frombuffer(body, dtype=RECORD)
+    size = len(frame) - 1 - BATCH_HEAD.size
+    if size % RECORD.itemsize:
+        raise ProtocolError("batch_record_size", f"{size} bytes of records, not a multiple of {RECORD.itemsize}")
+    # A view on the frame: a batch of megabytes is not copied again.
+    return seq, token, np.frombuffer(frame, dtype=RECORD, offset=1 + BATCH_HEAD.size)
 
 
 def decode_request(frame: bytes) -> tuple[int, ReadRequest]:
@@ -129,6 +130,12 @@ def decode_request(frame: bytes) -> tuple[int, ReadRequest]:
 
 def batch_frame(seq: int, token: int, records: bytes) -> bytes:
     return BATCH + BATCH_HEAD.pack(seq, token) + records
+
+
+def batch_parts(seq: int, token: int, records: list[bytes]) -> list[bytes]:
+    """A batch frame whose records are several queue entries joined, in parts
+    (``FrameProtocol.send_parts`` joins them once, with the length prefix)."""
+    return [BATCH + BATCH_HEAD.pack(seq, token), *records]
 
 
 def ack_frame(kind: bytes, seq: int, payload: Any) -> bytes:
@@ -157,6 +164,14 @@ class FrameProtocol(Int32StringReceiver):
     def send(self, frame: bytes) -> None:
         self.sendString(frame)
 
+    def send_parts(self, parts: list[bytes]) -> bytes:
+        """Send one frame made of ``parts``, copied once into a single write (a batch of
+        megabytes); returns that write: the frame's bytes start at offset 4."""
+        length = sum(len(part) for part in parts)
+        data = b"".join([FRAME_LENGTH.pack(length), *parts])
+        self.transport.write(data)
+        return data
+
     def lengthLimitExceeded(self, length: int) -> None:
         self.transport.abortConnection()
 
@@ -173,7 +188,8 @@ class FrameProtocol(Int32StringReceiver):
                 return
             if len(buf) - offset - 4 < length:
                 break
-            frame = bytes(buf[offset + 4 : offset + 4 + length])
+            with memoryview(buf) as view:  # one copy of the frame (a slice of buf would be two)
+                frame = bytes(view[offset + 4 : offset + 4 + length])
             offset += 4 + length
             self.stringReceived(frame)
             if self.transport is None or getattr(self.transport, "disconnecting", False):

@@ -163,11 +163,30 @@ def disk_values(batch: np.ndarray, refusals: list[Refusal]) -> Commit:
 def last_per_feed(batch: np.ndarray, refused: set[tuple[int, int]]) -> list[tuple[int, int, float]]:
     """The latest stored (time, value) per feed in a batch (the last accepted for a time)."""
     if refused:
-        keep = np.array([(f, t) not in refused for f, t in zip(batch["feed"].tolist(), batch["time"].tolist())], dtype=bool)
-        batch = batch[keep]
-    if not batch.shape[0]:
+        wanted = np.array([(f << 32) | t for f, t in refused], dtype=np.uint64)
+        batch = batch[~np.isin(_feed_time(batch), wanted)]
+    n = batch.shape[0]
+    if not n:
         return []
-    order = np.lexsort((batch["time"], batch["feed"]))  # stable: the last accepted of a time stays last
-    feeds = batch["feed"][order]
-    picked = order[np.flatnonzero(np.r_[feeds[1:] != feeds[:-1], True])]
-    return list(zip(batch["feed"][picked].tolist(), batch["time"][picked].tolist(), batch["value"][picked].tolist()))
+    feeds = batch["feed"]
+    low = int(feeds.min())
+    span = int(feeds.max()) - low + 1
+    if span <= DENSE_FEEDS + 4 * n:
+        # Feed ids close together (the usual case): no sort. Per feed slot, the largest
+        # (time, position) — the latest time, and of its records the last accepted.
+        key = (batch["time"].astype(np.uint64) << np.uint64(32)) | np.arange(1, n + 1, dtype=np.uint64)
+        best = np.zeros(span, dtype=np.uint64)
+        np.maximum.at(best, feeds - low, key)
+        picked = (best[best != 0] & np.uint64(0xFFFFFFFF)).astype(np.intp) - 1
+    else:
+        order = np.lexsort((batch["time"], feeds))  # stable: the last accepted of a time stays last
+        sorted_feeds = feeds[order]
+        picked = order[np.flatnonzero(np.r_[sorted_feeds[1:] != sorted_feeds[:-1], True])]
+    return list(zip(feeds[picked].tolist(), batch["time"][picked].tolist(), batch["value"][picked].tolist()))
+
+
+DENSE_FEEDS = 1 << 16  # a span of feed ids up to this (plus 4 per record) is looked up in an array, not sorted
+
+
+def _feed_time(batch: np.ndarray) -> np.ndarray:
+    return (batch["feed"].astype(np.uint64) << np.uint64(32)) | batch["time"].astype(np.uint64)
