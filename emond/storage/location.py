@@ -50,6 +50,7 @@ class StorageEngines:
             **common,
         )
         self.phptimeseries = PHPTimeSeries(os.path.join(datadir, "phptimeseries"), **common)
+        self._unsynced: set[PHPFina | PHPTimeSeries] = set()  # written by apply_batch(sync=False) since the last sync_written
 
     def engine(self, engine_id: int) -> PHPFina | PHPTimeSeries:
         if engine_id == ENGINE_PHPFINA:
@@ -64,14 +65,22 @@ class StorageEngines:
         series = batch["engine"] == ENGINE_PHPTIMESERIES
         refusals = refusals_from(batch, ~(fina | series), REASON_WRONG_ENGINE)
         if fina.any():
+            if not sync:
+                self._unsynced.add(self.phpfina)
             refusals += self.phpfina.apply_batch(batch[fina], sync)
         if series.any():
+            if not sync:
+                self._unsynced.add(self.phptimeseries)
             refusals += self.phptimeseries.apply_batch(batch[series], sync)
         return refusals
 
     def sync_written(self) -> None:
-        self.phpfina.sync_written()
-        self.phptimeseries.sync_written()
+        """Sync what was applied without a sync pass, in the engines that got any: an engine
+        not written to is left alone (a read stuck holding its lock holds up no write)."""
+        while self._unsynced:
+            engine = next(iter(self._unsynced))
+            engine.sync_written()
+            self._unsynced.discard(engine)  # only once synced: a failed pass is tried again
 
     def close(self) -> None:
         self.phpfina.close()
