@@ -155,7 +155,8 @@ def main() -> None:
                         continue
                     rate, in_sync = scattered(directory, synced, open_files, feeds, first, group)
                     first += 8
-                    print(f"  {label}: {rate:,.0f} points/s ({in_sync:.2f} s of 8 batches in sync passes)")
+                    spent = f" ({in_sync:.2f} s in the 2 sync passes)" if group > 1 else ""
+                    print(f"  {label}: {rate:,.0f} points/s{spent}")
         if "reads" in parts:
             print("reads over one year of 10 s data (page cache warm):")
             for name, figure in reads(os.path.join(base, "reads")).items():

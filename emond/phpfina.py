@@ -74,10 +74,8 @@ MAX_PADDING = 15_768_000  # 5 years of 10 s slots (current emoncms)
 MIN_INTERVAL = 5  # emoncms.org
 # Above this many touched files one syncfs beats a fsync per file.
 SYNCFS_THRESHOLD = 64
-# Threads for the single-point writes of a scattered batch (open+write+close when it
-# touches more feeds than handles), from this many writes on.
+# Threads for open+write+close when a batch touches more feeds than handles.
 WRITER_THREADS = 3
-PARALLEL_WRITES = 2048
 # Reads spanning more slots than this map the file instead of reading the span.
 PREAD_SPAN = 1 << 18
 
@@ -369,33 +367,30 @@ class PHPFina(FeedDirectory):
 
     def _write_singles(self, feeds: list[_Feed], positions: list[int], data: bytes, touched: set[int]) -> None:
         view = memoryview(data)
-        pooled, limit = self._files.handles, self._files.limit
+        pwrite, pooled, limit = os.pwrite, self._files.handles, self._files.limit
         transient: list[tuple[str, memoryview, int]] = []
-        writes: list[tuple[int, memoryview, int]] = []
         for i, (feed, pos) in enumerate(zip(feeds, positions)):
             fd = pooled.get(feed.id)
             if fd is None and len(pooled) < limit:
-                fd = self._fd(feed.id)  # below the limit: nothing is evicted (closed) meanwhile
+                fd = self._fd(feed.id)
             if fd is None:
                 # More feeds than handles: churning the pool would only add closes.
                 transient.append((self._path(feed.id, ".dat"), view[4 * i : 4 * i + 4], 4 * pos))
             else:
-                writes.append((fd, view[4 * i : 4 * i + 4], 4 * pos))
+                # In this thread: spread over threads these writes went slower here (the
+                # kernel's share of each, the inode's mtime journalled, does not overlap).
+                if pwrite(fd, view[4 * i : 4 * i + 4], 4 * pos) != 4:
+                    pwrite_all(fd, view[4 * i : 4 * i + 4], 4 * pos)  # short: finish, or raise the error
                 touched.add(feed.id)
             if pos == feed.npoints:
                 feed.npoints += 1
-        if len(writes) >= PARALLEL_WRITES:
-            self._in_writers(_pwrite_each, writes)
-        else:
-            _pwrite_each(writes)
         if transient:
             self._evicted_dirty = True  # written through handles now closed: syncfs
             self._in_writers(_open_write_close, transient)
 
     def _in_writers(self, work: Callable[[list], None], items: list) -> None:
-        """``work`` over ``items`` in a few threads: the write syscalls release the GIL,
-        and a 4-byte write to a file costs the kernel several microseconds (the
-        inode's mtime is journalled), an open+write+close several more."""
+        """``work`` over ``items`` in a few threads: open+write+close per file releases
+        the GIL and dominates when feeds outnumber open handles."""
         if self._writers is None:
             self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="phpfina-write")
         chunks = [items[i::WRITER_THREADS] for i in range(WRITER_THREADS)]
@@ -680,13 +675,6 @@ def _time_of_day(feed: _Feed, slots: _SlotReader, query: DataQuery, last: object
         stored = (pos >= 0) & (pos < slots.npoints)
         values[stored] = slots.at(pos[stored])
     return Series(starts, values, last if query.with_last else None)
-
-
-def _pwrite_each(writes: list[tuple[int, memoryview, int]]) -> None:
-    pwrite = os.pwrite
-    for fd, data, offset in writes:
-        if pwrite(fd, data, offset) != len(data):
-            pwrite_all(fd, data, offset)  # short: finish, or raise the error
 
 
 def _open_write_close(writes: list[tuple[str, memoryview, int]]) -> None:
