@@ -78,6 +78,22 @@ class GroupSyncTests(unittest.TestCase):
             yield self.assertFailure(d, OSError)
 
     @defer.inlineCallbacks
+    def test_a_batch_that_fails_to_be_written_holds_up_no_other(self):
+        location, engines = yield self.open()
+        apply_batch = engines.apply_batch
+
+        def failing_on_2(batch, sync=True):
+            if batch["value"][0] == 2.0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return apply_batch(batch, sync)
+
+        engines.apply_batch = failing_on_2  # type: ignore[method-assign]
+        first, second = location.apply_batch(self.batch(1)), location.apply_batch(self.batch(2))
+        yield self.assertFailure(second, OSError)
+        self.assertEqual((yield first), [])
+        self.assertEqual(self.events, ["sync start", "synced"])
+
+    @defer.inlineCallbacks
     def test_sync_group_1_is_a_pass_per_batch(self):
         location, engines = yield self.open(sync_group=1)
         done = [location.apply_batch(self.batch(k)) for k in range(1, 4)]

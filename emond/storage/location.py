@@ -80,7 +80,7 @@ class StorageEngines:
         while self._unsynced:
             engine = next(iter(self._unsynced))
             engine.sync_written()
-            self._unsynced.discard(engine)  # only once synced: a failed pass is tried again
+            self._unsynced.discard(engine)  # only once its pass succeeded
 
     def close(self) -> None:
         self.phpfina.close()
@@ -172,9 +172,13 @@ class StorageLocationService(Service):
         self._queued += 1
         try:
             refusals = await self.writes.run(engines.apply_batch, batch, False)
-        finally:
+        except BaseException:
             self._queued -= 1
-            self._written += 1  # a batch that failed half way may have written some: covered too
+            self._written += 1  # a batch that failed half way may have written some
+            self._sync_when_due(engines)  # the batches waiting behind this one are not held up
+            raise
+        self._queued -= 1
+        self._written += 1
         durable: defer.Deferred[None] = defer.Deferred()
         self._waiting.append((self._written, durable))
         self._sync_when_due(engines)
