@@ -193,6 +193,9 @@ class EnginesSection:
     max_padding: int = MAX_PADDING
     open_files: int = 4096
     sync: bool = True
+    # Group commit: batches written while the write thread is busy share one sync pass, at
+    # most this many; each is acknowledged only once that pass is done. 1: a pass per batch.
+    sync_group: int = 16
     # Threads reading feed files, per storage location (writes have one of their own: a
     # location applies one batch at a time); reads that may wait for one (503 beyond).
     read_threads: int = 4

@@ -537,55 +537,143 @@ def next_dmy_end(end: int, interval: str, zone: tzinfo) -> int:
 # -- averages ------------------------------------------------------------------------
 
 
-def segment_means(read: Callable[[int, int], np.ndarray], starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def segment_means(
+    read: Callable[[int, int], np.ndarray], starts: np.ndarray, lengths: np.ndarray, fresh: bool = False
+) -> np.ndarray:
     """The mean of the finite values in each segment [start, start + length) of
     what ``read(lo, hi)`` returns (NaN if none). Each sum adds the values in
     order in doubles, as emoncms's PHP loop does, so the means are the same
-    to the last bit; nearby segments share one read."""
+    to the last bit; nearby segments share one read. ``fresh``: ``read``
+    returns a new array on each call, which may then be changed here (saves
+    a copy)."""
     starts = np.asarray(starts, dtype=np.int64)
     lengths = np.maximum(np.asarray(lengths, dtype=np.int64), 0)
     ends = starts + lengths
     means = np.full(starts.shape[0], np.nan)
-    i, n = 0, starts.shape[0]
+    n = starts.shape[0]
+    if n and (lengths <= SUM_SPAN).all() and (np.diff(starts) >= 0).all() and (np.diff(ends) >= 0).all():
+        # Segments in order (a fixed interval, days, months): the same groups as the loop
+        # below, found by a search per group instead of a step per segment.
+        i = 0
+        while i < n:
+            j = max(int(np.searchsorted(ends, starts[i] + SUM_SPAN, side="right")), i + 1)
+            lo, hi = int(starts[i]), int(ends[j - 1])
+            block = read(lo, hi) if hi > lo else np.empty(0)
+            means[i:j] = _block_means(block, starts[i:j] - lo, lengths[i:j], fresh)
+            i = j
+        return means
+    # Python ints: this loop visits every segment, and numpy scalars are slow to compare.
+    first, past, length = starts.tolist(), ends.tolist(), lengths.tolist()
+    i = 0
     while i < n:
-        if lengths[i] > SUM_SPAN:
-            means[i] = _long_mean(read, int(starts[i]), int(ends[i]))
+        if length[i] > SUM_SPAN:
+            means[i] = _long_mean(read, first[i], past[i])
             i += 1
             continue
-        lo, hi, j = int(starts[i]), int(ends[i]), i + 1
-        while j < n and lengths[j] <= SUM_SPAN and max(hi, int(ends[j])) - min(lo, int(starts[j])) <= SUM_SPAN:
-            lo, hi = min(lo, int(starts[j])), max(hi, int(ends[j]))
+        lo, hi, j = first[i], past[i], i + 1
+        while j < n and length[j] <= SUM_SPAN:
+            wider_lo, wider_hi = min(lo, first[j]), max(hi, past[j])
+            if wider_hi - wider_lo > SUM_SPAN:
+                break
+            lo, hi = wider_lo, wider_hi
             j += 1
         block = read(lo, hi) if hi > lo else np.empty(0)
-        means[i:j] = _block_means(block, starts[i:j] - lo, lengths[i:j])
+        means[i:j] = _block_means(block, starts[i:j] - lo, lengths[i:j], fresh)
         i = j
     return means
 
 
-def _block_means(block: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    clean = block.astype(np.float64)
+def _block_means(block: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, fresh: bool = False) -> np.ndarray:
     missing = np.flatnonzero(~np.isfinite(block))
-    if missing.shape[0]:
-        clean[missing] = 0.0  # adding 0.0 leaves a sum unchanged: a missing value is skipped
     counts = lengths - (np.searchsorted(missing, offsets + lengths) - np.searchsorted(missing, offsets))
-    sums = np.zeros(offsets.shape[0])
-    longest = int(lengths.max()) if lengths.shape[0] else 0
+    clean = block
+    if missing.shape[0]:
+        if not (fresh and block.flags.writeable):
+            clean = block.copy()
+        clean[missing] = 0  # adding 0.0 leaves a sum unchanged: a missing value is skipped
     rows = offsets.shape[0]
-    if rows and longest and (lengths == longest).all() and (np.diff(offsets) == longest).all():
-        # Back-to-back segments of one length (a fixed interval): a row each, and
-        # cumsum adds along each row in order.
+    longest = int(lengths.max()) if rows else 0
+    if not longest:
+        sums = np.zeros(rows)
+    elif (lengths == longest).all() and (np.diff(offsets) == longest).all():
+        # Back-to-back segments of one length (an interval a multiple of the feed's): a row each.
         first = int(offsets[0])
-        sums = np.cumsum(clean[first : first + rows * longest].reshape(rows, longest), axis=1)[:, -1]
+        sums = ordered_row_sums(clean[first : first + rows * longest].reshape(rows, longest))
+    elif rows > 1 and 2 * int(lengths.sum()) >= rows * longest:
+        sums = ordered_row_sums(_ragged_grid(clean, offsets, lengths, longest))
     elif longest <= 16:
+        sums = np.zeros(rows)
+        wide = clean.astype(np.float64)
         for k in range(longest):  # one column at a time: each row's sum still in order
             at = lengths > k
-            sums[at] += clean[offsets[at] + k]
+            sums[at] += wide[offsets[at] + k]
     else:
+        sums = np.zeros(rows)
+        wide = clean.astype(np.float64)
         for r in np.flatnonzero(lengths).tolist():
             a = int(offsets[r])
-            sums[r] = np.add.accumulate(clean[a : a + int(lengths[r])])[-1]
+            sums[r] = np.add.accumulate(np.concatenate(([0.0], wide[a : a + int(lengths[r])])))[-1]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _ragged_grid(clean: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, longest: int) -> np.ndarray:
+    """Segments of several lengths as the rows of one grid, each padded at its end with
+    zeros (adding 0.0 last leaves a sum as it was)."""
+    rows = offsets.shape[0]
+    grid = np.zeros((rows, longest), dtype=clean.dtype)
+    whole = offsets + longest <= clean.shape[0]
+    if clean.shape[0] >= longest:
+        windows = np.lib.stride_tricks.sliding_window_view(clean, longest)  # a view: row j is clean[j : j + longest]
+        grid[whole] = windows[offsets[whole]]
+    for r in np.flatnonzero(~whole).tolist():  # near the end of the block
+        a = int(offsets[r])
+        grid[r, : clean.shape[0] - a] = clean[a:]
+    shortest = int(lengths.min())
+    if longest - shortest <= 16:  # e.g. an interval that is not a multiple of the feed's: two lengths
+        for k in range(shortest, longest):
+            grid[lengths <= k, k] = 0
+    else:
+        grid[np.arange(longest)[None, :] >= lengths[:, None]] = 0
+    return grid
+
+
+# Tiles of ordered_row_sums: TILE_COLUMNS values of TILE_ROWS rows, as float64 (with the
+# carried sums, ~270 kB), stay in a core's L2 cache while they are added.
+TILE_ROWS = 512
+TILE_COLUMNS = 64
+
+
+def ordered_row_sums(grid: np.ndarray) -> np.ndarray:
+    """Each row's sum, adding its values from left to right in doubles, starting at 0.0:
+    ``((0.0 + g[r, 0]) + g[r, 1]) + ...``, exactly as a scalar loop does (emoncms's PHP).
+
+    numpy's ``sum`` along a row is pairwise (another rounding), and ``cumsum`` along it is
+    one dependent addition after another. Here a tile of rows is turned on its side (a
+    column per row), under a first line holding the sums carried so far, and reduced
+    over axis 0: numpy then adds line after line, in order, each line a vector over the
+    rows (pairwise summation only ever applies along the inner, contiguous axis, and a
+    tile is kept at least two columns wide so that the inner axis is never the reduced
+    one). ``tests/test_ordered_sums.py`` checks this against a Python loop."""
+    rows, width = grid.shape
+    sums = np.zeros(rows)
+    if not rows or not width:
+        return sums
+    tile_rows = min(TILE_ROWS, max(rows, 2))
+    tile = np.zeros((TILE_COLUMNS + 1, tile_rows))
+    total = np.empty(tile_rows)
+    for r0 in range(0, rows, tile_rows):
+        r1 = min(r0 + tile_rows, rows)
+        n = r1 - r0
+        cols = max(n, 2)  # a single row gets a spare column of zeros (see above)
+        for k0 in range(0, width, TILE_COLUMNS):
+            k1 = min(k0 + TILE_COLUMNS, width)
+            lines = tile[: k1 - k0 + 1, :cols]
+            lines[0, :n] = sums[r0:r1]
+            lines[1:, :n] = grid[r0:r1, k0:k1].T
+            np.add.reduce(lines, axis=0, out=total[:cols])
+            sums[r0:r1] = total[:n]
+    return sums
 
 
 def _long_mean(read: Callable[[int, int], np.ndarray], lo: int, hi: int) -> float:

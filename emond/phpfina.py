@@ -119,6 +119,7 @@ class PHPFina(FeedDirectory):
         self.min_interval = min_interval
         self._feeds: dict[int, _Feed] = {}
         self._evicted_dirty = False
+        self._pending: set[int] = set()  # feeds written since the last sync pass
         self._writers: ThreadPoolExecutor | None = None
         self._libc = ctypes.CDLL(None, use_errno=True) if sync else None
         self._recover()
@@ -289,15 +290,27 @@ class PHPFina(FeedDirectory):
         mode = PADDING_JOIN if padding == "join" else 0
         return self.apply_batch(make_records(feedid, times, values, ENGINE_PHPFINA, mode))
 
-    def apply_batch(self, records: np.ndarray) -> list[Refusal]:
-        """Apply a RECORD batch for any number of feeds; return what was refused."""
+    def apply_batch(self, records: np.ndarray, sync: bool = True) -> list[Refusal]:
+        """Apply a RECORD batch for any number of feeds; return what was refused.
+
+        ``sync=False`` leaves the sync pass to a later ``sync_written()``, so that
+        several batches share one (a group commit: the storage location acknowledges
+        them once it has run). A batch that changes a feed's start_time is synced at
+        once all the same: its meta may only be written after its data is on disk."""
         with self._lock:
             records, refusals = admit(records, ENGINE_PHPFINA, self.window)
             if records.shape[0]:
-                refusals += self._apply(records)
+                refusals += self._apply(records, sync)
+            elif sync:
+                self._sync()
             return refusals
 
-    def _apply(self, batch: np.ndarray) -> list[Refusal]:
+    def sync_written(self) -> None:
+        """Make every batch applied so far durable (the sync pass they were applied without)."""
+        with self._lock:
+            self._sync()
+
+    def _apply(self, batch: np.ndarray, sync: bool = True) -> list[Refusal]:
         feed_ids, inverse = np.unique(batch["feed"], return_inverse=True)
         feeds = [self._load(f) for f in feed_ids.tolist()]
         intervals = np.array([f.interval if f else 0 for f in feeds], dtype=np.int64)
@@ -307,6 +320,8 @@ class PHPFina(FeedDirectory):
             refusals += refusals_from(batch, ~known, REASON_NO_FEED)
             batch, inverse = batch[known], inverse[known]
             if not batch.shape[0]:
+                if sync:
+                    self._sync()
                 return refusals
         interval = intervals[inverse]
         slots = batch["time"].astype(np.int64) // interval * interval
@@ -331,7 +346,7 @@ class PHPFina(FeedDirectory):
             & (slots[firsts] >= starts[first_which])
             & (first_pos <= npoints[first_which])
         )
-        touched: set[int] = set()
+        touched = self._pending
         if single.any():
             self._write_singles(
                 [feeds[i] for i in first_which[single].tolist()],
@@ -343,7 +358,8 @@ class PHPFina(FeedDirectory):
         for a, b in zip(firsts[~single].tolist(), ends[~single].tolist()):
             feed = feeds[int(which[a])]
             refusals += self._apply_feed(feed, slots[a:b], values[a:b], bool(join[b - 1]), changed, touched)
-        self._sync(touched)
+        if sync or changed:
+            self._sync()
         for feed in changed:
             self._write_meta(feed)
             os.unlink(self._path(feed.id, ".intent"))
@@ -361,6 +377,8 @@ class PHPFina(FeedDirectory):
                 # More feeds than handles: churning the pool would only add closes.
                 transient.append((self._path(feed.id, ".dat"), view[4 * i : 4 * i + 4], 4 * pos))
             else:
+                # In this thread: spread over threads these writes went slower here (the
+                # kernel's share of each, the inode's mtime journalled, does not overlap).
                 if pwrite(fd, view[4 * i : 4 * i + 4], 4 * pos) != 4:
                     pwrite_all(fd, view[4 * i : 4 * i + 4], 4 * pos)  # short: finish, or raise the error
                 touched.add(feed.id)
@@ -368,15 +386,15 @@ class PHPFina(FeedDirectory):
                 feed.npoints += 1
         if transient:
             self._evicted_dirty = True  # written through handles now closed: syncfs
-            self._write_transient(transient)
+            self._in_writers(_open_write_close, transient)
 
-    def _write_transient(self, writes: list[tuple[str, memoryview, int]]) -> None:
-        """open+pwrite+close per file, spread over a few threads: these syscalls
-        release the GIL and dominate when feeds outnumber open handles."""
+    def _in_writers(self, work: Callable[[list], None], items: list) -> None:
+        """``work`` over ``items`` in a few threads: open+write+close per file releases
+        the GIL and dominates when feeds outnumber open handles."""
         if self._writers is None:
             self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="phpfina-write")
-        chunks = [writes[i::WRITER_THREADS] for i in range(WRITER_THREADS)]
-        for _ in self._writers.map(_open_write_close, chunks):
+        chunks = [items[i::WRITER_THREADS] for i in range(WRITER_THREADS)]
+        for _ in self._writers.map(work, chunks):
             pass
 
     def _apply_feed(
@@ -474,11 +492,15 @@ class PHPFina(FeedDirectory):
             at = int(app_pos[i]) - base - gap
             buf[at : at + gap] = ramp
 
-    def _sync(self, touched: set[int]) -> None:
+    def _sync(self) -> None:
+        """Sync what was written since the last pass: an fsync per file, or one syncfs
+        when there are many, or when some were written through handles closed since."""
+        touched, self._pending = self._pending, set()
         if not self.sync or not touched:
             self._evicted_dirty = False
             return
-        if self._evicted_dirty or len(touched) > SYNCFS_THRESHOLD:
+        pooled = self._files.handles
+        if self._evicted_dirty or len(touched) > SYNCFS_THRESHOLD or not all(f in pooled for f in touched):
             dirfd = os.open(self.directory, os.O_RDONLY)
             try:
                 if self._libc.syncfs(dirfd) != 0:
@@ -488,7 +510,7 @@ class PHPFina(FeedDirectory):
                 os.close(dirfd)
         else:
             for feedid in touched:
-                os.fsync(self._files.handles[feedid])
+                os.fsync(pooled[feedid])
         self._evicted_dirty = False
 
     # -- reads -------------------------------------------------------------
@@ -629,7 +651,7 @@ def _data(feed: _Feed, slots: _SlotReader, query: DataQuery, last: object) -> Se
         if average:
             first = np.clip((starts - feed.start) // interval, 0, slots.npoints)
             past = np.clip((ends - feed.start) // interval, 0, slots.npoints)
-            values = segment_means(slots.read, first, past - first)
+            values = segment_means(slots.read, first, past - first, fresh=True)
         else:
             end_time = feed.start + interval * (slots.npoints - 1)
             inside = (starts >= feed.start) & (starts <= end_time)
@@ -669,8 +691,10 @@ def _refuse(feedid: int, slots: np.ndarray, reason: str) -> list[Refusal]:
 
 
 def _read_slots(fd: int, lo: int, hi: int) -> np.ndarray:
-    data = os.pread(fd, 4 * (hi - lo), 4 * lo)
-    return np.frombuffer(data, dtype="<f4", count=len(data) // 4)
+    """Slots [lo, hi) in a new, writable array (fewer at the end of the file)."""
+    out = np.empty(hi - lo, dtype="<f4")
+    got = os.preadv(fd, [out], 4 * lo)
+    return out[: got // 4]
 
 
 def _gather(fd: int, positions: np.ndarray, npoints: int) -> np.ndarray:

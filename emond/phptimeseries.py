@@ -177,13 +177,21 @@ class PHPTimeSeries(FeedDirectory):
         """Write points to one feed (a convenience over ``apply_batch``)."""
         return self.apply_batch(make_records(feedid, times, values, ENGINE_PHPTIMESERIES))
 
-    def apply_batch(self, records: np.ndarray) -> list[Refusal]:
-        """Apply a RECORD batch for any number of feeds; return what was refused."""
+    def apply_batch(self, records: np.ndarray, sync: bool = True) -> list[Refusal]:
+        """Apply a RECORD batch for any number of feeds; return what was refused.
+        ``sync=False`` leaves the sync pass to a later ``sync()`` (a group commit)."""
         with self._lock:
             records, refusals = admit(records, ENGINE_PHPTIMESERIES, self.window)
             if records.shape[0]:
                 refusals += self._apply(records)
+            if sync:
+                self._sync()
             return refusals
+
+    def sync_written(self) -> None:
+        """Make every batch applied so far durable (the sync pass they were applied without)."""
+        with self._lock:
+            self._sync()
 
     def _apply(self, batch: np.ndarray) -> list[Refusal]:
         feed_ids, inverse = np.unique(batch["feed"], return_inverse=True)
@@ -208,7 +216,6 @@ class PHPTimeSeries(FeedDirectory):
             new["time"] = batch["time"][a:b]
             new["value"] = batch["value"][a:b]
             self._apply_feed(int(feeds[a]), new)
-        self._sync()
         return refusals
 
     def _apply_feed(self, feedid: int, new: np.ndarray) -> None:

@@ -93,6 +93,8 @@ class StreamServer:
         self._token_path = os.path.join(location.datadir, "stream.token")
         self.max_token = self._read_token()
         self.stopping = False
+        self.settling = 0  # batches received and not yet answered (written ones wait for their sync pass)
+        self._settled: list[defer.Deferred[None]] = []  # fired when none is
         self.connections: set[Any] = set()
         self.batches = Counter("emond_stream_batches_applied", "Batches applied from the stream", registry=registry)
         self.points = Counter("emond_stream_points_applied", "Datapoints applied from the stream", registry=registry)
@@ -135,18 +137,28 @@ class StreamServer:
                 await self.location.writes.run(self._write_token, token)
                 self.max_token = token
             try:
-                refusals = await self.location.apply_batch(batch)
+                refusals, durable = await self.location.write_batch(batch)
             except OSError as e:
-                self.disk_error = f"{e.strerror or e} ({e.filename or self.location.datadir})"
-                self.disk_errors.inc()
-                self.log.error("batch {seq} not applied: {error}", seq=seq, error=self.disk_error)
-                return False, "disk error"
-            self.disk_error = None
-            self.batches.inc()
-            self.points.inc(batch.shape[0] - len(refusals))
-            return True, [list(r) for r in refusals]
+                return self._disk_error(seq, e)
         finally:
             self.lock.release()
+        # The next batch may be written while this one waits for the sync pass that
+        # covers it (a group commit, ``StorageLocationService.apply_batch``); it is
+        # acknowledged only after that pass.
+        try:
+            await durable
+        except OSError as e:
+            return self._disk_error(seq, e)
+        self.disk_error = None
+        self.batches.inc()
+        self.points.inc(batch.shape[0] - len(refusals))
+        return True, [list(r) for r in refusals]
+
+    def _disk_error(self, seq: int, e: OSError) -> tuple[bool, Any]:
+        self.disk_error = f"{e.strerror or e} ({e.filename or self.location.datadir})"
+        self.disk_errors.inc()
+        self.log.error("batch {seq} not applied: {error}", seq=seq, error=self.disk_error)
+        return False, "disk error"
 
     async def read(self, op: str, feed: int, engine: int, args: list[Any]) -> Any:
         """Answer one read request: the whole read runs here, in the location's read
@@ -208,9 +220,17 @@ class StreamServer:
         connections open now stay."""
         self.allow = set(allow)
 
+    def answered(self) -> None:
+        """A batch received has been answered (its ack or nack sent)."""
+        self.settling -= 1
+        if not self.settling:
+            waiters, self._settled = self._settled, []
+            for waiter in waiters:
+                waiter.callback(None)
+
     def unfinished(self) -> list[str]:
         """What a stop cut short would leave undone (for the log)."""
-        if self.lock.locked:
+        if self.lock.locked or self.settling:
             return ["a batch being applied (unacknowledged: its node sends it again)"]
         return []
 
@@ -219,6 +239,10 @@ class StreamServer:
         await self.lock.acquire()
         self.stopping = True
         self.lock.release()
+        if self.settling:  # batches written wait for their sync pass, then are acknowledged
+            settled: defer.Deferred[None] = defer.Deferred()
+            self._settled.append(settled)
+            await settled
         for connection in list(self.connections):
             connection.transport.loseConnection()
 
@@ -311,13 +335,17 @@ class StorageStreamProtocol(FrameProtocol):
             self.transport.abortConnection()  # a peer breaking the protocol gets nothing more
 
     async def _batch(self, seq: int, token: int, batch: np.ndarray) -> None:
+        self.server.settling += 1
         try:
-            applied, result = await self.server.apply(seq, token, batch)
-        except Exception:
-            self.log.failure("stream: batch {seq} from {peer} failed", seq=seq, peer=self.peer)
-            applied, result = False, "internal error"
-        if self.transport.connected:
-            self.send(ack_frame(ACK if applied else NACK, seq, result))
+            try:
+                applied, result = await self.server.apply(seq, token, batch)
+            except Exception:
+                self.log.failure("stream: batch {seq} from {peer} failed", seq=seq, peer=self.peer)
+                applied, result = False, "internal error"
+            if self.transport.connected:
+                self.send(ack_frame(ACK if applied else NACK, seq, result))
+        finally:
+            self.server.answered()
 
     async def _request(self, request_id: int, request: ReadRequest) -> None:
         try:
