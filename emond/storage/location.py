@@ -67,7 +67,7 @@ class StorageEngines:
         if fina.any():
             if not sync:
                 self._unsynced.add(self.phpfina)
-            refusals += self.phpfina.apply_batch(batch[fina], sync)
+            refusals += self.phpfina.apply_batch(batch if fina.all() else batch[fina], sync)  # no copy of a PHPFina-only batch
         if series.any():
             if not sync:
                 self._unsynced.add(self.phptimeseries)
