@@ -8,7 +8,7 @@ the default input limits except ``rate_limit = 0.0``). One user is registered ov
 (that creates the database); the other users are written straight into its ``users``
 table, each with its own API keys (registering 10,000 over HTTP would be 10,000 scrypt
 hashes, ~17 minutes of CPU, and measure nothing this bench is about). Then wrk posts
-``input/post.json?node=emontx&csv=...`` (5 values) for every user in turn, each user once
+``input/post.json?node=emontx&csv=...`` (5 values, a new connection each) for every user in turn, each user once
 every ``--every`` seconds (10,000 users every 10 s: ~1,000 requests/s, each connection
 pacing itself with wrk's ``delay()``), for ``--duration`` seconds. Each user's first post
 creates its node and inputs. The node's ``VmRSS`` (``/proc/PID/status``) and Redis's are
@@ -36,7 +36,7 @@ from _harness import HOST, ROOT, Harness, Redis, register, report, wait_drained 
 from ingest import ensure_wrk, expect_ok, parse_wrk  # noqa: E402
 from emond.meta.users import apikey_digest, new_apikey, username_key  # noqa: E402
 
-CONNECTIONS = 50  # each waits delay() before a request: many, so that latency hardly slows the rate
+CONNECTIONS = 200  # each waits delay() before a request: many, so that latency hardly slows the rate
 SAMPLE = 10.0  # seconds between RSS samples
 
 
@@ -78,7 +78,9 @@ def lua_users(path: str, keys: list[str], delay_ms: float) -> None:
         f.write("math.randomseed(os.time())\n")
         f.write("request = function()\n  i = i % #keys + 1\n")
         f.write('  local v = math.random(100, 2000)\n')
-        f.write('  return wrk.format("GET", "/input/post.json?node=emontx&csv=" .. v .. ",230.1,1.5," .. (v + 7) .. ",21.5&apikey=" .. keys[i])\nend\n')
+        # a new connection per post, as a device that wakes, posts and sleeps makes it
+        f.write('  return wrk.format("GET", "/input/post.json?node=emontx&csv=" .. v .. ",230.1,1.5," .. (v + 7) .. ",21.5&apikey=" .. keys[i], '
+                '{["Connection"] = "close"})\nend\n')
         f.write(f"delay = function() return {delay_ms:.0f} end\n")
 
 
