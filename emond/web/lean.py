@@ -43,7 +43,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, datetimeToString, parse_qs
+from twisted.web import http
+from twisted.web.http import datetimeToString, parse_qs
 from twisted.web.http_headers import Headers
 
 from emond.api.http import ApiResource, Raw, split_path
@@ -291,7 +292,7 @@ def _response(answer: Raw, persistent: bool, date: bytes | None) -> bytes:
     """The bytes twisted.web writes for this answer to an HTTP/1.1 request (with
     ``AnonymousRequest``: no Server header). ``date`` None: no Date header, as a form body
     refused by ``LimitedRequest`` is answered (before twisted.web's ``process`` sets it)."""
-    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.code, RESPONSES.get(answer.code, b"Unknown Status"))]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (answer.code, http.RESPONSES.get(answer.code, b"Unknown Status"))]
     if not persistent:
         lines.append(b"Connection: close\r\n")
     if date is not None:
