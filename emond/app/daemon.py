@@ -35,6 +35,7 @@ from twisted.python.components import Componentized
 
 from emond.app.reload import plan, reloadable_of
 from emond.app.tree import ProcessTree
+from emond.app.gcfreeze import FreezeWhenReady
 from emond.app.systemd import SystemdNotify
 from emond.config import ConfigError, NodeConfig, StorageConfig
 
@@ -72,6 +73,7 @@ class Daemon(MultiService):
         self.levels = LogLevelFilterPredicate()
         self._set_level(_process_section(config).log_level)
         self.systemd = SystemdNotify(tree.ready, reactor)
+        FreezeWhenReady(tree.ready, reactor).setServiceParent(self)
         tree.setServiceParent(self)
         self.stopping = False
         self.terminated = False  # the stop is SIGTERM's (else something failed: a refusal to start)
