@@ -243,6 +243,21 @@ class Harness:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
+def described() -> str:
+    """The checkout being measured (``git describe --always --dirty``), for a bench's first line."""
+    return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process so far (all its threads; ``/proc/PID/stat``); None: this one."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 SUMMARY = "EMOND_BENCH_SUMMARY"  # bench/all sets it: a file each bench appends its figures to
 
 

@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import ROOT, SUMMARY  # noqa: E402
+from _harness import ROOT, SUMMARY, described  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # name: (full arguments, --quick arguments)
@@ -74,7 +74,7 @@ def main() -> None:
     log = args.log or tempfile.mkstemp(prefix="emond-bench-all-", suffix=".log")[1]
     summary = tempfile.mkstemp(prefix="emond-bench-summary-", suffix=".jsonl")[1]
     env = dict(os.environ, **{SUMMARY: summary})
-    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    commit = described()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start; benches' output in {log}", flush=True)
     failed = []
     with open(log, "ab") as out:

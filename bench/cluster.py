@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import ROOT, Harness, Redis, call, register  # noqa: E402
+from _harness import Harness, Redis, call, described, register  # noqa: E402
 from ingest import ensure_wrk, run_wrk  # noqa: E402
 
 from emond.app.localcluster import LocalCluster  # noqa: E402
@@ -342,7 +342,7 @@ def main() -> None:
     counts = [int(n) for n in args.shards.split(",")]
 
     wrk = ensure_wrk()
-    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    commit = described()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start; "
           f"wrk -t1 -c{args.connections}, {args.duration:.0f} s per run, against one front, delay {args.delay:g} ms{', front pinned to CPU 0, the rest to CPU 1' if args.pin else ''}{', shard processes stopped during the runs' if args.isolate else ''}; "
           f"{VALUES} values per post, {FRAMES} frames per bulk request", flush=True)

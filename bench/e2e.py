@@ -41,7 +41,6 @@ import collections
 import json
 import os
 import struct
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -51,7 +50,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import (  # noqa: E402
-    HOST, QUEUES, ROOT, Harness, Redis, call, free_port, register, report, start_profile, stop_profile, wait_drained,
+    HOST, QUEUES, Harness, Redis, call, cpu_seconds, described, free_port, register, report, start_profile, stop_profile,
+    wait_drained,
 )
 from emond.keys import input_queue, lease  # noqa: E402
 
@@ -132,14 +132,6 @@ def wait_shared(redis: Redis, consumers: int, timeout: float = 60.0) -> float:
         time.sleep(0.1)
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process (all its threads); None: this one."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def verify(datadir: str, feedids: list[int], slots: int, t0: int) -> tuple[int, list[str]]:
@@ -197,7 +189,7 @@ def main() -> None:
     t0 = (now - 7 * 86400) // INTERVAL * INTERVAL
     if t0 + slots * INTERVAL > now:
         t0 = (now - slots * INTERVAL - 86400) // INTERVAL * INTERVAL
-    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    commit = described()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start", flush=True)
 
     harness = Harness("e2e")

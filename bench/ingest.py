@@ -45,7 +45,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import HOST, ROOT, Harness, Redis, profile, register, report, wait_drained  # noqa: E402
+from _harness import HOST, Harness, Redis, cpu_seconds, described, profile, register, report, wait_drained  # noqa: E402
 
 POST_TARGET, POST_GOAL = 0.5, 0.75  # emond input/post requests/s over the bare server's
 HALF_P99_GOAL = 5.0  # ms: input/post's p99 at half the measured maximum rate (issue 14)
@@ -96,11 +96,6 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used (/proc/PID/stat, clock ticks)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(wrk: str, cpu: str, url: str, duration: float, connections: int, script: str | None = None,
@@ -233,7 +228,7 @@ def main() -> None:
     args = parser.parse_args()
 
     wrk = ensure_wrk()
-    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    commit = described()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start", flush=True)
     harness = Harness("ingest")
     redis = None

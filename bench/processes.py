@@ -18,22 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import HOST, ROOT, Harness, Redis, free_port, register, report, wait_drained  # noqa: E402
+from _harness import HOST, Harness, Redis, cpu_seconds, described, free_port, register, report, wait_drained  # noqa: E402
 from ingest import ensure_wrk, expect_ok, line, run_wrk  # noqa: E402
 
 DRAIN_TIMEOUT = 300.0
 ALL_CORES = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def measured(wrk: str, url: str, args: argparse.Namespace, pids: list[int]) -> tuple[dict[str, float], list[float]]:
@@ -51,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     wrk = ensure_wrk()
-    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    commit = described()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start", flush=True)
     harness = Harness("processes")
     redis = None

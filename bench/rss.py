@@ -32,7 +32,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import HOST, ROOT, Harness, Redis, register, report, wait_drained  # noqa: E402
+from _harness import HOST, Harness, Redis, described, register, report, wait_drained  # noqa: E402
 from ingest import ensure_wrk, expect_ok, parse_wrk  # noqa: E402
 from emond.meta.users import apikey_digest, new_apikey, username_key  # noqa: E402
 
@@ -102,7 +102,7 @@ def main() -> None:
         raise SystemExit("--warmup must be shorter than --duration")
 
     wrk = ensure_wrk()
-    commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    commit = described()
     print(f"emond {commit}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start", flush=True)
     harness = Harness("rss")
     redis = None

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _harness import HOST, ROOT, TWISTD, Harness, Server, free_port, report  # noqa: E402
+from _harness import HOST, ROOT, TWISTD, Harness, Server, cpu_seconds, free_port, report  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
@@ -160,11 +160,6 @@ async def run(reactor, args) -> None:
         harness.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (``/proc/<pid>/stat``; its threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def profile(directory: str, pids: dict[str, int]) -> list[subprocess.Popen]:
