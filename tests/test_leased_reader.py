@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import time
 from typing import Any
 
@@ -28,7 +27,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from emond import keys, queue
-from emond.config import EnginesSection, RemoteServer, TLSSection, load_storage_config
+from emond.config import EnginesSection, RemoteServer, TLSSection
 from emond.process.consumer import InputConsumerService
 from emond.processlist import parse_processlist
 from emond.queue import APPEND_SEQ, RETRY_SECONDS, LeaseLost, QueueLayout, Scripts, encode_groups
@@ -37,10 +36,9 @@ from emond.redis import Redis, RedisUnavailable
 from emond.meta.refusals import Refusals
 from emond.storage.remote import LinkMetrics, RemoteLink
 from emond.storage.sender import LocalSenderService, RefusalRecorder, SenderMetrics
-from emond.app.service import make_storage_service
 from emond.storage.location import StorageLocationService
-from tests.support import free_port, redis_server
-from tests.support.daemon import ROOT
+from tests.support import redis_server
+from tests.support.storage import start_storage
 from tests.support.node import NodeHarness
 
 T0 = int(time.time()) // 10 * 10 - 86400  # within the engines' time window
@@ -445,23 +443,8 @@ class RemoteLinkReaderTests(SenderUse, LeasedReaderContract, unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUpUse(self):
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        self.tls = os.path.join(base, "tls")
-        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), self.tls, "node0", "storage1"], check=True, capture_output=True)
-        self.port = free_port()
-        path = os.path.join(base, "storage.toml")
-        with open(path, "w") as f:
-            f.write(
-                f'[storage]\nid = 1\nlisten = "tcp:{self.port}:interface=127.0.0.1"\nhttp = "tcp:{free_port()}:interface=127.0.0.1"\n'
-                f'datadir = "data"\nallow = ["node0"]\n[engines]\nsync = false\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
-            )
-        self.datadir = os.path.join(base, "data")
-        server = make_storage_service(load_storage_config(path), reactor)
-        server.startService()
-        self.addCleanup(server.stopService)
-        engines = yield server.getServiceNamed("storage").opened
+        storage = yield start_storage(self)
+        self.tls, self.port, self.datadir, engines = storage.tls, storage.port, storage.datadir, storage.engines
         engines.phptimeseries.create(self.feedid)
 
     def make(self, owner: str, clock: task.Clock, blocking: Redis):

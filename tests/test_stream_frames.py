@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import threading
 import time
 
@@ -24,16 +23,15 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from emond import keys
-from emond.app.service import make_storage_service
-from emond.config import RemoteServer, TLSSection, load_storage_config
+from emond.config import RemoteServer, TLSSection
 from emond.queue import APPEND_SEQ, Scripts
 from emond.records import RECORD, Refusal, make_records
 from emond.redis import Redis
 from emond.storage.remote import FRAME_BYTES, FrameWindow, LinkMetrics, RemoteLink, frames_of
 from emond.storage.sender import last_per_feed
 from emond.stream import BATCH, FRAME_LENGTH, MAX_FRAME, FrameProtocol, batch_frame, batch_parts, decode_batch
-from tests.support import free_port, redis_server
-from tests.support.daemon import ROOT
+from tests.support import redis_server
+from tests.support.storage import start_storage
 from tests.support.poll import until
 
 T0 = int(time.time()) // 10 * 10 - 86400  # within the engines' time window
@@ -167,23 +165,8 @@ class JoinedFramesTests(unittest.TestCase):
         redis_server().flushall()
         self.redis = Redis.connect(redis_server().url, 5.0, reactor)
         self.addCleanup(self.redis.disconnect)
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        self.tls = os.path.join(base, "tls")
-        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), self.tls, "node0", "storage1"], check=True, capture_output=True)
-        self.port = free_port()
-        path = os.path.join(base, "storage.toml")
-        with open(path, "w") as f:
-            f.write(
-                f'[storage]\nid = 1\nlisten = "tcp:{self.port}:interface=127.0.0.1"\nhttp = "tcp:{free_port()}:interface=127.0.0.1"\n'
-                f'datadir = "data"\nallow = ["node0"]\n[engines]\nsync = false\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
-            )
-        self.datadir = os.path.join(base, "data")
-        server = make_storage_service(load_storage_config(path), reactor)
-        server.startService()
-        self.addCleanup(server.stopService)
-        self.engines = yield server.getServiceNamed("storage").opened
+        storage = yield start_storage(self)
+        self.tls, self.port, self.datadir, self.engines = storage.tls, storage.port, storage.datadir, storage.engines
         for feed in (FEED_A, FEED_B):
             self.engines.phpfina.create(feed, 10)
 
