@@ -1,0 +1,257 @@
+// /feeds — the user's feeds grouped by tag (feed/list.json): name, engine, interval, size, last
+// value and its age, refreshed in place every 10 s. Per feed: rename and retag (inline edit,
+// feed/set.json), public toggle, delete with an in-page confirmation (feed/delete.json), a CSV
+// download link (feed/csvexport.json) and a link to its graph; checkboxes and "Graph selected".
+//
+// Hooks for browser tests:
+//   tr[data-feedid]                  one row per feed (inside #feeds, a table per tag)
+//   button.rename, button.retag      open the inline editor (input.edit, button.save, button.cancel)
+//   button.public-toggle             aria-pressed="true" when the feed is public
+//   button.delete -> button.confirm-delete (or button.cancel-delete)
+//   a.csv, a.graph-link              per row; input.select (checkbox) and a#graph-selected
+//   #feeds-error                     the message of a failed request
+
+import { api, el, ago, fmtTime, fmtValue } from "./common.js";
+
+const REFRESH_MS = 10000;
+const ENGINES = { 2: "PHPTimeSeries", 5: "PHPFina" };
+const CSV_RANGES = { day: 86400, week: 7 * 86400, month: 30 * 86400, year: 365 * 86400 };
+const CSV_ROWS = 1500000; // below the API's 25 MiB CSV limit (17 bytes a row)
+
+const $ = (id) => document.getElementById(id);
+const now = () => Math.floor(Date.now() / 1000);
+
+const selected = new Set(); // feed ids ticked, kept across refreshes
+let feeds = []; // the last feed/list.json answer
+let rowsById = new Map(); // feed id -> its <tr>
+let shown = ""; // what the drawn tables show (ids, names, tags, public): a change redraws them
+let busy = 0; // editors and confirmations open: a redraw would lose them, so it waits
+
+refresh();
+setInterval(refresh, REFRESH_MS);
+$("csv-range").addEventListener("change", () => rowsById.forEach((tr, id) => updateCsv(tr, byId(id))));
+
+async function refresh() {
+  try {
+    feeds = await api("feed/list.json");
+    $("feeds-error").hidden = true;
+  } catch (e) {
+    showError(e);
+    return;
+  }
+  const layout = JSON.stringify(feeds.map((f) => [f.id, f.name, f.tag, f.public]));
+  if (layout !== shown && !busy) {
+    render();
+    shown = layout;
+  }
+  for (const f of feeds) {
+    const tr = rowsById.get(f.id);
+    if (tr) update(tr, f);
+  }
+}
+
+function byId(id) {
+  return feeds.find((f) => f.id === id);
+}
+
+function render() {
+  const groups = new Map();
+  for (const f of [...feeds].sort((a, b) => a.tag.localeCompare(b.tag) || a.name.localeCompare(b.name))) {
+    if (!groups.has(f.tag)) groups.set(f.tag, []);
+    groups.get(f.tag).push(f);
+  }
+  rowsById = new Map();
+  for (const id of [...selected]) if (!byId(id)) selected.delete(id);
+  const sections = [...groups].map(([tag, list]) =>
+    el(
+      "section",
+      { class: "feed-group" },
+      el("h2", { text: tag || "(no tag)" }),
+      el(
+        "table",
+        { class: "feeds" },
+        el(
+          "thead",
+          {},
+          el("tr", {}, ...["", "Name", "Tag", "Engine", "Interval", "Size", "Value", "Updated", ""].map((t) => el("th", { text: t }))),
+        ),
+        el("tbody", {}, ...list.map(row)),
+      ),
+    ),
+  );
+  $("feeds").replaceChildren(...sections);
+  $("feeds-empty").hidden = feeds.length > 0;
+  updateSelected();
+}
+
+function row(f) {
+  const check = el("input", { type: "checkbox", class: "select", "aria-label": `Select ${f.name}` });
+  check.checked = selected.has(f.id);
+  check.addEventListener("change", () => {
+    if (check.checked) selected.add(f.id);
+    else selected.delete(f.id);
+    updateSelected();
+  });
+  const tr = el(
+    "tr",
+    { "data-feedid": f.id },
+    el("td", {}, check),
+    el("td", { class: "name-cell" }, el("span", { class: "name" }), button("rename", "Rename", () => edit(tr, "name"))),
+    el("td", { class: "tag-cell" }, el("span", { class: "tag" }), button("retag", "Retag", () => edit(tr, "tag"))),
+    el("td", { class: "engine", text: ENGINES[f.engine] || `engine ${f.engine}` }),
+    el("td", { class: "interval", text: Number(f.interval) > 0 ? `${f.interval} s` : "—" }),
+    el("td", { class: "size" }),
+    el("td", { class: "value" }),
+    el("td", { class: "time" }),
+    el(
+      "td",
+      { class: "actions" },
+      button("public-toggle", "", () => togglePublic(tr)),
+      el("a", { class: "csv", text: "CSV", download: "" }),
+      el("a", { class: "graph-link", href: `/graph?feeds=${f.id}`, text: "Graph" }),
+      button("delete", "Delete", () => confirmDelete(tr)),
+      el("span", { class: "row-error", role: "alert" }),
+    ),
+  );
+  rowsById.set(f.id, tr);
+  update(tr, f);
+  return tr;
+}
+
+function button(cls, text, click) {
+  return el("button", { type: "button", class: cls, text, on: { click } });
+}
+
+// The cells a refresh changes (an open editor keeps its input).
+function update(tr, f) {
+  const q = (sel) => tr.querySelector(sel);
+  if (q(".name")) q(".name").textContent = f.name;
+  if (q(".tag")) q(".tag").textContent = f.tag;
+  q(".size").textContent = f.size === null ? "—" : bytes(Number(f.size));
+  q(".value").textContent = f.value === null || !f.unit ? fmtValue(f.value) : `${fmtValue(f.value)} ${f.unit}`;
+  const time = q(".time");
+  time.textContent = f.time ? ago(now() - f.time) : "never";
+  time.title = f.time ? fmtTime(f.time) : "";
+  const pub = f.public === "1";
+  const toggle = q(".public-toggle");
+  toggle.textContent = pub ? "Public" : "Private";
+  toggle.setAttribute("aria-pressed", String(pub));
+  toggle.title = pub ? "Anyone can read this feed: click to make it private" : "Click to make this feed public";
+  updateCsv(tr, f);
+}
+
+// The CSV of the chosen range up to the last value, at the feed's own interval (widened so
+// the file stays under the API's size limit; 60 s for a PHPTimeSeries feed, which has none).
+function updateCsv(tr, f) {
+  if (!f) return;
+  const end = Math.max(f.time || 0, 0) || now();
+  const span = CSV_RANGES[$("csv-range").value] || CSV_RANGES.week;
+  const own = Number(f.interval) > 0 ? Number(f.interval) : 60;
+  const interval = Math.max(own, Math.ceil(span / CSV_ROWS / own) * own);
+  const q = new URLSearchParams({ id: f.id, start: end - span, end, interval, timeformat: "unix" });
+  tr.querySelector(".csv").href = `/feed/csvexport.json?${q}`;
+}
+
+function updateSelected() {
+  const link = $("graph-selected");
+  link.href = `/graph?feeds=${[...selected].join(",")}`;
+  link.classList.toggle("disabled", selected.size === 0);
+  link.setAttribute("aria-disabled", String(selected.size === 0));
+}
+
+// Inline edit of the name or the tag: an input with Save and Cancel (Enter, Escape).
+function edit(tr, field) {
+  const cell = tr.querySelector(`.${field}-cell`);
+  if (cell.querySelector("input")) return;
+  const f = byId(tr.dataset.feedid);
+  const input = el("input", { type: "text", class: "edit", value: f[field], "aria-label": field });
+  const old = [...cell.childNodes];
+  busy++;
+  const close = () => {
+    cell.replaceChildren(...old);
+    busy--;
+  };
+  const save = async () => {
+    try {
+      await set(tr, { [field]: input.value.trim() });
+      close();
+      refresh(); // a new name or tag may move the row
+    } catch (e) {
+      rowError(tr, e);
+    }
+  };
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") save();
+    if (event.key === "Escape") close();
+  });
+  cell.replaceChildren(input, button("save", "Save", save), button("cancel", "Cancel", close));
+  input.focus();
+  input.select();
+}
+
+async function togglePublic(tr) {
+  const f = byId(tr.dataset.feedid);
+  try {
+    await set(tr, { public: f.public === "1" ? 0 : 1 });
+    refresh();
+  } catch (e) {
+    rowError(tr, e);
+  }
+}
+
+function set(tr, fields) {
+  rowError(tr, null);
+  return api("feed/set.json", { id: tr.dataset.feedid, fields: JSON.stringify(fields) }, { post: true });
+}
+
+// Delete asks in the row itself (not window.confirm): the actions are swapped for a question.
+function confirmDelete(tr) {
+  const cell = tr.querySelector(".actions");
+  if (cell.querySelector(".confirm-delete")) return;
+  const f = byId(tr.dataset.feedid);
+  const old = [...cell.childNodes];
+  busy++;
+  const close = () => {
+    cell.replaceChildren(...old);
+    busy--;
+  };
+  const remove = async () => {
+    try {
+      rowError(tr, null);
+      await api("feed/delete.json", { id: f.id }, { post: true });
+      close();
+      selected.delete(f.id);
+      refresh();
+    } catch (e) {
+      close();
+      rowError(tr, e);
+    }
+  };
+  cell.replaceChildren(
+    el("span", { class: "question", text: `Delete “${f.name}” and its data?` }),
+    button("confirm-delete", "Delete", remove),
+    button("cancel-delete", "Cancel", close),
+  );
+  cell.querySelector(".cancel-delete").focus();
+}
+
+function rowError(tr, error) {
+  const box = tr.querySelector(".row-error");
+  if (box) box.textContent = error ? error.message || String(error) : "";
+}
+
+function showError(error) {
+  const box = $("feeds-error");
+  box.textContent = error.message || String(error);
+  box.hidden = false;
+}
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
