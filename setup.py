@@ -22,5 +22,5 @@ setup(
         "sdnotify>=0.3.2",  # sd_notify(3) to systemd (Type=notify, WatchdogSec)
     ],
     entry_points={"console_scripts": ["emond-admin = emond.app.admin:main"]},
-    extras_require={"test": ["treq>=23.1", "hypothesis>=6.100", "import-linter>=2.1"]},
+    extras_require={"test": ["treq>=23.1", "hypothesis>=6.100", "import-linter>=2.1", "selenium>=4.20"]},
 )

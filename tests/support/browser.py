@@ -26,7 +26,7 @@ from emond.app.programs import ROOT, MissingProgram
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-WIDTH, HEIGHT = 1280, 800  # every screenshot's size
+WIDTH, HEIGHT = 1280, 800  # the viewport, and so every screenshot's size
 SCREENSHOTS = os.path.join(ROOT, "docs", "screenshots")
 WAIT = 20.0  # seconds a DOM condition may take (a loaded machine; the usual is well under 1 s)
 
@@ -51,7 +51,8 @@ def _require() -> None:
 
 
 def _new_driver() -> Any:
-    """A headless Chromium at WIDTHxHEIGHT whose console is readable (blocking: a thread's job)."""
+    """A headless Chromium whose viewport is WIDTHxHEIGHT and whose console is readable
+    (blocking: a thread's job)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -67,7 +68,9 @@ def _new_driver() -> Any:
     os.environ["SE_OFFLINE"] = "true"
     service = Service(CHROMEDRIVER, log_output=os.devnull)
     driver = webdriver.Chrome(service=service, options=options)
-    driver.set_window_size(WIDTH, HEIGHT)
+    # the window is WIDTHxHEIGHT less the browser's frame: grow it until the page's viewport is
+    viewport = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+    driver.set_window_size(2 * WIDTH - viewport[0], 2 * HEIGHT - viewport[1])
     driver.set_page_load_timeout(WAIT)
     return driver
 
@@ -122,36 +125,19 @@ class Browser:
 
         def take(driver: Any) -> str:
             os.makedirs(SCREENSHOTS, exist_ok=True)
-            size = driver.get_window_size()
-            if (size["width"], size["height"]) != (WIDTH, HEIGHT):
-                driver.set_window_size(WIDTH, HEIGHT)
+            viewport = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+            if viewport != [WIDTH, HEIGHT]:
+                raise AssertionError(f"the viewport is {viewport}, not {WIDTH}x{HEIGHT}")
             if not driver.save_screenshot(path):
                 raise AssertionError(f"the screenshot of {page} was not written")
             return path
 
         return self.run(take)
 
-    def reset(self) -> defer.Deferred[None]:
-        """Forget cookies and the console of an earlier test (a browser shared by a class)."""
-
-        def clearing(driver: Any) -> None:
-            driver.get("about:blank")
-            driver.execute_cdp_cmd("Network.clearBrowserCookies", {})  # every site's, not one page's
-            driver.get_log("browser")
-
-        return self.run(clearing)
-
     @defer.inlineCallbacks
     def quit(self):
         """Close Chromium and chromedriver, then the thread."""
         try:
             yield self.run(lambda d: d.quit())
-        finally:
-            self.pool.stop()
-
-    def quit_now(self) -> None:
-        """``quit`` without the reactor (a tearDownClass): blocking, for when no test is running."""
-        try:
-            self.driver.quit()
         finally:
             self.pool.stop()

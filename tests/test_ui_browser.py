@@ -1,0 +1,394 @@
+"""The web UI in a real browser (issue 15): Debian's Chromium, headless, driven by Selenium,
+against a real node in the test's reactor (private Redis, SQLite).
+
+Log in through the form and out again; watch an input appear on /inputs after a post and
+give it a process list with a feed made inline; see /graph draw a feed's data (the canvas's
+pixels in the series' colour, where the data says they should be) and zoom by a mouse drag.
+No page may log an error to the browser console. The tests take the screenshots of
+docs/screenshots/ (1280x800).
+
+A fresh browser per test (trial has no class-level tear-down to quit a shared one).
+Selenium calls block, so each runs in the browser's thread (tests/support/browser.py); the
+tests wait on DOM states, never for a time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from tests.support.browser import Browser
+from tests.support.node import NodeHarness, drain
+
+# emoncms's process ids (the process list format is the interface): 1 log to feed, 2 scale (x), 3 offset (+)
+LOG_TO_FEED, SCALE, OFFSET = 1, 2, 3
+PHPFINA = 5
+
+# The series' pixels in every canvas of #graph: those within 40 of the legend swatch's colour
+# (RGB) and at least a quarter opaque; their x extent, and their mean height at the left and
+# right 30 % of that extent (canvas pixels, y down).
+CANVAS_PIXELS = """
+const swatch = document.querySelector("#legend .legend-swatch");
+if (!swatch) return {error: "no legend swatch"};
+const colour = getComputedStyle(swatch).backgroundColor.match(/[0-9.]+/g).slice(0, 3).map(Number);
+const out = {colour, canvases: []};
+for (const canvas of document.querySelectorAll("#graph canvas")) {
+  const {width, height} = canvas;
+  if (!width || !height) continue;
+  const data = canvas.getContext("2d").getImageData(0, 0, width, height).data;
+  const hits = [];
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const i = (y * width + x) * 4;
+      if (data[i + 3] < 64) continue;
+      const d = Math.abs(data[i] - colour[0]) + Math.abs(data[i + 1] - colour[1]) + Math.abs(data[i + 2] - colour[2]);
+      if (d <= 40) hits.push([x, y]);
+    }
+  }
+  const rect = canvas.getBoundingClientRect();
+  const entry = {width, height, left: rect.left, top: rect.top, count: hits.length};
+  if (hits.length) {
+    const xs = hits.map((h) => h[0]);
+    const minx = Math.min(...xs), maxx = Math.max(...xs);
+    const span = maxx - minx;
+    const mean = (pts) => pts.length ? pts.reduce((s, p) => s + p[1], 0) / pts.length : null;
+    Object.assign(entry, {
+      minx, maxx,
+      left_y: mean(hits.filter((h) => h[0] <= minx + 0.3 * span)),
+      right_y: mean(hits.filter((h) => h[0] >= maxx - 0.3 * span)),
+    });
+  }
+  out.canvases.push(entry);
+}
+return out;
+"""
+
+
+def path_of(driver: Any) -> str:
+    return urlsplit(driver.current_url).path
+
+
+def query_of(driver: Any) -> dict[str, str]:
+    return {k: v[-1] for k, v in parse_qs(urlsplit(driver.current_url).query).items()}
+
+
+class BrowserTests(unittest.TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        # a browser per test (about 1 s to start): trial has no class-level set-up and tear-down
+        self.browser = yield Browser.start()
+        self.addCleanup(self.browser.quit)
+        self.node = yield NodeHarness.start(self, "sqlite")
+        self.base = self.node.base.rstrip("/")
+        answer = yield self.node.post("user/register.json", data={"username": "alice", "password": "secret1", "email": "alice@example.org"})
+        self.assertEqual(answer.code, 200, answer)
+        self.key = answer.json()["apikey_write"]
+        self.addCleanup(self.browser.run, lambda d: d.get("about:blank"))  # no page polls the node as it stops
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def act(self, action):
+        return self.browser.run(action)
+
+    def wait(self, condition, what, timeout=20.0):
+        return self.browser.wait(condition, what, timeout)
+
+    def css(self, selector):
+        return lambda d: d.find_elements("css selector", selector)
+
+    def visible(self, selector):
+        return lambda d: [e for e in d.find_elements("css selector", selector) if e.is_displayed()]
+
+    def text_of(self, selector, expected):
+        def check(d):
+            found = d.find_elements("css selector", selector)
+            return found and expected in found[0].text
+        return check
+
+    @defer.inlineCallbacks
+    def assertConsoleClean(self, page):
+        errors = yield self.browser.console_errors()
+        self.assertEqual(errors, [], f"the browser console of {page} has errors")
+
+    @defer.inlineCallbacks
+    def api(self, path, **params):
+        answer = yield self.node.post(path, data={"apikey": self.key, **params})
+        self.assertEqual(answer.code, 200, (path, answer))
+        return answer.json()
+
+    @defer.inlineCallbacks
+    def log_in(self, password="secret1"):
+        """Through the form of /, as a person does; fires on /inputs."""
+        yield self.act(lambda d: d.get(self.base + "/"))
+        yield self.wait(self.css("#login-form"), "the login form")
+
+        def fill(d):
+            d.find_element("id", "login-username").send_keys("alice")
+            d.find_element("id", "login-password").send_keys(password)
+            d.find_element("id", "login").click()
+
+        yield self.act(fill)
+        yield self.wait(lambda d: path_of(d) == "/inputs", "the inputs page after logging in")
+
+    def goto(self, page):
+        return self.act(lambda d: d.get(self.base + page))
+
+    @defer.inlineCallbacks
+    def pixels(self):
+        """The series' pixels in the graph's canvases (CANVAS_PIXELS), of the canvas that has most."""
+        found = yield self.act(lambda d: d.execute_script(CANVAS_PIXELS))
+        self.assertNotIn("error", found, found)
+        colour = found["colour"]
+        self.assertGreater(max(colour) - min(colour), 60, f"the series colour {colour} is grey: it would match the axes")
+        canvases = [c for c in found["canvases"] if c["count"]]
+        self.assertTrue(canvases, f"no pixel of the series colour {colour} in any canvas of #graph: {found['canvases']}")
+        return max(canvases, key=lambda c: c["count"])
+
+    # -- log in, log out ---------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_log_in_through_the_form_and_log_out(self):
+        yield self.goto("/")
+        yield self.wait(self.css("#login-form"), "the login form")
+        yield self.assertConsoleClean("/")
+        yield self.browser.screenshot("login")
+
+        # a wrong password: the form again, with the reason
+        yield self.act(lambda d: (d.find_element("id", "login-username").send_keys("alice"),
+                                  d.find_element("id", "login-password").send_keys("wrong!1"),
+                                  d.find_element("id", "login").click()))
+        yield self.wait(self.text_of(".error", "Incorrect username or password"), "the refusal of a wrong password")
+        self.assertEqual((yield self.act(path_of)), "/")
+        # a 400 answer is a console error in Chromium ("Failed to load resource"): the form's own
+        # refusal, expected here, and nothing else
+        errors = yield self.browser.console_errors()
+        self.assertTrue(all("status of 400" in e for e in errors), errors)
+
+        yield self.log_in()
+        yield self.wait(self.text_of("#username", "alice"), "the user's name in the bar")
+        yield self.wait(lambda d: d.get_cookie("emond_session"), "the session cookie")
+        cookie = yield self.act(lambda d: d.get_cookie("emond_session"))
+        self.assertTrue(cookie["httpOnly"], cookie)
+        self.assertEqual(cookie["sameSite"], "Strict", cookie)
+        script_sees = yield self.act(lambda d: d.execute_script("return document.cookie"))
+        self.assertNotIn("emond_session", script_sees)
+        yield self.assertConsoleClean("/inputs")
+        # logged in, / is the inputs page
+        yield self.goto("/")
+        yield self.wait(lambda d: path_of(d) == "/inputs", "/ redirecting a session to /inputs")
+        yield self.assertConsoleClean("/inputs")
+
+        yield self.goto("/account")
+        yield self.wait(self.text_of("main", self.key), "the write API key on /account")
+        yield self.assertConsoleClean("/account")
+        yield self.browser.screenshot("account")
+
+        yield self.act(lambda d: d.find_element("id", "logout").click())
+        yield self.wait(lambda d: path_of(d) == "/" and d.find_elements("id", "login-form"), "the login page after logging out")
+        yield self.assertConsoleClean("/ after logout")
+        yield self.goto("/inputs")
+        yield self.wait(lambda d: path_of(d) == "/" and d.find_elements("id", "login-form"), "/inputs redirecting to / once logged out")
+        yield self.assertConsoleClean("/inputs logged out")
+        me = yield self.node.get("user/get.json", apikey=self.key)
+        self.assertEqual(me.code, 200)  # logging out ends the session, not the account's keys
+
+    # -- inputs and the process-list editor ---------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_inputs_appear_and_get_a_process_list_with_a_new_feed(self):
+        yield self.log_in()
+        yield self.wait(self.visible("#no-inputs"), "the page saying there is no input yet")
+        yield self.assertConsoleClean("/inputs")
+
+        # a device posts: the open page shows the input (its live refresh, no reload)
+        answer = yield self.node.post("input/post.json", apikey=self.key, node="house", fulljson=json.dumps({"power": 250.5}))
+        self.assertEqual(answer.code, 200, answer)
+        row = 'div.input[data-node="house"][data-input="power"]'
+        yield self.wait(self.text_of(row + " .input-value", "250.5"), "the posted input on /inputs", timeout=30)
+        inputid = yield self.act(lambda d: d.find_element("css selector", row).get_attribute("data-inputid"))
+        listed = yield self.node.get("input/list.json", apikey=self.key)
+        self.assertEqual([(i["id"], i["nodeid"], i["name"]) for i in listed.json()], [(inputid, "house", "power")])
+        yield self.assertConsoleClean("/inputs")
+
+        # the editor: log to a feed made inline, then a scale, moved before it; a step added and removed
+        editor = f'div.process-editor[data-inputid="{inputid}"]'
+        yield self.act(lambda d: d.find_element("css selector", row + " button.open-processes").click())
+        yield self.wait(self.css(editor + " select.feed-select"), "the editor's feed choice")
+
+        def new_feed(d):
+            from selenium.webdriver.support.ui import Select
+            e = d.find_element("css selector", editor)
+            Select(e.find_element("css selector", "select.process-select")).select_by_value(str(LOG_TO_FEED))
+            Select(e.find_element("css selector", "select.feed-select")).select_by_value("new")
+            name = e.find_element("css selector", "input.new-feed-name")
+            name.clear()
+            name.send_keys("house power")
+            tag = e.find_element("css selector", "input.new-feed-tag")
+            tag.clear()
+            tag.send_keys("house")
+            Select(e.find_element("css selector", "select.new-feed-engine")).select_by_value(str(PHPFINA))
+            Select(e.find_element("css selector", "select.new-feed-interval")).select_by_value("10")
+
+        yield self.act(new_feed)
+        yield self.wait(self.visible(editor + " input.new-feed-name"), "the inline new feed fields")
+        yield self.browser.screenshot("inputs")
+        yield self.act(lambda d: d.find_element("css selector", editor + " button.add-step").click())
+        yield self.wait(self.css(f'{editor} li.step[data-process="{LOG_TO_FEED}"]'), "the log-to-feed step")
+        feeds = yield self.api("feed/list.json")
+        self.assertEqual([(f["name"], f["tag"], int(f["engine"])) for f in feeds], [("house power", "house", PHPFINA)])
+        feedid = str(feeds[0]["id"])
+        meta = yield self.api("feed/getmeta.json", id=feedid)
+        self.assertEqual(meta["interval"], 10)
+        arg = yield self.act(lambda d: d.find_element("css selector", f"{editor} li.step").get_attribute("data-arg"))
+        self.assertEqual(arg, feedid)
+
+        def add_value_step(pid, value):
+            def adding(d):
+                from selenium.webdriver.support.ui import Select
+                e = d.find_element("css selector", editor)
+                Select(e.find_element("css selector", "select.process-select")).select_by_value(str(pid))
+                field = e.find_element("css selector", "input.arg-value")
+                field.clear()
+                field.send_keys(value)
+                e.find_element("css selector", "button.add-step").click()
+            return adding
+
+        def steps(d):
+            return [(s.get_attribute("data-process"), s.get_attribute("data-arg"))
+                    for s in d.find_elements("css selector", f"{editor} li.step")]
+
+        yield self.act(add_value_step(SCALE, "2"))
+        yield self.wait(lambda d: len(steps(d)) == 2, "the scale step")
+        yield self.act(add_value_step(OFFSET, "7"))
+        yield self.wait(lambda d: len(steps(d)) == 3, "the offset step")
+        self.assertEqual((yield self.act(steps)), [(str(LOG_TO_FEED), feedid), (str(SCALE), "2"), (str(OFFSET), "7")])
+        yield self.act(lambda d: d.find_elements("css selector", f"{editor} li.step")[2].find_element("css selector", "button.remove-step").click())
+        yield self.wait(lambda d: len(steps(d)) == 2, "the offset step removed")
+        yield self.act(lambda d: d.find_elements("css selector", f"{editor} li.step")[1].find_element("css selector", "button.move-up").click())
+        yield self.wait(lambda d: steps(d) == [(str(SCALE), "2"), (str(LOG_TO_FEED), feedid)], "the scale moved first")
+        # nothing is stored before Save
+        stored = yield self.api("input/process/get.json", inputid=inputid)
+        self.assertEqual(stored, "")
+        yield self.act(lambda d: d.find_element("css selector", editor + " button.save-processlist").click())
+        yield self.wait(self.text_of(editor + " .save-status", "Saved"), "the process list saved")
+        stored = yield self.api("input/process/get.json", inputid=inputid)
+        self.assertEqual(stored, f"{SCALE}:2,{LOG_TO_FEED}:{feedid}")
+        yield self.assertConsoleClean("/inputs with the editor")
+
+        # a refused step says why, beside it: a value step without a number
+        yield self.act(add_value_step(SCALE, ""))
+        yield self.wait(self.visible(editor + " .add-error"), "the refusal of a step without its value")
+        self.assertEqual(len((yield self.act(steps))), 2)
+
+        # the next post is scaled into the new feed, and the row follows it live
+        answer = yield self.node.post("input/post.json", apikey=self.key, node="house", fulljson=json.dumps({"power": 300}))
+        self.assertEqual(answer.code, 200, answer)
+        yield self.wait(self.text_of(row + " .input-value", "300"), "the input's new value on /inputs", timeout=30)
+        yield drain(self.node)
+        value = yield self.api("feed/value.json", id=feedid)
+        self.assertEqual(float(value), 600.0)
+        yield self.assertConsoleClean("/inputs")
+
+        # the feed is on /feeds
+        yield self.goto("/feeds")
+        feed_row = f'tr[data-feedid="{feedid}"]'
+        yield self.wait(self.text_of(feed_row, "house power"), "the new feed on /feeds")
+        yield self.wait(self.text_of(feed_row, "600"), "the feed's last value on /feeds")
+        yield self.assertConsoleClean("/feeds")
+        yield self.browser.screenshot("feeds")
+
+    # -- the graph ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_graph_draws_the_data_and_zooms(self):
+        # an hour of 10 s data: 10 (and a little) for the first half, 90 for the second
+        created = yield self.api("feed/create.json", name="power", tag="house", engine=str(PHPFINA), options='{"interval":10}')
+        feedid = created["feedid"]
+        yield self.node.post("input/post.json", apikey=self.key, node="house", csv="0")  # input "1", as bulk frames name it
+        yield drain(self.node)
+        inputid = (yield self.api("input/list.json"))[0]["id"]
+        yield self.api("input/process/set.json", inputid=inputid, processlist=f"{LOG_TO_FEED}:{feedid}")
+        start = (int(time.time()) - 3700) // 10 * 10
+        end = start + 3600
+        middle = start + 1800
+        # frames at offsets from time=start (compat spec §1.3)
+        frames = [[t - start, "house", 10 + (t // 10) % 3 if t < middle else 90 - (t // 10) % 3] for t in range(start, end + 10, 10)]
+        answer = yield self.node.post("input/bulk.json", data={"apikey": self.key, "data": json.dumps(frames), "time": str(start)})
+        self.assertEqual(answer.body, b"ok")
+        yield drain(self.node)
+        data = yield self.api("feed/data.json", id=str(feedid), start=str(start), end=str(end), interval="10")
+        self.assertEqual(len([v for _, v in data if v is not None]), len(frames))
+
+        yield self.log_in()
+        yield self.goto(f"/graph?feeds={feedid}&start={start}&end={end}")
+        drawn = lambda d: d.execute_script("return document.body.dataset.graphState") == "drawn"  # noqa: E731
+        yield self.wait(drawn, "the graph drawn")
+        yield self.wait(self.css("#legend .legend-swatch"), "the legend")
+        self.assertGreater(int((yield self.act(lambda d: d.execute_script("return document.body.dataset.points")))), 300)
+        canvas = yield self.pixels()
+        width, height = canvas["width"], canvas["height"]
+        # the line crosses the plot (the data covers the whole range), low on the left, high on the right
+        self.assertGreater(canvas["maxx"] - canvas["minx"], 0.7 * width, canvas)
+        self.assertGreater(canvas["left_y"] - canvas["right_y"], 0.3 * height, canvas)
+        yield self.assertConsoleClean("/graph")
+        yield self.browser.screenshot("graph")
+
+        # hover: the readout shows the value under the pointer
+        def hover(d):
+            from selenium.webdriver.common.action_chains import ActionChains
+            target = d.find_element("id", "graph")
+            rect = d.execute_script("return arguments[0].getBoundingClientRect().toJSON()", target)
+            x = canvas["left"] - rect["left"] + canvas["minx"] + 0.1 * (canvas["maxx"] - canvas["minx"])
+            ActionChains(d).move_to_element_with_offset(target, int(x - rect["width"] / 2), 0).perform()
+
+        yield self.act(hover)
+        yield self.wait(lambda d: d.find_elements("css selector", "#legend .legend-value")
+                        and d.find_element("css selector", "#legend .legend-value").text in ("10", "11", "12"),
+                        "the hover readout of a value of the first half")
+
+        # zoom: drag across the middle fifth of the line
+        before = yield self.act(query_of)
+        self.assertEqual((before["start"], before["end"]), (str(start), str(end)))
+
+        def drag(d):
+            from selenium.webdriver.common.action_chains import ActionChains
+            x0 = canvas["left"] + canvas["minx"]
+            span = canvas["maxx"] - canvas["minx"]
+            y = int(canvas["top"] + height / 2)
+            chain = ActionChains(d, duration=20)
+            chain.w3c_actions.pointer_action.move_to_location(int(x0 + 0.4 * span), y)
+            chain.w3c_actions.pointer_action.pointer_down()
+            for step in range(1, 11):
+                chain.w3c_actions.pointer_action.move_to_location(int(x0 + (0.4 + 0.02 * step) * span), y)
+            chain.w3c_actions.pointer_action.pointer_up()
+            chain.perform()
+
+        yield self.act(drag)
+        yield self.wait(lambda d: query_of(d).get("start") != str(start) and drawn(d), "the zoomed range drawn")
+        after = yield self.act(query_of)
+        zoom_start, zoom_end = int(after["start"]), int(after["end"])
+        # about [start + 40 %, start + 60 %] of the hour (the plot area is a little wider than the line)
+        self.assertGreater(zoom_start, start + 0.3 * 3600, after)
+        self.assertLess(zoom_end, end - 0.3 * 3600, after)
+        self.assertLess(zoom_start, middle)
+        self.assertGreater(zoom_end, middle)
+        zoomed = yield self.pixels()
+        # the step is in view: low on the left, high on the right, at the new resolution
+        self.assertGreater(zoomed["left_y"] - zoomed["right_y"], 0.3 * height, zoomed)
+        self.assertGreater(zoomed["maxx"] - zoomed["minx"], 0.7 * width, zoomed)
+        yield self.assertConsoleClean("/graph zoomed")
+
+        # a preset: the last day, ending now
+        clicked = int(time.time())
+        yield self.act(lambda d: d.find_element("css selector", 'button[data-range="day"]').click())
+        yield self.wait(lambda d: int(query_of(d)["end"]) - int(query_of(d)["start"]) == 86400 and drawn(d), "the day preset drawn")
+        self.assertGreaterEqual(int((yield self.act(query_of))["end"]), clicked)
+        yield self.pixels()  # the hour of data is still drawn, in a day's width
+        yield self.assertConsoleClean("/graph, a day")
