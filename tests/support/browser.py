@@ -33,7 +33,7 @@ WAIT = 20.0  # seconds a DOM condition may take (a loaded machine; the usual is 
 T = TypeVar("T")
 
 
-def _require() -> None:
+def require() -> None:
     missing = [(path, package) for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver"))
                if not os.access(path, os.X_OK)]
     if missing:
@@ -50,7 +50,7 @@ def _require() -> None:
         ) from e
 
 
-def _new_driver() -> Any:
+def new_driver() -> Any:
     """A headless Chromium whose viewport is WIDTHxHEIGHT and whose console is readable
     (blocking: a thread's job)."""
     from selenium import webdriver
@@ -86,11 +86,11 @@ class Browser:
     @defer.inlineCallbacks
     def start(cls):
         """A new browser (fires once Chromium is up); MissingProgram without one."""
-        _require()
+        require()
         pool = ThreadPool(minthreads=1, maxthreads=1, name="selenium")
         pool.start()
         try:
-            driver = yield threads.deferToThreadPool(reactor, pool, _new_driver)
+            driver = yield threads.deferToThreadPool(reactor, pool, new_driver)
         except BaseException:
             pool.stop()
             raise
