@@ -33,6 +33,7 @@ Dygraph.PLUGINS = Dygraph.PLUGINS.filter((p) => p !== Dygraph.Plugins.Legend);
 const view = readUrl();
 const intervals = knownIntervals(); // feed id -> its own interval (seconds; 1 for PHPTimeSeries)
 const names = new Map(); // feed id -> name, from feed/list
+const timeseries = new Set(); // ids of PHPTimeSeries feeds (irregular records, no interval)
 let graph = null; // the Dygraph, made at the first draw
 let request = 0; // number of the latest data request: only the latest one draws
 
@@ -75,6 +76,7 @@ async function listed(feeds) {
   for (const f of feeds) {
     intervals.set(f.id, ownInterval(f));
     names.set(f.id, f.name);
+    if (f.engine === "2") timeseries.add(f.id);
   }
   localStorage.setItem(CACHE, JSON.stringify(Object.fromEntries(intervals)));
   // A feed of the URL that is not in the list (another user's public feed): its meta.
@@ -89,7 +91,7 @@ async function listed(feeds) {
   if (!early || early.interval !== autoInterval()) {
     load();
   } else if (graph) {
-    graph.updateOptions({ labels: labels() }); // drawn before the names were known
+    graph.updateOptions(seriesOptions()); // drawn before the names were known
     showLegend();
   } // else: on its way at the right interval, and drawn with the names
 
@@ -191,15 +193,18 @@ function rows(answer) {
   return out;
 }
 
-function labels() {
-  const seen = new Set();
-  const out = view.ids.map((id) => {
+// Labels (the feeds' names) and per-series options: a PHPTimeSeries feed has records at
+// irregular times, most rows are empty for it, so its points are joined across them.
+function seriesOptions() {
+  const labels = ["time"];
+  const series = {};
+  for (const id of view.ids) {
     let name = names.get(id) || `feed ${id}`;
-    if (seen.has(name)) name = `${name} (${id})`; // Dygraph needs distinct labels
-    seen.add(name);
-    return name;
-  });
-  return ["time", ...out];
+    if (labels.includes(name)) name = `${name} (${id})`; // Dygraph needs distinct labels
+    labels.push(name);
+    series[name] = { connectSeparatedPoints: timeseries.has(id) };
+  }
+  return { labels, series };
 }
 
 function draw(answer) {
@@ -208,7 +213,7 @@ function draw(answer) {
   $("graph-empty").hidden = file.length > 0;
   const data = file.length ? file : [[new Date(view.start * 1000), ...view.ids.map(() => null)]];
   const options = {
-    labels: labels(),
+    ...seriesOptions(),
     dateWindow: [view.start * 1000, view.end * 1000], // the asked range, even where no data is yet
   };
   if (graph) {
@@ -216,7 +221,7 @@ function draw(answer) {
   } else {
     graph = new Dygraph($("graph"), data, {
       ...options,
-      connectSeparatedPoints: false, // null values are gaps
+      connectSeparatedPoints: false, // null values are gaps (PHPFina)
       strokeWidth: 1.5,
       labelsKMB: true,
       animatedZooms: false, // one zoomCallback, at once
