@@ -4,7 +4,7 @@
 // download link (feed/csvexport.json) and a link to its graph; checkboxes and "Graph selected".
 //
 // Hooks for browser tests:
-//   tr[data-feedid]                  one row per feed (inside #feeds, a table per tag)
+//   tr[data-feedid]                  one row per feed (#feeds table, a tbody.feed-group per tag)
 //   button.rename, button.retag      open the inline editor (input.edit, button.save, button.cancel)
 //   button.public-toggle             aria-pressed="true" when the feed is public
 //   button.delete -> button.confirm-delete (or button.cancel-delete)
@@ -62,24 +62,18 @@ function render() {
   }
   rowsById = new Map();
   for (const id of [...selected]) if (!byId(id)) selected.delete(id);
-  const sections = [...groups].map(([tag, list]) =>
+  // One table (its columns line up across tags), a tbody per tag headed by the tag's name.
+  const head = ["", "Name", "Tag", "Engine", "Interval", "Size", "Value", "Updated", ""].map((t) => el("th", { text: t }));
+  const bodies = [...groups].map(([tag, list]) =>
     el(
-      "section",
+      "tbody",
       { class: "feed-group" },
-      el("h2", { text: tag || "(no tag)" }),
-      el(
-        "table",
-        { class: "feeds" },
-        el(
-          "thead",
-          {},
-          el("tr", {}, ...["", "Name", "Tag", "Engine", "Interval", "Size", "Value", "Updated", ""].map((t) => el("th", { text: t }))),
-        ),
-        el("tbody", {}, ...list.map(row)),
-      ),
+      el("tr", { class: "group-head" }, el("th", { colspan: head.length, scope: "rowgroup", text: tag || "(no tag)" })),
+      ...list.map(row),
     ),
   );
-  $("feeds").replaceChildren(...sections);
+  const table = el("table", { class: "feeds" }, el("thead", {}, el("tr", {}, ...head)), ...bodies);
+  $("feeds").replaceChildren(...(feeds.length ? [table] : []));
   $("feeds-empty").hidden = feeds.length > 0;
   updateSelected();
 }
