@@ -210,7 +210,7 @@ function seriesOptions() {
 function draw(answer) {
   const file = rows(answer);
   $("graph-error").hidden = true;
-  $("graph-empty").hidden = file.length > 0;
+  $("graph-empty").hidden = file.some((row) => row.some((v, i) => i > 0 && v !== null));
   const data = file.length ? file : [[new Date(view.start * 1000), ...view.ids.map(() => null)]];
   const options = {
     ...seriesOptions(),
