@@ -34,7 +34,7 @@ HERE = os.path.dirname(__file__)
 TEMPLATES = os.path.join(HERE, "templates")
 STATIC = os.path.join(HERE, "static")
 DYGRAPHS = "/usr/share/javascript/dygraphs"  # Debian's libjs-dygraphs (bin/setup installs it)
-LIBRARIES = {b"dygraphs": (DYGRAPHS, ("dygraph.min.js", "dygraph.min.css"))}
+LIBRARIES = {b"dygraphs": (DYGRAPHS, ("dygraph.min.js", "dygraph.min.css", "dygraph.min.js.map", "dygraph.min.css.map"))}
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
