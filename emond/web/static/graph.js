@@ -20,7 +20,7 @@ import { api, el, fmtTime, fmtValue } from "./common.js";
 const POINTS = 800; // rows wanted per view
 const FOLLOW_MS = 10000;
 const RANGES = { hour: 3600, day: 86400, week: 7 * 86400, month: 30 * 86400, year: 365 * 86400 };
-const MIN_SPAN = 60; // a zoom narrower than this is widened (one row per second at most)
+const MIN_SPAN = 60; // seconds: a narrower zoom is widened to this
 const CACHE = "emond.feedIntervals"; // feed intervals seen in feed/list, see knownIntervals()
 
 const $ = (id) => document.getElementById(id);
@@ -47,8 +47,12 @@ listing.then(listed, fail);
 function readUrl() {
   const q = new URLSearchParams(location.search);
   const ids = (q.get("feeds") || "").split(",").filter((s) => /^[0-9]+$/.test(s));
-  let end = Number.parseInt(q.get("end"), 10);
-  let start = Number.parseInt(q.get("start"), 10);
+  const seconds = (text) => {
+    const n = Number.parseInt(text, 10);
+    return n > 1e11 ? Math.floor(n / 1000) : n; // milliseconds, as feed/data.json also takes
+  };
+  let end = seconds(q.get("end"));
+  let start = seconds(q.get("start"));
   if (!Number.isFinite(end)) end = now();
   if (!Number.isFinite(start) || start >= end) start = end - RANGES.day;
   return { ids: [...new Set(ids)], start, end, average: q.get("average") === "1" };
@@ -94,7 +98,6 @@ async function listed(feeds) {
     graph.updateOptions(seriesOptions()); // drawn before the names were known
     showLegend();
   } // else: on its way at the right interval, and drawn with the names
-
 }
 
 function setup() {
