@@ -13,6 +13,8 @@
 //   #graph-error          the message when a request fails
 //   body[data-graph-state] "loading" | "drawn" | "error" | "empty" (no feed chosen);
 //   body[data-points]      rows drawn by the last draw; performance mark "graph-drawn" at each draw
+//   body[data-draws]       draws so far: wait for it to grow after an action (a local fetch can
+//                          be drawn before the test looks, so "drawn" alone may be the old draw)
 //   #feed-add (select), #graph-feeds li[data-feedid] button.remove-feed: the feed picker
 
 import { api, el, fmtTime, fmtValue } from "./common.js";
@@ -236,6 +238,7 @@ function draw(answer) {
   }
   showLegend();
   document.body.dataset.points = String(file.length);
+  document.body.dataset.draws = String(Number(document.body.dataset.draws || 0) + 1);
   performance.mark("graph-drawn"); // for measuring the time to the first graph
   setState("drawn");
 }
