@@ -6,7 +6,7 @@ setup(
     description="An ingest-and-storage backend compatible with emoncms.org, on Twisted",
     python_requires=">=3.11",
     packages=find_packages(include=["emond", "emond.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/emond_plugins.py"]},
+    package_data={"twisted": ["plugins/emond_plugins.py"], "emond.web": ["templates/*.html", "static/*"]},
     install_requires=[
         "twisted[tls]>=23.10",
         "txredisapi>=1.4.10",

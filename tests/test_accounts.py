@@ -275,7 +275,8 @@ class AccountsMixin:
         stolen = self.node.last_cookies
         for jar in (laptop, stolen):
             self.assertEqual((yield self.node.request("GET", "user/get.json", cookies=jar)).code, 200)
-        changed = yield self.send(None, "user/changepassword.json", OWNER, {"old": "secret1", "new": "another1"}, cookies=laptop)
+        token = yield self.node.csrf(laptop)
+        changed = yield self.send(None, "user/changepassword.json", OWNER, {"old": "secret1", "new": "another1", "csrf": token}, cookies=laptop)
         self.assertEqual(changed.json(), {"success": True, "message": "Password updated"})
         fresh = self.node.last_cookies  # the caller gets a new session and stays logged in
         self.assertEqual((yield self.node.request("GET", "user/get.json", cookies=fresh)).code, 200)

@@ -104,7 +104,11 @@ class UserApiMixin:
         self.assertTrue(uuid.json()["success"])
         again = yield self.node.request("GET", "user/getuuid.json", cookies=cookies)
         self.assertEqual(uuid.json(), again.json())  # stable
-        yield self.node.request("GET", "user/logout", cookies=cookies)
+        refused = yield self.node.request("GET", "user/logout", cookies=cookies)  # state-changing: needs the token
+        self.assertEqual((refused.code, refused.json()), (403, {"success": False, "message": "Invalid CSRF token"}))
+        self.assertEqual((yield self.node.request("GET", "user/get.json", cookies=cookies)).code, 200)
+        token = yield self.node.csrf(cookies)
+        yield self.node.request("GET", "user/logout", params={"csrf": token}, cookies=cookies)
         after = yield self.node.request("GET", "user/get.json", cookies=cookies)
         self.assertEqual(after.code, 401)
 

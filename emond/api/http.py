@@ -203,6 +203,13 @@ def decode_json(text: str, message: str) -> Any:
 
 Handler = Callable[[Call], Awaitable[Any]]
 Authenticator = Callable[[Request, dict[str, str]], Awaitable[Auth | None]]
+CsrfCheck = Callable[[Request, str | None], bool]
+# State-changing routes anyone may call: with a session they need its CSRF token too
+# (every WRITE route does).
+SESSION_CHANGES = frozenset({("user", "logout")})
+CSRF_HEADER = b"x-csrf-token"
+CSRF_PARAM = "csrf"
+INVALID_CSRF = "Invalid CSRF token"
 
 
 @dataclass(frozen=True)
@@ -377,10 +384,17 @@ class ApiResource(Resource):
         extra: dict[bytes, Resource] | None = None,
         ready: Callable[[], bool] = lambda: True,
         registry: Any = None,
+        csrf: CsrfCheck | None = None,
+        pages: Any = None,
     ) -> None:
+        """``csrf(request, supplied)``: whether ``supplied`` is the CSRF token of the caller's
+        session (without it, session calls need none: tests of the API alone). ``pages``: the
+        web UI (``emond.web.pages``), which serves the paths its ``serves(postpath)`` claims."""
         super().__init__()
         self._router = router
         self._authenticate = authenticate
+        self._csrf = csrf
+        self._pages = pages
         self._extra = extra or {}
         self._ready = ready
         self._children: dict[tuple[str, int], Any] = {}
@@ -403,6 +417,8 @@ class ApiResource(Resource):
         first = request.postpath[0] if request.postpath else b""
         if first in self._extra and len(request.postpath) == 1:
             return self._extra[first].render(request)
+        if self._pages is not None and self._pages.serves(request.postpath):
+            return self._pages.render(request)
         d = defer.ensureDeferred(self._handle(request))
         d.addErrback(self._crashed, request)
         return NOT_DONE_YET
@@ -466,6 +482,11 @@ class ApiResource(Resource):
                 raise Unauthenticated("Authentication required")
             if access == WRITE and not auth.write:
                 raise Forbidden("Write access required, this is a read only API key")
+        if auth is not None and auth.via == "session" and self._csrf is not None:
+            if access == WRITE or (controller, action) in SESSION_CHANGES:
+                supplied = params.get(CSRF_PARAM) or (request.getHeader(CSRF_HEADER) or b"").decode("latin-1") or None
+                if not self._csrf(request, supplied):
+                    raise Forbidden(INVALID_CSRF)
         call = Call(request, controller, action, subactions, fmt, params, auth)
         return await handler(call)
 

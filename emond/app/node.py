@@ -41,6 +41,7 @@ from emond.storage.location import StorageLocationService
 from emond.storage.sender import QueueWriter
 from emond.meta.users import Users
 from emond.web import INPUT_PATH_ROUTES, InputAppender, InputMetrics, InputPath, UserRateLimit
+from emond.web.pages import PagesResource
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,8 @@ def make_api(app: NodeAppService, checks: dict[str, HealthCheck], reactor: Any) 
         b"health": HealthResource("emond", checks, access, health.check_timeout, reactor),
         b"metrics": OperatorOnly(MetricsPage(ctx.registry), access),
     }
-    return ApiResource(router, ctx.auth, extra, ready=lambda: app.ready, registry=ctx.registry)
+    pages = PagesResource(ctx)  # sessions and accounts are the default (central) context's
+    return ApiResource(router, ctx.auth, extra, ready=lambda: app.ready, registry=ctx.registry, csrf=ctx.auth.csrf_valid, pages=pages)
 
 
 def _appender(ctx: NodeContext, app: NodeAppService, reactor: Any) -> InputAppender:

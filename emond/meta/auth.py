@@ -15,6 +15,8 @@ secret (a key, a token, a password) is logged or used raw in a key name.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import secrets
 import time
@@ -35,6 +37,12 @@ KEY_CACHE_SECONDS = 5.0
 REDIS_KEY_TTL = 3600
 TOO_MANY_ATTEMPTS = "Too many attempts, please try again later"  # current emoncms's words
 TOO_MANY_REGISTRATIONS = "Too many registrations from this address, please try again later"
+
+
+def csrf_of(token: bytes) -> str:
+    """A session token's CSRF token: an HMAC keyed by the token (not its sha256, which names
+    the session in Redis), so revealing it in a page reveals nothing of the cookie."""
+    return hmac.new(token, b"emond csrf", hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -216,6 +224,17 @@ class Authenticator:
             return None
         userid, _generation, remember = (value.decode().split(":") + ["0", "0"])[:3]
         return Session(int(userid), remember == "1")
+
+    def csrf_token(self, request: Request) -> str | None:
+        """The CSRF token of the caller's session cookie (None without one): derived from the
+        cookie's secret token, so any process checks it without storing it, and a page served
+        to that session is the only place a script can read it (the cookie is HttpOnly)."""
+        token = request.getCookie(COOKIE)
+        return csrf_of(token) if token else None
+
+    def csrf_valid(self, request: Request, supplied: str | None) -> bool:
+        expected = self.csrf_token(request)
+        return expected is not None and supplied is not None and hmac.compare_digest(expected.encode(), supplied.encode())
 
     async def end_session(self, request: Request) -> None:
         token = request.getCookie(COOKIE)

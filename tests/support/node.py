@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -60,6 +61,16 @@ class NodeClient:
 
     def get(self, path: str, **params: Any):
         return self.request("GET", path, params=params)
+
+    @defer.inlineCallbacks
+    def csrf(self, cookies: Any):
+        """The CSRF token of the session in ``cookies``, read where a browser's script reads
+        it: the ``csrf-token`` meta tag of a page served to that session."""
+        page = yield self.request("GET", "account", cookies=cookies)
+        found = re.search(rb'<meta name="csrf-token" content="([^"]+)">', page.body)
+        if page.code != 200 or found is None:
+            raise AssertionError(f"no CSRF token in /account: {page!r}")
+        return found.group(1).decode()
 
     def post(self, path: str, data: Any = None, **params: Any):
         return self.request("POST", path, params=params, data=data)

@@ -1,0 +1,92 @@
+// What every page's script shares: API calls (with the session's CSRF token on writes),
+// DOM building without innerHTML (no markup from data ever reaches the parser), and formats.
+
+export class ApiError extends Error {}
+
+export function csrf() {
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  return meta ? meta.content : "";
+}
+
+// The decoded JSON answer of an API route; ApiError with emoncms's message when it refuses
+// ({"success": false, "message": ...}) or answers an HTTP error.
+export async function api(path, params = {}, { post = false } = {}) {
+  const query = new URLSearchParams();
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== undefined && value !== null) query.append(name, String(value));
+  }
+  let response;
+  if (post) {
+    response = await fetch("/" + path, {
+      method: "POST",
+      headers: { "X-CSRF-Token": csrf(), "Content-Type": "application/x-www-form-urlencoded" },
+      body: query,
+    });
+  } else {
+    const search = query.toString();
+    response = await fetch("/" + path + (search ? "?" + search : ""));
+  }
+  const text = await response.text();
+  let answer;
+  try {
+    answer = JSON.parse(text);
+  } catch {
+    answer = text; // a few routes answer plain text ("ok", a number)
+  }
+  if (response.status === 401 && !path.startsWith("user/")) {
+    location.assign("/"); // the session ended (logged out elsewhere, password changed)
+  }
+  if (answer && typeof answer === "object" && answer.success === false) {
+    throw new ApiError(answer.message || "Request refused");
+  }
+  if (!response.ok) {
+    throw new ApiError(typeof answer === "string" && answer ? answer : `${response.status} ${response.statusText}`);
+  }
+  return answer;
+}
+
+// el("button", {class: "x", text: "Save", on: {click: f}}, child, ...)
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "text") node.textContent = String(value);
+    else if (name === "class") node.className = value;
+    else if (name === "on") for (const [event, handler] of Object.entries(value)) node.addEventListener(event, handler);
+    else if (name === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+export function ago(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "never";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+
+export function fmtTime(unixSeconds) {
+  if (!unixSeconds) return "—";
+  const d = new Date(unixSeconds * 1000);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+export function fmtValue(v) {
+  if (v === null || v === undefined || v === "") return "—";
+  const n = Number(v);
+  if (!Number.isFinite(n)) return String(v);
+  return Math.abs(n) >= 1000 || Number.isInteger(n) ? String(Math.round(n * 100) / 100) : n.toPrecision(4).replace(/\.?0+$/, "");
+}
+
+export function now() {
+  return Date.now() / 1000;
+}
