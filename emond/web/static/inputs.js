@@ -95,7 +95,7 @@ function sectionFor(node) {
   let found = sections.get(node);
   if (found) return found;
   const list = el("div", { class: "node-inputs" });
-  const section = el("section", { class: "node", "data-node": node }, el("h2", { text: `Node ${node}` }), list);
+  const section = el("section", { class: "node card", "data-node": node }, el("h2", { text: `Node ${node}` }), list);
   // sorted insert: before the first section whose node sorts after this one
   const after = [...sections.keys()].sort(byName).find((other) => byName(other, node) > 0);
   container.insertBefore(section, after === undefined ? null : sections.get(after).section);
@@ -364,9 +364,12 @@ async function argFor(ed, proc) {
   }
   const f = ed.feedFields;
   const name = f.name.value.trim();
+  const tag = f.tag.value.trim();
   if (!name) throw new Error("The new feed needs a name");
+  // said here rather than by a refused request (which the browser's console logs as an error)
+  if (feeds.some((feed) => feed.name === name && feed.tag === tag)) throw new Error(`A feed ${tag}:${name} already exists`);
   const engine = Number(f.engine.value);
-  const params = { name, tag: f.tag.value.trim(), engine, datatype: proc.datatype || 1, unit: proc.unit || "" };
+  const params = { name, tag, engine, datatype: proc.datatype || 1, unit: proc.unit || "" };
   if (engine === PHPFINA) params.options = JSON.stringify({ interval: Number(f.interval.value) });
   const created = await api("feed/create.json", params, { post: true });
   await loadFeeds();
