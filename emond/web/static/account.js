@@ -167,6 +167,7 @@ async function start() {
   try {
     const user = await api("user/get.json");
     document.getElementById("account-username").textContent = user.username;
+    document.getElementById("password-form-username").value = user.username;
     document.getElementById("account-email").textContent = user.email || "—";
     keys.write = user.apikey_write;
     keys.read = user.apikey_read;
