@@ -37,6 +37,7 @@ const noInputs = document.getElementById("no-inputs");
 let inputs = new Map(); // id → latest entry of input/list.json
 let processes = {}; // id → entry of input/getallprocesses.json
 let feeds = []; // feed/list.json, (re)loaded when an editor opens and after a feed is made
+let feedsLoaded = false;
 const rows = new Map(); // input id → {box, value, age, description, summary, button, processList, editor}
 const sections = new Map(); // node → {section, list}
 
@@ -66,7 +67,8 @@ function inputLabel(id) {
 
 function feedLabel(id) {
   const feed = feeds.find((f) => String(f.id) === String(id));
-  return feed ? `${feed.tag ? feed.tag + ":" : ""}${feed.name}` : `feed ${id}`;
+  if (feed) return `${feed.tag ? feed.tag + ":" : ""}${feed.name}`;
+  return feedsLoaded ? `feed ${id} (missing)` : `feed ${id}`;
 }
 
 function argText(proc, arg) {
@@ -178,6 +180,7 @@ async function refresh() {
 
 async function loadFeeds() {
   feeds = (await api("feed/list.json")).sort((a, b) => byName(a.tag, b.tag) || byName(a.name, b.name));
+  feedsLoaded = true;
 }
 
 function toggleEditor(inputid) {
