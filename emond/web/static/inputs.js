@@ -10,7 +10,8 @@
 //       .input-value, .input-age, .process-summary (span.badge per step), button.open-processes
 //   div.process-editor[data-inputid]              inside its div.input, below the row:
 //       ol.steps > li.step[data-process][data-arg]: .step-process, .step-arg,
-//           button.move-up, button.move-down, button.remove-step
+//           button.move-up, button.move-down, button.remove-step; after a refused save, the step it
+//           is about gets class "refused" and a p.step-error.error (the message is in .save-error too)
 //       select.process-select, then the argument: input.arg-value | select.input-select |
 //           select.feed-select (option value "new" = "Create a new feed…" shows div.new-feed:
 //           input.new-feed-name, input.new-feed-tag, select.new-feed-engine, select.new-feed-interval)
@@ -29,6 +30,9 @@ const NEW_FEED = "new";
 // the server's own words (emond/processlist.py), for the checks made here before asking it
 const MSG_VALUE = "Argument must be a valid number greater or less than 0.";
 const MSG_WRITTEN = "Feed is already being written to, select create new";
+const MSG_FEED = "Feed does not exist!";
+const MSG_INPUT = "Input does not exist!";
+const MSG_DELETED = "This process is not supported on this server";
 
 const container = document.getElementById("inputs");
 const pageError = document.getElementById("inputs-error");
@@ -258,12 +262,14 @@ function renderSteps(ed) {
       b.disabled = disabled;
       return b;
     };
-    return el("li", { class: "step", "data-process": String(step.pid), "data-arg": step.arg },
+    const refused = ed.stepError?.index === i;
+    return el("li", { class: refused ? "step refused" : "step", "data-process": String(step.pid), "data-arg": step.arg },
       el("span", { class: "step-process", text: name }),
       el("span", { class: "step-arg", text: argText(proc, step.arg) }),
       button("move-up", "▲", "Move up", () => move(ed, i, -1), i === 0),
       button("move-down", "▼", "Move down", () => move(ed, i, 1), i === count - 1),
-      button("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false));
+      button("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false),
+      refused ? el("p", { class: "step-error error", role: "alert", text: ed.stepError.message }) : null);
   }));
   ed.empty.hidden = count > 0;
   const dirty = formatList(ed.steps) !== ed.saved;
@@ -273,6 +279,7 @@ function renderSteps(ed) {
 
 function change(ed, edit) {
   edit();
+  ed.stepError = null;
   showError(ed.saveError, "");
   renderSteps(ed);
 }
@@ -412,6 +419,7 @@ async function save(ed) {
     const stored = await api("input/process/get.json", { inputid: ed.inputid });
     ed.steps = parseList(stored);
     ed.saved = stored;
+    ed.stepError = null;
     const inp = inputs.get(ed.inputid);
     if (inp) {
       inp.processList = stored;
@@ -422,9 +430,39 @@ async function save(ed) {
     ed.status.textContent = "Saved";
   } catch (e) {
     showError(ed.saveError, e.message);
+    // fresh feeds and lists (another tab, a device's other input), to find the step it is about
+    await Promise.all([loadFeeds().catch(() => {}), refresh()]);
+    const index = culprit(ed, e.message);
+    ed.stepError = index < 0 ? null : { index, message: e.message };
+    renderSteps(ed);
   } finally {
     ed.saveButton.disabled = false;
   }
+}
+
+// The step a refusal of input/process/set.json is about (-1: none found). The server judges only
+// the steps a change brings in (those not in the saved list) and says only why: the first new
+// step the message fits is the one, as emond/processlist.py's check_steps goes through them.
+function culprit(ed, message) {
+  const kept = new Map(); // "pid:arg" of the saved list → how many times
+  for (const s of parseList(ed.saved)) kept.set(`${s.pid}:${s.arg}`, (kept.get(`${s.pid}:${s.arg}`) || 0) + 1);
+  const elsewhere = writtenElsewhere(ed.inputid);
+  const written = new Set();
+  for (const [i, step] of ed.steps.entries()) {
+    const proc = processes[step.pid];
+    const key = `${step.pid}:${step.arg}`;
+    const isNew = !(kept.get(key) > 0);
+    if (!isNew) kept.set(key, kept.get(key) - 1);
+    if (proc?.writes) {
+      if (isNew && message.startsWith(MSG_WRITTEN) && (written.has(step.arg) || elsewhere.has(step.arg))) return i;
+      written.add(step.arg);
+    }
+    if (!isNew || !proc) continue;
+    if (message === MSG_DELETED && proc.deleted) return i;
+    if (message === MSG_FEED && proc.argtype === FEEDID && !feeds.some((f) => String(f.id) === step.arg)) return i;
+    if (message === MSG_INPUT && proc.argtype === INPUTID && !inputs.has(step.arg)) return i;
+  }
+  return -1;
 }
 
 // ---- start -------------------------------------------------------------------------------------
