@@ -27,7 +27,8 @@ const PHPFINA = 5;
 const ENGINES = { 5: "PHPFina (fixed interval)", 2: "PHPTimeSeries (variable interval)" };
 const INTERVALS = [10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600];
 const NEW_FEED = "new";
-// the server's own words (emond/processlist.py), for the checks made here before asking it
+// the server's own words (emond/processlist.py): said by the checks made here before asking it,
+// and recognised in its refusals to find the step they are about
 const MSG_VALUE = "Argument must be a valid number greater or less than 0.";
 const MSG_WRITTEN = "Feed is already being written to, select create new";
 const MSG_FEED = "Feed does not exist!";
@@ -203,7 +204,7 @@ async function openEditor(r, inp) {
   r.button.setAttribute("aria-expanded", "true");
   const ed = {
     inputid: inp.id, node: inp.nodeid, inputName: inp.name,
-    steps: parseList(inp.processList), saved: inp.processList || "",
+    steps: parseList(inp.processList), saved: formatList(parseList(inp.processList)),
   };
   r.editor = ed;
   ed.list = el("ol", { class: "steps" });
@@ -233,9 +234,9 @@ async function openEditor(r, inp) {
   renderSteps(ed);
   renderArg(ed);
   await loadFeeds(); // fresh: feeds may have been made on /feeds meanwhile
-  if (r.editor === ed) {
+  if (r.editor === ed) { // still open: feed names in the steps, feeds in the select (choice kept)
     renderSteps(ed);
-    renderArg(ed);
+    if (ed.argField?.classList.contains("feed-select")) fillFeedSelect(ed.argField, processes[ed.processSelect.value]);
   }
 }
 
@@ -418,7 +419,7 @@ async function save(ed) {
     // the server's canonical text ("2:1.50" is stored "2:1.5")
     const stored = await api("input/process/get.json", { inputid: ed.inputid });
     ed.steps = parseList(stored);
-    ed.saved = stored;
+    ed.saved = formatList(ed.steps);
     ed.stepError = null;
     const inp = inputs.get(ed.inputid);
     if (inp) {
