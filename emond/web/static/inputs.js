@@ -123,6 +123,7 @@ function addRow(inp) {
   };
   r.button = el("button", {
     type: "button", class: "open-processes", "aria-expanded": "false", text: "Processes",
+    "aria-label": `Processes of ${inp.nodeid}:${inp.name}`,
     on: { click: () => toggleEditor(inp.id) },
   });
   r.box = el("div", { class: "input", "data-node": inp.nodeid, "data-input": inp.name, "data-inputid": inp.id },
