@@ -4,7 +4,7 @@
 // download link (feed/csvexport.json) and a link to its graph; checkboxes and "Graph selected".
 //
 // Hooks for browser tests:
-//   tr[data-feedid]                  one row per feed (inside #feeds, a table per tag)
+//   tr[data-feedid]                  one row per feed (#feeds table, a tbody.feed-group per tag)
 //   button.rename, button.retag      open the inline editor (input.edit, button.save, button.cancel)
 //   button.public-toggle             aria-pressed="true" when the feed is public
 //   button.delete -> button.confirm-delete (or button.cancel-delete)
@@ -23,13 +23,13 @@ const now = () => Math.floor(Date.now() / 1000);
 
 const selected = new Set(); // feed ids ticked, kept across refreshes
 let feeds = []; // the last feed/list.json answer
-let rowsById = new Map(); // feed id -> its <tr>
+let rowsById = new Map(); // feed id -> {tr, and the elements a refresh changes}
 let shown = ""; // what the drawn tables show (ids, names, tags, public): a change redraws them
 let busy = 0; // editors and confirmations open: a redraw would lose them, so it waits
 
 refresh();
 setInterval(refresh, REFRESH_MS);
-$("csv-range").addEventListener("change", () => rowsById.forEach((tr, id) => updateCsv(tr, byId(id))));
+$("csv-range").addEventListener("change", () => rowsById.forEach((r, id) => updateCsv(r, byId(id))));
 
 async function refresh() {
   try {
@@ -45,8 +45,8 @@ async function refresh() {
     shown = layout;
   }
   for (const f of feeds) {
-    const tr = rowsById.get(f.id);
-    if (tr) update(tr, f);
+    const r = rowsById.get(f.id);
+    if (r) update(r, f);
   }
 }
 
@@ -62,24 +62,18 @@ function render() {
   }
   rowsById = new Map();
   for (const id of [...selected]) if (!byId(id)) selected.delete(id);
-  const sections = [...groups].map(([tag, list]) =>
+  // One table (its columns line up across tags), a tbody per tag headed by the tag's name.
+  const head = ["", "Name", "Tag", "Engine", "Interval", "Size", "Value", "Updated", ""].map((t) => el("th", { text: t }));
+  const bodies = [...groups].map(([tag, list]) =>
     el(
-      "section",
+      "tbody",
       { class: "feed-group" },
-      el("h2", { text: tag || "(no tag)" }),
-      el(
-        "table",
-        { class: "feeds" },
-        el(
-          "thead",
-          {},
-          el("tr", {}, ...["", "Name", "Tag", "Engine", "Interval", "Size", "Value", "Updated", ""].map((t) => el("th", { text: t }))),
-        ),
-        el("tbody", {}, ...list.map(row)),
-      ),
+      el("tr", { class: "group-head" }, el("th", { colspan: head.length, scope: "rowgroup", text: tag || "(no tag)" })),
+      ...list.map(row),
     ),
   );
-  $("feeds").replaceChildren(...sections);
+  const table = el("table", { class: "feeds" }, el("thead", {}, el("tr", {}, ...head)), ...bodies);
+  $("feeds").replaceChildren(...(feeds.length ? [table] : []));
   $("feeds-empty").hidden = feeds.length > 0;
   updateSelected();
 }
@@ -92,29 +86,41 @@ function row(f) {
     else selected.delete(f.id);
     updateSelected();
   });
+  // Kept by reference: an open editor or delete question takes some of them out of the row
+  // for a while, and a refresh still updates them for when they come back.
+  const r = {
+    name: el("span", { class: "name" }),
+    tag: el("span", { class: "tag" }),
+    size: el("td", { class: "size" }),
+    value: el("td", { class: "value" }),
+    time: el("td", { class: "time" }),
+    toggle: button("public-toggle", "", () => togglePublic(tr)),
+    csv: el("a", { class: "csv", text: "CSV", download: "" }),
+  };
   const tr = el(
     "tr",
     { "data-feedid": f.id },
     el("td", {}, check),
-    el("td", { class: "name-cell" }, el("span", { class: "name" }), button("rename", "Rename", () => edit(tr, "name"))),
-    el("td", { class: "tag-cell" }, el("span", { class: "tag" }), button("retag", "Retag", () => edit(tr, "tag"))),
+    el("td", { class: "name-cell" }, r.name, button("rename", "Rename", () => edit(tr, "name"))),
+    el("td", { class: "tag-cell" }, r.tag, button("retag", "Retag", () => edit(tr, "tag"))),
     el("td", { class: "engine", text: ENGINES[f.engine] || `engine ${f.engine}` }),
     el("td", { class: "interval", text: Number(f.interval) > 0 ? `${f.interval} s` : "—" }),
-    el("td", { class: "size" }),
-    el("td", { class: "value" }),
-    el("td", { class: "time" }),
+    r.size,
+    r.value,
+    r.time,
     el(
       "td",
       { class: "actions" },
-      button("public-toggle", "", () => togglePublic(tr)),
-      el("a", { class: "csv", text: "CSV", download: "" }),
+      r.toggle,
+      r.csv,
       el("a", { class: "graph-link", href: `/graph?feeds=${f.id}`, text: "Graph" }),
       button("delete", "Delete", () => confirmDelete(tr)),
       el("span", { class: "row-error", role: "alert" }),
     ),
   );
-  rowsById.set(f.id, tr);
-  update(tr, f);
+  r.tr = tr;
+  rowsById.set(f.id, r);
+  update(r, f);
   return tr;
 }
 
@@ -122,34 +128,31 @@ function button(cls, text, click) {
   return el("button", { type: "button", class: cls, text, on: { click } });
 }
 
-// The cells a refresh changes (an open editor keeps its input).
-function update(tr, f) {
-  const q = (sel) => tr.querySelector(sel);
-  if (q(".name")) q(".name").textContent = f.name;
-  if (q(".tag")) q(".tag").textContent = f.tag;
-  q(".size").textContent = f.size === null ? "—" : bytes(Number(f.size));
-  q(".value").textContent = f.value === null || !f.unit ? fmtValue(f.value) : `${fmtValue(f.value)} ${f.unit}`;
-  const time = q(".time");
-  time.textContent = f.time ? ago(now() - f.time) : "never";
-  time.title = f.time ? fmtTime(f.time) : "";
+// The cells a refresh changes.
+function update(r, f) {
+  r.name.textContent = f.name;
+  r.tag.textContent = f.tag;
+  r.size.textContent = f.size === null ? "—" : bytes(Number(f.size));
+  r.value.textContent = f.value === null || !f.unit ? fmtValue(f.value) : `${fmtValue(f.value)} ${f.unit}`;
+  r.time.textContent = f.time ? ago(now() - f.time) : "never";
+  r.time.title = f.time ? fmtTime(f.time) : "";
   const pub = f.public === "1";
-  const toggle = q(".public-toggle");
-  toggle.textContent = pub ? "Public" : "Private";
-  toggle.setAttribute("aria-pressed", String(pub));
-  toggle.title = pub ? "Anyone can read this feed: click to make it private" : "Click to make this feed public";
-  updateCsv(tr, f);
+  r.toggle.textContent = pub ? "Public" : "Private";
+  r.toggle.setAttribute("aria-pressed", String(pub));
+  r.toggle.title = pub ? "Anyone can read this feed: click to make it private" : "Click to make this feed public";
+  updateCsv(r, f);
 }
 
 // The CSV of the chosen range up to the last value, at the feed's own interval (widened so
 // the file stays under the API's size limit; 60 s for a PHPTimeSeries feed, which has none).
-function updateCsv(tr, f) {
+function updateCsv(r, f) {
   if (!f) return;
   const end = Math.max(f.time || 0, 0) || now();
   const span = CSV_RANGES[$("csv-range").value] || CSV_RANGES.week;
   const own = Number(f.interval) > 0 ? Number(f.interval) : 60;
   const interval = Math.max(own, Math.ceil(span / CSV_ROWS / own) * own);
   const q = new URLSearchParams({ id: f.id, start: end - span, end, interval, timeformat: "unix" });
-  tr.querySelector(".csv").href = `/feed/csvexport.json?${q}`;
+  r.csv.href = `/feed/csvexport.json?${q}`;
 }
 
 function updateSelected() {

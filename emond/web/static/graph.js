@@ -12,7 +12,9 @@
 //   #legend               hover readout: time, then each feed's name and value
 //   #graph-error          the message when a request fails
 //   body[data-graph-state] "loading" | "drawn" | "error" | "empty" (no feed chosen);
-//   body[data-points]      rows drawn by the last draw
+//   body[data-points]      rows drawn by the last draw; performance mark "graph-drawn" at each draw
+//   body[data-draws]       draws so far: wait for it to grow after an action (a local fetch can
+//                          be drawn before the test looks, so "drawn" alone may be the old draw)
 //   #feed-add (select), #graph-feeds li[data-feedid] button.remove-feed: the feed picker
 
 import { api, el, fmtTime, fmtValue } from "./common.js";
@@ -20,7 +22,7 @@ import { api, el, fmtTime, fmtValue } from "./common.js";
 const POINTS = 800; // rows wanted per view
 const FOLLOW_MS = 10000;
 const RANGES = { hour: 3600, day: 86400, week: 7 * 86400, month: 30 * 86400, year: 365 * 86400 };
-const MIN_SPAN = 60; // a zoom narrower than this is widened (one row per second at most)
+const MIN_SPAN = 60; // seconds: a narrower zoom is widened to this
 const CACHE = "emond.feedIntervals"; // feed intervals seen in feed/list, see knownIntervals()
 
 const $ = (id) => document.getElementById(id);
@@ -33,6 +35,7 @@ Dygraph.PLUGINS = Dygraph.PLUGINS.filter((p) => p !== Dygraph.Plugins.Legend);
 const view = readUrl();
 const intervals = knownIntervals(); // feed id -> its own interval (seconds; 1 for PHPTimeSeries)
 const names = new Map(); // feed id -> name, from feed/list
+const timeseries = new Set(); // ids of PHPTimeSeries feeds (irregular records, no interval)
 let graph = null; // the Dygraph, made at the first draw
 let request = 0; // number of the latest data request: only the latest one draws
 
@@ -46,8 +49,12 @@ listing.then(listed, fail);
 function readUrl() {
   const q = new URLSearchParams(location.search);
   const ids = (q.get("feeds") || "").split(",").filter((s) => /^[0-9]+$/.test(s));
-  let end = Number.parseInt(q.get("end"), 10);
-  let start = Number.parseInt(q.get("start"), 10);
+  const seconds = (text) => {
+    const n = Number.parseInt(text, 10);
+    return n > 1e11 ? Math.floor(n / 1000) : n; // milliseconds, as feed/data.json also takes
+  };
+  let end = seconds(q.get("end"));
+  let start = seconds(q.get("start"));
   if (!Number.isFinite(end)) end = now();
   if (!Number.isFinite(start) || start >= end) start = end - RANGES.day;
   return { ids: [...new Set(ids)], start, end, average: q.get("average") === "1" };
@@ -75,6 +82,7 @@ async function listed(feeds) {
   for (const f of feeds) {
     intervals.set(f.id, ownInterval(f));
     names.set(f.id, f.name);
+    if (f.engine === "2") timeseries.add(f.id);
   }
   localStorage.setItem(CACHE, JSON.stringify(Object.fromEntries(intervals)));
   // A feed of the URL that is not in the list (another user's public feed): its meta.
@@ -89,10 +97,9 @@ async function listed(feeds) {
   if (!early || early.interval !== autoInterval()) {
     load();
   } else if (graph) {
-    graph.updateOptions({ labels: labels() }); // drawn before the names were known
+    graph.updateOptions(seriesOptions()); // drawn before the names were known
     showLegend();
   } // else: on its way at the right interval, and drawn with the names
-
 }
 
 function setup() {
@@ -191,24 +198,27 @@ function rows(answer) {
   return out;
 }
 
-function labels() {
-  const seen = new Set();
-  const out = view.ids.map((id) => {
+// Labels (the feeds' names) and per-series options: a PHPTimeSeries feed has records at
+// irregular times, most rows are empty for it, so its points are joined across them.
+function seriesOptions() {
+  const labels = ["time"];
+  const series = {};
+  for (const id of view.ids) {
     let name = names.get(id) || `feed ${id}`;
-    if (seen.has(name)) name = `${name} (${id})`; // Dygraph needs distinct labels
-    seen.add(name);
-    return name;
-  });
-  return ["time", ...out];
+    if (labels.includes(name)) name = `${name} (${id})`; // Dygraph needs distinct labels
+    labels.push(name);
+    series[name] = { connectSeparatedPoints: timeseries.has(id) };
+  }
+  return { labels, series };
 }
 
 function draw(answer) {
   const file = rows(answer);
   $("graph-error").hidden = true;
-  $("graph-empty").hidden = file.length > 0;
+  $("graph-empty").hidden = file.some((row) => row.some((v, i) => i > 0 && v !== null));
   const data = file.length ? file : [[new Date(view.start * 1000), ...view.ids.map(() => null)]];
   const options = {
-    labels: labels(),
+    ...seriesOptions(),
     dateWindow: [view.start * 1000, view.end * 1000], // the asked range, even where no data is yet
   };
   if (graph) {
@@ -216,7 +226,7 @@ function draw(answer) {
   } else {
     graph = new Dygraph($("graph"), data, {
       ...options,
-      connectSeparatedPoints: false, // null values are gaps
+      connectSeparatedPoints: false, // null values are gaps (PHPFina)
       strokeWidth: 1.5,
       labelsKMB: true,
       animatedZooms: false, // one zoomCallback, at once
@@ -228,6 +238,8 @@ function draw(answer) {
   }
   showLegend();
   document.body.dataset.points = String(file.length);
+  document.body.dataset.draws = String(Number(document.body.dataset.draws || 0) + 1);
+  performance.mark("graph-drawn"); // for measuring the time to the first graph
   setState("drawn");
 }
 

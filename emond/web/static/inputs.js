@@ -10,7 +10,8 @@
 //       .input-value, .input-age, .process-summary (span.badge per step), button.open-processes
 //   div.process-editor[data-inputid]              inside its div.input, below the row:
 //       ol.steps > li.step[data-process][data-arg]: .step-process, .step-arg,
-//           button.move-up, button.move-down, button.remove-step
+//           button.move-up, button.move-down, button.remove-step; after a refused save, the step it
+//           is about gets class "refused" and a p.step-error.error (the message is in .save-error too)
 //       select.process-select, then the argument: input.arg-value | select.input-select |
 //           select.feed-select (option value "new" = "Create a new feed…" shows div.new-feed:
 //           input.new-feed-name, input.new-feed-tag, select.new-feed-engine, select.new-feed-interval)
@@ -26,9 +27,13 @@ const PHPFINA = 5;
 const ENGINES = { 5: "PHPFina (fixed interval)", 2: "PHPTimeSeries (variable interval)" };
 const INTERVALS = [10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600];
 const NEW_FEED = "new";
-// the server's own words (emond/processlist.py), for the checks made here before asking it
+// the server's own words (emond/processlist.py): said by the checks made here before asking it,
+// and recognised in its refusals to find the step they are about
 const MSG_VALUE = "Argument must be a valid number greater or less than 0.";
 const MSG_WRITTEN = "Feed is already being written to, select create new";
+const MSG_FEED = "Feed does not exist!";
+const MSG_INPUT = "Input does not exist!";
+const MSG_DELETED = "This process is not supported on this server";
 
 const container = document.getElementById("inputs");
 const pageError = document.getElementById("inputs-error");
@@ -37,6 +42,7 @@ const noInputs = document.getElementById("no-inputs");
 let inputs = new Map(); // id → latest entry of input/list.json
 let processes = {}; // id → entry of input/getallprocesses.json
 let feeds = []; // feed/list.json, (re)loaded when an editor opens and after a feed is made
+let feedsLoaded = false;
 const rows = new Map(); // input id → {box, value, age, description, summary, button, processList, editor}
 const sections = new Map(); // node → {section, list}
 
@@ -66,7 +72,8 @@ function inputLabel(id) {
 
 function feedLabel(id) {
   const feed = feeds.find((f) => String(f.id) === String(id));
-  return feed ? `${feed.tag ? feed.tag + ":" : ""}${feed.name}` : `feed ${id}`;
+  if (feed) return `${feed.tag ? feed.tag + ":" : ""}${feed.name}`;
+  return feedsLoaded ? `feed ${id} (missing)` : `feed ${id}`;
 }
 
 function argText(proc, arg) {
@@ -95,7 +102,7 @@ function sectionFor(node) {
   let found = sections.get(node);
   if (found) return found;
   const list = el("div", { class: "node-inputs" });
-  const section = el("section", { class: "node", "data-node": node }, el("h2", { text: `Node ${node}` }), list);
+  const section = el("section", { class: "node card", "data-node": node }, el("h2", { text: `Node ${node}` }), list);
   // sorted insert: before the first section whose node sorts after this one
   const after = [...sections.keys()].sort(byName).find((other) => byName(other, node) > 0);
   container.insertBefore(section, after === undefined ? null : sections.get(after).section);
@@ -116,6 +123,7 @@ function addRow(inp) {
   };
   r.button = el("button", {
     type: "button", class: "open-processes", "aria-expanded": "false", text: "Processes",
+    "aria-label": `Processes of ${inp.nodeid}:${inp.name}`,
     on: { click: () => toggleEditor(inp.id) },
   });
   r.box = el("div", { class: "input", "data-node": inp.nodeid, "data-input": inp.name, "data-inputid": inp.id },
@@ -178,6 +186,7 @@ async function refresh() {
 
 async function loadFeeds() {
   feeds = (await api("feed/list.json")).sort((a, b) => byName(a.tag, b.tag) || byName(a.name, b.name));
+  feedsLoaded = true;
 }
 
 function toggleEditor(inputid) {
@@ -196,7 +205,7 @@ async function openEditor(r, inp) {
   r.button.setAttribute("aria-expanded", "true");
   const ed = {
     inputid: inp.id, node: inp.nodeid, inputName: inp.name,
-    steps: parseList(inp.processList), saved: inp.processList || "",
+    steps: parseList(inp.processList), saved: formatList(parseList(inp.processList)),
   };
   r.editor = ed;
   ed.list = el("ol", { class: "steps" });
@@ -226,9 +235,9 @@ async function openEditor(r, inp) {
   renderSteps(ed);
   renderArg(ed);
   await loadFeeds(); // fresh: feeds may have been made on /feeds meanwhile
-  if (r.editor === ed) {
+  if (r.editor === ed) { // still open: feed names in the steps, feeds in the select (choice kept)
     renderSteps(ed);
-    renderArg(ed);
+    if (ed.argField?.classList.contains("feed-select")) fillFeedSelect(ed.argField, processes[ed.processSelect.value]);
   }
 }
 
@@ -255,12 +264,14 @@ function renderSteps(ed) {
       b.disabled = disabled;
       return b;
     };
-    return el("li", { class: "step", "data-process": String(step.pid), "data-arg": step.arg },
+    const refused = ed.stepError?.index === i;
+    return el("li", { class: refused ? "step refused" : "step", "data-process": String(step.pid), "data-arg": step.arg },
       el("span", { class: "step-process", text: name }),
       el("span", { class: "step-arg", text: argText(proc, step.arg) }),
       button("move-up", "▲", "Move up", () => move(ed, i, -1), i === 0),
       button("move-down", "▼", "Move down", () => move(ed, i, 1), i === count - 1),
-      button("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false));
+      button("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false),
+      refused ? el("p", { class: "step-error error", role: "alert", text: ed.stepError.message }) : null);
   }));
   ed.empty.hidden = count > 0;
   const dirty = formatList(ed.steps) !== ed.saved;
@@ -270,6 +281,7 @@ function renderSteps(ed) {
 
 function change(ed, edit) {
   edit();
+  ed.stepError = null;
   showError(ed.saveError, "");
   renderSteps(ed);
 }
@@ -364,9 +376,12 @@ async function argFor(ed, proc) {
   }
   const f = ed.feedFields;
   const name = f.name.value.trim();
+  const tag = f.tag.value.trim();
   if (!name) throw new Error("The new feed needs a name");
+  // said here rather than by a refused request (which the browser's console logs as an error)
+  if (feeds.some((feed) => feed.name === name && feed.tag === tag)) throw new Error(`A feed ${tag}:${name} already exists`);
   const engine = Number(f.engine.value);
-  const params = { name, tag: f.tag.value.trim(), engine, datatype: proc.datatype || 1, unit: proc.unit || "" };
+  const params = { name, tag, engine, datatype: proc.datatype || 1, unit: proc.unit || "" };
   if (engine === PHPFINA) params.options = JSON.stringify({ interval: Number(f.interval.value) });
   const created = await api("feed/create.json", params, { post: true });
   await loadFeeds();
@@ -405,7 +420,8 @@ async function save(ed) {
     // the server's canonical text ("2:1.50" is stored "2:1.5")
     const stored = await api("input/process/get.json", { inputid: ed.inputid });
     ed.steps = parseList(stored);
-    ed.saved = stored;
+    ed.saved = formatList(ed.steps);
+    ed.stepError = null;
     const inp = inputs.get(ed.inputid);
     if (inp) {
       inp.processList = stored;
@@ -416,9 +432,39 @@ async function save(ed) {
     ed.status.textContent = "Saved";
   } catch (e) {
     showError(ed.saveError, e.message);
+    // fresh feeds and lists (another tab, a device's other input), to find the step it is about
+    await Promise.all([loadFeeds().catch(() => {}), refresh()]);
+    const index = culprit(ed, e.message);
+    ed.stepError = index < 0 ? null : { index, message: e.message };
+    renderSteps(ed);
   } finally {
     ed.saveButton.disabled = false;
   }
+}
+
+// The step a refusal of input/process/set.json is about (-1: none found). The server judges only
+// the steps a change brings in (those not in the saved list) and says only why: the first new
+// step the message fits is the one, as emond/processlist.py's check_steps goes through them.
+function culprit(ed, message) {
+  const kept = new Map(); // "pid:arg" of the saved list → how many times
+  for (const s of parseList(ed.saved)) kept.set(`${s.pid}:${s.arg}`, (kept.get(`${s.pid}:${s.arg}`) || 0) + 1);
+  const elsewhere = writtenElsewhere(ed.inputid);
+  const written = new Set();
+  for (const [i, step] of ed.steps.entries()) {
+    const proc = processes[step.pid];
+    const key = `${step.pid}:${step.arg}`;
+    const isNew = !(kept.get(key) > 0);
+    if (!isNew) kept.set(key, kept.get(key) - 1);
+    if (proc?.writes) {
+      if (isNew && message.startsWith(MSG_WRITTEN) && (written.has(step.arg) || elsewhere.has(step.arg))) return i;
+      written.add(step.arg);
+    }
+    if (!isNew || !proc) continue;
+    if (message === MSG_DELETED && proc.deleted) return i;
+    if (message === MSG_FEED && proc.argtype === FEEDID && !feeds.some((f) => String(f.id) === step.arg)) return i;
+    if (message === MSG_INPUT && proc.argtype === INPUTID && !inputs.has(step.arg)) return i;
+  }
+  return -1;
 }
 
 // ---- start -------------------------------------------------------------------------------------
