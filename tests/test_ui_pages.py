@@ -8,7 +8,7 @@ from __future__ import annotations
 from html.parser import HTMLParser
 from http.cookies import SimpleCookie
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import treq
 from twisted.internet import defer
@@ -202,10 +202,12 @@ class UiPagesTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_pages_need_a_session(self):
         for page in PAGES:
-            answer = yield self.http("GET", page)
-            self.assertEqual((answer.code, self.location(answer)), (303, "/"), page)
-            unknown = yield self.http("GET", page, "not-a-session-token")
-            self.assertEqual((unknown.code, self.location(unknown)), (303, "/"), page)
+            for session in (None, "not-a-session-token"):
+                answer = yield self.http("GET", page, session)
+                self.assertEqual(answer.code, 303, (page, answer))
+                where = urlsplit(self.location(answer))
+                self.assertEqual(where.path, "/", (page, where))  # the login page ...
+                self.assertEqual(parse_qs(where.query).get("next", ["/" + page]), ["/" + page], where)  # ... and back after it
         login_page = yield self.http("GET", "/")
         self.assertEqual(login_page.code, 200)
         forms = login_page.body.decode()
@@ -214,6 +216,26 @@ class UiPagesTests(unittest.TestCase):
         session = yield self.logged_in()
         home = yield self.http("GET", "/", session)
         self.assertEqual((home.code, self.location(home)), (303, "/inputs"))
+        # after the login, the page asked for; never another site
+        back = yield self.login(next="/graph?feeds=1&start=0")
+        self.assertEqual((back.code, self.location(back)), (303, "/graph?feeds=1&start=0"))
+        for elsewhere in ("https://evil.example/", "//evil.example/inputs", "/inputs/../../x", "/user/logout.json"):
+            answer = yield self.login(next=elsewhere)
+            self.assertEqual((answer.code, self.location(answer)), (303, "/inputs"), elsewhere)
+
+    @defer.inlineCallbacks
+    def test_cross_site_forms_are_refused(self):
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+            forced = yield self.http("POST", "/", data={"action": "login", "username": "alice", "password": "secret1"}, headers=headers)
+            self.assertEqual(forced.code, 403, (headers, forced))
+            self.assertIsNone(session_of(forced))
+            registered = yield self.http("POST", "/", headers=headers,
+                                         data={"action": "register", "username": "mallory", "password": "secret2", "email": "m@example.org"})
+            self.assertEqual(registered.code, 403, (headers, registered))
+        # the browser's own form (as Chromium sends it) is let in
+        own = yield self.http("POST", "/", data={"action": "login", "username": "alice", "password": "secret1"},
+                              headers={"Sec-Fetch-Site": "same-origin", "Origin": self.node.base.rstrip("/")})
+        self.assertEqual(own.code, 303, own)
 
     # -- the session cookie -------------------------------------------------
 
@@ -320,6 +342,8 @@ class UiPagesTests(unittest.TestCase):
         self.assertEqual(refused.code, 403, refused)
         wrong = yield self.http("POST", "logout", session, data={"csrf": "0" * 64})
         self.assertEqual(wrong.code, 403, wrong)
+        forced = yield self.http("POST", "logout", session, data={}, headers={"Sec-Fetch-Site": "cross-site"})
+        self.assertEqual(forced.code, 403, forced)
         get = yield self.http("GET", "logout", session)
         self.assertEqual(get.code, 405)
         api = yield self.http("GET", "user/logout.json", session)  # the API's logout asks for it too
@@ -330,6 +354,16 @@ class UiPagesTests(unittest.TestCase):
         self.assertEqual((done.code, self.location(done)), (303, "/"), done)
         self.assertEqual(session_of(done), "")  # the cookie is cleared
         after = yield self.http("GET", "inputs", session)
-        self.assertEqual((after.code, self.location(after)), (303, "/"))
+        self.assertEqual((after.code, urlsplit(self.location(after)).path), (303, "/"))
+        me = yield self.http("GET", "user/get.json", session)
+        self.assertEqual(me.code, 401)
+
+    @defer.inlineCallbacks
+    def test_a_stale_page_of_the_site_still_logs_out(self):
+        # the page's token is from before a password change in another tab: the browser vouches
+        # that the form is the site's own (Sec-Fetch-Site), which a forged form cannot
+        session = yield self.logged_in()
+        done = yield self.http("POST", "logout", session, data={"csrf": "stale"}, headers={"Sec-Fetch-Site": "same-origin"})
+        self.assertEqual((done.code, self.location(done)), (303, "/"), done)
         me = yield self.http("GET", "user/get.json", session)
         self.assertEqual(me.code, 401)
