@@ -185,10 +185,49 @@ class BrowserTests(unittest.TestCase):
         yield self.wait(lambda d: path_of(d) == "/inputs", "/ redirecting a session to /inputs")
         yield self.assertConsoleClean("/inputs")
 
+        # /account: who, the keys (masked until Show), a new read key, the timezone, the password
         yield self.goto("/account")
-        yield self.wait(self.text_of("main", self.key), "the write API key on /account")
+        yield self.wait(self.text_of("#account-email", "alice@example.org"), "the account's email on /account")
+        self.assertEqual((yield self.act(lambda d: d.find_element("id", "account-username").text)), "alice")
+        page_text = yield self.act(lambda d: d.find_element("tag name", "body").text)
+        self.assertNotIn(self.key, page_text)  # masked
         yield self.assertConsoleClean("/account")
         yield self.browser.screenshot("account")
+        write_box = 'div.apikey[data-key="write"]'
+        yield self.act(lambda d: d.find_element("css selector", write_box + " button.show-key").click())
+        yield self.wait(self.text_of("#apikey-write", self.key), "the write key shown")
+        before = yield self.api("user/get.json")
+        read_box = 'div.apikey[data-key="read"]'
+        yield self.act(lambda d: d.find_element("css selector", read_box + " button.regenerate-key").click())
+        yield self.wait(self.visible(read_box + " button.confirm-regenerate"), "the question before a new read key")
+        yield self.act(lambda d: d.find_element("css selector", read_box + " button.confirm-regenerate").click())
+        yield self.wait(lambda d: len(d.find_element("id", "apikey-read").text) == 32
+                        and d.find_element("id", "apikey-read").text != before["apikey_read"], "the new read key shown")
+        shown = yield self.act(lambda d: d.find_element("id", "apikey-read").text)
+        after = yield self.api("user/get.json")
+        self.assertEqual(after["apikey_read"], shown)
+        self.assertEqual(after["apikey_write"], self.key)  # the other key is untouched
+
+        def timezone(d):
+            from selenium.webdriver.support.ui import Select
+            Select(d.find_element("id", "timezone")).select_by_value("Europe/Paris")
+            d.find_element("id", "save-timezone").click()
+
+        yield self.act(timezone)
+        yield self.wait(self.text_of("#timezone-message", "Europe/Paris"), "the timezone saved")
+        self.assertEqual((yield self.api("user/get.json"))["timezone"], "Europe/Paris")
+
+        def password(d):
+            d.find_element("id", "old-password").send_keys("secret1")
+            d.find_element("id", "new-password").send_keys("another2")
+            d.find_element("id", "repeat-password").send_keys("another2")
+            d.find_element("id", "change-password").click()
+
+        yield self.act(password)
+        yield self.wait(self.text_of("#password-message", "Password changed"), "the password changed (after the page's reload)")
+        self.assertEqual((yield self.act(path_of)), "/account")  # still logged in, with the new session
+        yield self.wait(self.text_of("#account-username", "alice"), "the account reloaded")
+        yield self.assertConsoleClean("/account")
 
         yield self.act(lambda d: d.find_element("id", "logout").click())
         yield self.wait(lambda d: path_of(d) == "/" and d.find_elements("id", "login-form"), "the login page after logging out")
@@ -198,6 +237,9 @@ class BrowserTests(unittest.TestCase):
         yield self.assertConsoleClean("/inputs logged out")
         me = yield self.node.get("user/get.json", apikey=self.key)
         self.assertEqual(me.code, 200)  # logging out ends the session, not the account's keys
+        # the new password lets in
+        yield self.log_in("another2")
+        yield self.assertConsoleClean("/inputs")
 
     # -- inputs and the process-list editor ---------------------------------------------
 
@@ -354,6 +396,8 @@ class BrowserTests(unittest.TestCase):
                         "the hover readout of a value of the first half")
 
         # zoom: drag across the middle fifth of the line
+        draws = lambda d: int(d.execute_script("return document.body.dataset.draws || 0"))  # noqa: E731
+        count = yield self.act(draws)
         before = yield self.act(query_of)
         self.assertEqual((before["start"], before["end"]), (str(start), str(end)))
 
@@ -371,7 +415,7 @@ class BrowserTests(unittest.TestCase):
             chain.perform()
 
         yield self.act(drag)
-        yield self.wait(lambda d: query_of(d).get("start") != str(start) and drawn(d), "the zoomed range drawn")
+        yield self.wait(lambda d: draws(d) > count and drawn(d) and query_of(d).get("start") != str(start), "the zoomed range drawn")
         after = yield self.act(query_of)
         zoom_start, zoom_end = int(after["start"]), int(after["end"])
         # about [start + 40 %, start + 60 %] of the hour (the plot area is a little wider than the line)
@@ -385,10 +429,20 @@ class BrowserTests(unittest.TestCase):
         self.assertGreater(zoomed["maxx"] - zoomed["minx"], 0.7 * width, zoomed)
         yield self.assertConsoleClean("/graph zoomed")
 
+        # averages: the same view, average=1 in the URL, drawn again
+        count = yield self.act(draws)
+        yield self.act(lambda d: d.find_element("id", "average").click())
+        yield self.wait(lambda d: draws(d) > count and drawn(d) and query_of(d).get("average") == "1", "the view drawn with averages")
+        self.assertEqual(((yield self.act(query_of))["start"], (yield self.act(query_of))["end"]), (after["start"], after["end"]))
+        averaged = yield self.pixels()
+        self.assertGreater(averaged["left_y"] - averaged["right_y"], 0.3 * height, averaged)
+
         # a preset: the last day, ending now
         clicked = int(time.time())
+        count = yield self.act(draws)
         yield self.act(lambda d: d.find_element("css selector", 'button[data-range="day"]').click())
-        yield self.wait(lambda d: int(query_of(d)["end"]) - int(query_of(d)["start"]) == 86400 and drawn(d), "the day preset drawn")
+        yield self.wait(lambda d: draws(d) > count and drawn(d) and int(query_of(d)["end"]) - int(query_of(d)["start"]) == 86400,
+                        "the day preset drawn")
         self.assertGreaterEqual(int((yield self.act(query_of))["end"]), clicked)
         yield self.pixels()  # the hour of data is still drawn, in a day's width
         yield self.assertConsoleClean("/graph, a day")
