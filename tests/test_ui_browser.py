@@ -103,14 +103,13 @@ class BrowserTests(unittest.TestCase):
     def css(self, selector):
         return lambda d: d.find_elements("css selector", selector)
 
+    # read in one script: a page that redraws between two WebDriver calls leaves no stale element
     def visible(self, selector):
-        return lambda d: [e for e in d.find_elements("css selector", selector) if e.is_displayed()]
+        return lambda d: d.execute_script(
+            "return [...document.querySelectorAll(arguments[0])].some((e) => e.offsetParent !== null || e.getClientRects().length > 0)", selector)
 
     def text_of(self, selector, expected):
-        def check(d):
-            found = d.find_elements("css selector", selector)
-            return found and expected in found[0].text
-        return check
+        return lambda d: expected in (d.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", selector) or "")
 
     @defer.inlineCallbacks
     def assertConsoleClean(self, page):
@@ -446,3 +445,69 @@ class BrowserTests(unittest.TestCase):
         self.assertGreaterEqual(int((yield self.act(query_of))["end"]), clicked)
         yield self.pixels()  # the hour of data is still drawn, in a day's width
         yield self.assertConsoleClean("/graph, a day")
+
+    # -- feeds ------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_feeds_rename_retag_public_csv_delete(self):
+        kitchen = (yield self.api("feed/create.json", name="kitchen", tag="house", engine=str(PHPFINA), options='{"interval":10}'))["feedid"]
+        hall = (yield self.api("feed/create.json", name="hall", tag="house", engine=str(PHPFINA), options='{"interval":10}'))["feedid"]
+        when = int(time.time()) // 10 * 10 - 60
+        yield self.api("feed/insert.json", id=str(kitchen), time=str(when), value="21.5")
+        yield drain(self.node)
+        yield self.log_in()
+        yield self.goto("/feeds")
+        row = lambda feedid: f'tr[data-feedid="{feedid}"]'  # noqa: E731
+        yield self.wait(self.text_of(row(kitchen), "21.5"), "the kitchen feed and its value on /feeds")
+        yield self.wait(self.text_of(row(hall), "hall"), "the hall feed on /feeds")
+        yield self.assertConsoleClean("/feeds")
+
+        def edit(feedid, button, text):
+            def editing(d):
+                d.find_element("css selector", f"{row(feedid)} button.{button}").click()
+                field = d.find_element("css selector", f"{row(feedid)} input.edit")
+                field.clear()
+                field.send_keys(text)
+                d.find_element("css selector", f"{row(feedid)} button.save").click()
+            return editing
+
+        feed = lambda feeds, feedid: next(f for f in feeds if int(f["id"]) == feedid)  # noqa: E731
+        yield self.act(edit(kitchen, "rename", "cooker"))
+        yield self.wait(self.text_of(f"{row(kitchen)} .name", "cooker"), "the feed renamed")
+        self.assertEqual(feed((yield self.api("feed/list.json")), kitchen)["name"], "cooker")
+        yield self.act(edit(kitchen, "retag", "home"))
+        yield self.wait(self.text_of(f"{row(kitchen)} .tag", "home"), "the feed retagged")
+        self.assertEqual(feed((yield self.api("feed/list.json")), kitchen)["tag"], "home")
+        yield self.act(lambda d: d.find_element("css selector", f"{row(kitchen)} button.public-toggle").click())
+        yield self.wait(lambda d: d.find_element("css selector", f"{row(kitchen)} button.public-toggle").get_attribute("aria-pressed") == "true",
+                        "the feed made public")
+        self.assertEqual(str(feed((yield self.api("feed/list.json")), kitchen)["public"]), "1")
+        anonymous = yield self.node.get("feed/value.json", id=str(kitchen))  # public: readable without a key
+        self.assertEqual((anonymous.code, float(anonymous.body)), (200, 21.5))
+
+        # the CSV link downloads the feed's data with the session
+        href = yield self.act(lambda d: d.find_element("css selector", f"{row(kitchen)} a.csv").get_attribute("href"))
+        cookie = yield self.act(lambda d: d.get_cookie("emond_session")["value"])
+        csv = yield self.node.request("GET", urlsplit(href).path + "?" + urlsplit(href).query, headers={"Cookie": f"emond_session={cookie}"})
+        self.assertEqual(csv.code, 200, csv)
+        self.assertIn(f"{when},21.5", csv.body.decode())
+        yield self.assertConsoleClean("/feeds")
+
+        # delete asks first; cancel keeps the feed, confirm removes it
+        yield self.act(lambda d: d.find_element("css selector", f"{row(hall)} button.delete").click())
+        yield self.wait(self.visible(f"{row(hall)} button.cancel-delete"), "the question before deleting")
+        yield self.act(lambda d: d.find_element("css selector", f"{row(hall)} button.cancel-delete").click())
+        yield self.wait(self.visible(f"{row(hall)} button.delete"), "the row back after cancelling")
+        self.assertEqual(len((yield self.api("feed/list.json"))), 2)
+        yield self.act(lambda d: d.find_element("css selector", f"{row(hall)} button.delete").click())
+        yield self.wait(self.visible(f"{row(hall)} button.confirm-delete"), "the question before deleting")
+        yield self.act(lambda d: d.find_element("css selector", f"{row(hall)} button.confirm-delete").click())
+        yield self.wait(lambda d: not d.find_elements("css selector", row(hall)), "the deleted feed's row gone")
+        self.assertEqual([int(f["id"]) for f in (yield self.api("feed/list.json"))], [kitchen])
+        yield self.assertConsoleClean("/feeds")
+
+        # the graph link opens its graph
+        yield self.act(lambda d: d.find_element("css selector", f"{row(kitchen)} a.graph-link").click())
+        yield self.wait(lambda d: path_of(d) == "/graph" and query_of(d).get("feeds") == str(kitchen)
+                        and d.execute_script("return document.body.dataset.graphState") == "drawn", "the feed's graph")
+        yield self.assertConsoleClean("/graph from /feeds")

@@ -103,12 +103,15 @@ class Browser:
     def wait(self, condition: Callable[[Any], Any], what: str, timeout: float = WAIT) -> defer.Deferred[Any]:
         """Until ``condition(driver)`` is truthy (WebDriverWait, in the browser's thread): its value.
         AssertionError naming ``what``, the page's URL and its console after ``timeout`` seconds."""
-        from selenium.common.exceptions import TimeoutException
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
+
+        # an element missing or replaced while the page redraws: not yet
+        transient = (NoSuchElementException, StaleElementReferenceException)
 
         def waiting(driver: Any) -> Any:
             try:
-                return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+                return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=transient).until(condition)
             except TimeoutException:
                 console = [entry.get("message") for entry in driver.get_log("browser")]
                 raise AssertionError(f"{what}: not within {timeout:g} s at {driver.current_url}; console: {console}") from None
