@@ -200,6 +200,27 @@ class UiPagesTests(unittest.TestCase):
                 self.assertEqual(kind, expected, name)
 
     @defer.inlineCallbacks
+    def test_static_files(self):
+        js = yield self.http("GET", "static/common.js")  # no session needed: the login page's files too
+        self.assertEqual((js.code, js.content_type.split(";")[0]), (200, "text/javascript"))
+        self.assertIn(b"export", js.body)
+        etag = js.headers.getRawHeaders(b"etag")[0].decode()
+        cached = yield self.http("GET", "static/common.js", headers={"If-None-Match": etag})
+        self.assertEqual((cached.code, cached.body), (304, b""))
+        css = yield self.http("GET", "lib/dygraphs/dygraph.min.css")
+        self.assertEqual((css.code, css.content_type.split(";")[0]), (200, "text/css"))
+        self.assertEqual(css.headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+        with open("/usr/share/javascript/dygraphs/dygraph.min.js", "rb") as f:  # Debian's, not a copy
+            self.assertEqual((yield self.http("GET", "lib/dygraphs/dygraph.min.js")).body, f.read())
+        for path in ("static/nothing.js", "static/..%2Fpages.py", "static/%2e%2e/pages.py", "lib/dygraphs/dygraph.js",
+                     "lib/dygraphs/..%2F..%2F..%2F..%2Fetc%2Fpasswd", "lib/other/x.js", "static/", "templates/layout.html"):
+            answer = yield self.http("GET", path)
+            self.assertEqual(answer.code, 404, (path, answer))
+            self.assertNotIn(b"import ", answer.body, path)
+        posted = yield self.http("POST", "static/common.js", data={})
+        self.assertEqual(posted.code, 405)
+
+    @defer.inlineCallbacks
     def test_pages_need_a_session(self):
         for page in PAGES:
             for session in (None, "not-a-session-token"):
