@@ -123,10 +123,11 @@ class BrowserTests(unittest.TestCase):
         return answer.json()
 
     @defer.inlineCallbacks
-    def log_in(self, password="secret1"):
-        """Through the form of /, as a person does; fires on /inputs."""
-        yield self.act(lambda d: d.get(self.base + "/"))
-        yield self.wait(self.css("#login-form"), "the login form")
+    def log_in(self, password="secret1", page="/inputs"):
+        """Through the form of /, as a person does; fires on /inputs. ``page``: another page
+        asked for first, which sends to the form and, once logged in, back to it."""
+        yield self.act(lambda d: d.get(self.base + ("/" if page == "/inputs" else page)))
+        yield self.wait(lambda d: path_of(d) == "/" and d.find_elements("id", "login-form"), "the login form")
 
         def fill(d):
             d.find_element("id", "login-username").send_keys("alice")
@@ -134,7 +135,7 @@ class BrowserTests(unittest.TestCase):
             d.find_element("id", "login").click()
 
         yield self.act(fill)
-        yield self.wait(lambda d: path_of(d) == "/inputs", "the inputs page after logging in")
+        yield self.wait(lambda d: path_of(d) == urlsplit(page).path, f"{page} after logging in")
 
     def goto(self, page):
         return self.act(lambda d: d.get(self.base + page))
@@ -236,9 +237,14 @@ class BrowserTests(unittest.TestCase):
         yield self.assertConsoleClean("/inputs logged out")
         me = yield self.node.get("user/get.json", apikey=self.key)
         self.assertEqual(me.code, 200)  # logging out ends the session, not the account's keys
-        # the new password lets in
-        yield self.log_in("another2")
-        yield self.assertConsoleClean("/inputs")
+        # the new password lets in, back to the page asked for
+        feedid = (yield self.api("feed/create.json", name="power", tag="house", engine=str(PHPFINA), options='{"interval":10}'))["feedid"]
+        asked = {"feeds": str(feedid), "start": str(10**9), "end": str(10**9 + 3600)}
+        yield self.log_in("another2", page=f"/graph?feeds={feedid}&start={10**9}&end={10**9 + 3600}")
+        self.assertEqual((yield self.act(query_of)), asked)
+        yield self.wait(lambda d: d.execute_script("return document.body.dataset.graphState") == "drawn", "the graph asked for")
+        yield self.wait(self.visible("#graph-empty"), "the graph saying there is no data in that hour")
+        yield self.assertConsoleClean("/graph after logging in")
 
     # -- inputs and the process-list editor ---------------------------------------------
 
