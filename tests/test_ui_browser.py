@@ -5,9 +5,10 @@ Log in through the form (back to the page asked for), use /account (keys, timezo
 password) and log out; watch an input appear on /inputs after a post and give it a process
 list with a feed made inline; rename, retag, publish and delete feeds on /feeds; see /graph
 draw a feed's data (the canvas's pixels in the series' colour, where the data says they
-should be), read a value by hovering, zoom by a mouse drag, average, a preset. No page may
-log an error to the browser console. The tests take the screenshots of docs/screenshots/
-(login, inputs with the editor open, feeds, graph, account; a 1280x800 viewport).
+should be), add a second feed, read a value by hovering, zoom by a mouse drag, average, a
+preset. No page may log an error to the browser console. The tests take the screenshots of
+docs/screenshots/ (login, inputs with the editor open, feeds, graph, account; a 1280x800
+viewport).
 
 A fresh browser per test (trial has no class-level tear-down to quit a shared one).
 Selenium calls block, so each runs in the browser's thread (tests/support/browser.py); the
@@ -35,7 +36,7 @@ PHPFINA = 5
 # (RGB) and at least a quarter opaque; their x extent, and their mean height at the left and
 # right 30 % of that extent (canvas pixels, y down).
 CANVAS_PIXELS = """
-const swatch = document.querySelector("#legend .legend-swatch");
+const swatch = document.querySelectorAll("#legend .legend-swatch")[arguments[0]];
 if (!swatch) return {error: "no legend swatch"};
 const colour = getComputedStyle(swatch).backgroundColor.match(/[0-9.]+/g).slice(0, 3).map(Number);
 const out = {colour, canvases: []};
@@ -143,15 +144,16 @@ class BrowserTests(unittest.TestCase):
         return self.act(lambda d: d.get(self.base + page))
 
     @defer.inlineCallbacks
-    def pixels(self):
-        """The series' pixels in the graph's canvases (CANVAS_PIXELS), of the canvas that has most."""
-        found = yield self.act(lambda d: d.execute_script(CANVAS_PIXELS))
+    def pixels(self, series=0):
+        """The pixels of the ``series``-th feed in the graph's canvases (CANVAS_PIXELS), of the
+        canvas that has most."""
+        found = yield self.act(lambda d: d.execute_script(CANVAS_PIXELS, series))
         self.assertNotIn("error", found, found)
         colour = found["colour"]
         self.assertGreater(max(colour) - min(colour), 60, f"the series colour {colour} is grey: it would match the axes")
         canvases = [c for c in found["canvases"] if c["count"]]
         self.assertTrue(canvases, f"no pixel of the series colour {colour} in any canvas of #graph: {found['canvases']}")
-        return max(canvases, key=lambda c: c["count"])
+        return {**max(canvases, key=lambda c: c["count"]), "colour": colour}
 
     # -- log in, log out ---------------------------------------------------------------
 
@@ -357,22 +359,27 @@ class BrowserTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_graph_draws_the_data_and_zooms(self):
-        # an hour of 10 s data: 10 (and a little) for the first half, 90 for the second
+        # an hour of 10 s data: power 10 (and a little) for the first half, 90 for the second; solar about 50
         created = yield self.api("feed/create.json", name="power", tag="house", engine=str(PHPFINA), options='{"interval":10}')
         feedid = created["feedid"]
-        yield self.node.post("input/post.json", apikey=self.key, node="house", csv="0")  # input "1", as bulk frames name it
+        solar = (yield self.api("feed/create.json", name="solar", tag="house", engine=str(PHPFINA), options='{"interval":10}'))["feedid"]
+        yield self.node.post("input/post.json", apikey=self.key, node="house", csv="0,0")  # inputs "1" and "2", as bulk frames name them
         yield drain(self.node)
-        inputid = (yield self.api("input/list.json"))[0]["id"]
-        yield self.api("input/process/set.json", inputid=inputid, processlist=f"{LOG_TO_FEED}:{feedid}")
+        inputs = {i["name"]: i["id"] for i in (yield self.api("input/list.json"))}
+        yield self.api("input/process/set.json", inputid=inputs["1"], processlist=f"{LOG_TO_FEED}:{feedid}")
+        yield self.api("input/process/set.json", inputid=inputs["2"], processlist=f"{LOG_TO_FEED}:{solar}")
         start = (int(time.time()) - 3700) // 10 * 10
         end = start + 3600
         middle = start + 1800
         # frames at offsets from time=start (compat spec §1.3)
-        frames = [[t - start, "house", 10 + (t // 10) % 3 if t < middle else 90 - (t // 10) % 3] for t in range(start, end + 10, 10)]
+        frames = [[t - start, "house", 10 + (t // 10) % 3 if t < middle else 90 - (t // 10) % 3, 50 + (t // 10) % 2]
+                  for t in range(start, end + 10, 10)]
         answer = yield self.node.post("input/bulk.json", data={"apikey": self.key, "data": json.dumps(frames), "time": str(start)})
         self.assertEqual(answer.body, b"ok")
         yield drain(self.node)
         data = yield self.api("feed/data.json", id=str(feedid), start=str(start), end=str(end), interval="10")
+        self.assertEqual(len([v for _, v in data if v is not None]), len(frames))
+        data = yield self.api("feed/data.json", id=str(solar), start=str(start), end=str(end), interval="10")
         self.assertEqual(len([v for _, v in data if v is not None]), len(frames))
 
         yield self.log_in()
@@ -387,6 +394,26 @@ class BrowserTests(unittest.TestCase):
         self.assertGreater(canvas["maxx"] - canvas["minx"], 0.7 * width, canvas)
         self.assertGreater(canvas["left_y"] - canvas["right_y"], 0.3 * height, canvas)
         yield self.assertConsoleClean("/graph")
+
+        # a second feed, from the picker: drawn beside the first, in its own colour, flat in between
+        draws = lambda d: int(d.execute_script("return document.body.dataset.draws || 0"))  # noqa: E731
+        count = yield self.act(draws)
+
+        def add_solar(d):
+            from selenium.webdriver.support.ui import Select
+            Select(d.find_element("id", "feed-add")).select_by_value(str(solar))
+
+        yield self.act(add_solar)
+        yield self.wait(lambda d: draws(d) > count and drawn(d) and query_of(d).get("feeds") == f"{feedid},{solar}", "the second feed drawn")
+        yield self.wait(lambda d: len(d.find_elements("css selector", "#legend .legend-swatch")) == 2, "two feeds in the legend")
+        canvas = yield self.pixels(0)
+        second = yield self.pixels(1)
+        self.assertNotEqual(canvas["colour"], second["colour"])
+        self.assertGreater(canvas["left_y"] - canvas["right_y"], 0.3 * height, canvas)
+        self.assertLess(abs(second["left_y"] - second["right_y"]), 0.1 * height, second)
+        self.assertTrue(canvas["right_y"] < second["left_y"] < canvas["left_y"], (canvas, second))
+        self.assertGreater(second["maxx"] - second["minx"], 0.7 * width, second)
+        yield self.assertConsoleClean("/graph, two feeds")
         yield self.browser.screenshot("graph")
 
         # hover: the readout shows the value under the pointer
@@ -403,7 +430,6 @@ class BrowserTests(unittest.TestCase):
                         "the hover readout of a value of the first half")
 
         # zoom: drag across the middle fifth of the line
-        draws = lambda d: int(d.execute_script("return document.body.dataset.draws || 0"))  # noqa: E731
         count = yield self.act(draws)
         before = yield self.act(query_of)
         self.assertEqual((before["start"], before["end"]), (str(start), str(end)))
