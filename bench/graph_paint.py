@@ -165,7 +165,9 @@ def main() -> None:
         for _ in range(args.loads):  # alternating, so that a slow moment of the machine hits both
             for kind in ("cold", "warm"):
                 rows[kind].append(load(driver, url, cold=kind == "cold"))
-        print(f"/graph?feeds={feedid}&start=<now-{args.days} d>&end=<now>{'&average=1' if args.average else ''}: {rows['warm'][0]['rows']} rows drawn, ms from navigation start")
+        average = "&average=1" if args.average else ""
+        print(f"/graph?feeds={feedid}&start=<now-{args.days} d>&end=<now>{average}: {rows['warm'][0]['rows']} rows drawn, "
+              "ms from navigation start")
         print(f"  {'load':<6} {'first paint':>12} {'FCP':>8} {'drawn':>8} {'data.json':>10} {'HTML':>6}")
         for kind in ("cold", "warm"):
             for r in rows[kind]:
