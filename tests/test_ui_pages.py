@@ -237,6 +237,8 @@ class UiPagesTests(unittest.TestCase):
         session = yield self.logged_in()
         home = yield self.http("GET", "/", session)
         self.assertEqual((home.code, self.location(home)), (303, "/inputs"))
+        asked = yield self.http("GET", "/?next=%2Ffeeds", session)  # the login page of a tab that was logged in meanwhile
+        self.assertEqual((asked.code, self.location(asked)), (303, "/feeds"))
         # after the login, the page asked for; never another site
         back = yield self.login(next="/graph?feeds=1&start=0")
         self.assertEqual((back.code, self.location(back)), (303, "/graph?feeds=1&start=0"))
