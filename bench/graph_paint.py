@@ -150,7 +150,7 @@ def main() -> None:
         if (meta.get("interval"), meta.get("start_time"), meta.get("npoints")) != (INTERVAL, start, slots):
             raise SystemExit(f"the node does not see the feed written: {meta}")
 
-        driver = new_driver()
+        driver = new_driver(harness.dir("chromium"))  # its temporary files: removed with the harness's
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": OBSERVER})
         driver.get(base + "/")
         driver.find_element("id", "login-username").send_keys("bench")

@@ -17,6 +17,8 @@ PyPI (the ``test`` extras) are needed: without them a test errors, it is never s
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, TypeVar
 
 from twisted.internet import defer, reactor, threads
@@ -50,9 +52,10 @@ def require() -> None:
         ) from e
 
 
-def new_driver() -> Any:
+def new_driver(tmp: str) -> Any:
     """A headless Chromium whose viewport is WIDTHxHEIGHT and whose console is readable
-    (blocking: a thread's job)."""
+    (blocking: a thread's job). Chromium and chromedriver keep their temporary files in
+    ``tmp`` (their TMPDIR; Chromium leaves a folder in it at each quit): the caller removes it."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -66,7 +69,7 @@ def new_driver() -> Any:
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # Selenium Manager would look for a driver on the network: Debian's is given, offline
     os.environ["SE_OFFLINE"] = "true"
-    service = Service(CHROMEDRIVER, log_output=os.devnull)
+    service = Service(CHROMEDRIVER, log_output=os.devnull, env={**os.environ, "TMPDIR": tmp})
     driver = webdriver.Chrome(service=service, options=options)
     # the window is WIDTHxHEIGHT less the browser's frame: grow it until the page's viewport is
     viewport = driver.execute_script("return [window.innerWidth, window.innerHeight]")
@@ -78,9 +81,10 @@ def new_driver() -> Any:
 class Browser:
     """One headless Chromium and the one thread its Selenium calls run in."""
 
-    def __init__(self, pool: ThreadPool, driver: Any) -> None:
+    def __init__(self, pool: ThreadPool, driver: Any, tmp: str) -> None:
         self.pool = pool
         self.driver = driver
+        self.tmp = tmp
 
     @classmethod
     @defer.inlineCallbacks
@@ -89,12 +93,14 @@ class Browser:
         require()
         pool = ThreadPool(minthreads=1, maxthreads=1, name="selenium")
         pool.start()
+        tmp = tempfile.mkdtemp(prefix="emond-chromium-")
         try:
-            driver = yield threads.deferToThreadPool(reactor, pool, new_driver)
+            driver = yield threads.deferToThreadPool(reactor, pool, new_driver, tmp)
         except BaseException:
             pool.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls(pool, driver)
+        return cls(pool, driver, tmp)
 
     def run(self, action: Callable[[Any], T]) -> defer.Deferred[T]:
         """``action(driver)`` in the browser's thread; its result."""
@@ -139,8 +145,9 @@ class Browser:
 
     @defer.inlineCallbacks
     def quit(self):
-        """Close Chromium and chromedriver, then the thread."""
+        """Close Chromium and chromedriver, then the thread; remove their temporary files."""
         try:
             yield self.run(lambda d: d.quit())
         finally:
             self.pool.stop()
+            shutil.rmtree(self.tmp, ignore_errors=True)
