@@ -74,6 +74,9 @@ export function ago(seconds) {
 
 const pad = (n) => String(n).padStart(2, "0");
 
+// Times are shown in the browser's timezone (here and on the graph's axis), not in the
+// account's timezone setting (which the server uses for daily feeds): kept so on purpose.
+
 export function fmtTime(unixSeconds) {
   if (!unixSeconds) return "—";
   const d = new Date(unixSeconds * 1000);
@@ -84,7 +87,9 @@ export function fmtValue(v) {
   if (v === null || v === undefined || v === "") return "—";
   const n = Number(v);
   if (!Number.isFinite(n)) return String(v);
-  return Math.abs(n) >= 1000 || Number.isInteger(n) ? String(Math.round(n * 100) / 100) : n.toPrecision(4).replace(/\.?0+$/, "");
+  if (Number.isInteger(n)) return String(n);
+  if (Math.abs(n) >= 1000) return String(Math.round(n * 100) / 100); // 1234.57
+  return String(Number(n.toPrecision(4))); // 4 significant digits: 19.99, 0.1235, 1000 (999.99), 1e-7
 }
 
 export function now() {
