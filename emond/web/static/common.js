@@ -3,6 +3,9 @@
 
 export class ApiError extends Error {}
 
+const INVALID_CSRF = "Invalid CSRF token"; // the server's words (emond/api/http.py)
+const TOKEN_RELOAD = "emond.tokenReload"; // sessionStorage: when the page last reloaded for a stale token
+
 export function csrf() {
   const meta = document.querySelector('meta[name="csrf-token"]');
   return meta ? meta.content : "";
@@ -33,8 +36,11 @@ export async function api(path, params = {}, { post = false } = {}) {
   } catch {
     answer = text; // a few routes answer plain text ("ok", a number)
   }
-  if (response.status === 401 && !path.startsWith("user/")) {
-    location.assign("/"); // the session ended (logged out elsewhere, password changed)
+  if (response.status === 401) {
+    location.assign("/"); // the session ended (expired, logged out elsewhere, password changed)
+  }
+  if (response.status === 403 && answer && answer.message === INVALID_CSRF && reloadForToken()) {
+    throw new ApiError("This page's session token is out of date (a new login or a password change): reloading the page…");
   }
   if (answer && typeof answer === "object" && answer.success === false) {
     throw new ApiError(answer.message || "Request refused");
@@ -43,6 +49,20 @@ export async function api(path, params = {}, { post = false } = {}) {
     throw new ApiError(typeof answer === "string" && answer ? answer : `${response.status} ${response.statusText}`);
   }
   return answer;
+}
+
+// The page's CSRF token is refused when the session changed under it (the password was
+// changed, or a new login happened, in another tab): a reload fetches the page with the
+// session's token. Not twice within 10 s: then the token is not the cause, the request fails.
+function reloadForToken() {
+  try {
+    if (Date.now() - Number(sessionStorage.getItem(TOKEN_RELOAD) || 0) < 10000) return false;
+    sessionStorage.setItem(TOKEN_RELOAD, String(Date.now()));
+  } catch {
+    return false; // no sessionStorage: no way to tell a loop from a first time
+  }
+  location.reload();
+  return true;
 }
 
 // el("button", {class: "x", text: "Save", on: {click: f}}, child, ...)
