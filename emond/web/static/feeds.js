@@ -170,24 +170,33 @@ function edit(tr, field) {
   const input = el("input", { type: "text", class: "edit", value: f[field], "aria-label": field });
   const old = [...cell.childNodes];
   busy++;
+  let closed = false;
   const close = () => {
+    if (closed) return; // Escape, Cancel and a save's end may all come: one close
+    closed = true;
     cell.replaceChildren(...old);
     busy--;
   };
+  const saveButton = button("save", "Save", () => save());
+  const cancelButton = button("cancel", "Cancel", close);
   const save = async () => {
+    if (closed || saveButton.disabled) return; // one request at a time (double Enter, double click)
+    saveButton.disabled = cancelButton.disabled = input.readOnly = true;
     try {
       await set(tr, { [field]: input.value.trim() });
       close();
       refresh(); // a new name or tag may move the row
     } catch (e) {
       rowError(tr, e);
+    } finally {
+      saveButton.disabled = cancelButton.disabled = input.readOnly = false;
     }
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter") save();
-    if (event.key === "Escape") close();
+    if (event.key === "Escape" && !saveButton.disabled) close();
   });
-  cell.replaceChildren(input, button("save", "Save", save), button("cancel", "Cancel", close));
+  cell.replaceChildren(input, saveButton, cancelButton);
   input.focus();
   input.select();
 }
@@ -214,11 +223,18 @@ function confirmDelete(tr) {
   const f = byId(tr.dataset.feedid);
   const old = [...cell.childNodes];
   busy++;
+  let closed = false;
   const close = () => {
+    if (closed) return;
+    closed = true;
     cell.replaceChildren(...old);
     busy--;
   };
+  const yes = button("confirm-delete", "Delete", () => remove());
+  const no = button("cancel-delete", "Cancel", close);
   const remove = async () => {
+    if (closed || yes.disabled) return; // one request (a double click)
+    yes.disabled = no.disabled = true;
     try {
       rowError(tr, null);
       await api("feed/delete.json", { id: f.id }, { post: true });
@@ -230,12 +246,8 @@ function confirmDelete(tr) {
       rowError(tr, e);
     }
   };
-  cell.replaceChildren(
-    el("span", { class: "question", text: `Delete “${f.name}” and its data?` }),
-    button("confirm-delete", "Delete", remove),
-    button("cancel-delete", "Cancel", close),
-  );
-  cell.querySelector(".cancel-delete").focus();
+  cell.replaceChildren(el("span", { class: "question", text: `Delete “${f.name}” and its data?` }), yes, no);
+  no.focus();
 }
 
 function rowError(tr, error) {
