@@ -115,3 +115,43 @@ export function fmtValue(v) {
 export function now() {
   return Date.now() / 1000;
 }
+
+// Run fn now, then again ms after each run settles (a chain of timeouts, not an interval: a
+// slow answer never overlaps the next request, and a late one never overwrites a newer one).
+// While the tab is hidden the chain waits; it runs at once when the tab is shown again.
+// The returned run() runs fn now (or right after the run under way, once however often it is
+// asked meanwhile) and resolves when that run has settled.
+export function every(ms, fn) {
+  let timer = null;
+  let running = null; // the run under way
+  let queued = null; // the run asked for while one was under way
+  const tick = () => {
+    timer = null;
+    if (!document.hidden) run();
+  };
+  const once = async () => {
+    clearTimeout(timer);
+    timer = null;
+    try {
+      await fn();
+    } finally {
+      running = null;
+      if (!document.hidden) timer = setTimeout(tick, ms);
+    }
+  };
+  const run = () => {
+    if (!running) return (running = once());
+    if (!queued) {
+      queued = running.catch(() => {}).then(() => {
+        queued = null;
+        return run();
+      });
+    }
+    return queued;
+  };
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && !running) run();
+  });
+  run();
+  return { run };
+}

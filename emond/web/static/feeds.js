@@ -11,7 +11,7 @@
 //   a.csv, a.graph-link              per row; input.select (checkbox) and a#graph-selected
 //   #feeds-error                     the message of a failed request
 
-import { api, el, ago, fmtTime, fmtValue } from "./common.js";
+import { api, el, ago, every, fmtTime, fmtValue } from "./common.js";
 
 const REFRESH_MS = 10000;
 const ENGINES = { 2: "PHPTimeSeries", 5: "PHPFina" };
@@ -27,8 +27,7 @@ let rowsById = new Map(); // feed id -> {tr, and the elements a refresh changes}
 let shown = ""; // what the drawn tables show (ids, names, tags, public): a change redraws them
 let busy = 0; // editors and confirmations open: a redraw would lose them, so it waits
 
-refresh();
-setInterval(refresh, REFRESH_MS);
+const refreshing = every(REFRESH_MS, refresh); // refreshing.run(): now, after an action
 $("csv-range").addEventListener("change", () => rowsById.forEach((r, id) => updateCsv(r, byId(id))));
 
 async function refresh() {
@@ -185,7 +184,7 @@ function edit(tr, field) {
     try {
       await set(tr, { [field]: input.value.trim() });
       close();
-      refresh(); // a new name or tag may move the row
+      refreshing.run(); // a new name or tag may move the row
     } catch (e) {
       rowError(tr, e);
     } finally {
@@ -205,7 +204,7 @@ async function togglePublic(tr) {
   const f = byId(tr.dataset.feedid);
   try {
     await set(tr, { public: f.public === "1" ? 0 : 1 });
-    refresh();
+    refreshing.run();
   } catch (e) {
     rowError(tr, e);
   }
@@ -240,7 +239,7 @@ function confirmDelete(tr) {
       await api("feed/delete.json", { id: f.id }, { post: true });
       close();
       selected.delete(f.id);
-      refresh();
+      refreshing.run();
     } catch (e) {
       close();
       rowError(tr, e);

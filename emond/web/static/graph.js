@@ -17,7 +17,7 @@
 //                          be drawn before the test looks, so "drawn" alone may be the old draw)
 //   #feed-add (select), #graph-feeds li[data-feedid] button.remove-feed: the feed picker
 
-import { api, el, fmtTime, fmtValue } from "./common.js";
+import { api, el, every, fmtTime, fmtValue } from "./common.js";
 
 const POINTS = 800; // rows wanted per view
 const FOLLOW_MS = 10000;
@@ -117,15 +117,14 @@ function setup() {
     load();
   });
   const follow = $("follow");
-  const toNow = () => {
-    if (!follow.checked || !view.ids.length) return;
+  const following = every(FOLLOW_MS, () => {
+    if (!follow.checked || !view.ids.length) return undefined;
     const span = view.end - view.start;
     view.end = now();
     view.start = view.end - span;
-    load();
-  };
-  follow.addEventListener("change", toNow);
-  setInterval(toNow, FOLLOW_MS);
+    return load(); // the next move waits for this one's data
+  });
+  follow.addEventListener("change", () => following.run());
   $("feed-add").addEventListener("change", (event) => {
     const id = event.target.value;
     event.target.value = "";

@@ -19,7 +19,7 @@
 //       button.save-processlist, button.close-editor, p.save-error.error, span.save-status
 //   #inputs-error.error (the live refresh failing), #no-inputs (shown when there is no input)
 
-import { api, el, ago, fmtTime, fmtValue } from "./common.js";
+import { api, el, ago, every, fmtTime, fmtValue } from "./common.js";
 
 const REFRESH_MS = 5000;
 const VALUE = 0, INPUTID = 1, FEEDID = 2, NONE = 3; // argument types (emond/processlist.py)
@@ -45,6 +45,7 @@ let feeds = []; // feed/list.json, (re)loaded when an editor opens and after a f
 let feedsLoaded = false;
 const rows = new Map(); // input id → {box, value, age, description, summary, button, processList, editor}
 const sections = new Map(); // node → {section, list}
+let refreshing = null; // every(REFRESH_MS, refresh), once the process table is known
 
 const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true });
 
@@ -433,7 +434,7 @@ async function save(ed) {
   } catch (e) {
     showError(ed.saveError, e.message);
     // fresh feeds and lists (another tab, a device's other input), to find the step it is about
-    await Promise.all([loadFeeds().catch(() => {}), refresh()]);
+    await Promise.all([loadFeeds().catch(() => {}), refreshing.run()]);
     const index = culprit(ed, e.message);
     ed.stepError = index < 0 ? null : { index, message: e.message };
     renderSteps(ed);
@@ -475,14 +476,7 @@ async function start() {
   } catch (e) {
     showError(pageError, `Could not load the process table: ${e.message}`);
   }
-  await refresh();
-  // a timeout chain, not an interval: a slow answer never overlaps the next request
-  const tick = async () => {
-    if (!document.hidden) await refresh();
-    setTimeout(tick, REFRESH_MS);
-  };
-  setTimeout(tick, REFRESH_MS);
-  document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+  refreshing = every(REFRESH_MS, refresh);
 }
 
 start();
