@@ -83,6 +83,53 @@ export function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+export const $ = (id) => document.getElementById(id);
+
+// A plain button: button("save", "Save", save, {"aria-label": ..., disabled: true}).
+export function button(cls, text, click, attrs = {}) {
+  return el("button", { type: "button", class: cls, text, ...attrs, on: { click } });
+}
+
+// The one way to say something in a message box: its text (a string or an Error), hidden
+// when empty; kind "error" (default) or "ok" sets the class of that name, "note" neither.
+export function showMessage(box, text, kind = "error") {
+  const message = text instanceof Error ? text.message || String(text) : text ? String(text) : "";
+  box.textContent = message;
+  box.hidden = !message;
+  box.classList.toggle("error", kind === "error");
+  box.classList.toggle("ok", kind === "ok");
+}
+
+// The storage engines a feed may have (ENGINE_* of emond/records.py): feed/list's "engine" (text) or a number.
+// fixed: values in slots of the feed's interval (PHPFina); else at any time (PHPTimeSeries).
+export const ENGINES = {
+  5: { name: "PHPFina", about: "fixed interval", fixed: true },
+  2: { name: "PHPTimeSeries", about: "variable interval", fixed: false },
+};
+
+export function engineName(id) {
+  return ENGINES[id] ? ENGINES[id].name : `engine ${id}`;
+}
+
+// Names as people sort them: "node2" before "node10".
+export const byName = (a, b) => String(a ?? "").localeCompare(String(b ?? ""), undefined, { numeric: true });
+
+// Feeds (of feed/list.json) by tag, then name.
+export function sortFeeds(feeds) {
+  return [...feeds].sort((a, b) => byName(a.tag, b.tag) || byName(a.name, b.name));
+}
+
+// [[tag, [feed, ...]], ...] by tag, each tag's feeds by name.
+export function groupByTag(feeds) {
+  const groups = new Map();
+  for (const f of sortFeeds(feeds)) {
+    const tag = f.tag || "";
+    if (!groups.has(tag)) groups.set(tag, []);
+    groups.get(tag).push(f);
+  }
+  return [...groups];
+}
+
 export function ago(seconds) {
   if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "never";
   const s = Math.max(0, Math.round(seconds));
@@ -112,8 +159,9 @@ export function fmtValue(v) {
   return String(Number(n.toPrecision(4))); // 4 significant digits: 19.99, 0.1235, 1000 (999.99), 1e-7
 }
 
+// The clock in whole unix seconds.
 export function now() {
-  return Date.now() / 1000;
+  return Math.floor(Date.now() / 1000);
 }
 
 // Run fn now, then again ms after each run settles (a chain of timeouts, not an interval: a

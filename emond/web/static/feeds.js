@@ -11,15 +11,11 @@
 //   a.csv, a.graph-link              per row; input.select (checkbox) and a#graph-selected
 //   #feeds-error                     the message of a failed request
 
-import { api, el, ago, every, fmtTime, fmtValue } from "./common.js";
+import { $, api, ago, button, el, ENGINES, engineName, every, fmtTime, fmtValue, groupByTag, now, showMessage } from "./common.js";
 
 const REFRESH_MS = 10000;
-const ENGINES = { 2: "PHPTimeSeries", 5: "PHPFina" };
 const CSV_RANGES = { day: 86400, week: 7 * 86400, month: 30 * 86400, year: 365 * 86400 };
 const CSV_ROWS = 1500000; // below the API's 25 MiB CSV limit (17 bytes a row)
-
-const $ = (id) => document.getElementById(id);
-const now = () => Math.floor(Date.now() / 1000);
 
 const selected = new Set(); // feed ids ticked, kept across refreshes
 let feeds = []; // the last feed/list.json answer
@@ -33,9 +29,9 @@ $("csv-range").addEventListener("change", () => rowsById.forEach((r, id) => upda
 async function refresh() {
   try {
     feeds = await api("feed/list.json");
-    $("feeds-error").hidden = true;
+    showMessage($("feeds-error"), "");
   } catch (e) {
-    showError(e);
+    showMessage($("feeds-error"), e);
     return;
   }
   const layout = JSON.stringify(feeds.map((f) => [f.id, f.name, f.tag, f.public]));
@@ -54,16 +50,11 @@ function byId(id) {
 }
 
 function render() {
-  const groups = new Map();
-  for (const f of [...feeds].sort((a, b) => a.tag.localeCompare(b.tag) || a.name.localeCompare(b.name))) {
-    if (!groups.has(f.tag)) groups.set(f.tag, []);
-    groups.get(f.tag).push(f);
-  }
   rowsById = new Map();
   for (const id of [...selected]) if (!byId(id)) selected.delete(id);
   // One table (its columns line up across tags), a tbody per tag headed by the tag's name.
   const head = ["", "Name", "Tag", "Engine", "Interval", "Size", "Value", "Updated", ""].map((t) => el("th", { text: t }));
-  const bodies = [...groups].map(([tag, list]) =>
+  const bodies = groupByTag(feeds).map(([tag, list]) =>
     el(
       "tbody",
       { class: "feed-group" },
@@ -102,7 +93,7 @@ function row(f) {
     el("td", {}, check),
     el("td", { class: "name-cell" }, r.name, button("rename", "Rename", () => edit(tr, "name"))),
     el("td", { class: "tag-cell" }, r.tag, button("retag", "Retag", () => edit(tr, "tag"))),
-    el("td", { class: "engine", text: ENGINES[f.engine] || `engine ${f.engine}` }),
+    el("td", { class: "engine", text: engineName(f.engine), title: ENGINES[f.engine]?.about }),
     el("td", { class: "interval", text: Number(f.interval) > 0 ? `${f.interval} s` : "—" }),
     r.size,
     r.value,
@@ -121,10 +112,6 @@ function row(f) {
   rowsById.set(f.id, r);
   update(r, f);
   return tr;
-}
-
-function button(cls, text, click) {
-  return el("button", { type: "button", class: cls, text, on: { click } });
 }
 
 // The cells a refresh changes.
@@ -251,13 +238,7 @@ function confirmDelete(tr) {
 
 function rowError(tr, error) {
   const box = tr.querySelector(".row-error");
-  if (box) box.textContent = error ? error.message || String(error) : "";
-}
-
-function showError(error) {
-  const box = $("feeds-error");
-  box.textContent = error.message || String(error);
-  box.hidden = false;
+  if (box) showMessage(box, error);
 }
 
 function bytes(n) {

@@ -17,16 +17,13 @@
 //                          be drawn before the test looks, so "drawn" alone may be the old draw)
 //   #feed-add (select), #graph-feeds li[data-feedid] button.remove-feed: the feed picker
 
-import { api, el, every, fmtTime, fmtValue } from "./common.js";
+import { $, api, button, el, ENGINES, every, fmtTime, fmtValue, groupByTag, now, showMessage } from "./common.js";
 
 const POINTS = 800; // rows wanted per view
 const FOLLOW_MS = 10000;
 const RANGES = { hour: 3600, day: 86400, week: 7 * 86400, month: 30 * 86400, year: 365 * 86400 };
 const MIN_SPAN = 60; // seconds: a narrower zoom is widened to this
 const CACHE = "emond.feedIntervals"; // feed intervals seen in feed/list, see knownIntervals()
-
-const $ = (id) => document.getElementById(id);
-const now = () => Math.floor(Date.now() / 1000);
 
 // Dygraph's legend plugin writes style="" attributes (in HTML and with setAttribute), which
 // the page's CSP (style-src 'self') refuses; the legend is drawn here instead (showLegend).
@@ -82,7 +79,7 @@ async function listed(feeds) {
   for (const f of feeds) {
     intervals.set(f.id, ownInterval(f));
     names.set(f.id, f.name);
-    if (f.engine === "2") timeseries.add(f.id);
+    if (ENGINES[f.engine]?.fixed === false) timeseries.add(f.id);
   }
   localStorage.setItem(CACHE, JSON.stringify(Object.fromEntries(intervals)));
   // A feed of the URL that is not in the list (another user's public feed): its meta.
@@ -103,10 +100,10 @@ async function listed(feeds) {
 }
 
 function setup() {
-  for (const button of document.querySelectorAll("button[data-range]")) {
-    button.addEventListener("click", () => {
+  for (const preset of document.querySelectorAll("button[data-range]")) {
+    preset.addEventListener("click", () => {
       view.end = now();
-      view.start = view.end - RANGES[button.dataset.range];
+      view.start = view.end - RANGES[preset.dataset.range];
       load();
     });
   }
@@ -213,7 +210,7 @@ function seriesOptions() {
 
 function draw(answer) {
   const file = rows(answer);
-  $("graph-error").hidden = true;
+  showMessage($("graph-error"), "");
   $("graph-empty").hidden = file.some((row) => row.some((v, i) => i > 0 && v !== null));
   const data = file.length ? file : [[new Date(view.start * 1000), ...view.ids.map(() => null)]];
   const options = {
@@ -287,19 +284,17 @@ function fillPicker(feeds) {
   if (feeds) fillPicker.feeds = feeds;
   const all = fillPicker.feeds || [];
   const select = $("feed-add");
-  const groups = new Map();
-  for (const f of all.filter((f) => !view.ids.includes(f.id))) {
-    if (!groups.has(f.tag)) groups.set(f.tag, el("optgroup", { label: f.tag || "(no tag)" }));
-    groups.get(f.tag).append(el("option", { value: f.id, text: f.name }));
-  }
-  select.replaceChildren(el("option", { value: "", text: "Add a feed…" }), ...groups.values());
+  const groups = groupByTag(all.filter((f) => !view.ids.includes(f.id))).map(([tag, list]) =>
+    el("optgroup", { label: tag || "(no tag)" }, ...list.map((f) => el("option", { value: f.id, text: f.name }))),
+  );
+  select.replaceChildren(el("option", { value: "", text: "Add a feed…" }), ...groups);
   $("graph-feeds").replaceChildren(
     ...view.ids.map((id) =>
       el(
         "li",
         { "data-feedid": id },
         el("span", { text: names.get(id) || `feed ${id}` }),
-        el("button", { type: "button", class: "remove-feed", title: "Remove from the graph", text: "×", on: { click: () => remove(id) } }),
+        button("remove-feed", "×", () => remove(id), { title: "Remove from the graph" }),
       ),
     ),
   );
@@ -323,9 +318,7 @@ function showEmpty() {
 }
 
 function fail(error) {
-  const box = $("graph-error");
-  box.textContent = error && error.message ? error.message : String(error);
-  box.hidden = false;
+  showMessage($("graph-error"), error);
   setState("error");
 }
 

@@ -19,12 +19,10 @@
 //       button.save-processlist, button.close-editor, p.save-error.error, span.save-status
 //   #inputs-error.error (the live refresh failing), #no-inputs (shown when there is no input)
 
-import { api, el, ago, every, fmtTime, fmtValue } from "./common.js";
+import { $, api, ago, button, byName, el, ENGINES, engineName, every, fmtTime, fmtValue, now, showMessage, sortFeeds } from "./common.js";
 
 const REFRESH_MS = 5000;
 const VALUE = 0, INPUTID = 1, FEEDID = 2, NONE = 3; // argument types (emond/processlist.py)
-const PHPFINA = 5;
-const ENGINES = { 5: "PHPFina (fixed interval)", 2: "PHPTimeSeries (variable interval)" };
 const INTERVALS = [10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600];
 const NEW_FEED = "new";
 // the server's own words (emond/processlist.py): said by the checks made here before asking it,
@@ -35,9 +33,9 @@ const MSG_FEED = "Feed does not exist!";
 const MSG_INPUT = "Input does not exist!";
 const MSG_DELETED = "This process is not supported on this server";
 
-const container = document.getElementById("inputs");
-const pageError = document.getElementById("inputs-error");
-const noInputs = document.getElementById("no-inputs");
+const container = $("inputs");
+const pageError = $("inputs-error");
+const noInputs = $("no-inputs");
 
 let inputs = new Map(); // id → latest entry of input/list.json
 let processes = {}; // id → entry of input/getallprocesses.json
@@ -46,13 +44,6 @@ let feedsLoaded = false;
 const rows = new Map(); // input id → {box, value, age, description, summary, button, processList, editor}
 const sections = new Map(); // node → {section, list}
 let refreshing = null; // every(REFRESH_MS, refresh), once the process table is known
-
-const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true });
-
-function showError(node, message) {
-  node.textContent = message || "";
-  node.hidden = !message;
-}
 
 // ---- process lists as text ----------------------------------------------------------------
 
@@ -122,11 +113,8 @@ function addRow(inp) {
     processList: null,
     editor: null,
   };
-  r.button = el("button", {
-    type: "button", class: "open-processes", "aria-expanded": "false", text: "Processes",
-    "aria-label": `Processes of ${inp.nodeid}:${inp.name}`,
-    on: { click: () => toggleEditor(inp.id) },
-  });
+  r.button = button("open-processes", "Processes", () => toggleEditor(inp.id),
+    { "aria-expanded": "false", "aria-label": `Processes of ${inp.nodeid}:${inp.name}` });
   r.box = el("div", { class: "input", "data-node": inp.nodeid, "data-input": inp.name, "data-inputid": inp.id },
     el("div", { class: "input-row" }, r.name, r.description, r.value, r.age, r.summary, r.button));
   sectionFor(inp.nodeid).list.append(r.box); // input/list.json is in id order: new ones come last
@@ -141,7 +129,7 @@ function fillRow(r, inp) {
     r.age.textContent = "—";
     r.age.removeAttribute("title");
   } else {
-    const age = Math.max(0, Math.round(Date.now() / 1000 - inp.time)); // a clock ahead of ours: "0 s ago"
+    const age = Math.max(0, Math.round(now() - inp.time)); // a clock ahead of ours: "0 s ago"
     r.age.textContent = ago(age);
     r.age.title = fmtTime(inp.time);
     r.box.classList.toggle("stale", age > 3600);
@@ -177,23 +165,23 @@ function update(list) {
 async function refresh() {
   try {
     update(await api("input/list.json"));
-    showError(pageError, "");
+    showMessage(pageError, "");
   } catch (e) {
-    showError(pageError, `Could not refresh the inputs: ${e.message}`);
+    showMessage(pageError, `Could not refresh the inputs: ${e.message}`);
   }
 }
 
 // ---- the process-list editor ----------------------------------------------------------------
 
 async function loadFeeds() {
-  feeds = (await api("feed/list.json")).sort((a, b) => byName(a.tag, b.tag) || byName(a.name, b.name));
+  feeds = sortFeeds(await api("feed/list.json"));
   feedsLoaded = true;
 }
 
 function toggleEditor(inputid) {
   const r = rows.get(inputid);
   if (r.editor) closeEditor(r);
-  else openEditor(r, inputs.get(inputid)).catch((e) => showError(pageError, e.message));
+  else openEditor(r, inputs.get(inputid)).catch((e) => showMessage(pageError, e.message));
 }
 
 function closeEditor(r) {
@@ -217,7 +205,7 @@ async function openEditor(r, inp) {
   ed.newFeed = el("div", { class: "new-feed" });
   ed.addButton = el("button", { type: "submit", class: "add-step", text: "Add step" });
   ed.addError = el("p", { class: "add-error error", role: "alert" });
-  ed.saveButton = el("button", { type: "button", class: "save-processlist", text: "Save", on: { click: () => save(ed) } });
+  ed.saveButton = button("save-processlist", "Save", () => save(ed));
   ed.status = el("span", { class: "save-status", role: "status" });
   ed.saveError = el("p", { class: "save-error error", role: "alert" });
   // novalidate: the refusals are said in the page (p.add-error), not in the browser's bubbles
@@ -227,11 +215,11 @@ async function openEditor(r, inp) {
     el("h3", { text: `Process list of ${inp.nodeid}:${inp.name}` }),
     ed.list, ed.empty, form,
     el("div", { class: "editor-actions" }, ed.saveButton,
-      el("button", { type: "button", class: "close-editor", text: "Close", on: { click: () => closeEditor(r) } }),
+      button("close-editor", "Close", () => closeEditor(r)),
       ed.status),
     ed.saveError);
-  showError(ed.addError, "");
-  showError(ed.saveError, "");
+  showMessage(ed.addError, "");
+  showMessage(ed.saveError, "");
   r.box.append(ed.root);
   renderSteps(ed);
   renderArg(ed);
@@ -260,18 +248,15 @@ function renderSteps(ed) {
   ed.list.replaceChildren(...ed.steps.map((step, i) => {
     const proc = processes[step.pid];
     const name = proc ? proc.name + (proc.deleted ? " (no longer offered)" : "") : `unknown process ${step.pid}`;
-    const button = (cls, text, label, action, disabled) => {
-      const b = el("button", { type: "button", class: cls, text, "aria-label": `${label} step ${i + 1}`, on: { click: action } });
-      b.disabled = disabled;
-      return b;
-    };
+    const stepButton = (cls, text, label, action, disabled) =>
+      button(cls, text, action, { "aria-label": `${label} step ${i + 1}`, disabled });
     const refused = ed.stepError?.index === i;
     return el("li", { class: refused ? "step refused" : "step", "data-process": String(step.pid), "data-arg": step.arg },
       el("span", { class: "step-process", text: name }),
       el("span", { class: "step-arg", text: argText(proc, step.arg) }),
-      button("move-up", "▲", "Move up", () => move(ed, i, -1), i === 0),
-      button("move-down", "▼", "Move down", () => move(ed, i, 1), i === count - 1),
-      button("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false),
+      stepButton("move-up", "▲", "Move up", () => move(ed, i, -1), i === 0),
+      stepButton("move-down", "▼", "Move down", () => move(ed, i, 1), i === count - 1),
+      stepButton("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false),
       refused ? el("p", { class: "step-error error", role: "alert", text: ed.stepError.message }) : null);
   }));
   ed.empty.hidden = count > 0;
@@ -283,7 +268,7 @@ function renderSteps(ed) {
 function change(ed, edit) {
   edit();
   ed.stepError = null;
-  showError(ed.saveError, "");
+  showMessage(ed.saveError, "");
   renderSteps(ed);
 }
 
@@ -299,7 +284,7 @@ function renderArg(ed) {
   ed.argField = null;
   ed.newFeed.replaceChildren();
   ed.newFeed.hidden = true;
-  showError(ed.addError, "");
+  showMessage(ed.addError, "");
   if (!proc) { // the process table did not load: nothing can be added
     ed.arg.replaceChildren();
   } else if (proc.argtype === VALUE) {
@@ -345,11 +330,11 @@ function showNewFeed(ed, proc) {
   const name = el("input", { type: "text", class: "new-feed-name", value: ed.inputName });
   const tag = el("input", { type: "text", class: "new-feed-tag", value: ed.node });
   const engine = el("select", { class: "new-feed-engine" },
-    ...proc.engines.map((id) => el("option", { value: String(id), text: ENGINES[id] || `engine ${id}` })));
+    ...proc.engines.map((id) => el("option", { value: String(id), text: engineName(id), title: ENGINES[id]?.about })));
   const interval = el("select", { class: "new-feed-interval" },
     ...INTERVALS.map((s) => el("option", { value: String(s), text: s < 60 ? `${s} s` : `${s / 60} min` })));
   const intervalLabel = el("label", {}, "Interval ", interval);
-  const showInterval = () => { intervalLabel.hidden = Number(engine.value) !== PHPFINA; };
+  const showInterval = () => { intervalLabel.hidden = !ENGINES[engine.value]?.fixed; };
   engine.addEventListener("change", showInterval);
   showInterval();
   ed.newFeed.append(el("label", {}, "Name ", name), el("label", {}, "Tag ", tag),
@@ -383,7 +368,7 @@ async function argFor(ed, proc) {
   if (feeds.some((feed) => feed.name === name && feed.tag === tag)) throw new Error(`A feed ${tag}:${name} already exists`);
   const engine = Number(f.engine.value);
   const params = { name, tag, engine, datatype: proc.datatype || 1, unit: proc.unit || "" };
-  if (engine === PHPFINA) params.options = JSON.stringify({ interval: Number(f.interval.value) });
+  if (ENGINES[engine]?.fixed) params.options = JSON.stringify({ interval: Number(f.interval.value) });
   const created = await api("feed/create.json", params, { post: true });
   await loadFeeds();
   for (const r of rows.values()) { // every open feed select offers the new feed
@@ -397,7 +382,7 @@ async function argFor(ed, proc) {
 async function addStep(ed) {
   const proc = processes[ed.processSelect.value];
   if (!proc) return;
-  showError(ed.addError, "");
+  showMessage(ed.addError, "");
   ed.addButton.disabled = true; // one click, one feed
   try {
     const arg = await argFor(ed, proc);
@@ -407,14 +392,14 @@ async function addStep(ed) {
       showNewFeed(ed, proc);
     }
   } catch (e) {
-    showError(ed.addError, e.message);
+    showMessage(ed.addError, e.message);
   } finally {
     ed.addButton.disabled = false;
   }
 }
 
 async function save(ed) {
-  showError(ed.saveError, "");
+  showMessage(ed.saveError, "");
   ed.saveButton.disabled = true;
   try {
     await api("input/process/set.json", { inputid: ed.inputid, processlist: formatList(ed.steps) }, { post: true });
@@ -432,7 +417,7 @@ async function save(ed) {
     renderSteps(ed);
     ed.status.textContent = "Saved";
   } catch (e) {
-    showError(ed.saveError, e.message);
+    showMessage(ed.saveError, e.message);
     // fresh feeds and lists (another tab, a device's other input), to find the step it is about
     await Promise.all([loadFeeds().catch(() => {}), refreshing.run()]);
     const index = culprit(ed, e.message);
@@ -474,7 +459,7 @@ async function start() {
   try {
     processes = await api("input/getallprocesses.json");
   } catch (e) {
-    showError(pageError, `Could not load the process table: ${e.message}`);
+    showMessage(pageError, `Could not load the process table: ${e.message}`);
   }
   refreshing = every(REFRESH_MS, refresh);
 }
