@@ -17,7 +17,10 @@
 //           input.new-feed-name, input.new-feed-tag, select.new-feed-engine, select.new-feed-interval)
 //       button.add-step, p.add-error.error (refusals of the step being added, feed/create's included)
 //       button.save-processlist, button.close-editor, p.save-error.error, span.save-status
-//   #inputs-error.error (the live refresh failing), #no-inputs (shown when there is no input)
+//       p.load-error.error (the feed list failing to load when the editor opens)
+//   #inputs-error.error (the live refresh failing: cleared by the next refresh that works),
+//   #processes-error.error (the process table failing to load), #no-inputs (shown when there is no input)
+// Each message has its own box, cleared only by what it is about.
 
 import { $, api, ago, button, byName, el, ENGINES, engineName, every, fmtTime, fmtValue, now, showMessage, sortFeeds } from "./common.js";
 
@@ -35,6 +38,7 @@ const MSG_DELETED = "This process is not supported on this server";
 
 const container = $("inputs");
 const pageError = $("inputs-error");
+const processesError = $("processes-error");
 const noInputs = $("no-inputs");
 
 let inputs = new Map(); // id → latest entry of input/list.json
@@ -181,7 +185,7 @@ async function loadFeeds() {
 function toggleEditor(inputid) {
   const r = rows.get(inputid);
   if (r.editor) closeEditor(r);
-  else openEditor(r, inputs.get(inputid)).catch((e) => showMessage(pageError, e.message));
+  else openEditor(r, inputs.get(inputid));
 }
 
 function closeEditor(r) {
@@ -208,22 +212,29 @@ async function openEditor(r, inp) {
   ed.saveButton = button("save-processlist", "Save", () => save(ed));
   ed.status = el("span", { class: "save-status", role: "status" });
   ed.saveError = el("p", { class: "save-error error", role: "alert" });
+  ed.loadError = el("p", { class: "load-error error", role: "alert" });
   // novalidate: the refusals are said in the page (p.add-error), not in the browser's bubbles
   const form = el("form", { class: "add-form", novalidate: "", on: { submit: (event) => { event.preventDefault(); addStep(ed); } } },
     el("label", {}, "Process ", ed.processSelect), ed.arg, ed.addButton, ed.newFeed, ed.addError);
   ed.root = el("div", { class: "process-editor", "data-inputid": inp.id, role: "group", "aria-label": `Processes of ${inp.nodeid}:${inp.name}` },
     el("h3", { text: `Process list of ${inp.nodeid}:${inp.name}` }),
-    ed.list, ed.empty, form,
+    ed.loadError, ed.list, ed.empty, form,
     el("div", { class: "editor-actions" }, ed.saveButton,
       button("close-editor", "Close", () => closeEditor(r)),
       ed.status),
     ed.saveError);
   showMessage(ed.addError, "");
   showMessage(ed.saveError, "");
+  showMessage(ed.loadError, "");
   r.box.append(ed.root);
   renderSteps(ed);
   renderArg(ed);
-  await loadFeeds(); // fresh: feeds may have been made on /feeds meanwhile
+  try {
+    await loadFeeds(); // fresh: feeds may have been made on /feeds meanwhile
+  } catch (e) {
+    showMessage(ed.loadError, `Could not load the feeds: ${e.message}`);
+    return;
+  }
   if (r.editor === ed) { // still open: feed names in the steps, feeds in the select (choice kept)
     renderSteps(ed);
     if (ed.argField?.classList.contains("feed-select")) fillFeedSelect(ed.argField, processes[ed.processSelect.value]);
@@ -459,7 +470,7 @@ async function start() {
   try {
     processes = await api("input/getallprocesses.json");
   } catch (e) {
-    showMessage(pageError, `Could not load the process table: ${e.message}`);
+    showMessage(processesError, `Could not load the process table: ${e.message}`);
   }
   refreshing = every(REFRESH_MS, refresh);
 }
