@@ -10,7 +10,7 @@
 //   button[data-range]    presets: hour, day, week, month, year
 //   #average, #follow     checkboxes
 //   #legend               hover readout: time, then each feed's name and value
-//   #graph-error          the message when a request fails
+//   #graph-error          the message when a request fails (or the charting library is missing)
 //   body[data-graph-state] "loading" | "drawn" | "error" | "empty" (no feed chosen);
 //   body[data-points]      rows drawn by the last draw; performance mark "graph-drawn" at each draw
 //   body[data-draws]       draws so far: wait for it to grow after an action (a local fetch can
@@ -25,23 +25,32 @@ const RANGES = { hour: 3600, day: 86400, week: 7 * 86400, month: 30 * 86400, yea
 const MIN_SPAN = 60; // seconds: a narrower zoom is widened to this
 const CACHE = "emond.feedIntervals"; // feed intervals seen in feed/list, see knownIntervals()
 
-// Dygraph's legend plugin writes style="" attributes (in HTML and with setAttribute), which
-// the page's CSP (style-src 'self') refuses; the legend is drawn here instead (showLegend).
-Dygraph.PLUGINS = Dygraph.PLUGINS.filter((p) => p !== Dygraph.Plugins.Legend);
-
 const view = readUrl();
 const intervals = knownIntervals(); // feed id -> its own interval (seconds; 1 for PHPTimeSeries)
 const names = new Map(); // feed id -> name, from feed/list
 const timeseries = new Set(); // ids of PHPTimeSeries feeds (irregular records, no interval)
 let graph = null; // the Dygraph, made at the first draw
 let request = 0; // number of the latest data request: only the latest one draws
+let early = null; // the data request made before feed/list answered, if any
 
-// Start the data request before anything else when the feeds' intervals are already known
-// (remembered from an earlier feed/list): the list is then fetched alongside, not before it.
-const early = view.ids.length && view.ids.every((id) => intervals.has(id)) ? load() : null;
-const listing = api("feed/list.json");
-setup();
-listing.then(listed, fail);
+if (typeof Dygraph === "undefined") {
+  // /lib/dygraphs/dygraph.min.js did not load (the request failed, or libjs-dygraphs is not installed)
+  fail(new Error("The graph cannot be drawn: its charting library (Dygraphs) did not load. Reload the page; if this stays, the server lacks libjs-dygraphs."));
+} else {
+  start();
+}
+
+function start() {
+  // Dygraph's legend plugin writes style="" attributes (in HTML and with setAttribute), which
+  // the page's CSP (style-src 'self') refuses; the legend is drawn here instead (showLegend).
+  Dygraph.PLUGINS = Dygraph.PLUGINS.filter((p) => p !== Dygraph.Plugins.Legend);
+  // Start the data request before anything else when the feeds' intervals are already known
+  // (remembered from an earlier feed/list): the list is then fetched alongside, not before it.
+  early = view.ids.length && view.ids.every((id) => intervals.has(id)) ? load() : null;
+  const listing = api("feed/list.json");
+  setup();
+  listing.then(listed, fail);
+}
 
 function readUrl() {
   const q = new URLSearchParams(location.search);
