@@ -11,6 +11,7 @@
 //   #average, #follow     checkboxes
 //   #legend               hover readout: time, then each feed's name and value
 //   #graph-error          the message when a request fails (or the charting library is missing)
+//   #graph-note           names the feeds of the URL left out (gone, or not readable)
 //   body[data-graph-state] "loading" | "drawn" | "error" | "empty" (no feed chosen);
 //   body[data-points]      rows drawn by the last draw; performance mark "graph-drawn" at each draw
 //   body[data-draws]       draws so far: wait for it to grow after an action (a local fetch can
@@ -85,22 +86,30 @@ function ownInterval(feed) {
 }
 
 async function listed(feeds) {
+  const listedIntervals = {};
   for (const f of feeds) {
     intervals.set(f.id, ownInterval(f));
+    listedIntervals[f.id] = ownInterval(f);
     names.set(f.id, f.name);
     if (ENGINES[f.engine]?.fixed === false) timeseries.add(f.id);
   }
-  localStorage.setItem(CACHE, JSON.stringify(Object.fromEntries(intervals)));
-  // A feed of the URL that is not in the list (another user's public feed): its meta.
-  for (const id of view.ids.filter((id) => !names.has(id))) {
-    try {
-      intervals.set(id, Math.max((await api("feed/getmeta.json", { id })).interval || 1, 1));
-    } catch (e) {
-      intervals.set(id, 1); // feed/data.json will say what is wrong with it
-    }
+  localStorage.setItem(CACHE, JSON.stringify(listedIntervals)); // the user's feeds: a deleted one leaves
+  // A feed of the URL that is not in the list: another user's public feed (its meta says its
+  // interval), or one that is gone or not readable, left out (one would fail the whole request).
+  const metas = await Promise.all(view.ids.filter((id) => !names.has(id)).map((id) =>
+    api("feed/getmeta.json", { id }).then((meta) => [id, meta], () => [id, null])));
+  const missing = [];
+  for (const [id, meta] of metas) {
+    if (meta) intervals.set(id, Math.max(Number.parseInt(meta.interval, 10) || 1, 1));
+    else missing.push(id);
+  }
+  if (missing.length) {
+    view.ids = view.ids.filter((id) => !missing.includes(id));
+    const which = missing.length === 1 ? `Feed ${missing[0]} is` : `Feeds ${missing.join(", ")} are`;
+    showMessage($("graph-note"), `${which} left out: not found (deleted?) or not yours to read.`, "note");
   }
   fillPicker(feeds);
-  if (!early || early.interval !== autoInterval()) {
+  if (missing.length || !early || early.interval !== autoInterval()) { // load() rewrites the URL
     load();
   } else if (graph) {
     graph.updateOptions(seriesOptions()); // drawn before the names were known
