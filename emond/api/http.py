@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from urllib.parse import urlsplit
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -207,9 +208,13 @@ CsrfCheck = Callable[[Request, str | None], bool]
 # State-changing routes anyone may call: with a session they need its CSRF token too
 # (every WRITE route does).
 SESSION_CHANGES = frozenset({("user", "logout")})
+# Routes that start or end a session: refused when a browser says another site's page
+# sent them (a forced login into the attacker's account needs no token to forge).
+SESSION_ROUTES = frozenset({("user", "login"), ("user", "register"), ("user", "logout")})
 CSRF_HEADER = b"x-csrf-token"
 CSRF_PARAM = "csrf"
 INVALID_CSRF = "Invalid CSRF token"
+CROSS_SITE = "Cross-site request refused"
 
 
 @dataclass(frozen=True)
@@ -287,6 +292,27 @@ def request_params(request: Request, max_param: int = MAX_PARAM) -> dict[str, st
             raise TooLarge(f"parameter {name[:32]} is too long")
         params[name] = values[0].decode("utf-8", "replace")
     return params
+
+
+def cross_site(request: Request) -> bool:
+    """Whether a browser says another site's page sent this request: ``Sec-Fetch-Site``
+    (every current browser), else an ``Origin`` that is not this host. Scripts and devices
+    send neither, and are not refused."""
+    site = request.getHeader(b"sec-fetch-site")
+    if site is not None:
+        return site.lower() not in (b"same-origin", b"none")
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return False
+    return urlsplit(origin.decode("latin-1")).netloc.lower() != (request.getHeader(b"host") or b"").decode("latin-1").lower()
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a browser vouches that this page's own origin sent the request."""
+    site = request.getHeader(b"sec-fetch-site")
+    if site is not None:
+        return site.lower() == b"same-origin"
+    return request.getHeader(b"origin") is not None and not cross_site(request)
 
 
 def json_bytes(payload: Any) -> bytes:
@@ -384,12 +410,13 @@ class ApiResource(Resource):
         extra: dict[bytes, Resource] | None = None,
         ready: Callable[[], bool] = lambda: True,
         registry: Any = None,
-        csrf: CsrfCheck | None = None,
+        *,
+        csrf: CsrfCheck,
         pages: Any = None,
     ) -> None:
         """``csrf(request, supplied)``: whether ``supplied`` is the CSRF token of the caller's
-        session (without it, session calls need none: tests of the API alone). ``pages``: the
-        web UI (``emond.web.pages``), which serves the paths its ``serves(postpath)`` claims."""
+        session. ``pages``: the web UI (``emond.web.pages``), which serves the paths its
+        ``serves(postpath)`` claims."""
         super().__init__()
         self._router = router
         self._authenticate = authenticate
@@ -482,7 +509,9 @@ class ApiResource(Resource):
                 raise Unauthenticated("Authentication required")
             if access == WRITE and not auth.write:
                 raise Forbidden("Write access required, this is a read only API key")
-        if auth is not None and auth.via == "session" and self._csrf is not None:
+        if (controller, action) in SESSION_ROUTES and cross_site(request):
+            raise Forbidden(CROSS_SITE)
+        if auth is not None and auth.via == "session":
             if access == WRITE or (controller, action) in SESSION_CHANGES:
                 supplied = params.get(CSRF_PARAM) or (request.getHeader(CSRF_HEADER) or b"").decode("latin-1") or None
                 if not self._csrf(request, supplied):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 import os
 import re
 from dataclasses import dataclass
 from string import Template
 from typing import Any, Mapping
+from urllib.parse import urlencode
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -26,7 +28,7 @@ from twisted.web.http import CACHED
 from twisted.web.server import NOT_DONE_YET, Request
 
 from emond.api.context import NodeContext
-from emond.api.http import ANSWERED, INVALID_CSRF, Call, error_answer, request_params
+from emond.api.http import ANSWERED, CROSS_SITE, INVALID_CSRF, Call, Raw, cross_site, error_answer, request_params, same_origin
 from emond.api.users import user_login, user_register
 from emond.redis import RedisUnavailable
 
@@ -54,6 +56,7 @@ CONTENT_TYPES = {
     ".map": b"application/json",
 }
 HTML = b"text/html; charset=utf-8"
+TEXT = b"text/plain; charset=utf-8"
 CURRENT = ' aria-current="page"'
 FILE_NAME = re.compile(rb"[A-Za-z0-9_.-]{1,100}")
 
@@ -135,12 +138,7 @@ class PagesResource:
 
     def serves(self, postpath: list[bytes]) -> bool:
         """Whether a path is the UI's: ``/``, a page, ``/logout``, ``/static/<file>``, ``/lib/<library>/<file>``."""
-        if not postpath or postpath == [b""]:
-            return True
-        first = postpath[0]
-        if len(postpath) == 1 or (len(postpath) == 2 and postpath[1] == b""):
-            return first in PAGES or first == b"logout"
-        return (first == b"static" and len(postpath) == 2) or (first == b"lib" and len(postpath) == 3)
+        return route(postpath) is not None
 
     def render(self, request: Request) -> Any:
         for name, value in SECURITY_HEADERS.items():
@@ -150,31 +148,34 @@ class PagesResource:
         return NOT_DONE_YET
 
     async def _answer(self, request: Request) -> None:
-        postpath = [p for p in request.postpath if p] or [b""]
-        first = postpath[0]
-        if first == b"static":
-            return self._file(request, self.static.get(postpath[1]))
-        if first == b"lib":
-            return self._file(request, self.libraries.get(postpath[1], {}).get(postpath[2]))
+        found = route(request.postpath)
+        assert found is not None  # ApiResource sends only the paths serves() claims
+        kind, names = found
         method = request.method
-        if method not in (b"GET", b"HEAD", b"POST") or (method == b"POST" and first not in (b"", b"logout")):
-            return self._finish(request, 405, b"Method not allowed", b"text/plain; charset=utf-8", {b"Allow": b"GET, HEAD"})
-        if first == b"":
-            if method == b"POST":
-                return await self._login_form(request)
-            if await self.ctx.auth.session(request) is not None:
-                return self._redirect(request, b"/inputs")
-            return self._login_page(request, "", 200)
-        if first == b"logout":
-            if method != b"POST":
-                return self._finish(request, 405, b"Method not allowed", b"text/plain; charset=utf-8", {b"Allow": b"POST"})
+        if kind in ("static", "lib"):
+            if method not in (b"GET", b"HEAD"):
+                return self._text(request, 405, "Method not allowed", {b"Allow": b"GET, HEAD"})
+            files = self.static if kind == "static" else self.libraries.get(names[0], {})
+            return self._file(request, files.get(names[-1]))
+        allowed = (b"GET", b"HEAD", b"POST") if kind == "login" else (b"POST",) if kind == "logout" else (b"GET", b"HEAD")
+        if method not in allowed:
+            return self._text(request, 405, "Method not allowed", {b"Allow": b", ".join(allowed)})
+        if method == b"POST" and cross_site(request):
+            return self._text(request, 403, CROSS_SITE)
+        if kind == "logout":
             return await self._logout(request)
-        return await self._page(request, PAGES[first])
+        if kind == "page":
+            return await self._page(request, PAGES[names[0]])
+        if method == b"POST":
+            return await self._login_form(request)
+        if await self.ctx.auth.session(request) is not None:
+            return self._redirect(request, next_page(request_params(request).get("next")))
+        return self._login_page(request, "", 200)
 
     async def _page(self, request: Request, page: Page) -> None:
         session = await self.ctx.auth.session(request)
-        if session is None:
-            return self._redirect(request, b"/")
+        if session is None:  # back here once logged in
+            return self._redirect(request, b"/?" + urlencode({"next": request.uri.decode("latin-1")}).encode())
         username = await self.ctx.users.username(session.userid)
         csrf = self.ctx.auth.csrf_token(request) or ""
         head = "".join(f'<link rel="stylesheet" href="/lib/{lib}">\n' for lib in page.libraries if lib.endswith(".css"))
@@ -200,6 +201,7 @@ class PagesResource:
         body = self.login.substitute(
             message=f'<p class="error" role="alert">{html.escape(message)}</p>' if message else "",
             register_hidden="" if registration else " hidden",
+            next=html.escape(next_page(request_params(request).get("next")).decode()),
         )
         self._finish(request, code, body.encode(), HTML, {b"Cache-Control": b"no-store"})
 
@@ -213,26 +215,33 @@ class PagesResource:
                 await user_register(self.ctx, call)
             await user_login(self.ctx, call)
         except ANSWERED as e:
-            if isinstance(e, RedisUnavailable):
-                self.log.warn("redis unavailable: {error}", error=str(e))
-            answer = error_answer(e)
-            for name, value in answer.headers.items():
-                request.setHeader(name, value)
-            message = getattr(e, "message", "") if not isinstance(e, RedisUnavailable) else "Service temporarily unavailable"
-            return self._login_page(request, message or "Login failed", answer.code)
-        self._redirect(request, b"/inputs")
+            answer = self._refusal(request, e)
+            return self._login_page(request, answer_message(answer), answer.code)
+        self._redirect(request, next_page(params.get("next")))
 
     async def _logout(self, request: Request) -> None:
-        params = request_params(request)
+        """Ends the session. The form carries the page's CSRF token; a page older than the
+        session (a password changed in another tab) has a stale one, and is still let out
+        when the browser vouches that the request is the node's own."""
+        token = request_params(request).get("csrf")
         if await self.ctx.auth.session(request) is not None:
-            if not self.ctx.auth.csrf_valid(request, params.get("csrf")):
-                return self._finish(request, 403, INVALID_CSRF.encode(), b"text/plain; charset=utf-8")
+            if not self.ctx.auth.csrf_valid(request, token) and not same_origin(request):
+                return self._text(request, 403, INVALID_CSRF)
         await self.ctx.auth.end_session(request)
         self._redirect(request, b"/")
 
+    def _refusal(self, request: Request, error: BaseException) -> Raw:
+        """The API's answer to ``error`` (its headers set: ``Retry-After``), logged as the API logs it."""
+        if isinstance(error, RedisUnavailable):
+            self.log.warn("redis unavailable: {error}", error=str(error))
+        answer = error_answer(error)
+        for name, value in answer.headers.items():
+            request.setHeader(name, value)
+        return answer
+
     def _file(self, request: Request, found: StaticFile | None) -> None:
-        if found is None or request.method not in (b"GET", b"HEAD"):
-            return self._finish(request, 404, b"Not found", b"text/plain; charset=utf-8")
+        if found is None:
+            return self._text(request, 404, "Not found")
         if request.setETag(found.etag) == CACHED:
             request.finish()
             return
@@ -241,8 +250,11 @@ class PagesResource:
     def _redirect(self, request: Request, location: bytes) -> None:
         self._finish(request, 303, b"", HTML, {b"Location": location, b"Cache-Control": b"no-store"})
 
+    def _text(self, request: Request, code: int, message: str, headers: Mapping[bytes, bytes] = {}) -> None:
+        self._finish(request, code, message.encode(), TEXT, headers)
+
     def _finish(self, request: Request, code: int, body: bytes, content_type: bytes, headers: Mapping[bytes, bytes] = {}) -> None:
-        if request.finished or request._disconnected:
+        if request.finished or request.channel is None:  # answered, or the client has gone
             return
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", content_type)
@@ -253,8 +265,45 @@ class PagesResource:
         request.finish()
 
     def _failed(self, failure: Failure, request: Request) -> None:
+        """A page that could not be made (Redis down, a pool full): the API's status and words, as text."""
         if failure.check(*ANSWERED):
-            answer = error_answer(failure.value)
-            return self._finish(request, answer.code, answer.body, answer.content_type, answer.headers)
+            answer = self._refusal(request, failure.value)
+            return self._text(request, answer.code, answer_message(answer))
         self.log.failure("web UI failed for {path}", failure, path=request.path)
-        self._finish(request, 500, b"Internal server error", b"text/plain; charset=utf-8")
+        self._text(request, 500, "Internal server error")
+
+
+def route(postpath: list[bytes]) -> tuple[str, tuple[bytes, ...]] | None:
+    """What a path is to the UI: ("login", ()), ("logout", ()), ("page", (name,)),
+    ("static", (file,)), ("lib", (library, file)); None for any other path (the API's)."""
+    parts = postpath[:-1] if len(postpath) > 1 and postpath[-1] == b"" else postpath  # "/inputs/" is "/inputs"
+    if not parts or parts == [b""]:
+        return "login", ()
+    if len(parts) == 1 and parts[0] == b"logout":
+        return "logout", ()
+    if len(parts) == 1 and parts[0] in PAGES:
+        return "page", (parts[0],)
+    if len(parts) == 2 and parts[0] == b"static" and parts[1]:
+        return "static", (parts[1],)
+    if len(parts) == 3 and parts[0] == b"lib" and parts[1] and parts[2]:
+        return "lib", (parts[1], parts[2])
+    return None
+
+
+_NEXT = re.compile(r"/(?:%s)(?:\?[\x21-\x7e]*)?" % "|".join(page.name for page in PAGES.values()))
+
+
+def next_page(wanted: str | None) -> bytes:
+    """Where a login leads: ``wanted`` if it is one of the pages (with its query), else /inputs;
+    never anywhere else (no open redirect)."""
+    if wanted and _NEXT.fullmatch(wanted):
+        return wanted.encode()
+    return b"/inputs"
+
+
+def answer_message(answer: Raw) -> str:
+    """The words of an API refusal (``{"success": false, "message": ...}``), for a page."""
+    try:
+        return str(json.loads(answer.body)["message"])
+    except (ValueError, KeyError, TypeError):
+        return answer.body.decode("utf-8", "replace")
