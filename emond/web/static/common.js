@@ -37,7 +37,9 @@ export async function api(path, params = {}, { post = false } = {}) {
     answer = text; // a few routes answer plain text ("ok", a number)
   }
   if (response.status === 401) {
-    location.assign("/"); // the session ended (expired, logged out elsewhere, password changed)
+    // The session ended (expired, logged out elsewhere, password changed): to the login page,
+    // which leads back to this one after the login (as the server's redirect of a page does).
+    location.assign(`/?next=${encodeURIComponent(location.pathname + location.search)}`);
   }
   if (response.status === 403 && answer && answer.message === INVALID_CSRF && reloadForToken()) {
     throw new ApiError("This page's session token is out of date (a new login or a password change): reloading the page…");
