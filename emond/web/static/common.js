@@ -1,5 +1,7 @@
-// What every page's script shares: API calls (with the session's CSRF token on writes),
-// DOM building without innerHTML (no markup from data ever reaches the parser), and formats.
+// What every page's script shares, one way each: API calls (with the session's CSRF token on
+// writes), DOM building without innerHTML (no markup from data ever reaches the parser: el,
+// button, $), message boxes (showMessage), the refresh loop (every), the feed engines
+// (ENGINES), feeds sorted and grouped by tag, and formats (ago, fmtTime, fmtValue, now).
 
 export class ApiError extends Error {}
 
