@@ -12,19 +12,12 @@
 //   #password-form: #old-password, #new-password, #repeat-password, button#change-password,
 //       p#password-message (.ok or .error)
 
-import { api } from "./common.js";
+import { $, api, showMessage } from "./common.js";
 
 const MASK = "•".repeat(32);
 const AFTER_RELOAD = "emond-account-message"; // sessionStorage: a message to show after a reload
 
 const keys = {}; // "write" | "read" → the key
-
-function say(node, message, ok) {
-  node.textContent = message;
-  node.classList.toggle("ok", ok);
-  node.classList.toggle("error", !ok);
-  node.hidden = !message;
-}
 
 // ---- API keys ------------------------------------------------------------------------------
 
@@ -50,7 +43,7 @@ function setupKey(box) {
     if (keys[kind] === undefined) return;
     try {
       await navigator.clipboard.writeText(keys[kind]); // only in a secure context, and when allowed
-      say(message, "Copied to the clipboard.", true);
+      showMessage(message, "Copied to the clipboard.", "ok");
     } catch {
       // No clipboard (plain http, or refused): show the key selected, for Ctrl+C / the menu.
       reveal(true);
@@ -59,7 +52,7 @@ function setupKey(box) {
       const selection = window.getSelection();
       selection.removeAllRanges();
       selection.addRange(range);
-      say(message, "The key is selected: copy it with Ctrl+C (⌘C).", true);
+      showMessage(message, "The key is selected: copy it with Ctrl+C (⌘C).", "ok");
     }
   });
 
@@ -77,9 +70,9 @@ function setupKey(box) {
       keys[kind] = await api(kind === "write" ? "user/newapikeywrite.json" : "user/newapikeyread.json", {}, { post: true });
       confirm.hidden = true;
       reveal(true); // a new key is there to be copied into the devices
-      say(message, `New ${kind} key made; the old one no longer works.`, true);
+      showMessage(message, `New ${kind} key made; the old one no longer works.`, "ok");
     } catch (e) {
-      say(message, e.message, false);
+      showMessage(message, e.message);
     } finally {
       yes.disabled = false;
     }
@@ -105,18 +98,18 @@ function fillTimezones(select, current) {
 }
 
 function setupTimezone() {
-  const form = document.getElementById("timezone-form");
-  const select = document.getElementById("timezone");
-  const message = document.getElementById("timezone-message");
-  const button = document.getElementById("save-timezone");
+  const form = $("timezone-form");
+  const select = $("timezone");
+  const message = $("timezone-message");
+  const button = $("save-timezone");
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     button.disabled = true;
     try {
       await api("user/set.json", { data: JSON.stringify({ timezone: select.value }) }, { post: true });
-      say(message, `Timezone saved: ${select.value}.`, true);
+      showMessage(message, `Timezone saved: ${select.value}.`, "ok");
     } catch (e) {
-      say(message, e.message, false);
+      showMessage(message, e.message);
     } finally {
       button.disabled = false;
     }
@@ -126,18 +119,18 @@ function setupTimezone() {
 // ---- password ----------------------------------------------------------------------------
 
 function setupPassword() {
-  const form = document.getElementById("password-form");
-  const old = document.getElementById("old-password");
-  const fresh = document.getElementById("new-password");
-  const repeat = document.getElementById("repeat-password");
-  const message = document.getElementById("password-message");
-  const button = document.getElementById("change-password");
+  const form = $("password-form");
+  const old = $("old-password");
+  const fresh = $("new-password");
+  const repeat = $("repeat-password");
+  const message = $("password-message");
+  const button = $("change-password");
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    if (!old.value || !fresh.value) return say(message, "Give the current and the new password.", false);
+    if (!old.value || !fresh.value) return showMessage(message, "Give the current and the new password.");
     if (fresh.value !== repeat.value) {
       repeat.focus();
-      return say(message, "The new passwords do not match.", false);
+      return showMessage(message, "The new passwords do not match.");
     }
     button.disabled = true;
     try {
@@ -147,14 +140,14 @@ function setupPassword() {
       sessionStorage.setItem(AFTER_RELOAD, "Password changed. Other sessions have been logged out.");
       location.reload();
     } catch (e) {
-      say(message, e.message, false);
+      showMessage(message, e.message);
       button.disabled = false;
     }
   });
   const after = sessionStorage.getItem(AFTER_RELOAD);
   if (after) {
     sessionStorage.removeItem(AFTER_RELOAD);
-    say(message, after, true);
+    showMessage(message, after, "ok");
   }
 }
 
@@ -166,14 +159,14 @@ async function start() {
   setupPassword();
   try {
     const user = await api("user/get.json");
-    document.getElementById("account-username").textContent = user.username;
-    document.getElementById("password-form-username").value = user.username;
-    document.getElementById("account-email").textContent = user.email || "—";
+    $("account-username").textContent = user.username;
+    $("password-form-username").value = user.username;
+    $("account-email").textContent = user.email || "—";
     keys.write = user.apikey_write;
     keys.read = user.apikey_read;
-    fillTimezones(document.getElementById("timezone"), user.timezone);
+    fillTimezones($("timezone"), user.timezone);
   } catch (e) {
-    say(document.getElementById("account-error"), `Could not load the account: ${e.message}`, false);
+    showMessage($("account-error"), `Could not load the account: ${e.message}`);
   }
   renders.forEach((render) => render());
 }

@@ -11,15 +11,11 @@
 //   a.csv, a.graph-link              per row; input.select (checkbox) and a#graph-selected
 //   #feeds-error                     the message of a failed request
 
-import { api, el, ago, fmtTime, fmtValue } from "./common.js";
+import { $, api, ago, button, el, ENGINES, engineName, every, fmtTime, fmtValue, groupByTag, now, showMessage } from "./common.js";
 
 const REFRESH_MS = 10000;
-const ENGINES = { 2: "PHPTimeSeries", 5: "PHPFina" };
 const CSV_RANGES = { day: 86400, week: 7 * 86400, month: 30 * 86400, year: 365 * 86400 };
 const CSV_ROWS = 1500000; // below the API's 25 MiB CSV limit (17 bytes a row)
-
-const $ = (id) => document.getElementById(id);
-const now = () => Math.floor(Date.now() / 1000);
 
 const selected = new Set(); // feed ids ticked, kept across refreshes
 let feeds = []; // the last feed/list.json answer
@@ -27,16 +23,15 @@ let rowsById = new Map(); // feed id -> {tr, and the elements a refresh changes}
 let shown = ""; // what the drawn tables show (ids, names, tags, public): a change redraws them
 let busy = 0; // editors and confirmations open: a redraw would lose them, so it waits
 
-refresh();
-setInterval(refresh, REFRESH_MS);
+const refreshing = every(REFRESH_MS, refresh); // refreshing.run(): now, after an action
 $("csv-range").addEventListener("change", () => rowsById.forEach((r, id) => updateCsv(r, byId(id))));
 
 async function refresh() {
   try {
     feeds = await api("feed/list.json");
-    $("feeds-error").hidden = true;
+    showMessage($("feeds-error"), "");
   } catch (e) {
-    showError(e);
+    showMessage($("feeds-error"), e);
     return;
   }
   const layout = JSON.stringify(feeds.map((f) => [f.id, f.name, f.tag, f.public]));
@@ -55,16 +50,11 @@ function byId(id) {
 }
 
 function render() {
-  const groups = new Map();
-  for (const f of [...feeds].sort((a, b) => a.tag.localeCompare(b.tag) || a.name.localeCompare(b.name))) {
-    if (!groups.has(f.tag)) groups.set(f.tag, []);
-    groups.get(f.tag).push(f);
-  }
   rowsById = new Map();
   for (const id of [...selected]) if (!byId(id)) selected.delete(id);
   // One table (its columns line up across tags), a tbody per tag headed by the tag's name.
   const head = ["", "Name", "Tag", "Engine", "Interval", "Size", "Value", "Updated", ""].map((t) => el("th", { text: t }));
-  const bodies = [...groups].map(([tag, list]) =>
+  const bodies = groupByTag(feeds).map(([tag, list]) =>
     el(
       "tbody",
       { class: "feed-group" },
@@ -103,7 +93,7 @@ function row(f) {
     el("td", {}, check),
     el("td", { class: "name-cell" }, r.name, button("rename", "Rename", () => edit(tr, "name"))),
     el("td", { class: "tag-cell" }, r.tag, button("retag", "Retag", () => edit(tr, "tag"))),
-    el("td", { class: "engine", text: ENGINES[f.engine] || `engine ${f.engine}` }),
+    el("td", { class: "engine", text: engineName(f.engine), title: ENGINES[f.engine]?.about }),
     el("td", { class: "interval", text: Number(f.interval) > 0 ? `${f.interval} s` : "—" }),
     r.size,
     r.value,
@@ -122,10 +112,6 @@ function row(f) {
   rowsById.set(f.id, r);
   update(r, f);
   return tr;
-}
-
-function button(cls, text, click) {
-  return el("button", { type: "button", class: cls, text, on: { click } });
 }
 
 // The cells a refresh changes.
@@ -170,24 +156,33 @@ function edit(tr, field) {
   const input = el("input", { type: "text", class: "edit", value: f[field], "aria-label": field });
   const old = [...cell.childNodes];
   busy++;
+  let closed = false;
   const close = () => {
+    if (closed) return; // Escape, Cancel and a save's end may all come: one close
+    closed = true;
     cell.replaceChildren(...old);
     busy--;
   };
+  const saveButton = button("save", "Save", () => save());
+  const cancelButton = button("cancel", "Cancel", close);
   const save = async () => {
+    if (closed || saveButton.disabled) return; // one request at a time (double Enter, double click)
+    saveButton.disabled = cancelButton.disabled = input.readOnly = true;
     try {
       await set(tr, { [field]: input.value.trim() });
       close();
-      refresh(); // a new name or tag may move the row
+      refreshing.run(); // a new name or tag may move the row
     } catch (e) {
       rowError(tr, e);
+    } finally {
+      saveButton.disabled = cancelButton.disabled = input.readOnly = false;
     }
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter") save();
-    if (event.key === "Escape") close();
+    if (event.key === "Escape" && !saveButton.disabled) close();
   });
-  cell.replaceChildren(input, button("save", "Save", save), button("cancel", "Cancel", close));
+  cell.replaceChildren(input, saveButton, cancelButton);
   input.focus();
   input.select();
 }
@@ -196,7 +191,7 @@ async function togglePublic(tr) {
   const f = byId(tr.dataset.feedid);
   try {
     await set(tr, { public: f.public === "1" ? 0 : 1 });
-    refresh();
+    refreshing.run();
   } catch (e) {
     rowError(tr, e);
   }
@@ -214,39 +209,36 @@ function confirmDelete(tr) {
   const f = byId(tr.dataset.feedid);
   const old = [...cell.childNodes];
   busy++;
+  let closed = false;
   const close = () => {
+    if (closed) return;
+    closed = true;
     cell.replaceChildren(...old);
     busy--;
   };
+  const yes = button("confirm-delete", "Delete", () => remove());
+  const no = button("cancel-delete", "Cancel", close);
   const remove = async () => {
+    if (closed || yes.disabled) return; // one request (a double click)
+    yes.disabled = no.disabled = true;
     try {
       rowError(tr, null);
       await api("feed/delete.json", { id: f.id }, { post: true });
       close();
       selected.delete(f.id);
-      refresh();
+      refreshing.run();
     } catch (e) {
       close();
       rowError(tr, e);
     }
   };
-  cell.replaceChildren(
-    el("span", { class: "question", text: `Delete “${f.name}” and its data?` }),
-    button("confirm-delete", "Delete", remove),
-    button("cancel-delete", "Cancel", close),
-  );
-  cell.querySelector(".cancel-delete").focus();
+  cell.replaceChildren(el("span", { class: "question", text: `Delete “${f.name}” and its data?` }), yes, no);
+  no.focus();
 }
 
 function rowError(tr, error) {
   const box = tr.querySelector(".row-error");
-  if (box) box.textContent = error ? error.message || String(error) : "";
-}
-
-function showError(error) {
-  const box = $("feeds-error");
-  box.textContent = error.message || String(error);
-  box.hidden = false;
+  if (box) showMessage(box, error);
 }
 
 function bytes(n) {

@@ -10,14 +10,15 @@
 //   button[data-range]    presets: hour, day, week, month, year
 //   #average, #follow     checkboxes
 //   #legend               hover readout: time, then each feed's name and value
-//   #graph-error          the message when a request fails
+//   #graph-error          the message when a request fails (or the charting library is missing)
+//   #graph-note           names the feeds of the URL left out (gone, or not readable)
 //   body[data-graph-state] "loading" | "drawn" | "error" | "empty" (no feed chosen);
 //   body[data-points]      rows drawn by the last draw; performance mark "graph-drawn" at each draw
 //   body[data-draws]       draws so far: wait for it to grow after an action (a local fetch can
 //                          be drawn before the test looks, so "drawn" alone may be the old draw)
 //   #feed-add (select), #graph-feeds li[data-feedid] button.remove-feed: the feed picker
 
-import { api, el, fmtTime, fmtValue } from "./common.js";
+import { $, api, button, el, ENGINES, every, fmtTime, fmtValue, groupByTag, now, showMessage } from "./common.js";
 
 const POINTS = 800; // rows wanted per view
 const FOLLOW_MS = 10000;
@@ -25,26 +26,32 @@ const RANGES = { hour: 3600, day: 86400, week: 7 * 86400, month: 30 * 86400, yea
 const MIN_SPAN = 60; // seconds: a narrower zoom is widened to this
 const CACHE = "emond.feedIntervals"; // feed intervals seen in feed/list, see knownIntervals()
 
-const $ = (id) => document.getElementById(id);
-const now = () => Math.floor(Date.now() / 1000);
-
-// Dygraph's legend plugin writes style="" attributes (in HTML and with setAttribute), which
-// the page's CSP (style-src 'self') refuses; the legend is drawn here instead (showLegend).
-Dygraph.PLUGINS = Dygraph.PLUGINS.filter((p) => p !== Dygraph.Plugins.Legend);
-
 const view = readUrl();
 const intervals = knownIntervals(); // feed id -> its own interval (seconds; 1 for PHPTimeSeries)
 const names = new Map(); // feed id -> name, from feed/list
 const timeseries = new Set(); // ids of PHPTimeSeries feeds (irregular records, no interval)
 let graph = null; // the Dygraph, made at the first draw
 let request = 0; // number of the latest data request: only the latest one draws
+let early = null; // the data request made before feed/list answered, if any
 
-// Start the data request before anything else when the feeds' intervals are already known
-// (remembered from an earlier feed/list): the list is then fetched alongside, not before it.
-const early = view.ids.length && view.ids.every((id) => intervals.has(id)) ? load() : null;
-const listing = api("feed/list.json");
-setup();
-listing.then(listed, fail);
+if (typeof Dygraph === "undefined") {
+  // /lib/dygraphs/dygraph.min.js did not load (the request failed, or libjs-dygraphs is not installed)
+  fail(new Error("The graph cannot be drawn: its charting library (Dygraphs) did not load. Reload the page; if this stays, the server lacks libjs-dygraphs."));
+} else {
+  start();
+}
+
+function start() {
+  // Dygraph's legend plugin writes style="" attributes (in HTML and with setAttribute), which
+  // the page's CSP (style-src 'self') refuses; the legend is drawn here instead (showLegend).
+  Dygraph.PLUGINS = Dygraph.PLUGINS.filter((p) => p !== Dygraph.Plugins.Legend);
+  // Start the data request before anything else when the feeds' intervals are already known
+  // (remembered from an earlier feed/list): the list is then fetched alongside, not before it.
+  early = view.ids.length && view.ids.every((id) => intervals.has(id)) ? load() : null;
+  const listing = api("feed/list.json");
+  setup();
+  listing.then(listed, fail);
+}
 
 function readUrl() {
   const q = new URLSearchParams(location.search);
@@ -79,22 +86,30 @@ function ownInterval(feed) {
 }
 
 async function listed(feeds) {
+  const listedIntervals = {};
   for (const f of feeds) {
     intervals.set(f.id, ownInterval(f));
+    listedIntervals[f.id] = ownInterval(f);
     names.set(f.id, f.name);
-    if (f.engine === "2") timeseries.add(f.id);
+    if (ENGINES[f.engine]?.fixed === false) timeseries.add(f.id);
   }
-  localStorage.setItem(CACHE, JSON.stringify(Object.fromEntries(intervals)));
-  // A feed of the URL that is not in the list (another user's public feed): its meta.
-  for (const id of view.ids.filter((id) => !names.has(id))) {
-    try {
-      intervals.set(id, Math.max((await api("feed/getmeta.json", { id })).interval || 1, 1));
-    } catch (e) {
-      intervals.set(id, 1); // feed/data.json will say what is wrong with it
-    }
+  localStorage.setItem(CACHE, JSON.stringify(listedIntervals)); // the user's feeds: a deleted one leaves
+  // A feed of the URL that is not in the list: another user's public feed (its meta says its
+  // interval), or one that is gone or not readable, left out (one would fail the whole request).
+  const metas = await Promise.all(view.ids.filter((id) => !names.has(id)).map((id) =>
+    api("feed/getmeta.json", { id }).then((meta) => [id, meta], () => [id, null])));
+  const missing = [];
+  for (const [id, meta] of metas) {
+    if (meta) intervals.set(id, Math.max(Number.parseInt(meta.interval, 10) || 1, 1));
+    else missing.push(id);
+  }
+  if (missing.length) {
+    view.ids = view.ids.filter((id) => !missing.includes(id));
+    const which = missing.length === 1 ? `Feed ${missing[0]} is` : `Feeds ${missing.join(", ")} are`;
+    showMessage($("graph-note"), `${which} left out: not found (deleted?) or not yours to read.`, "note");
   }
   fillPicker(feeds);
-  if (!early || early.interval !== autoInterval()) {
+  if (missing.length || !early || early.interval !== autoInterval()) { // load() rewrites the URL
     load();
   } else if (graph) {
     graph.updateOptions(seriesOptions()); // drawn before the names were known
@@ -103,10 +118,10 @@ async function listed(feeds) {
 }
 
 function setup() {
-  for (const button of document.querySelectorAll("button[data-range]")) {
-    button.addEventListener("click", () => {
+  for (const preset of document.querySelectorAll("button[data-range]")) {
+    preset.addEventListener("click", () => {
       view.end = now();
-      view.start = view.end - RANGES[button.dataset.range];
+      view.start = view.end - RANGES[preset.dataset.range];
       load();
     });
   }
@@ -117,15 +132,14 @@ function setup() {
     load();
   });
   const follow = $("follow");
-  const toNow = () => {
-    if (!follow.checked || !view.ids.length) return;
+  const following = every(FOLLOW_MS, () => {
+    if (!follow.checked || !view.ids.length) return undefined;
     const span = view.end - view.start;
     view.end = now();
     view.start = view.end - span;
-    load();
-  };
-  follow.addEventListener("change", toNow);
-  setInterval(toNow, FOLLOW_MS);
+    return load(); // the next move waits for this one's data
+  });
+  follow.addEventListener("change", () => following.run());
   $("feed-add").addEventListener("change", (event) => {
     const id = event.target.value;
     event.target.value = "";
@@ -214,7 +228,7 @@ function seriesOptions() {
 
 function draw(answer) {
   const file = rows(answer);
-  $("graph-error").hidden = true;
+  showMessage($("graph-error"), "");
   $("graph-empty").hidden = file.some((row) => row.some((v, i) => i > 0 && v !== null));
   const data = file.length ? file : [[new Date(view.start * 1000), ...view.ids.map(() => null)]];
   const options = {
@@ -288,19 +302,17 @@ function fillPicker(feeds) {
   if (feeds) fillPicker.feeds = feeds;
   const all = fillPicker.feeds || [];
   const select = $("feed-add");
-  const groups = new Map();
-  for (const f of all.filter((f) => !view.ids.includes(f.id))) {
-    if (!groups.has(f.tag)) groups.set(f.tag, el("optgroup", { label: f.tag || "(no tag)" }));
-    groups.get(f.tag).append(el("option", { value: f.id, text: f.name }));
-  }
-  select.replaceChildren(el("option", { value: "", text: "Add a feed…" }), ...groups.values());
+  const groups = groupByTag(all.filter((f) => !view.ids.includes(f.id))).map(([tag, list]) =>
+    el("optgroup", { label: tag || "(no tag)" }, ...list.map((f) => el("option", { value: f.id, text: f.name }))),
+  );
+  select.replaceChildren(el("option", { value: "", text: "Add a feed…" }), ...groups);
   $("graph-feeds").replaceChildren(
     ...view.ids.map((id) =>
       el(
         "li",
         { "data-feedid": id },
         el("span", { text: names.get(id) || `feed ${id}` }),
-        el("button", { type: "button", class: "remove-feed", title: "Remove from the graph", text: "×", on: { click: () => remove(id) } }),
+        button("remove-feed", "×", () => remove(id), { title: "Remove from the graph" }),
       ),
     ),
   );
@@ -324,9 +336,7 @@ function showEmpty() {
 }
 
 function fail(error) {
-  const box = $("graph-error");
-  box.textContent = error && error.message ? error.message : String(error);
-  box.hidden = false;
+  showMessage($("graph-error"), error);
   setState("error");
 }
 

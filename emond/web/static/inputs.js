@@ -17,14 +17,15 @@
 //           input.new-feed-name, input.new-feed-tag, select.new-feed-engine, select.new-feed-interval)
 //       button.add-step, p.add-error.error (refusals of the step being added, feed/create's included)
 //       button.save-processlist, button.close-editor, p.save-error.error, span.save-status
-//   #inputs-error.error (the live refresh failing), #no-inputs (shown when there is no input)
+//       p.load-error.error (the feed list failing to load when the editor opens)
+//   #inputs-error.error (the live refresh failing: cleared by the next refresh that works),
+//   #processes-error.error (the process table failing to load), #no-inputs (shown when there is no input)
+// Each message has its own box, cleared only by what it is about.
 
-import { api, el, ago, fmtTime, fmtValue } from "./common.js";
+import { $, api, ago, button, byName, el, ENGINES, engineName, every, fmtTime, fmtValue, now, showMessage, sortFeeds } from "./common.js";
 
 const REFRESH_MS = 5000;
 const VALUE = 0, INPUTID = 1, FEEDID = 2, NONE = 3; // argument types (emond/processlist.py)
-const PHPFINA = 5;
-const ENGINES = { 5: "PHPFina (fixed interval)", 2: "PHPTimeSeries (variable interval)" };
 const INTERVALS = [10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600];
 const NEW_FEED = "new";
 // the server's own words (emond/processlist.py): said by the checks made here before asking it,
@@ -35,9 +36,10 @@ const MSG_FEED = "Feed does not exist!";
 const MSG_INPUT = "Input does not exist!";
 const MSG_DELETED = "This process is not supported on this server";
 
-const container = document.getElementById("inputs");
-const pageError = document.getElementById("inputs-error");
-const noInputs = document.getElementById("no-inputs");
+const container = $("inputs");
+const pageError = $("inputs-error");
+const processesError = $("processes-error");
+const noInputs = $("no-inputs");
 
 let inputs = new Map(); // id → latest entry of input/list.json
 let processes = {}; // id → entry of input/getallprocesses.json
@@ -45,13 +47,7 @@ let feeds = []; // feed/list.json, (re)loaded when an editor opens and after a f
 let feedsLoaded = false;
 const rows = new Map(); // input id → {box, value, age, description, summary, button, processList, editor}
 const sections = new Map(); // node → {section, list}
-
-const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true });
-
-function showError(node, message) {
-  node.textContent = message || "";
-  node.hidden = !message;
-}
+let refreshing = null; // every(REFRESH_MS, refresh), once the process table is known
 
 // ---- process lists as text ----------------------------------------------------------------
 
@@ -121,11 +117,8 @@ function addRow(inp) {
     processList: null,
     editor: null,
   };
-  r.button = el("button", {
-    type: "button", class: "open-processes", "aria-expanded": "false", text: "Processes",
-    "aria-label": `Processes of ${inp.nodeid}:${inp.name}`,
-    on: { click: () => toggleEditor(inp.id) },
-  });
+  r.button = button("open-processes", "Processes", () => toggleEditor(inp.id),
+    { "aria-expanded": "false", "aria-label": `Processes of ${inp.nodeid}:${inp.name}` });
   r.box = el("div", { class: "input", "data-node": inp.nodeid, "data-input": inp.name, "data-inputid": inp.id },
     el("div", { class: "input-row" }, r.name, r.description, r.value, r.age, r.summary, r.button));
   sectionFor(inp.nodeid).list.append(r.box); // input/list.json is in id order: new ones come last
@@ -140,7 +133,7 @@ function fillRow(r, inp) {
     r.age.textContent = "—";
     r.age.removeAttribute("title");
   } else {
-    const age = Math.max(0, Math.round(Date.now() / 1000 - inp.time)); // a clock ahead of ours: "0 s ago"
+    const age = Math.max(0, Math.round(now() - inp.time)); // a clock ahead of ours: "0 s ago"
     r.age.textContent = ago(age);
     r.age.title = fmtTime(inp.time);
     r.box.classList.toggle("stale", age > 3600);
@@ -176,23 +169,23 @@ function update(list) {
 async function refresh() {
   try {
     update(await api("input/list.json"));
-    showError(pageError, "");
+    showMessage(pageError, "");
   } catch (e) {
-    showError(pageError, `Could not refresh the inputs: ${e.message}`);
+    showMessage(pageError, `Could not refresh the inputs: ${e.message}`);
   }
 }
 
 // ---- the process-list editor ----------------------------------------------------------------
 
 async function loadFeeds() {
-  feeds = (await api("feed/list.json")).sort((a, b) => byName(a.tag, b.tag) || byName(a.name, b.name));
+  feeds = sortFeeds(await api("feed/list.json"));
   feedsLoaded = true;
 }
 
 function toggleEditor(inputid) {
   const r = rows.get(inputid);
   if (r.editor) closeEditor(r);
-  else openEditor(r, inputs.get(inputid)).catch((e) => showError(pageError, e.message));
+  else openEditor(r, inputs.get(inputid));
 }
 
 function closeEditor(r) {
@@ -216,25 +209,32 @@ async function openEditor(r, inp) {
   ed.newFeed = el("div", { class: "new-feed" });
   ed.addButton = el("button", { type: "submit", class: "add-step", text: "Add step" });
   ed.addError = el("p", { class: "add-error error", role: "alert" });
-  ed.saveButton = el("button", { type: "button", class: "save-processlist", text: "Save", on: { click: () => save(ed) } });
+  ed.saveButton = button("save-processlist", "Save", () => save(ed));
   ed.status = el("span", { class: "save-status", role: "status" });
   ed.saveError = el("p", { class: "save-error error", role: "alert" });
+  ed.loadError = el("p", { class: "load-error error", role: "alert" });
   // novalidate: the refusals are said in the page (p.add-error), not in the browser's bubbles
   const form = el("form", { class: "add-form", novalidate: "", on: { submit: (event) => { event.preventDefault(); addStep(ed); } } },
     el("label", {}, "Process ", ed.processSelect), ed.arg, ed.addButton, ed.newFeed, ed.addError);
   ed.root = el("div", { class: "process-editor", "data-inputid": inp.id, role: "group", "aria-label": `Processes of ${inp.nodeid}:${inp.name}` },
     el("h3", { text: `Process list of ${inp.nodeid}:${inp.name}` }),
-    ed.list, ed.empty, form,
+    ed.loadError, ed.list, ed.empty, form,
     el("div", { class: "editor-actions" }, ed.saveButton,
-      el("button", { type: "button", class: "close-editor", text: "Close", on: { click: () => closeEditor(r) } }),
+      button("close-editor", "Close", () => closeEditor(r)),
       ed.status),
     ed.saveError);
-  showError(ed.addError, "");
-  showError(ed.saveError, "");
+  showMessage(ed.addError, "");
+  showMessage(ed.saveError, "");
+  showMessage(ed.loadError, "");
   r.box.append(ed.root);
   renderSteps(ed);
   renderArg(ed);
-  await loadFeeds(); // fresh: feeds may have been made on /feeds meanwhile
+  try {
+    await loadFeeds(); // fresh: feeds may have been made on /feeds meanwhile
+  } catch (e) {
+    showMessage(ed.loadError, `Could not load the feeds: ${e.message}`);
+    return;
+  }
   if (r.editor === ed) { // still open: feed names in the steps, feeds in the select (choice kept)
     renderSteps(ed);
     if (ed.argField?.classList.contains("feed-select")) fillFeedSelect(ed.argField, processes[ed.processSelect.value]);
@@ -259,18 +259,15 @@ function renderSteps(ed) {
   ed.list.replaceChildren(...ed.steps.map((step, i) => {
     const proc = processes[step.pid];
     const name = proc ? proc.name + (proc.deleted ? " (no longer offered)" : "") : `unknown process ${step.pid}`;
-    const button = (cls, text, label, action, disabled) => {
-      const b = el("button", { type: "button", class: cls, text, "aria-label": `${label} step ${i + 1}`, on: { click: action } });
-      b.disabled = disabled;
-      return b;
-    };
+    const stepButton = (cls, text, label, action, disabled) =>
+      button(cls, text, action, { "aria-label": `${label} step ${i + 1}`, disabled });
     const refused = ed.stepError?.index === i;
     return el("li", { class: refused ? "step refused" : "step", "data-process": String(step.pid), "data-arg": step.arg },
       el("span", { class: "step-process", text: name }),
       el("span", { class: "step-arg", text: argText(proc, step.arg) }),
-      button("move-up", "▲", "Move up", () => move(ed, i, -1), i === 0),
-      button("move-down", "▼", "Move down", () => move(ed, i, 1), i === count - 1),
-      button("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false),
+      stepButton("move-up", "▲", "Move up", () => move(ed, i, -1), i === 0),
+      stepButton("move-down", "▼", "Move down", () => move(ed, i, 1), i === count - 1),
+      stepButton("remove-step", "Remove", "Remove", () => change(ed, () => ed.steps.splice(i, 1)), false),
       refused ? el("p", { class: "step-error error", role: "alert", text: ed.stepError.message }) : null);
   }));
   ed.empty.hidden = count > 0;
@@ -282,7 +279,7 @@ function renderSteps(ed) {
 function change(ed, edit) {
   edit();
   ed.stepError = null;
-  showError(ed.saveError, "");
+  showMessage(ed.saveError, "");
   renderSteps(ed);
 }
 
@@ -298,7 +295,7 @@ function renderArg(ed) {
   ed.argField = null;
   ed.newFeed.replaceChildren();
   ed.newFeed.hidden = true;
-  showError(ed.addError, "");
+  showMessage(ed.addError, "");
   if (!proc) { // the process table did not load: nothing can be added
     ed.arg.replaceChildren();
   } else if (proc.argtype === VALUE) {
@@ -344,11 +341,11 @@ function showNewFeed(ed, proc) {
   const name = el("input", { type: "text", class: "new-feed-name", value: ed.inputName });
   const tag = el("input", { type: "text", class: "new-feed-tag", value: ed.node });
   const engine = el("select", { class: "new-feed-engine" },
-    ...proc.engines.map((id) => el("option", { value: String(id), text: ENGINES[id] || `engine ${id}` })));
+    ...proc.engines.map((id) => el("option", { value: String(id), text: engineName(id), title: ENGINES[id]?.about })));
   const interval = el("select", { class: "new-feed-interval" },
     ...INTERVALS.map((s) => el("option", { value: String(s), text: s < 60 ? `${s} s` : `${s / 60} min` })));
   const intervalLabel = el("label", {}, "Interval ", interval);
-  const showInterval = () => { intervalLabel.hidden = Number(engine.value) !== PHPFINA; };
+  const showInterval = () => { intervalLabel.hidden = !ENGINES[engine.value]?.fixed; };
   engine.addEventListener("change", showInterval);
   showInterval();
   ed.newFeed.append(el("label", {}, "Name ", name), el("label", {}, "Tag ", tag),
@@ -382,7 +379,7 @@ async function argFor(ed, proc) {
   if (feeds.some((feed) => feed.name === name && feed.tag === tag)) throw new Error(`A feed ${tag}:${name} already exists`);
   const engine = Number(f.engine.value);
   const params = { name, tag, engine, datatype: proc.datatype || 1, unit: proc.unit || "" };
-  if (engine === PHPFINA) params.options = JSON.stringify({ interval: Number(f.interval.value) });
+  if (ENGINES[engine]?.fixed) params.options = JSON.stringify({ interval: Number(f.interval.value) });
   const created = await api("feed/create.json", params, { post: true });
   await loadFeeds();
   for (const r of rows.values()) { // every open feed select offers the new feed
@@ -396,7 +393,7 @@ async function argFor(ed, proc) {
 async function addStep(ed) {
   const proc = processes[ed.processSelect.value];
   if (!proc) return;
-  showError(ed.addError, "");
+  showMessage(ed.addError, "");
   ed.addButton.disabled = true; // one click, one feed
   try {
     const arg = await argFor(ed, proc);
@@ -406,14 +403,14 @@ async function addStep(ed) {
       showNewFeed(ed, proc);
     }
   } catch (e) {
-    showError(ed.addError, e.message);
+    showMessage(ed.addError, e.message);
   } finally {
     ed.addButton.disabled = false;
   }
 }
 
 async function save(ed) {
-  showError(ed.saveError, "");
+  showMessage(ed.saveError, "");
   ed.saveButton.disabled = true;
   try {
     await api("input/process/set.json", { inputid: ed.inputid, processlist: formatList(ed.steps) }, { post: true });
@@ -431,9 +428,9 @@ async function save(ed) {
     renderSteps(ed);
     ed.status.textContent = "Saved";
   } catch (e) {
-    showError(ed.saveError, e.message);
+    showMessage(ed.saveError, e.message);
     // fresh feeds and lists (another tab, a device's other input), to find the step it is about
-    await Promise.all([loadFeeds().catch(() => {}), refresh()]);
+    await Promise.all([loadFeeds().catch(() => {}), refreshing.run()]);
     const index = culprit(ed, e.message);
     ed.stepError = index < 0 ? null : { index, message: e.message };
     renderSteps(ed);
@@ -473,16 +470,9 @@ async function start() {
   try {
     processes = await api("input/getallprocesses.json");
   } catch (e) {
-    showError(pageError, `Could not load the process table: ${e.message}`);
+    showMessage(processesError, `Could not load the process table: ${e.message}`);
   }
-  await refresh();
-  // a timeout chain, not an interval: a slow answer never overlaps the next request
-  const tick = async () => {
-    if (!document.hidden) await refresh();
-    setTimeout(tick, REFRESH_MS);
-  };
-  setTimeout(tick, REFRESH_MS);
-  document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+  refreshing = every(REFRESH_MS, refresh);
 }
 
 start();
