@@ -5,6 +5,7 @@ browser tests are in tests/test_ui_browser.py."""
 
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
 from http.cookies import SimpleCookie
 from typing import Any
@@ -245,6 +246,26 @@ class UiPagesTests(unittest.TestCase):
         for elsewhere in ("https://evil.example/", "//evil.example/inputs", "/inputs/../../x", "/user/logout.json"):
             answer = yield self.login(next=elsewhere)
             self.assertEqual((answer.code, self.location(answer)), (303, "/inputs"), elsewhere)
+
+    @defer.inlineCallbacks
+    def test_a_link_from_another_site_loads_the_page_again_same_site(self):
+        # The browser holds back a SameSite=Strict cookie on a navigation from another site:
+        # the answer is the same URL again, asked by this site (a refresh), which sends it.
+        session = yield self.logged_in()
+        linked = yield self.http("GET", "/graph?feeds=1", headers={"Sec-Fetch-Site": "cross-site"})
+        self.assertEqual(linked.code, 200, linked)
+        self.assertIsNone(linked.headers.getRawHeaders(b"location"))
+        self.assertEqual(re.findall(rb'<meta http-equiv="refresh" content="([^"]*)">', linked.body), [b"0"])  # this URL again
+        self.assertEqual(parse(linked.body).scripts, [])
+        self.assertPolicy(linked, "the same-site reload")
+        again = yield self.http("GET", "/graph?feeds=1", session, headers={"Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(again.code, 200, again)
+        # no session at all: the refresh comes back same-site and goes to the login page (no loop)
+        alone = yield self.http("GET", "/graph?feeds=1", headers={"Sec-Fetch-Site": "same-origin"})
+        self.assertEqual(alone.code, 303, alone)
+        # a cookie that was sent but is dead: straight to the login page
+        dead = yield self.http("GET", "/graph?feeds=1", "not-a-session-token", headers={"Sec-Fetch-Site": "cross-site"})
+        self.assertEqual(dead.code, 303, dead)
 
     @defer.inlineCallbacks
     def test_cross_site_forms_are_refused(self):

@@ -240,7 +240,7 @@ class Authenticator:
         token = request.getCookie(COOKIE)
         if token:
             await self.redis.call("DEL", keys.session(token))
-        request.addCookie(COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, sameSite="strict")
+        request.addCookie(COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, secure=self.is_https(request), sameSite="strict")
 
     async def end_all_sessions(self, userid: int) -> int:
         """End every session of the user (all processes); fires with the new generation."""

@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from string import Template
+from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlencode
 
@@ -30,34 +31,36 @@ from twisted.web.server import NOT_DONE_YET, Request
 from emond.api.context import NodeContext
 from emond.api.http import ANSWERED, CROSS_SITE, INVALID_CSRF, Call, Raw, cross_site, error_answer, request_params, same_origin
 from emond.api.users import user_login, user_register
+from emond.meta.auth import COOKIE
 from emond.redis import RedisUnavailable
 
 HERE = os.path.dirname(__file__)
 TEMPLATES = os.path.join(HERE, "templates")
 STATIC = os.path.join(HERE, "static")
 DYGRAPHS = "/usr/share/javascript/dygraphs"  # Debian's libjs-dygraphs (bin/setup installs it)
-LIBRARIES = {b"dygraphs": (DYGRAPHS, ("dygraph.min.js", "dygraph.min.css", "dygraph.min.js.map", "dygraph.min.css.map"))}
+LIBRARIES = MappingProxyType({b"dygraphs": (DYGRAPHS, ("dygraph.min.js", "dygraph.min.css", "dygraph.min.js.map", "dygraph.min.css.map"))})
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
 )
-SECURITY_HEADERS: Mapping[bytes, bytes] = {
+SECURITY_HEADERS: Mapping[bytes, bytes] = MappingProxyType({
     b"Content-Security-Policy": CSP.encode(),
     b"X-Content-Type-Options": b"nosniff",
     b"Referrer-Policy": b"same-origin",
     b"X-Frame-Options": b"DENY",
-}
-CONTENT_TYPES = {
+})
+CONTENT_TYPES = MappingProxyType({
     ".js": b"text/javascript; charset=utf-8",
     ".css": b"text/css; charset=utf-8",
     ".svg": b"image/svg+xml",
     ".png": b"image/png",
     ".map": b"application/json",
-}
+})
 HTML = b"text/html; charset=utf-8"
 TEXT = b"text/plain; charset=utf-8"
 CURRENT = ' aria-current="page"'
+SAME_SITE_AGAIN = b'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0"><title>emond</title>'
 FILE_NAME = re.compile(rb"[A-Za-z0-9_.-]{1,100}")
 
 
@@ -70,7 +73,7 @@ class Page:
     libraries: tuple[str, ...] = ()  # files under /lib/ (scripts before the page's, stylesheets in <head>)
 
 
-PAGES = {
+PAGES = MappingProxyType({
     page.name.encode(): page
     for page in (
         Page("inputs", "Inputs"),
@@ -78,7 +81,7 @@ PAGES = {
         Page("graph", "Graph", ("dygraphs/dygraph.min.css", "dygraphs/dygraph.min.js")),
         Page("account", "Account"),
     )
-}
+})
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,12 @@ class PagesResource:
 
     async def _page(self, request: Request, page: Page) -> None:
         session = await self.ctx.auth.session(request)
-        if session is None:  # back here once logged in
+        if session is None:
+            if request.getHeader(b"sec-fetch-site") == b"cross-site" and request.getCookie(COOKIE) is None:
+                # A link from another site: the browser held back the SameSite=Strict cookie. The
+                # same URL again from this page is a same-site navigation, which sends it.
+                return self._finish(request, 200, SAME_SITE_AGAIN, HTML, {b"Cache-Control": b"no-store"})
+            # the login leads back here
             return self._redirect(request, b"/?" + urlencode({"next": request.uri.decode("latin-1")}).encode())
         username = await self.ctx.users.username(session.userid)
         csrf = self.ctx.auth.csrf_token(request) or ""
