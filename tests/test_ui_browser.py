@@ -480,6 +480,19 @@ class BrowserTests(unittest.TestCase):
         yield self.pixels()  # the hour of data is still drawn, in a day's width
         yield self.assertConsoleClean("/graph, a day")
 
+        # live follow: at once the window ends now, then it moves with the clock (every 10 s)
+        count = yield self.act(draws)
+        ticked = int(time.time())
+        yield self.act(lambda d: d.find_element("id", "follow").click())
+        yield self.wait(lambda d: draws(d) > count and drawn(d) and int(query_of(d)["end"]) >= ticked, "the view following now")
+        first = yield self.act(query_of)
+        count = yield self.act(draws)
+        yield self.wait(lambda d: draws(d) > count and drawn(d) and int(query_of(d)["end"]) > int(first["end"]),
+                        "the next step of the followed view", timeout=30)
+        moved = yield self.act(query_of)
+        self.assertEqual(int(moved["end"]) - int(moved["start"]), 86400, moved)  # the same span, moved on
+        yield self.assertConsoleClean("/graph, following")
+
     # -- feeds ------------------------------------------------------------------------------
 
     @defer.inlineCallbacks
