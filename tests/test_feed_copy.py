@@ -13,15 +13,13 @@ import hashlib
 import math
 import os
 import struct
-import subprocess
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from emond.app.service import make_storage_service
-from emond.config import EnginesSection, RemoteServer, TLSSection, load_storage_config
+from emond.config import EnginesSection, RemoteServer, TLSSection
 from emond.engine import FeedError
 from emond.errors import Unavailable
 from emond.meta.feeds import Feed
@@ -32,8 +30,8 @@ from emond.storage.feedstore import FeedStore
 from emond.storage.location import StorageLocationService
 from emond.storage.remote import LinkMetrics, RemoteLink
 from emond.storage.sender import RefusalRecorder
-from tests.support import free_port, redis_server
-from tests.support.daemon import ROOT
+from tests.support import redis_server
+from tests.support.storage import start_storage
 
 T0 = 1_700_000_000
 
@@ -51,22 +49,9 @@ class FeedCopyTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
+        storage = yield start_storage(self)
+        port, tls, self.remote_dir, self.remote = storage.port, storage.tls, storage.datadir, storage.engines
         base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
-        tls = os.path.join(base, "tls")
-        subprocess.run([os.path.join(ROOT, "etc", "make-certs"), tls, "node0", "storage1"], check=True, capture_output=True)
-        port = free_port()
-        path = os.path.join(base, "storage.toml")
-        with open(path, "w") as f:
-            f.write(
-                f'[storage]\nid = 1\nlisten = "tcp:{port}:interface=127.0.0.1"\nhttp = "tcp:{free_port()}:interface=127.0.0.1"\n'
-                f'datadir = "remote"\nallow = ["node0"]\n[tls]\nca = "tls/ca.pem"\ncert = "tls/storage1.pem"\n'
-            )
-        self.remote_dir = os.path.join(base, "remote")
-        server = make_storage_service(load_storage_config(path), reactor)
-        server.startService()
-        self.addCleanup(server.stopService)
-        self.remote = yield server.getServiceNamed("storage").opened
         self.local_dir = os.path.join(base, "local")
         location = StorageLocationService(0, self.local_dir, EnginesSection(), reactor)
         location.startService()
