@@ -117,13 +117,13 @@ class PagesResource:
 
     log = Logger()
 
-    def __init__(self, ctx: NodeContext, libraries: Mapping[bytes, tuple[str, tuple[str, ...]]] = LIBRARIES) -> None:
+    def __init__(self, ctx: NodeContext) -> None:
         """``ctx``: the context whose auth and users the pages use (the default shard's: sessions
         and accounts are central)."""
         self.ctx = ctx
         self.static = load_files(STATIC)
-        self.libraries = {name: load_files(folder, files) for name, (folder, files) in libraries.items()}
-        for name, (folder, files) in libraries.items():
+        self.libraries = {name: load_files(folder, files) for name, (folder, files) in LIBRARIES.items()}
+        for name, (folder, files) in LIBRARIES.items():
             missing = [f for f in files if f.encode() not in self.libraries[name]]
             if missing:
                 self.log.warn("web UI: {files} missing from {folder} (bin/setup installs them): /graph cannot draw",
