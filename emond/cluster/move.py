@@ -16,17 +16,20 @@ each safe to run again after a crash of any process:
    times, refusals) from the source's Redis to the target's (DUMP/RESTORE, exact).
 4. ``files``: copy each feed's files to the target's storage server over the stream, checked
    with SHA-256 (``FeedStore.copy``), and point the feed at it.
-5. ``transfer``: the packets the source parked go in front of those parked on the target:
-   they were accepted before them (those the source's queue still held at the hold, its
-   consumer slow or down, and a front's that had not heard of the move yet), so the target
-   processes the user's packets in the order they were accepted (a kWh feed takes no packet
-   older than its last point: processed out of order, they would leave a hole).
+5. ``transfer``: once a grace period has passed since the hold (a front's request in flight
+   when the map changed has ended) and the source's consumer has passed what its input queue
+   held then (such a request's packet is parked there), the packets the source parked go in
+   front of those parked on the target: they were accepted before them (those the source's
+   queue still held at the hold, its consumer slow or down, and a front's that had not heard
+   of the move yet), so the target processes the user's packets in the order they were
+   accepted (a kWh feed takes no packet older than its last point: processed out of order,
+   they would leave a hole).
 6. ``release``: lift the hold on the target; its consumer lets the parked packets through
    first, then the new ones.
-7. ``cleanup``: after a grace period (a front's request in flight when the map changed has
-   ended), the late packets the source parked go to the target's input queue, and the user's
-   Redis state and files on the source are deleted. The source keeps holding the user for a
-   day, so a packet that still reaches it is parked, not processed.
+7. ``cleanup``: packets the source parked after the transfer (only a front that missed the
+   announcement for longer than the grace period sends any) go to the target's input queue,
+   and the user's Redis state and files on the source are deleted. The source keeps holding
+   the user for a day, so a packet that still reaches it is parked, not processed.
 """
 
 from __future__ import annotations
@@ -153,6 +156,8 @@ class Mover:
 
     async def _hold(self, record: MoveRecord) -> None:
         source, target = self._shards(record)
+        # When the map changed (a resumed hold notes a later time: the grace only grows).
+        record.marks["held_at"] = self.parts.reactor.seconds()
         await target.call("SET", keys.user_hold(record.userid), record.source)
         await source.call("SET", keys.user_hold(record.userid), record.target)
         await self.parts.moves.set_shard(record.userid, record.target)
@@ -194,6 +199,14 @@ class Mover:
         await self._shards(record)[1].call("INCR", keys.user_version(record.userid))
 
     async def _transfer(self, record: MoveRecord) -> None:
+        # A front's request that looked the user up before the hold may append to the source
+        # until the grace period has passed; the source's consumer parks it when it gets there.
+        held_at = record.marks.get("held_at", self.parts.reactor.seconds())
+        wait = held_at + GRACE_SECONDS - self.parts.reactor.seconds()
+        if wait > 0:
+            await task.deferLater(self.parts.reactor, wait, lambda: None)
+        source, _ = self._shards(record)
+        await self._consumed(record, source, "input-after-grace", keys.input_stream(self.parts.layout.queue_for(record.userid)))
         first = keys.user_held_first(record.userid)
         moved = await self._move_parked(record, first)
         record.marks["transferred"] = record.marks.get("transferred", 0) + moved
@@ -209,7 +222,6 @@ class Mover:
         ])
 
     async def _cleanup(self, record: MoveRecord) -> None:
-        await task.deferLater(self.parts.reactor, GRACE_SECONDS, lambda: None)
         stream = keys.input_stream(self.parts.layout.queue_for(record.userid))
         record.marks["transferred"] = record.marks.get("transferred", 0) + await self._move_parked(record, stream)
         source, _ = self._shards(record)
