@@ -230,6 +230,76 @@ def idle(summary: dict, seconds: float = 5.0) -> tuple[float, float]:
     return (cpu_seconds(front) - f0) / seconds, (cpu_of(shards) - s0) / seconds
 
 
+def callgrind(pid: int, *args: str) -> str:
+    done = subprocess.run(["callgrind_control", *args, str(pid)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} {pid} failed: {done.stdout.strip()}")
+    return done.stdout
+
+
+def syscalls(pid: int) -> int:
+    """read-like and write-like system calls of the process so far (/proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["syscr"]) + int(fields["syscw"])
+
+
+class Instructions:
+    """Instructions a process executes (callgrind's Ir, every thread, user space only) over a
+    window: zeroed at the start, dumped at the end. Unlike CPU time, not moved by what else
+    runs on the box: the figure this VM can resolve 5 % with (it has no hardware counters)."""
+
+    def __init__(self, pid: int, out: str) -> None:
+        self.pid, self.out, self.dumps = pid, out, 0
+
+    def start(self) -> None:
+        callgrind(self.pid, "-z")
+        self.began, self.syscalls = time.monotonic(), syscalls(self.pid)
+
+    def stop(self) -> tuple[int, float, int]:
+        """(instructions, seconds, system calls) since ``start``."""
+        callgrind(self.pid, "-d")
+        seconds, calls = time.monotonic() - self.began, syscalls(self.pid) - self.syscalls
+        self.dumps += 1
+        with open(f"{self.out}.{self.dumps}") as f:
+            for line in f:
+                if line.startswith(("totals:", "summary:")):
+                    return int(line.split()[1]), seconds, calls
+        raise RuntimeError(f"no totals in {self.out}.{self.dumps}")
+
+
+def instructions(cluster: LocalCluster, summary: dict, args: argparse.Namespace, wrk: str, directory: str, script: str) -> dict[str, float]:
+    """Instructions per post at a front: front2 restarted under callgrind (collection switched on
+    once warm), one wrk run of ``input/post`` against it, the idle rate (timers, lease renewals)
+    measured over a window before and subtracted. ``--connections`` 1 (the default in this mode):
+    every post its own reactor turn and its own append, so the count is the path's, not the
+    batching's (with several connections a flush carries one shard's posts: more shards, more
+    appends per turn)."""
+    out = os.path.join(directory, "callgrind.out")
+    wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    pid = cluster.restart("front2", timeout=600, wrap=wrap)["pid"]
+    url = summary["fronts"][1]
+    cpu = "1" if args.pin else "0,1"
+    run_wrk(wrk, cpu, url, 5, args.connections, script)  # warm (valgrind's translations, key caches, inputs)
+    callgrind(pid, "-i", "on")
+    run_wrk(wrk, cpu, url, 5, args.connections, script)  # warm again, instrumented (the translations redone)
+    counter = Instructions(pid, out)
+    counter.start()
+    time.sleep(args.idle)  # an idle window: what the front runs without posts
+    idle_ir, idle_seconds, idle_calls = counter.stop()
+    counter.start()
+    result = run_wrk(wrk, cpu, url, args.duration, args.connections, script)
+    ir, seconds, calls = counter.stop()
+    requests = result["requests"]
+    net = ir - idle_ir * seconds / idle_seconds
+    figures = {"requests": requests, "rps": result["rps"], "ir": ir, "idle_ir_s": idle_ir / idle_seconds,
+               "ir_per_post": net / requests, "syscalls_per_post": (calls - idle_calls * seconds / idle_seconds) / requests}
+    print(f"  instructions: {requests:,} posts at {result['rps']:,.0f}/s under callgrind, {ir:,} instructions in {seconds:.1f} s "
+          f"(idle {figures['idle_ir_s']:,.0f}/s subtracted) = {figures['ir_per_post']:,.0f} per post; "
+          f"{figures['syscalls_per_post']:.2f} read/write system calls per post", flush=True)
+    return figures
+
+
 def write_year(directory: str, feedids: list[int], now: int) -> float:
     """One year at 10 s of a slowly varying power figure per feed, with emond's PHPFina."""
     began = time.monotonic()
@@ -309,6 +379,9 @@ def run(count: int, args: argparse.Namespace, wrk: str, harness: Harness, with_m
         figures["idle_front"], figures["idle_shards"] = idle(summary)
         print(f"  idle: front {1000 * figures['idle_front']:.1f} ms CPU/s, the {count} shard process(es) "
               f"{1000 * figures['idle_shards']:.1f} ms CPU/s", flush=True)
+        if args.instructions:
+            figures["instructions"] = instructions(cluster, summary, args, wrk, directory, post_script)
+            return figures
         profile = os.path.join(args.profile, f"front-post-{count}.txt") if args.profile else None
         figures["post"] = measure("post", wrk, cpu, url, post_script, summary, queues, args.duration, args.connections, VALUES, profile, args.isolate)
         figures["bulk"] = measure("bulk", wrk, cpu, url, bulk_script, summary, queues, args.duration, args.connections, VALUES * FRAMES, None, args.isolate)
@@ -324,7 +397,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--shards", default="1,2", help="shard counts, comma-separated (1,2,4,8 takes ~4 minutes here)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, default=None, help="wrk's connections (16; 1 with --instructions)")
     parser.add_argument("--users-per-shard", type=int, default=8)
     parser.add_argument("--delay", type=float, default=0.0,
                         help="ms between an answer and the next request on each connection: about the same load "
@@ -335,11 +408,17 @@ def main() -> None:
                              "the shard figure is then the drain of the backlog")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the front during each post run (collapsed stacks in DIR; "
                                                           "the sampling costs the front CPU: figures of such a run are not comparable)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the instructions per post of a front under callgrind (valgrind) instead of its CPU time: "
+                             "no CPU figures, no bulk, no move; --connections defaults to 1")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of the idle window subtracted in --instructions")
     parser.add_argument("--no-move", action="store_true", help="leave the move out")
     parser.add_argument("--verbose", action="store_true", help="the cluster's progress on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, data)")
     args = parser.parse_args()
     counts = [int(n) for n in args.shards.split(",")]
+    if args.connections is None:
+        args.connections = 1 if args.instructions else 16
 
     wrk = ensure_wrk()
     commit = described()
@@ -355,6 +434,15 @@ def main() -> None:
     finally:
         harness.close(keep=args.keep)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end", flush=True)
+    if args.instructions:
+        print("\nshards | posts counted | instructions per post | read/write syscalls per post | idle instructions/s")
+        for r in results:
+            i = r["instructions"]
+            print(f"{r['shards']:>6} | {i['requests']:>13,} | {i['ir_per_post']:>21,.0f} | {i['syscalls_per_post']:>28.2f} | {i['idle_ir_s']:>19,.0f}")
+        costs = [r["instructions"]["ir_per_post"] for r in results]
+        if len(costs) > 1:
+            print(f"front instructions per post: max/min = {max(costs) / min(costs):.3f} (goal: within 5 %)")
+        return
     print("\nshards | post req/s | front us/post (user + system) | requests/XADD | shard us/datapoint (post) | Redis us/post | bulk frames/s | front us/frame "
           "| shard us/datapoint (bulk) | Redis us/frame")
     for r in results:

@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from emond.app import programs
 
@@ -456,13 +456,15 @@ class LocalCluster:
 
     # -- restart -------------------------------------------------------------------
 
-    def restart(self, name: str, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    def restart(self, name: str, timeout: float = READY_TIMEOUT, wrap: Sequence[str] = ()) -> dict[str, Any]:
         """Start the process ``name`` (as in DIR/run: ``shard-a``, ``storage-b``, ``front1``,
         ...) again the way ``up`` started it, with the same argv, folder and environment, as
         an operator or systemd restarts a service: stopped first if it still runs (SIGTERM,
         as ``down``), then started and waited for until it answers. The new pid goes to the
         record (``down`` stops it), DIR/run/NAME.pid and the summary; fires with
-        ``{"name": NAME, "pid": NEW, "was": OLD, "was_running": BOOL}``."""
+        ``{"name": NAME, "pid": NEW, "was": OLD, "was_running": BOOL}``. ``wrap``: a command
+        the argv is run under (``valgrind --tool=callgrind``: bench/cluster.py counts a
+        front's instructions that way); it stays in the record."""
         record = self._load()
         old = next((p for p in record.processes if p.name == name), None)
         if old is None:
@@ -475,7 +477,7 @@ class LocalCluster:
         self._stop(Record([old]))
         record.processes.remove(old)
         deadline = time.monotonic() + timeout
-        child = self._spawn(record, name, old.tier, old.argv, old.cwd, checkout_env=old.checkout_env)
+        child = self._spawn(record, name, old.tier, [*wrap, *old.argv], old.cwd, checkout_env=old.checkout_env)
         if record.summary:  # after a failed `up` there is none to keep current
             record.summary = self._summary(layout, record)
             self._save(record)
