@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 
+import pymysql
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from emond import errors
 from emond.api.http import ERROR_ANSWERS, error_answer
+from emond.meta.db import Database, DatabaseUnavailable
 from emond.pools import PoolBusy
 from emond.redis import RedisUnavailable
 from tests.support.node import NodeHarness
+from tests.support.servers import free_port, mariadb_server
 
 JSON = b"application/json"
 WWW_AUTHENTICATE = b'Bearer realm="API KEY", error="invalid_apikey", error_description="Invalid API key"'
@@ -67,6 +70,10 @@ CASES = [
     # infrastructure: their own words are for the log, never the client
     (
         RedisUnavailable("redis XADD: no reply within 5s"),
+        (503, refusal("Service temporarily unavailable"), JSON, {}),
+    ),
+    (
+        DatabaseUnavailable("database: OperationalError(2013, 'Lost connection to MySQL server during query')"),
         (503, refusal("Service temporarily unavailable"), JSON, {}),
     ),
     (
@@ -141,3 +148,25 @@ def _edge_test(error: BaseException, expected: tuple[int, bytes, bytes, dict[byt
 
 for _error, _expected in CASES:
     setattr(EdgeTests, f"test_{type(_error).__name__}", _edge_test(_error, _expected))
+
+
+class DatabaseFailureTests(unittest.TestCase):
+    """``emond.meta.db``: a database server that does not answer is DatabaseUnavailable (503 at
+    the edge: try again); a statement the server refuses stays the driver's error (a fault,
+    answered 500 and logged as a crash)."""
+
+    @defer.inlineCallbacks
+    def test_no_server_is_unavailable(self):
+        db = Database.connect(f"mysql://root@127.0.0.1:{free_port()}/nothing")  # nothing listens there
+        self.addCleanup(db.close)
+        failure = yield self.assertFailure(db.query("SELECT 1"), DatabaseUnavailable)
+        self.assertIn("2003", str(failure))  # MariaDB's "can't connect"
+
+    @defer.inlineCallbacks
+    def test_a_refused_statement_stays_the_drivers_error(self):
+        maria = mariadb_server()
+        db = Database.connect(f"{maria.url}{maria.create_database()}")
+        self.addCleanup(db.close)
+        self.assertEqual((yield db.query("SELECT 1")), ((1,),))
+        failure = yield self.assertFailure(db.query("SELECT id FROM no_such_table"), pymysql.err.ProgrammingError)
+        self.assertEqual(failure.args[0], 1146)

@@ -177,3 +177,24 @@ class MoveKillTests(unittest.TestCase):
         code, answer = yield self.ended(move)
         self.assertEqual(code, 0, answer)
         yield ensure(self.user.check_moved(self.source, self.target))
+
+    @defer.inlineCallbacks
+    def test_the_database_killed_during_the_move(self):
+        move = yield self.hold_at_drain()
+        # The command waits at its drain step (it reads Redis there); the database killed, its
+        # next record of a step fails: a clear error, not a traceback, and what was done stays.
+        yield ensure(self.cluster.kill("mariadb"))
+        os.kill(self.cluster.pid(f"shard-{self.source}"), signal.SIGCONT)
+        code, answer = yield self.ended(move)
+        self.assertEqual(code, 1, answer)
+        self.assertRegex(answer["error"], r"^user move: database: .*\(run the command again to go on\)$")
+
+        yield ensure(self.cluster.restart("mariadb"))
+        yield ensure(self.cluster.reconnect_database())
+        answer = yield ensure(self.user.move(self.target))
+        self.assertEqual(list(answer["steps"])[0], "drain")  # the hold was recorded before the database went
+        yield ensure(self.user.check_moved(self.source, self.target))
+        # While the database was down, a front asked for the user's shard (the move made it
+        # forget it) answered 503: the device sends again; nothing else was refused.
+        device = self.user.device
+        self.assertEqual({when: device.answered.get(when) for when in device.refused}, {when: 503 for when in device.refused}, repr(device))

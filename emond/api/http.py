@@ -32,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from emond.meta.auth import Auth
+from emond.meta.db import DatabaseUnavailable
 from emond.errors import (
     Failed,
     Forbidden,
@@ -383,6 +384,7 @@ ERROR_ANSWERS: Mapping[type[BaseException], ErrorAnswer] = MappingProxyType({
     # not domain errors, but what any route may meet: Redis down (its words are for the log),
     # a pool's queue full (a burst of logins, of reads: refused at once, counted in /metrics)
     RedisUnavailable: ErrorAnswer(503, fixed_body("Service temporarily unavailable")),
+    DatabaseUnavailable: ErrorAnswer(503, fixed_body("Service temporarily unavailable")),
     PoolBusy: ErrorAnswer(503, fixed_body(BUSY), lambda error: {b"Retry-After": b"1"}),
 })
 ANSWERED = tuple(ERROR_ANSWERS)
@@ -459,6 +461,8 @@ class ApiResource(Resource):
         except ANSWERED as e:
             if isinstance(e, RedisUnavailable):
                 self.log.warn("redis unavailable: {error}", error=str(e))
+            elif isinstance(e, DatabaseUnavailable):
+                self.log.warn("{error}", error=str(e))  # "database: ..."
             answer = error_answer(e)
         if isinstance(answer, Streamed):
             return answer

@@ -48,7 +48,7 @@ from emond.cluster.topology import configured_topology, storage_ids
 from emond.config import ConfigError, NodeConfig, load_node_config
 from emond.keys import input_stream, storage_stream
 from emond.errors import EmondError
-from emond.meta.db import Database
+from emond.meta.db import Database, DatabaseUnavailable
 from emond.meta.feeds import Feeds
 from emond.meta.inputs import Inputs
 from emond.meta.moves import Moves
@@ -185,7 +185,7 @@ async def move_user(db: Database, config: NodeConfig, reactor: Any, name: str, s
         await _connected(links, config.feeds.read_timeout, reactor)
         parts = MoveParts(config, Moves(db), Inputs(db, central), Feeds(db, central), central, redis.__getitem__, store, reactor)
         return await Mover(parts).move(name, shard)
-    except (EmondError, RedisUnavailable, OSError) as e:
+    except (EmondError, RedisUnavailable, DatabaseUnavailable, OSError) as e:
         raise AdminError(f"user move: {getattr(e, 'message', None) or e} (run the command again to go on)") from e
     finally:
         for link in links.values():

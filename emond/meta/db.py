@@ -13,9 +13,11 @@ import sqlite3
 from typing import Any, Callable, Sequence
 from urllib.parse import SplitResult, unquote, urlsplit
 
+import pymysql
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from emond.inflight import InFlight
 
@@ -73,7 +75,7 @@ class Database:
         """``pool.<method>(*args)`` (runQuery, runInteraction), counted while in progress."""
         if self._pool is None:
             return defer.fail(DatabaseClosed("the database is not open (not started, or stopping)"))
-        return self._busy.track(getattr(self._pool, method)(*args))
+        return self._busy.track(getattr(self._pool, method)(*args).addErrback(_unavailable))
 
     def sql(self, statement: str) -> str:
         """The statement in this driver's placeholder style."""
@@ -103,6 +105,27 @@ class Database:
 
 class DatabaseClosed(Exception):
     """A statement when the pool is not open."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database server did not answer the statement: gone, the connection lost, too many
+    connections, a lock waited for too long. A client may try again (the API answers 503);
+    anything else the driver raises is a fault and stays as it is."""
+
+
+# MariaDB's "try again" codes: too many connections, lock wait timeout, can't connect, server
+# gone away, connection lost during a query, lost connection.
+UNAVAILABLE_CODES = frozenset({1040, 1205, 2003, 2006, 2013, 2055})
+
+
+def _unavailable(failure: Failure) -> Failure:
+    """A failure of the server or the connection, as DatabaseUnavailable."""
+    error = failure.value
+    if isinstance(error, (adbapi.ConnectionLost, pymysql.err.InterfaceError)) or (
+        isinstance(error, pymysql.err.OperationalError) and error.args and error.args[0] in UNAVAILABLE_CODES
+    ):
+        return Failure(DatabaseUnavailable(f"database: {error!r}"))
+    return failure
 
 
 class Transaction:

@@ -75,8 +75,14 @@ class Cluster:
         test.addCleanup(run_cluster, "down", directory)
         cluster = cls(directory, json.loads(out))
         cluster.db = Database.connect(cluster.summary["database"]["url"])
-        test.addCleanup(cluster.db.close)
+        test.addCleanup(lambda: cluster.db.close())  # the pool of the moment (see reconnect_database)
         return cluster
+
+    async def reconnect_database(self) -> None:
+        """A new pool for ``db`` (after the cluster's MariaDB was started again: the old pool's
+        connections died with the old server)."""
+        old, self.db = self.db, Database.connect(self.summary["database"]["url"])
+        await old.close()
 
     def pid(self, name: str) -> int:
         """The pid of the cluster's process ``name`` now (DIR/run/NAME.pid)."""
@@ -131,6 +137,7 @@ class Device:
         self.sent: list[int] = []
         self.acked: list[int] = []
         self.refused: list[int] = []
+        self.answered: dict[int, int] = {}  # refused packet -> the HTTP status it got (none: no answer)
         self.last_refusal = ""
         self.loop = task.LoopingCall(self._one)
         self.stopped: defer.Deferred[Any] | None = None
@@ -161,6 +168,7 @@ class Device:
             self.acked.append(when)
         else:
             self.refused.append(when)
+            self.answered[when] = answer.code
             self.last_refusal = repr(answer)
 
 
