@@ -198,3 +198,22 @@ class MoveKillTests(unittest.TestCase):
         # forget it) answered 503: the device sends again; nothing else was refused.
         device = self.user.device
         self.assertEqual({when: device.answered.get(when) for when in device.refused}, {when: 503 for when in device.refused}, repr(device))
+
+    @defer.inlineCallbacks
+    def test_the_source_shard_process_gone_for_good_during_the_drain(self):
+        move = yield self.hold_at_drain()
+        yield ensure(self.cluster.kill(f"shard-{self.source}"))
+        # Nothing will pass the queue: once no process has held its lease for two lease
+        # periods, the command says so (instead of waiting out its drain timeout).
+        code, answer = yield self.ended(move)
+        self.assertEqual(code, 1, answer)
+        self.assertRegex(answer["error"], r"^user move: emond:in:\d+ on shard '[ab]': no process has held its lease for 20 s: "
+                                          r"is the shard's process running\? \(run the command again to go on\)$")
+        row = yield ensure(self.user.move_row())
+        self.assertEqual(row[0], "drain")
+
+        yield ensure(self.cluster.restart(f"shard-{self.source}"))
+        answer = yield ensure(self.user.move(self.target))
+        self.assertEqual(list(answer["steps"])[0], "drain")
+        yield ensure(self.user.check_moved(self.source, self.target))
+        self.assertEqual(self.user.device.refused, [])

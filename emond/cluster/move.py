@@ -11,7 +11,8 @@ each safe to run again after a crash of any process:
 2. ``drain``: wait until the source's consumer has handled every element its input queue
    held when the hold was set (processed before the hold, or parked), then until the source's
    storage queues have written every batch they held by then: the source changes nothing of
-   the user's after this.
+   the user's after this. A queue whose lease nobody has held for two lease periods (its
+   shard process is not running) ends the command with an error, to run again once it is.
 3. ``state``: copy the user's Redis state (input and feed last values, process state, step
    times, refusals) from the source's Redis to the target's (DUMP/RESTORE, exact).
 4. ``files``: copy each feed's files to the target's storage server over the stream, checked
@@ -165,11 +166,10 @@ class Mover:
 
     async def _drain(self, record: MoveRecord) -> None:
         source, _ = self._shards(record)
-        stream = keys.input_stream(self.parts.layout.queue_for(record.userid))
-        await self._consumed(record, source, "input", stream)
+        await self._consumed(record, source, "input", keys.input_queue(self.parts.layout.queue_for(record.userid)))
         servers = {f.server for f in await self._feeds(record)} & set(self.parts.config.shards[record.source].storage)
         for server in sorted(servers):
-            await self._consumed(record, source, f"storage{server}", keys.storage_stream(server))
+            await self._consumed(record, source, f"storage{server}", keys.storage_queue(server))
 
     async def _state(self, record: MoveRecord) -> None:
         source, target = self._shards(record)
@@ -206,7 +206,7 @@ class Mover:
         if wait > 0:
             await task.deferLater(self.parts.reactor, wait, lambda: None)
         source, _ = self._shards(record)
-        await self._consumed(record, source, "input-after-grace", keys.input_stream(self.parts.layout.queue_for(record.userid)))
+        await self._consumed(record, source, "input-after-grace", keys.input_queue(self.parts.layout.queue_for(record.userid)))
         first = keys.user_held_first(record.userid)
         moved = await self._move_parked(record, first)
         record.marks["transferred"] = record.marks.get("transferred", 0) + moved
@@ -251,9 +251,13 @@ class Mover:
             names += [keys.process_state(name, feed.id) for name in sorted(set(EXTRA_STATE.values()))]
         return names
 
-    async def _consumed(self, record: MoveRecord, redis: Redis, mark: str, stream: str) -> None:
-        """Wait until ``stream`` holds nothing up to the position it had when first looked at
-        (noted in the record, so a resumed move waits for the same position)."""
+    async def _consumed(self, record: MoveRecord, redis: Redis, mark: str, queue: str) -> None:
+        """Wait until queue ``queue``'s stream holds nothing up to the position it had when
+        first looked at (noted in the record, so a resumed move waits for the same position).
+        TimedOut if no process has held the queue's lease for two lease periods (its shard
+        process is not running: nothing would ever pass it) or the position is not passed
+        within DRAIN_TIMEOUT."""
+        stream = keys.stream(queue)
         positions: dict[str, Any] = record.marks.setdefault("positions", {})
         if mark not in positions:
             last = await redis.call("XREVRANGE", stream, "+", "-", "COUNT", 1)
@@ -262,9 +266,18 @@ class Mover:
         position = positions[mark]
         if position is None:
             return
-        deadline = self.clock() + DRAIN_TIMEOUT
-        while await redis.call("XRANGE", stream, "-", position, "COUNT", 1):
-            if self.clock() > deadline:
+        orphaned = 2 * self.parts.config.input.lease_ms / 1000
+        began = held = self.clock()
+        while True:
+            left, owner = await redis.pipeline([("XRANGE", stream, "-", position, "COUNT", 1), ("EXISTS", keys.lease(queue))])
+            if not left:
+                return
+            now = self.clock()
+            if owner:
+                held = now
+            elif now - held > orphaned:
+                raise TimedOut(f"{stream} on shard {record.source!r}: no process has held its lease for {orphaned:g} s: is the shard's process running?")
+            if now - began > DRAIN_TIMEOUT:
                 raise TimedOut(f"{stream} on shard {record.source!r} did not pass {position} in {DRAIN_TIMEOUT:g} s: is its shard process running?")
             await task.deferLater(self.parts.reactor, POLL_SECONDS, lambda: None)
 
