@@ -146,6 +146,14 @@ class Redis:
         lengths = self.pipeline([("XLEN", s) for s in streams])
         return sum(lengths[:QUEUES]), sum(lengths[QUEUES:])
 
+    def calls(self, command: str) -> int:
+        """How many times this Redis has run ``command`` (``INFO commandstats``)."""
+        info = self.pipeline([("INFO", "commandstats")])[0].decode()
+        for line in info.splitlines():
+            if line.startswith(f"cmdstat_{command.lower()}:"):
+                return int(line.split("calls=", 1)[1].split(",", 1)[0])
+        return 0
+
     def close(self) -> None:
         self.sock.close()
 

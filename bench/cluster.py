@@ -139,13 +139,7 @@ class ShardQueues:
 
     def appends(self) -> int:
         """XADD calls so far on every shard's Redis (the fronts' flushes, one per input queue)."""
-        calls = 0
-        for redis, _ in self.redis:
-            info = redis.pipeline([("INFO", "commandstats")])[0].decode()
-            for line in info.splitlines():
-                if line.startswith("cmdstat_xadd:"):
-                    calls += int(line.split("calls=", 1)[1].split(",", 1)[0])
-        return calls
+        return sum(redis.calls("XADD") for redis, _ in self.redis)
 
     def queued(self) -> int:
         return sum(sum(redis.queue_lengths(storage)) for redis, storage in self.redis)

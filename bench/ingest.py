@@ -220,6 +220,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--frames", type=int, default=100, help="frames per input/bulk request")
     parser.add_argument("--server-cpu", default="0", help="core of emond, its redis-server and the bare server")
+    parser.add_argument("--redis-cpu", help="core of the redis-server if not --server-cpu's (with --split: where the "
+                                            "consumer's Redis work, reads and commits, then runs: with the consumer)")
     parser.add_argument("--wrk-cpu", default="1")
     parser.add_argument("--split", action="store_true",
                         help="emond only accepts ([input] consume = false); a second twistd emond on the wrk core consumes")
@@ -233,7 +235,8 @@ def main() -> None:
     harness = Harness("ingest")
     redis = None
     try:
-        redis_server, redis_port = harness.redis(cpu=args.server_cpu)
+        redis_cpu = args.redis_cpu or args.server_cpu
+        redis_server, redis_port = harness.redis(cpu=redis_cpu)
         node, port, datadir = harness.emond(redis_port, cpu=args.server_cpu, extra="consume = false\n" if args.split else "")
         metrics_port = port  # where emond_packets_processed_total is counted
         if args.split:
@@ -249,7 +252,8 @@ def main() -> None:
         script = os.path.join(harness.base, "bulk.lua")
         lua_post(script, body)
         print(f"emond pid {node.pid} on :{port}, bare pid {bare.pid} on :{bare_port}, redis-server pid {redis_server.pid} "
-              f"(all on core {args.server_cpu}); wrk on core {args.wrk_cpu}; bulk body {len(body):,} bytes", flush=True)
+              f"(emond and bare on core {args.server_cpu}, redis-server on core {redis_cpu}); wrk on core {args.wrk_cpu}; "
+              f"bulk body {len(body):,} bytes", flush=True)
         expect_ok("emond input/post", post_url)
         expect_ok("bare server GET", bare_url)
         expect_ok("bare server POST", bare_url, b"x=1")
@@ -264,8 +268,10 @@ def main() -> None:
         print(f"\ninput/post vs bare twisted.web: wrk -t1 -c{args.connections} --latency, {args.duration:.0f} s per run", flush=True)
         emond_runs, bare_runs = [], []
         for r in range(1, args.rounds + 1):
+            appends = redis.calls("XADD")
             e = run_wrk(wrk, args.wrk_cpu, post_url, args.duration, args.connections, pid=node.pid)
-            print(line(f"round {r} emond post", e), flush=True)
+            per_append = e["requests"] / max(redis.calls("XADD") - appends, 1)
+            print(line(f"round {r} emond post", e, f"   {per_append:.2f} requests per XADD"), flush=True)
             print(f"    {drain(redis, metrics_port)[0]}", flush=True)
             b = run_wrk(wrk, args.wrk_cpu, bare_url, args.duration, args.connections, pid=bare.pid)
             print(line(f"round {r} bare", b, f"   ratio {e['rps'] / b['rps']:.2f}, by CPU per request {b['cpu_us'] / e['cpu_us']:.2f}"), flush=True)
@@ -333,6 +339,8 @@ def main() -> None:
               f"emonhub-style {hub_med['processed']:,.0f} frames/s")
         print(f"  load average {os.getloadavg()[0]:.2f} at the end (the machine is shared)", flush=True)
         shape = "accepting process; its consumer on the other core" if args.split else "consumer in the same process"
+        if redis_cpu != args.server_cpu:
+            shape += f", Redis on core {redis_cpu}"
         report("input/post req/s, emond vs bare twisted.web on the same core", med["rps"], "req/s", bmed["rps"], "bare twisted.web",
                goal=POST_GOAL, note=f"{shape}; by CPU time per request {cpu_ratio:.2f}")
         report("input/post p99 at half load", half["p99"], "ms", HALF_P99_GOAL, "goal", "lower",
