@@ -390,6 +390,14 @@ ERROR_ANSWERS: Mapping[type[BaseException], ErrorAnswer] = MappingProxyType({
 ANSWERED = tuple(ERROR_ANSWERS)
 
 
+def log_unavailable(log: Logger, error: BaseException) -> None:
+    """An infrastructure error's own words go to the log (the client gets the table's)."""
+    if isinstance(error, RedisUnavailable):
+        log.warn("redis unavailable: {error}", error=str(error))
+    elif isinstance(error, DatabaseUnavailable):
+        log.warn("{error}", error=str(error))  # "database: ..."
+
+
 def error_answer(error: BaseException) -> Raw:
     """The answer to an error of a class in ``ERROR_ANSWERS`` (or of a subclass)."""
     for kind in type(error).__mro__:
@@ -459,10 +467,7 @@ class ApiResource(Resource):
         try:
             answer = await self._answer(request)
         except ANSWERED as e:
-            if isinstance(e, RedisUnavailable):
-                self.log.warn("redis unavailable: {error}", error=str(e))
-            elif isinstance(e, DatabaseUnavailable):
-                self.log.warn("{error}", error=str(e))  # "database: ..."
+            log_unavailable(self.log, e)
             answer = error_answer(e)
         if isinstance(answer, Streamed):
             return answer

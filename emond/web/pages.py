@@ -29,10 +29,20 @@ from twisted.web.http import CACHED
 from twisted.web.server import NOT_DONE_YET, Request
 
 from emond.api.context import NodeContext
-from emond.api.http import ANSWERED, CROSS_SITE, INVALID_CSRF, Call, Raw, cross_site, error_answer, request_params, same_origin
+from emond.api.http import (
+    ANSWERED,
+    CROSS_SITE,
+    INVALID_CSRF,
+    Call,
+    Raw,
+    cross_site,
+    error_answer,
+    log_unavailable,
+    request_params,
+    same_origin,
+)
 from emond.api.users import user_login, user_register
 from emond.meta.auth import COOKIE
-from emond.redis import RedisUnavailable
 
 HERE = os.path.dirname(__file__)
 TEMPLATES = os.path.join(HERE, "templates")
@@ -240,8 +250,7 @@ class PagesResource:
 
     def _refusal(self, request: Request, error: BaseException) -> Raw:
         """The API's answer to ``error`` (its headers set: ``Retry-After``), logged as the API logs it."""
-        if isinstance(error, RedisUnavailable):
-            self.log.warn("redis unavailable: {error}", error=str(error))
+        log_unavailable(self.log, error)
         answer = error_answer(error)
         for name, value in answer.headers.items():
             request.setHeader(name, value)
