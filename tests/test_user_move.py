@@ -217,6 +217,24 @@ class UserMoveTests(unittest.TestCase):
         self.assertEqual((yield self.parked("b", keys.user_held(self.userid))), [*older, newer])  # each once, in order
         self.assertEqual((yield self.parked("a", keys.user_held(self.userid))), [])
 
+    @defer.inlineCallbacks
+    def test_reads_from_the_target_find_the_state_from_the_hold_on(self):
+        """From the hold on the user's shard is the target, where reads of last values go:
+        the state is there already during the drain (copied again, exactly, at the state step)."""
+        before = yield defer.ensureDeferred(self.redis["a"].pipeline([("DUMP", k) for k in self.state_keys()]))
+        seen = []
+        drain = Mover._drain
+
+        async def look_then_drain(mover, record):
+            seen.append(await self.redis["b"].pipeline([("DUMP", k) for k in self.state_keys()]))
+            await drain(mover, record)
+
+        self.patch(Mover, "_drain", look_then_drain)
+        yield self.move()
+        self.assertEqual(seen, [before])
+        lastvalue = yield defer.ensureDeferred(self.redis["b"].call("HGETALL", keys.input_lastvalue(self.input.id)))
+        self.assertEqual(lastvalue, [b"time", str(T0 + 31).encode(), b"value", b"200"])
+
     def test_unknown_users_and_shards_are_refused(self):
         self.assertFailure(self.move("c"), Invalid)
         return self.assertFailure(defer.ensureDeferred(Mover(self.parts).move("nobody", "b")), Invalid)

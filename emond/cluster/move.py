@@ -14,7 +14,8 @@ each safe to run again after a crash of any process:
    the user's after this. A queue whose lease nobody has held for two lease periods (its
    shard process is not running) ends the command with an error, to run again once it is.
 3. ``state``: copy the user's Redis state (input and feed last values, process state, step
-   times, refusals) from the source's Redis to the target's (DUMP/RESTORE, exact).
+   times, refusals) from the source's Redis to the target's (DUMP/RESTORE, exact). (The hold
+   copied it once already, so that reads from the target meanwhile show last values.)
 4. ``files``: copy each feed's files to the target's storage server over the stream, checked
    with SHA-256 (``FeedStore.copy``), and point the feed at it.
 5. ``transfer``: once a grace period has passed since the hold (a front's request in flight
@@ -161,6 +162,9 @@ class Mover:
         record.marks["held_at"] = self.parts.reactor.seconds()
         await target.call("SET", keys.user_hold(record.userid), record.source)
         await source.call("SET", keys.user_hold(record.userid), record.target)
+        # A first copy of the state: from the flip on, reads (last values) come from the
+        # target, and show these (seconds old at most) rather than nothing until the exact copy.
+        await self._copy_state(record)
         await self.parts.moves.set_shard(record.userid, record.target)
         await self.parts.central.call("PUBLISH", keys.USER_MOVED, str(record.userid))
 
@@ -172,15 +176,7 @@ class Mover:
             await self._consumed(record, source, f"storage{server}", keys.storage_queue(server))
 
     async def _state(self, record: MoveRecord) -> None:
-        source, target = self._shards(record)
-        names = await self._state_keys(record)
-        dumps = await source.pipeline([("DUMP", name) for name in names])
-        commands: list[tuple[Any, ...]] = []
-        for name, dump in zip(names, dumps):
-            # a key the source lacks must not survive at the target from an earlier attempt
-            commands.append(("RESTORE", name, 0, dump, "REPLACE") if dump is not None else ("DEL", name))
-        commands.append(("INCR", keys.user_version(record.userid)))  # the target's consumer reloads the user
-        await target.pipeline(commands)
+        await self._copy_state(record, reload=True)
 
     async def _files(self, record: MoveRecord) -> None:
         config = self.parts.config
@@ -233,6 +229,20 @@ class Mover:
                 await self.parts.store.delete(replace(feed, server=where["from"]))
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def _copy_state(self, record: MoveRecord, reload: bool = False) -> None:
+        """The user's Redis state at the source, copied to the target as it is (DUMP/RESTORE);
+        ``reload``: the target's consumer then reloads the user."""
+        source, target = self._shards(record)
+        names = await self._state_keys(record)
+        dumps = await source.pipeline([("DUMP", name) for name in names])
+        commands: list[tuple[Any, ...]] = []
+        for name, dump in zip(names, dumps):
+            # a key the source lacks must not survive at the target from an earlier attempt
+            commands.append(("RESTORE", name, 0, dump, "REPLACE") if dump is not None else ("DEL", name))
+        if reload:
+            commands.append(("INCR", keys.user_version(record.userid)))
+        await target.pipeline(commands)
 
     def _shards(self, record: MoveRecord) -> tuple[Redis, Redis]:
         return self.parts.redis_of(record.source), self.parts.redis_of(record.target)
