@@ -23,7 +23,7 @@ from emond.keys import CONSUMERS, dead_letters, input_stream, lease, storage_str
 from emond.redis import Redis
 from tests.support import free_port, redis_server
 from tests.support.admin import run_admin
-from tests.support.daemon import remote_storage_config, started
+from tests.support.daemon import remote_node_config, remote_storage_config, started
 from tests.support.node import NodeHarness
 from tests.support.poll import until
 
@@ -58,15 +58,10 @@ class StorageAdminTests(unittest.TestCase):
         self.stream_port, self.storage_http, self.http = free_port(), free_port(), free_port()
         self.storage_config = remote_storage_config(self.base, self.stream_port, self.storage_http)
         self.redis_url = f"redis://127.0.0.1:{redis_server().port}/5"
-        self.node_config = os.path.join(self.base, "node.toml")
-        with open(self.node_config, "w") as f:
-            f.write(
-                f'[node]\nhttp = "tcp:{self.http}:interface=127.0.0.1"\ndatadir = "local"\nstorage = [0]\n'
-                f'[redis]\nurl = "{self.redis_url}"\n[database]\nurl = "sqlite:///emond.db"\n'
-                f"[input]\nqueues = 2\nlease_ms = {LEASE_MS}\nrate_limit = 0.0\n[feeds]\ndefault_server = 1\nread_timeout = 5.0\n"
-                f'[storage.servers]\n1 = {{ endpoint = "tcp:127.0.0.1:{self.stream_port}", name = "storage1" }}\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/node0.pem"\n'
-            )
+        self.node_config = remote_node_config(
+            self.base, self.http, self.stream_port, self.redis_url,
+            f"[input]\nqueues = 2\nlease_ms = {LEASE_MS}\nrate_limit = 0.0\n[feeds]\ndefault_server = 1\nread_timeout = 5.0\n",
+        )
         self.redis = Redis.connect(self.redis_url, 5.0, reactor)
         self.addCleanup(self.redis.disconnect)
         self.storage = yield self.start_storage()

@@ -23,7 +23,7 @@ from emond.config import load_node_config, load_storage_config
 from emond.records import make_records
 from emond.stream import ACK, HELLO, HELLO_OK, ClientTLS, ServerTLS, TLSFilesError, batch_frame, client_tls, encode_json, request_frame
 from tests.support import free_port, redis_server
-from tests.support.daemon import ROOT, remote_storage_config, started
+from tests.support.daemon import ROOT, remote_node_config, remote_storage_config, started
 from tests.support.node import NodeClient
 from tests.support.streamclient import Client
 
@@ -260,13 +260,7 @@ class CertificateReloadTests(unittest.TestCase):
     def test_node_presents_its_new_certificate_on_its_next_connection(self):
         redis_server().flushall()
         port = free_port()
-        node_config = write(
-            os.path.join(self.base, "node.toml"),
-            f'[node]\nhttp = "tcp:{port}:interface=127.0.0.1"\ndatadir = "local"\nstorage = [0]\n'
-            f'[redis]\nurl = "redis://127.0.0.1:{redis_server().port}/6"\n[database]\nurl = "sqlite:///emond.db"\n'
-            f'[storage.servers]\n1 = {{ endpoint = "tcp:127.0.0.1:{self.stream}", name = "storage1" }}\n'
-            f'[tls]\nca = "tls/ca.pem"\ncert = "tls/node0.pem"\n',
-        )
+        node_config = remote_node_config(self.base, port, self.stream, f"redis://127.0.0.1:{redis_server().port}/6")
         storage = yield self.start_storage()
         node = yield started(self, "emond", node_config, self.base, "node API ready", "stream to storage 1 up")
         old_serial = serial(os.path.join(self.tls, "node0.pem"))

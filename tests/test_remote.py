@@ -27,7 +27,7 @@ from emond.records import RECORD
 from emond.redis import Redis
 from emond.storage.remote import CLOSE_TIMEOUT, LinkMetrics, StreamLink
 from tests.support import free_port, redis_server
-from tests.support.daemon import ROOT, remote_storage_config, start_daemon, started
+from tests.support.daemon import ROOT, remote_node_config, remote_storage_config, start_daemon, started
 from tests.support.poll import until
 
 T0 = 1_700_000_000
@@ -43,15 +43,10 @@ class RemoteStorageTests(unittest.TestCase):
         os.makedirs(self.base)
         self.stream_port, self.storage_http, self.http = free_port(), free_port(), free_port()
         self.storage_config = remote_storage_config(self.base, self.stream_port, self.storage_http)
-        self.node_config = os.path.join(self.base, "node.toml")
-        with open(self.node_config, "w") as f:
-            f.write(
-                f'[node]\nhttp = "tcp:{self.http}:interface=127.0.0.1"\ndatadir = "local"\nstorage = [0]\n'
-                f'[redis]\nurl = "redis://127.0.0.1:{redis_server().port}/4"\n[database]\nurl = "sqlite:///emond.db"\n'
-                f"[input]\nqueues = {QUEUES}\nlease_ms = 1500\nrate_limit = 0.0\n[feeds]\ndefault_server = 1\n"
-                f'[storage.servers]\n1 = {{ endpoint = "tcp:127.0.0.1:{self.stream_port}", name = "storage1" }}\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/node0.pem"\n'
-            )
+        self.node_config = remote_node_config(
+            self.base, self.http, self.stream_port, f"redis://127.0.0.1:{redis_server().port}/4",
+            f"[input]\nqueues = {QUEUES}\nlease_ms = 1500\nrate_limit = 0.0\n[feeds]\ndefault_server = 1\n",
+        )
         self.redis = Redis.connect(f"redis://127.0.0.1:{redis_server().port}/4", 5.0, reactor)
         self.addCleanup(self.redis.disconnect)
 

@@ -30,7 +30,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests.support import free_port, redis_server
-from tests.support.daemon import remote_storage_config, started
+from tests.support.daemon import remote_node_config, remote_storage_config, started
 
 T0 = 1_700_000_000
 QUICK = 1.0  # seconds: a generous bound for an answer that waits on nothing
@@ -49,17 +49,12 @@ class StalledStorageTests(unittest.TestCase):
         os.makedirs(self.base)
         stream_port, self.storage_http, self.http = free_port(), free_port(), free_port()
         self.storage_config = remote_storage_config(self.base, stream_port, self.storage_http)
-        self.node_config = os.path.join(self.base, "node.toml")
-        with open(self.node_config, "w") as f:
-            f.write(
-                f'[node]\nhttp = "tcp:{self.http}:interface=127.0.0.1"\ndatadir = "local"\nstorage = [0]\n'
-                f'[redis]\nurl = "redis://127.0.0.1:{redis_server().port}/5"\n[database]\nurl = "sqlite:///emond.db"\n'
-                f"[input]\nqueues = 1\nrate_limit = 0.0\n"
-                f"[feeds]\nread_timeout = 120.0\n"  # the frozen reads stay pending
-                f"[engines]\nwindow_past = 2000000000\nread_threads = {READ_THREADS}\nread_queue = {READ_QUEUE}\n"
-                f'[storage.servers]\n1 = {{ endpoint = "tcp:127.0.0.1:{stream_port}", name = "storage1" }}\n'
-                f'[tls]\nca = "tls/ca.pem"\ncert = "tls/node0.pem"\n'
-            )
+        self.node_config = remote_node_config(
+            self.base, self.http, stream_port, f"redis://127.0.0.1:{redis_server().port}/5",
+            f"[input]\nqueues = 1\nrate_limit = 0.0\n"
+            f"[feeds]\nread_timeout = 120.0\n"  # the frozen reads stay pending
+            f"[engines]\nwindow_past = 2000000000\nread_threads = {READ_THREADS}\nread_queue = {READ_QUEUE}\n",
+        )
 
     def start(self, plugin, config, *ready):
         return started(self, plugin, config, self.base, *ready)

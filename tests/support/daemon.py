@@ -119,6 +119,22 @@ def remote_storage_config(base: str, stream_port: int, http_port: int, http_host
     return path
 
 
+def remote_node_config(base: str, http_port: int, stream_port: int, redis_url: str, extra: str = "") -> str:
+    """``base/node.toml``: node0 answering HTTP on ``http_port``, hosting storage 0 in
+    ``base/local``, SQLite, and storage server 1 over the stream on ``stream_port`` with the
+    certificates ``remote_storage_config`` made; ``extra``: more sections ([input], [feeds],
+    [engines], ...). Its path."""
+    path = os.path.join(base, "node.toml")
+    with open(path, "w") as f:
+        f.write(
+            f'[node]\nhttp = "tcp:{http_port}:interface=127.0.0.1"\ndatadir = "local"\nstorage = [0]\n'
+            f'[redis]\nurl = "{redis_url}"\n[database]\nurl = "sqlite:///emond.db"\n{extra}'
+            f'[storage.servers]\n1 = {{ endpoint = "tcp:127.0.0.1:{stream_port}", name = "storage1" }}\n'
+            f'[tls]\nca = "tls/ca.pem"\ncert = "tls/node0.pem"\n'
+        )
+    return path
+
+
 def start_haproxy(config: str, cwd: str) -> Daemon:
     """``haproxy -W -db -f <config>``; ``logged(HAPROXY_READY)`` fires once it serves, and its
     output says when a server goes down or up (``Server <backend>/<name> is DOWN``)."""
