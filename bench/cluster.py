@@ -2,7 +2,10 @@
 shard, for several shard counts, and the time to move a user with 10 feeds x 1 year at 10 s.
 
 Run: ``python bench/cluster.py [--shards 1,2] [--duration 10] [--users-per-shard 8] [--no-move]
-[--keep]``. Prints figures; it is not a test.
+[--instructions] [--keep]``. Prints figures; it is not a test. ``--instructions`` counts a
+front's instructions per post under valgrind's callgrind instead of timing it (see
+``instructions``): the figure that shows the front's cost flat over the shard count on a
+shared machine.
 
 For each shard count, a real local cluster (``emond.app.localcluster``, what ``bin/cluster up``
 starts: MariaDB, a central Redis, per shard its own redis-server (AOF everysec), shard process
