@@ -57,7 +57,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import Harness, Redis, call, described, register  # noqa: E402
-from ingest import ensure_wrk, run_wrk  # noqa: E402
+from ingest import ensure_program, ensure_wrk, run_wrk  # noqa: E402
 
 from emond.app.localcluster import LocalCluster  # noqa: E402
 from emond.phpfina import PHPFina  # noqa: E402
@@ -229,7 +229,7 @@ def idle(summary: dict, seconds: float = 5.0) -> tuple[float, float]:
 
 
 def callgrind(pid: int, *args: str) -> str:
-    done = subprocess.run(["callgrind_control", *args, str(pid)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    done = subprocess.run([ensure_program("callgrind_control", "valgrind"), *args, str(pid)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"callgrind_control {' '.join(args)} {pid} failed: {done.stdout.strip()}")
     return done.stdout
@@ -278,7 +278,7 @@ def instructions(cluster: LocalCluster, summary: dict, args: argparse.Namespace,
     (with several connections a flush carries one shard's posts: more shards, more appends per
     turn). An idle window is measured too, as a check of ``b``."""
     out = os.path.join(directory, "callgrind.out")
-    wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    wrap = [ensure_program("valgrind"), "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     pid = cluster.restart("front2", timeout=600, wrap=wrap)["pid"]
     url = summary["fronts"][1]
     cpu = "1" if args.pin else "0,1"

@@ -54,19 +54,26 @@ BULK_GOAL = 200_000  # frames/s accepted per core (issue 14)
 DRAIN_TIMEOUT = 900.0
 
 
-def ensure_wrk() -> str:
-    found = shutil.which("wrk")
+def ensure_program(name: str, package: str | None = None) -> str:
+    """The path of program ``name``, installed with apt-get (Debian package ``package``, or
+    ``name``) if missing."""
+    found = shutil.which(name)
     if found:
         return found
-    print("wrk is missing: apt-get install -y wrk", flush=True)
+    package = package or name
+    print(f"{name} is missing: apt-get install -y {package}", flush=True)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    if subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env).returncode != 0:
+    if subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env, check=True)
-    found = shutil.which("wrk")
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, check=True)
+    found = shutil.which(name)
     if not found:
-        raise SystemExit("wrk could not be installed")
+        raise SystemExit(f"{name} could not be installed")
     return found
+
+
+def ensure_wrk() -> str:
+    return ensure_program("wrk")
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
